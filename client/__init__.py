@@ -1,0 +1,1 @@
+"""The hospital agent: Flower ClientApp handlers over medfusion_fl.site."""

@@ -1,0 +1,79 @@
+"""ClientApp of a hospital: trains and evaluates the global model on the site's own data.
+
+Replies carry only the site's weights and aggregate metrics; a site whose data or config is
+bad answers with an error naming the problem, so the coordinator can go on without it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from medfusion_fl.errors import MedFusionError
+from medfusion_fl.parameters import Weights
+from medfusion_fl.site import SiteRunner
+
+log = logging.getLogger("medfusion_fl.client")
+app = ClientApp()
+
+SITE_ERROR = 4000  # Error.code of a reply the site refused on purpose (bad data/config/weights)
+
+
+def _weights(msg: Message) -> Weights:
+    return {k: a.numpy() for k, a in msg.content.array_records["arrays"].items()}
+
+
+def _refuse(msg: Message, runner: SiteRunner | None, exc: Exception) -> Message:
+    site = runner.site.site_id if runner else "site (config not parsed)"
+    log.error("%s refused %s: %s", site, msg.metadata.message_type, exc)
+    return Message(error=Error(code=SITE_ERROR, reason=f"{site}: {exc}"), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    runner = None
+    try:
+        # 1. parse configs once; load the global weights
+        runner = SiteRunner.from_configs(context.run_config, context.node_config)
+        config = msg.content.config_records["config"]
+        global_weights = _weights(msg)
+        # 2-3. load the site's data and train locally (FedProx term when proximal-mu > 0)
+        weights, result = runner.train(
+            global_weights, server_round=int(config["server-round"]),
+            proximal_mu=float(config.get("proximal-mu", 0.0)))
+    except (MedFusionError, FloatingPointError) as exc:
+        return _refuse(msg, runner, exc)
+    # 4. reply with the local weights and aggregate metrics
+    metrics = MetricRecord({
+        "num-examples": result.num_examples, "train-loss": result.loss,
+        "train-steps": result.steps, "train-seconds": result.seconds,
+    })
+    return Message(content=RecordDict({
+        "arrays": ArrayRecord({k: Array(v) for k, v in weights.items()}),
+        "metrics": metrics,
+        "site": ConfigRecord({"site-id": runner.site.site_id}),
+    }), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    runner = None
+    try:
+        # 1. parse configs once; load the global weights
+        runner = SiteRunner.from_configs(context.run_config, context.node_config)
+        global_weights = _weights(msg)
+        # 2-3. load the site's validation patients and score the global model
+        result = runner.evaluate(global_weights)
+    except MedFusionError as exc:
+        return _refuse(msg, runner, exc)
+    # 4. reply with aggregate metrics (AUROC only when both classes are present)
+    metrics = MetricRecord({
+        "num-examples": result.num_examples, "eval-loss": result.loss, "eval-accuracy": result.accuracy,
+    })
+    if result.auroc is not None:
+        metrics["eval-auroc"] = result.auroc
+    return Message(content=RecordDict({
+        "metrics": metrics, "site": ConfigRecord({"site-id": runner.site.site_id}),
+    }), reply_to=msg)

@@ -1,0 +1,159 @@
+"""The `medfusion-fl` command: synth, site check, simulate, export, config show."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from medfusion_fl.config import RunConfig, all_keys, flatten, parse_overrides, read_toml_flat
+from medfusion_fl.console import ensure_logging
+from medfusion_fl.errors import ConfigError, MedFusionError
+
+log = logging.getLogger("medfusion_fl.cli")
+FLOWER_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # silences Ray's FutureWarning on CPU-only runs
+}
+
+
+def _run_config(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> RunConfig:
+    base = read_toml_flat(args.config) if args.config else {}
+    return RunConfig.from_flat({**base, **(extra or {}), **parse_overrides(args.set or [])})
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from medfusion_fl.data import write_federation
+
+    run = _run_config(args)
+    folders = write_federation(Path(args.out), run, args.sites)
+    log.info("wrote %d site folders and a held-out folder under %s", len(folders) - 1, args.out)
+    return 0
+
+
+def cmd_site_check(args: argparse.Namespace) -> int:
+    from medfusion_fl.data import check_site
+
+    run = _run_config(args)
+    records, problems = check_site(Path(args.folder), run.data)
+    for problem in problems:
+        sys.stdout.write(f"{args.folder}: {problem}\n")
+    status = "FAILED" if problems else "OK"
+    sys.stdout.write(f"{status}: {len(records)} usable patient(s), {len(problems)} problem(s) in {args.folder}\n")
+    return 1 if problems else 0
+
+
+def _find_app(app: str) -> Path:
+    folder = Path(app).resolve()
+    pyproject = folder / "pyproject.toml"
+    doc = tomllib.loads(pyproject.read_text()) if pyproject.is_file() else {}
+    if "flwr" not in doc.get("tool", {}):
+        raise ConfigError(f"{folder} is not the MedFusion-FL app folder (no pyproject.toml with "
+                          "[tool.flwr.app]); run from the repository root or pass --app DIR.")
+    return folder
+
+
+def _preset(app_dir: Path, name: str) -> dict[str, Any]:
+    path = app_dir / "simulations" / "presets" / f"{name}.toml"
+    if not path.is_file():
+        names = sorted(p.stem for p in (app_dir / "simulations" / "presets").glob("*.toml"))
+        raise ConfigError(f"Unknown preset {name!r}; available: {', '.join(names)}.")
+    return tomllib.loads(path.read_text())
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    os.environ.update(FLOWER_ENV)
+    app_dir = _find_app(args.app)
+    preset = _preset(app_dir, args.preset)
+    sim = preset.get("simulation", {})
+    out = Path(args.out)
+    defaults = {"output.run-dir": str(out), "data.sites-root": str(out / "data")}
+    run = _run_config(args, {**defaults, **flatten(preset.get("config", {}))})
+    num_sites = args.sites or int(sim.get("num-sites", 3))
+    if run.data.source == "synthetic":
+        from medfusion_fl.data import write_federation
+
+        write_federation(Path(run.data.sites_root), run, num_sites)
+    sys.path.insert(0, str(app_dir))
+    from simulations.runner import run_app
+
+    start = time.monotonic()
+    run_app(app_dir, run.to_flat(), num_sites=num_sites,
+            cpus_per_site=float(sim.get("cpus-per-site", 1.0)),
+            gpus_per_site=float(sim.get("gpus-per-site", 0.0)))
+    if not (out / "model.onnx").is_file():
+        raise MedFusionError(f"the simulation ended without {out / 'model.onnx'}; see the log above.")
+    log.info("simulation finished in %.1f s: %s, %s", time.monotonic() - start,
+             out / "model.onnx", out / "model_card.json")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from medfusion_fl.export import export_checkpoint
+
+    check = export_checkpoint(Path(args.checkpoint), Path(args.out))
+    log.info("onnxruntime max |diff| %.2e on %s", check.max_abs_diff, check.input_source)
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    flat = _run_config(args).to_flat()
+    for key in all_keys():
+        sys.stdout.write(f"{key} = {flat[key]!r}\n")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medfusion-fl", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", type=Path, help="TOML run config (a pyproject.toml or plain tables)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config key")
+        return p
+
+    p = with_config(sub.add_parser("synth", help="write synthetic site folders + a held-out folder"))
+    p.add_argument("--sites", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_synth)
+    site = sub.add_parser("site", help="hospital-side commands").add_subparsers(dest="site_command", required=True)
+    p = with_config(site.add_parser("check", help="validate a site folder against the run's schema"))
+    p.add_argument("folder")
+    p.set_defaults(func=cmd_site_check)
+    p = with_config(sub.add_parser("simulate", help="run a whole federation on this machine"))
+    p.add_argument("--preset", default="tiny-cpu")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--sites", type=int, help="number of simulated sites (default: the preset's)")
+    p.add_argument("--app", default=".", help="the app folder (default: current folder)")
+    p.set_defaults(func=cmd_simulate)
+    p = sub.add_parser("export", help="export a checkpoint to model.onnx + model_card.json")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export)
+    config = sub.add_parser("config", help="run configuration").add_subparsers(dest="config_command", required=True)
+    p = with_config(config.add_parser("show", help="print every config key with its value"))
+    p.set_defaults(func=cmd_config_show)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    ensure_logging(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        return int(args.func(args))
+    except MedFusionError as exc:
+        log.error("%s", exc)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

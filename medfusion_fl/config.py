@@ -1,0 +1,347 @@
+"""Typed run and site configuration, parsed from Flower's flat run_config/node_config or TOML.
+
+Flower config values are scalars (bool/int/float/str) under dotted kebab-case keys
+(`train.lr`); lists are comma-separated strings. Pydantic owns types, ranges and defaults;
+pyproject.toml's [tool.flwr.app.config] mirrors the defaults (a test keeps them equal).
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from medfusion_fl.errors import ConfigError, FeatureNotAvailable
+
+Scalar = bool | int | float | str
+WHERE = "pyproject.toml [tool.flwr.app.config], a --config TOML file or --set KEY=VALUE"
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", alias_generator=_kebab, populate_by_name=True, frozen=True
+    )
+
+
+def _split_list(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+class TabularColumn(BaseModel):
+    """One clinical feature: its manifest column and its plausible range (None = unbounded)."""
+
+    name: str
+    low: float | None = None
+    high: float | None = None
+
+
+class OutputConfig(_Section):
+    run_dir: str = Field("runs/flwr-run", description="Folder for checkpoints, metrics and the exported model.")
+    keep_checkpoints: int = Field(3, ge=1, description="Round checkpoints kept on disk (older ones are pruned).")
+
+
+class DataConfig(_Section):
+    source: Literal["synthetic", "folders"] = Field(
+        "synthetic", description="'synthetic': sites generate their folder under sites-root if missing; "
+        "'folders': site folders must already exist.")
+    sites_root: str = Field("runs/flwr-run/data", description="In simulation, site k reads <sites-root>/site-k.")
+    test_path: str = Field("", description="Held-out folder for centralized evaluation; '' = <sites-root>/test "
+                           "for synthetic data, none otherwise.")
+    view_names: str = Field("frontal,lateral", description="Image views per patient, one manifest column each.")
+    tabular_columns: str = Field(
+        "age:0:100,marker-a:-6:6,marker-b:-6:6,marker-c:-6:6,noise-a:-6:6,noise-b:-6:6",
+        description="Clinical columns as name[:low:high]; a range both validates and scales the value to [-1, 1].")
+    label_column: str = Field("label", description="Manifest column holding the class name.")
+    classes: str = Field("negative,positive", description="Class names, in logit order.")
+    image_size: int = Field(32, ge=8, le=4096, description="Images are resized to image-size x image-size.")
+    channels: int = Field(1, ge=1, le=4, description="Channels per image (1 = grayscale, 3 = RGB).")
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="Share of each site's patients held for "
+                                "federated evaluation, chosen by a hash of the patient id (stable).")
+
+    @field_validator("view_names", "classes")
+    @classmethod
+    def _non_empty_unique(cls, value: str) -> str:
+        items = _split_list(value)
+        if len(set(items)) != len(items):
+            raise ValueError(f"names must be unique, got {list(items)}")
+        return value
+
+    @field_validator("tabular_columns")
+    @classmethod
+    def _valid_columns(cls, value: str) -> str:
+        _parse_columns(value)
+        return value
+
+    @model_validator(mode="after")
+    def _some_input(self) -> DataConfig:
+        if len(self.class_names) < 2:
+            raise ValueError("classes needs at least two names, e.g. 'negative,positive'")
+        if not self.views and not self.columns:
+            raise ValueError("view-names and tabular-columns are both empty: the model has no input")
+        return self
+
+    @property
+    def views(self) -> tuple[str, ...]:
+        return _split_list(self.view_names)
+
+    @property
+    def columns(self) -> tuple[TabularColumn, ...]:
+        return _parse_columns(self.tabular_columns)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return _split_list(self.classes)
+
+
+def _parse_columns(spec: str) -> tuple[TabularColumn, ...]:
+    columns = []
+    for item in _split_list(spec):
+        parts = item.split(":")
+        if len(parts) == 1:
+            columns.append(TabularColumn(name=parts[0]))
+            continue
+        if len(parts) != 3:
+            raise ValueError(f"column {item!r} must be 'name' or 'name:low:high'")
+        try:
+            low, high = float(parts[1]), float(parts[2])
+        except ValueError:
+            raise ValueError(f"column {item!r}: low and high must be numbers") from None
+        if not low < high:
+            raise ValueError(f"column {item!r}: low must be below high")
+        columns.append(TabularColumn(name=parts[0], low=low, high=high))
+    names = [c.name for c in columns]
+    if len(set(names)) != len(names):
+        raise ValueError(f"column names must be unique, got {names}")
+    return tuple(columns)
+
+
+class SynthConfig(_Section):
+    patients_per_site: int = Field(120, ge=8, description="Patients in each synthetic site folder.")
+    test_patients: int = Field(300, ge=8, description="Patients in the synthetic held-out test folder.")
+    dirichlet_alpha: float = Field(1.0, gt=0.0, description="Label skew across sites; small = more skew.")
+    missing_view_rate: float = Field(0.15, ge=0.0, lt=1.0, description="Chance that a view is missing.")
+    seed: int = Field(7, ge=0, description="Seed of the generator: same seed, same folders.")
+
+
+class ModelConfig(_Section):
+    backbone: str = Field("resnet10t", description="Any timm model name; built with pretrained=False.")
+    view_aggregation: str = Field("mean", description="How per-view features combine (see list_aggregations()).")
+    fusion: str = Field("concatenate", description="How image and tabular features combine (list_fusions()).")
+    norm: Literal["group", "batch"] = Field("group", description="'group' replaces BatchNorm by GroupNorm: "
+                                            "averaging BatchNorm statistics across hospitals and DP both break.")
+    image_dim: int = Field(64, ge=1, description="Width of the projected image embedding.")
+    tabular_hidden: int = Field(32, ge=1, description="Width of the tabular MLP encoder.")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout before the classifier head.")
+
+
+class TrainConfig(_Section):
+    local_epochs: int = Field(2, ge=1, description="Epochs over the site's data per round.")
+    batch_size: int = Field(16, ge=1, description="Patients per step.")
+    optimizer: Literal["sgd", "adamw"] = Field("adamw", description="Local optimiser, fresh each round.")
+    lr: float = Field(0.002, gt=0.0, le=10.0, description="Local learning rate.")
+    weight_decay: float = Field(0.0001, ge=0.0, description="Decoupled weight decay.")
+    seed: int = Field(0, ge=0, description="Seed of local shuffling (mixed with site and round).")
+
+
+class PrivacyConfig(_Section):
+    enabled: bool = Field(False, description="DP-SGD at every site (issue 4).")
+    noise_multiplier: float = Field(1.0, ge=0.0, description="Gaussian noise std / max-grad-norm.")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="Per-patient clipping bound.")
+    accountant: Literal["rdp", "prv"] = Field("rdp", description="Opacus accountant for epsilon.")
+
+
+class SecAggConfig(_Section):
+    enabled: bool = Field(False, description="Secure aggregation of site updates (issue 5).")
+    threshold: int = Field(2, ge=2, description="Sites needed to unmask the sum (t of n).")
+    neighbours: int = Field(0, ge=0, description="Pairwise-mask graph degree k; 0 = complete graph.")
+    clip: float = Field(1.0, gt=0.0, description="Bound on |delta| entries before quantisation.")
+    bits: int = Field(16, ge=8, le=32, description="Quantisation bits per entry.")
+
+
+class StrategyConfig(_Section):
+    name: Literal["fedavg", "fedprox"] = Field("fedavg", description="Server aggregation strategy.")
+    proximal_mu: float = Field(0.0, ge=0.0, description="FedProx: weight of (mu/2)||w - w_global||^2.")
+
+    @model_validator(mode="after")
+    def _mu_needs_fedprox(self) -> StrategyConfig:
+        if self.name == "fedavg" and self.proximal_mu > 0:
+            raise ValueError("proximal-mu > 0 needs strategy.name = 'fedprox' (or set proximal-mu = 0)")
+        return self
+
+
+class RoundsConfig(_Section):
+    num_server_rounds: int = Field(3, ge=1, description="Federated rounds to run.")
+    min_sites: int = Field(2, ge=1, description="Sites that must be connected to start, and must reply "
+                           "with a valid update for a round to count.")
+    fraction_train: float = Field(1.0, gt=0.0, le=1.0, description="Share of sites sampled to train.")
+    fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0, description="Share of sites sampled to evaluate.")
+    wait_for_sites: float = Field(120.0, gt=0.0, description="Seconds to wait for min-sites to connect.")
+    reply_timeout: float = Field(1800.0, gt=0.0, description="Seconds to wait for site replies each stage.")
+
+
+_SECTIONS: dict[str, type[_Section]] = {
+    "output": OutputConfig, "data": DataConfig, "synth": SynthConfig, "model": ModelConfig,
+    "train": TrainConfig, "privacy": PrivacyConfig, "secagg": SecAggConfig,
+    "strategy": StrategyConfig, "rounds": RoundsConfig,
+}
+
+
+class RunConfig(_Section):
+    """Everything the coordinator decides for a run; identical at every site."""
+
+    output: OutputConfig = OutputConfig()
+    data: DataConfig = DataConfig()
+    synth: SynthConfig = SynthConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    secagg: SecAggConfig = SecAggConfig()
+    strategy: StrategyConfig = StrategyConfig()
+    rounds: RoundsConfig = RoundsConfig()
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any]) -> RunConfig:
+        """Build from Flower's flat run_config (`{"train.lr": 0.01, ...}`)."""
+        nested: dict[str, dict[str, Any]] = {}
+        for key, value in flat.items():
+            section, _, field = key.partition(".")
+            if section not in _SECTIONS or not field:
+                raise ConfigError(_unknown(key, all_keys(), value))
+            if _field_name(_SECTIONS[section], field) is None:
+                raise ConfigError(_unknown(key, all_keys(), value))
+            nested.setdefault(section, {})[field] = value
+        try:
+            config = cls.model_validate(nested)
+        except ValidationError as exc:
+            raise ConfigError(_explain(exc, flat)) from None
+        _refuse_unavailable(config)
+        return config
+
+    @classmethod
+    def from_toml(cls, path: Path, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+        """Build from a TOML file: a pyproject.toml ([tool.flwr.app.config]) or plain tables."""
+        return cls.from_flat({**read_toml_flat(path), **(overrides or {})})
+
+    def to_flat(self) -> dict[str, Scalar]:
+        """The flat dotted-key form Flower carries (and checkpoints store)."""
+        flat: dict[str, Scalar] = {}
+        for section, values in self.model_dump(by_alias=True).items():
+            for field, value in values.items():
+                flat[f"{section}.{field}"] = value
+        return flat
+
+
+def all_keys() -> list[str]:
+    """Every valid flat key, e.g. 'train.lr'."""
+    return [f"{s}.{_kebab(f)}" for s, model in _SECTIONS.items() for f in model.model_fields]
+
+
+def _field_name(model: type[_Section], key: str) -> str | None:
+    name = key.replace("-", "_")
+    return name if name in model.model_fields and _kebab(name) == key else None
+
+
+def _unknown(key: str, valid: Iterable[str], value: Any) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return (f"Unknown config key {key!r} (value {value!r}).{hint} "
+            f"Valid keys are listed by `medfusion-fl config show`; set them in {WHERE}.")
+
+
+def _explain(exc: ValidationError, flat: Mapping[str, Any]) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"] if p != "__root__")
+        value = flat.get(key, err.get("input"))
+        lines.append(f"config key {key!r} = {value!r}: {err['msg']}")
+    return "Invalid run configuration:\n  " + "\n  ".join(lines) + f"\nSet these in {WHERE}."
+
+
+def _refuse_unavailable(config: RunConfig) -> None:
+    if config.privacy.enabled:
+        raise FeatureNotAvailable(
+            "privacy.enabled = true: DP-SGD at the sites is not implemented yet (issue 4). "
+            "Set privacy.enabled = false; this run then gives NO differential-privacy guarantee.")
+    if config.secagg.enabled:
+        raise FeatureNotAvailable(
+            "secagg.enabled = true: secure aggregation is not implemented yet (issue 5). "
+            "Set secagg.enabled = false; the coordinator then sees each site's update.")
+
+
+def flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested TOML tables to dotted keys, as Flower does."""
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{dotted}."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def read_toml_flat(path: Path) -> dict[str, Any]:
+    """Read a TOML file into flat keys; a pyproject contributes its [tool.flwr.app.config]."""
+    path = Path(path)
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"Config file {path} does not exist.") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"Config file {path} is not valid TOML: {exc}") from None
+    table = doc.get("tool", {}).get("flwr", {}).get("app", {}).get("config", doc)
+    return flatten(table)
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """Parse `KEY=VALUE` strings; VALUE is read as TOML (3, 0.1, true, "x") or else as a string."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"Override {item!r} must look like KEY=VALUE, e.g. train.lr=0.01")
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()
+        overrides[key.strip()] = value
+    return overrides
+
+
+class SiteConfig(_Section):
+    """What a hospital decides for itself; from the SuperNode's node_config."""
+
+    site_id: str = Field(description="Name of the site in logs and metrics.")
+    data_path: Path = Field(description="The site folder (manifest.csv + images).")
+    state_dir: Path = Field(description="Where the site keeps its own state between rounds.")
+    device: Literal["cpu", "cuda", "auto"] = Field("auto", description="Torch device for local training.")
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any], run: RunConfig) -> SiteConfig:
+        """Real SuperNodes pass data-path etc.; simulated ones only partition-id."""
+        known = {"site-id", "data-path", "state-dir", "device", "partition-id", "num-partitions"}
+        for key, value in node_config.items():
+            if key not in known:
+                raise ConfigError(_unknown(key, sorted(known), value).replace(WHERE, "--node-config"))
+        values = {k: v for k, v in node_config.items() if k in known - {"partition-id", "num-partitions"}}
+        if "data-path" not in values:
+            if "partition-id" not in node_config:
+                raise ConfigError("node_config has no 'data-path': start the SuperNode with "
+                                  "--node-config 'data-path=\"/path/to/site\"'.")
+            site = f"site-{int(node_config['partition-id'])}"
+            values["data-path"] = str(Path(run.data.sites_root) / site)
+            values.setdefault("site-id", site)
+        values.setdefault("site-id", Path(str(values["data-path"])).name)
+        values.setdefault("state-dir", str(Path(run.output.run_dir) / "site-state" / str(values["site-id"])))
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            raise ConfigError(_explain(exc, values).replace(WHERE, "--node-config")) from None

@@ -1,0 +1,106 @@
+"""A site's patients as a torch Dataset: views (V, C, H, W), view_mask (V,), tabular (F,), label."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from medfusion_fl.config import DataConfig
+from medfusion_fl.data.images import load_view
+from medfusion_fl.data.manifest import PatientRecord, Problem, read_manifest
+from medfusion_fl.errors import DataError
+
+Sample = dict[str, torch.Tensor]
+
+
+def check_site(folder: Path, data: DataConfig) -> tuple[list[PatientRecord], list[Problem]]:
+    """Validate the manifest and decode every view file; returns records and every problem."""
+    records, problems = read_manifest(folder, data)
+    valid = []
+    for record in records:
+        bad = False
+        for name, path in zip(data.views, record.views, strict=True):
+            if path is None:
+                continue
+            try:
+                load_view(path, channels=data.channels, size=data.image_size)
+            except DataError as exc:
+                problems.append(Problem(record.row, name, str(exc)))
+                bad = True
+        if not bad:
+            valid.append(record)
+    return valid, sorted(problems, key=lambda p: p.row)
+
+
+def is_validation(patient_id: str, fraction: float) -> bool:
+    """Stable split: a patient is in the validation part by a hash of its id, at every run."""
+    digest = hashlib.sha256(patient_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:4], "big") / 2**32 < fraction
+
+
+class SiteDataset(Dataset[Sample]):
+    """Patients of one site folder; views are decoded on access (the folder was checked first)."""
+
+    def __init__(self, records: list[PatientRecord], data: DataConfig) -> None:
+        self.records = records
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> Sample:
+        record = self.records[index]
+        data = self.data
+        views = np.zeros((len(data.views), data.channels, data.image_size, data.image_size), np.float32)
+        mask = np.zeros(len(data.views), np.float32)
+        for v, path in enumerate(record.views):
+            if path is not None:
+                views[v] = load_view(path, channels=data.channels, size=data.image_size)
+                mask[v] = 1.0
+        return {
+            "views": torch.from_numpy(views),  # (V, C, H, W)
+            "view_mask": torch.from_numpy(mask),  # (V,)
+            "tabular": torch.from_numpy(record.tabular),  # (F,)
+            "label": torch.tensor(record.label, dtype=torch.long),
+        }
+
+    def labels(self) -> list[int]:
+        return [r.label for r in self.records]
+
+
+@dataclass
+class SiteData:
+    """A checked site folder split into train and validation patients."""
+
+    folder: Path
+    train: SiteDataset
+    val: SiteDataset
+
+
+def load_site(folder: Path, data: DataConfig) -> SiteData:
+    """Check a site folder and split it; any problem raises one DataError listing them all."""
+    records, problems = check_site(folder, data)
+    if problems:
+        shown = "\n  ".join(str(p) for p in problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise DataError(f"Site folder {folder} has {len(problems)} problem(s):\n  {shown}{more}\n"
+                        f"Run `medfusion-fl site check {folder}` for the full list.")
+    train = [r for r in records if not is_validation(r.patient_id, data.val_fraction)]
+    val = [r for r in records if is_validation(r.patient_id, data.val_fraction)]
+    if not train:
+        raise DataError(f"Site folder {folder}: no training patients after the validation split "
+                        f"(data.val-fraction = {data.val_fraction}).")
+    return SiteData(Path(folder), SiteDataset(train, data), SiteDataset(val, data))
+
+
+def load_test_set(folder: Path, data: DataConfig) -> SiteDataset:
+    """A held-out folder used whole for centralized evaluation."""
+    records, problems = check_site(folder, data)
+    if problems:
+        raise DataError(f"Held-out folder {folder} has {len(problems)} problem(s), first: {problems[0]}")
+    return SiteDataset(records, data)

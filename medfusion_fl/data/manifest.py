@@ -1,0 +1,132 @@
+"""The site manifest: one CSV row per patient, validated against the run's data schema."""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from medfusion_fl.config import DataConfig, TabularColumn
+from medfusion_fl.errors import DataError
+
+MANIFEST = "manifest.csv"
+ID_COLUMN = "patient_id"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a site folder, located by manifest row (1 = header) and column/file."""
+
+    row: int
+    where: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"row {self.row}, {self.where}: {self.message}"
+
+
+@dataclass
+class PatientRecord:
+    """One valid manifest row: scaled features, label index and view files (None = missing)."""
+
+    row: int
+    patient_id: str
+    label: int
+    tabular: np.ndarray  # (F,) float32, scaled by the column ranges
+    views: list[Path | None] = field(default_factory=list)
+
+
+def scale(value: float, column: TabularColumn) -> float:
+    """Map a ranged column to [-1, 1]; unranged columns pass through."""
+    if column.low is None or column.high is None:
+        return value
+    return 2.0 * (value - column.low) / (column.high - column.low) - 1.0
+
+
+def _parse_value(raw: str, column: TabularColumn) -> tuple[float | None, str | None]:
+    try:
+        value = float(raw)
+    except ValueError:
+        return None, f"{raw!r} is not a number"
+    if not math.isfinite(value):
+        return None, f"{raw!r} is not a finite number (missing values are not supported yet)"
+    if column.low is not None and column.high is not None and not column.low <= value <= column.high:
+        return None, f"{value:g} is outside the declared range [{column.low:g}, {column.high:g}]"
+    return value, None
+
+
+def _header_problems(header: list[str], data: DataConfig) -> list[Problem]:
+    required = [ID_COLUMN, data.label_column, *(c.name for c in data.columns), *data.views]
+    missing = [name for name in required if name not in header]
+    if not missing:
+        return []
+    return [Problem(1, "header", f"missing column(s) {missing}; the run's schema needs {required}")]
+
+
+def _parse_row(number: int, row: dict[str, str], data: DataConfig, folder: Path,
+               seen: set[str]) -> tuple[PatientRecord | None, list[Problem]]:
+    problems: list[Problem] = []
+    pid = (row.get(ID_COLUMN) or "").strip()
+    if not pid:
+        problems.append(Problem(number, ID_COLUMN, "empty patient id"))
+    elif pid in seen:
+        problems.append(Problem(number, ID_COLUMN, f"duplicate patient id {pid!r}"))
+    seen.add(pid)
+    label = (row.get(data.label_column) or "").strip()
+    classes = data.class_names
+    if label not in classes:
+        problems.append(Problem(number, data.label_column, f"unknown label {label!r}; expected one of {list(classes)}"))
+    values = []
+    for column in data.columns:
+        value, error = _parse_value((row.get(column.name) or "").strip(), column)
+        if error:
+            problems.append(Problem(number, column.name, error))
+        values.append(scale(value, column) if value is not None else 0.0)
+    views: list[Path | None] = []
+    for view in data.views:
+        rel = (row.get(view) or "").strip()
+        path = (folder / rel) if rel else None
+        if path is not None and not path.resolve().is_relative_to(folder.resolve()):
+            problems.append(Problem(number, view, f"path {rel!r} points outside the site folder"))
+            path = None
+        views.append(path)
+    if problems:
+        return None, problems
+    tabular = np.asarray(values, dtype=np.float32)
+    return PatientRecord(number, pid, classes.index(label), tabular, views), []
+
+
+def read_manifest(folder: Path, data: DataConfig) -> tuple[list[PatientRecord], list[Problem]]:
+    """Parse and validate every row; returns the valid records and every problem found."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise DataError(f"Site folder {folder} does not exist. Create it (or synthetic sites with "
+                        "`medfusion-fl synth --sites N --out DIR`) and point data-path at it.")
+    if not path.is_file():
+        raise DataError(f"{path} is missing: a site folder needs a manifest.csv (one row per patient).")
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            header = list(reader.fieldnames or [])
+            problems = _header_problems(header, data)
+            if problems:
+                return [], problems
+            records, seen = [], set[str]()
+            for number, row in enumerate(reader, start=2):
+                if None in row:  # DictReader puts surplus fields under the key None
+                    surplus = len(row[None])  # type: ignore[index]
+                    problems.append(Problem(number, "row", f"{len(header) + surplus} fields, header has {len(header)}"))
+                    continue
+                record, row_problems = _parse_row(number, row, data, folder, seen)
+                problems.extend(row_problems)
+                if record is not None:
+                    records.append(record)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{path}: not a readable UTF-8 CSV ({exc}).") from None
+    if not records and not problems:
+        problems.append(Problem(1, "manifest", "no patient rows"))
+    return records, problems

@@ -1,0 +1,142 @@
+"""Synthetic hospitals: site folders with a learnable signal in the views and the clinical columns.
+
+Each patient has a class k; with s = 2k/(K-1) - 1 in [-1, 1]:
+- tabular column j = mid_j + (w_j * s + N(0, 1)) * range_j / 8, weights w = 0.5, 0.9, 0.6, -0.5, 0, ...
+- each view shows a bright blob ("lesion") whose visibility and amplitude grow with s, on a
+  smooth anatomical background with noise;
+- each site has its own intensity shift (contrast, offset) and its own class mix ~ Dirichlet(alpha);
+- each view is missing with probability synth.missing-view-rate.
+The folders use the real format (manifest.csv + PNG), so demos exercise the real loading path.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from medfusion_fl.config import RunConfig, TabularColumn
+from medfusion_fl.data.manifest import ID_COLUMN, MANIFEST
+
+log = logging.getLogger(__name__)
+WEIGHTS = (0.5, 0.9, 0.6, -0.5)
+TEST_FOLDER = "test"
+
+
+def _site_rng(seed: int, site: int) -> np.random.Generator:
+    return np.random.default_rng([seed, site])
+
+
+def _tabular_value(rng: np.random.Generator, s: float, j: int, column: TabularColumn) -> float:
+    weight = WEIGHTS[j] if j < len(WEIGHTS) else 0.0
+    z = weight * s + rng.normal()
+    if column.low is None or column.high is None:
+        return float(z)
+    mid, half = (column.low + column.high) / 2, (column.high - column.low) / 2
+    return float(np.clip(mid + z * half / 4, column.low, column.high))
+
+
+def _view_image(rng: np.random.Generator, s: float, size: int, channels: int,
+                contrast: float, offset: float) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    tilt = rng.uniform(-0.15, 0.15)
+    image = 0.35 + 0.15 * np.sin(np.pi * yy) + tilt * (xx - 0.5)
+    if rng.random() < 0.5 + 0.4 * s:  # the lesion: visible in most positive views
+        cy, cx = rng.uniform(0.25, 0.75, size=2)
+        radius = rng.uniform(0.06, 0.1)
+        amplitude = 0.25 + 0.2 * (s + 1) / 2
+        image = image + amplitude * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * radius**2))
+    image = image + rng.normal(0, 0.06, size=image.shape)
+    image = np.clip(image * contrast + offset, 0.0, 1.0)
+    pixels = (image * 255).round().astype(np.uint8)
+    return np.repeat(pixels[..., None], channels, axis=2) if channels > 1 else pixels
+
+
+def _png_bytes(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_site(folder: Path, run: RunConfig, *, site: int, patients: int,
+               class_probs: np.ndarray, shift: tuple[float, float]) -> None:
+    """Write one synthetic site folder (atomically: a complete folder or none)."""
+    data, synth = run.data, run.synth
+    folder = Path(folder)
+    if (folder / MANIFEST).is_file():
+        return
+    rng = _site_rng(synth.seed, site + 1)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    classes = data.class_names
+    header = [ID_COLUMN, data.label_column, *(c.name for c in data.columns), *data.views]
+    rows = []
+    for i in range(patients):
+        k = int(rng.choice(len(classes), p=class_probs))
+        s = 2.0 * k / (len(classes) - 1) - 1.0
+        row: dict[str, object] = {ID_COLUMN: f"s{site}-p{i:04d}", data.label_column: classes[k]}
+        for j, column in enumerate(data.columns):
+            row[column.name] = f"{_tabular_value(rng, s, j, column):.4f}"
+        for view in data.views:
+            pixels = _view_image(rng, s, data.image_size, data.channels, *shift)
+            if rng.random() < synth.missing_view_rate:
+                row[view] = ""
+                continue
+            rel = f"images/{row[ID_COLUMN]}_{view}.png"
+            (tmp / "images").mkdir(exist_ok=True)
+            (tmp / rel).write_bytes(_png_bytes(pixels))
+            row[view] = rel
+        rows.append(row)
+    with (tmp / MANIFEST).open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(rows)
+    try:
+        os.rename(tmp, folder)
+    except OSError:  # another process finished the same site first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (folder / MANIFEST).is_file():
+            raise
+
+
+def site_profile(run: RunConfig, site: int) -> tuple[np.ndarray, tuple[float, float]]:
+    """Class mix and intensity shift of site `site` (deterministic in synth.seed)."""
+    rng = _site_rng(run.synth.seed, 10_000 + site)
+    k = len(run.data.class_names)
+    probs = rng.dirichlet(np.full(k, run.synth.dirichlet_alpha))
+    probs = 0.9 * probs + 0.1 / k  # every class stays possible at every site
+    return probs, (float(rng.uniform(0.8, 1.2)), float(rng.uniform(-0.1, 0.1)))
+
+
+def write_synthetic_site(root: Path, run: RunConfig, site: int) -> Path:
+    """Write `<root>/site-<site>` if it is missing; returns its path."""
+    probs, shift = site_profile(run, site)
+    folder = Path(root) / f"site-{site}"
+    write_site(folder, run, site=site, patients=run.synth.patients_per_site, class_probs=probs, shift=shift)
+    return folder
+
+
+def write_test_set(root: Path, run: RunConfig) -> Path:
+    """Write the balanced held-out folder `<root>/test` (no site shift) if it is missing."""
+    k = len(run.data.class_names)
+    folder = Path(root) / TEST_FOLDER
+    write_site(folder, run, site=-1, patients=run.synth.test_patients,
+               class_probs=np.full(k, 1.0 / k), shift=(1.0, 0.0))
+    return folder
+
+
+def write_federation(root: Path, run: RunConfig, num_sites: int) -> list[Path]:
+    """Write site-0 .. site-(N-1) and the test folder under `root`; existing ones are kept."""
+    folders = []
+    for site in range(num_sites):
+        folders.append(write_synthetic_site(root, run, site))
+        log.info("synthetic site %s ready (%d patients)", folders[-1], run.synth.patients_per_site)
+    folders.append(write_test_set(root, run))
+    return folders

@@ -1,0 +1,45 @@
+"""Typed errors of MedFusion-FL: each names what was wrong, the bad value and the fix."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class MedFusionError(Exception):
+    """Base class of every error MedFusion-FL raises on purpose."""
+
+
+class ConfigError(MedFusionError, ValueError):
+    """A run or site configuration value is missing, unknown or out of range."""
+
+
+class DataError(MedFusionError):
+    """A site folder, manifest row or image file cannot be used."""
+
+
+class ModelError(MedFusionError):
+    """A model cannot be built as configured (unknown part, bad shape)."""
+
+
+class ParameterMismatch(MedFusionError):
+    """Model weights received over the network do not match the expected model."""
+
+
+class FeatureNotAvailable(MedFusionError, NotImplementedError):
+    """A configured feature is not implemented yet; the message says which setting to change."""
+
+
+class RoundFailed(MedFusionError):
+    """A federated round could not complete (too few sites replied); the global model is unchanged."""
+
+    def __init__(self, message: str, *, record: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.record = record  # the round's metrics line (status "failed"), when there is one
+
+
+class ExportError(MedFusionError):
+    """ONNX export or its onnxruntime parity check failed."""
+
+
+class CheckpointError(MedFusionError):
+    """A checkpoint file is missing, unreadable or not a MedFusion-FL checkpoint."""

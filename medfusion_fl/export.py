@@ -1,0 +1,157 @@
+"""ONNX export of the global model, an onnxruntime parity check, and the model card."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from medfusion_fl.config import RunConfig
+from medfusion_fl.data import SiteDataset, load_test_set
+from medfusion_fl.durable import write_bytes_atomic, write_json_atomic
+from medfusion_fl.errors import ExportError
+from medfusion_fl.models import MedFusionModel, build_model
+from medfusion_fl.parameters import set_weights
+from medfusion_fl.runstore import load_checkpoint
+
+log = logging.getLogger(__name__)
+INPUTS = ("views", "view_mask", "tabular")
+TOLERANCE = 1e-4
+PARITY_SAMPLES = 64
+
+
+@dataclass(frozen=True)
+class ExportCheck:
+    """How closely onnxruntime reproduces PyTorch on the check inputs."""
+
+    max_abs_diff: float
+    tolerance: float
+    num_inputs: int
+    input_source: str
+    onnxruntime_version: str
+    opset: int
+
+
+def _to_onnx_bytes(model: MedFusionModel) -> bytes:
+    spec = model.spec
+    args = (
+        torch.zeros(2, spec.num_views, spec.channels, spec.image_size, spec.image_size),
+        torch.ones(2, spec.num_views),
+        torch.zeros(2, spec.num_tabular),
+    )
+    batch = torch.export.Dim("batch")
+    try:
+        with warnings.catch_warnings():
+            # all three inputs share the batch axis; torch notes that it merges their names
+            warnings.filterwarnings("ignore", message="# The axis name: batch will not be used")
+            program = torch.onnx.export(
+                model, args, input_names=list(INPUTS), output_names=["logits"], dynamo=True,
+                verbose=False, dynamic_shapes=({0: batch}, {0: batch}, {0: batch}),
+            )
+    except Exception as exc:  # the exporter raises many types
+        raise ExportError(f"ONNX export of the model failed: {exc}") from exc
+    if program is None:
+        raise ExportError("torch.onnx.export returned no program")
+    return bytes(program.model_proto.SerializeToString())
+
+
+def _check_inputs(model: MedFusionModel, held_out: SiteDataset | None,
+                  seed: int) -> tuple[dict[str, np.ndarray], str]:
+    spec = model.spec
+    if held_out is not None and len(held_out) > 0:
+        samples = [held_out[i] for i in range(min(PARITY_SAMPLES, len(held_out)))]
+        inputs = {name: torch.stack([s[name] for s in samples]).numpy() for name in INPUTS}
+        return inputs, f"held-out folder ({len(samples)} patients)"
+    rng = np.random.default_rng(seed)
+    n = 16
+    views = rng.random((n, spec.num_views, spec.channels, spec.image_size, spec.image_size), np.float32)
+    mask = (rng.random((n, spec.num_views)) < 0.8).astype(np.float32)
+    tabular = rng.normal(size=(n, spec.num_tabular)).astype(np.float32)
+    return {"views": views, "view_mask": mask, "tabular": tabular}, "random inputs (no held-out folder)"
+
+
+def check_parity(model: MedFusionModel, onnx_bytes: bytes, inputs: dict[str, np.ndarray]) -> float:
+    """Max |onnxruntime - PyTorch| over the logits of the given inputs."""
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    (onnx_logits,) = session.run(["logits"], inputs)
+    model.eval()
+    with torch.no_grad():
+        torch_logits = model(*(torch.from_numpy(inputs[name]) for name in INPUTS)).numpy()
+    return float(np.abs(onnx_logits - torch_logits).max())
+
+
+def export_model(model: MedFusionModel, run: RunConfig, out_dir: Path, *,
+                 held_out: SiteDataset | None, card: dict[str, Any]) -> ExportCheck:
+    """Write `model.onnx` and `model_card.json` to out_dir; refuse an export that fails parity."""
+    out_dir = Path(out_dir)
+    model = model.cpu().eval()
+    onnx_bytes = _to_onnx_bytes(model)
+    inputs, source = _check_inputs(model, held_out, seed=run.train.seed)
+    diff = check_parity(model, onnx_bytes, inputs)
+    import onnx  # local: only needed to read the opset back
+
+    opset = int(next(o.version for o in onnx.load_from_string(onnx_bytes).opset_import if o.domain == ""))
+    check = ExportCheck(diff, TOLERANCE, len(inputs["views"]), source, ort.__version__, opset)
+    if not diff <= TOLERANCE:
+        raise ExportError(f"onnxruntime differs from PyTorch by {diff:.3g} (> {TOLERANCE}); "
+                          "model.onnx was not written.")
+    write_bytes_atomic(out_dir / "model.onnx", onnx_bytes)
+    write_json_atomic(out_dir / "model_card.json", build_card(run, model, check, card))
+    log.info("exported %s (onnxruntime max |diff| %.2e on %s)", out_dir / "model.onnx", diff, source)
+    return check
+
+
+def build_card(run: RunConfig, model: MedFusionModel, check: ExportCheck,
+               extra: dict[str, Any]) -> dict[str, Any]:
+    """The model card: what the model is, how it was trained, how well it did, what it guarantees."""
+    spec = model.spec
+    data = run.data
+    return {
+        "model": "MedFusion",
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "inputs": {
+            "views": f"float32 [batch, {spec.num_views}, {spec.channels}, {spec.image_size}, "
+                     f"{spec.image_size}], views {list(data.views)}, intensities as loaded from the site folder",
+            "view_mask": f"float32 [batch, {spec.num_views}], 1 = view present, 0 = missing",
+            "tabular": f"float32 [batch, {spec.num_tabular}], columns {[c.name for c in data.columns]}, "
+                       "ranged columns scaled to [-1, 1]",
+        },
+        "outputs": {"logits": f"float32 [batch, {spec.num_classes}], classes {list(data.class_names)}"},
+        "privacy": {
+            "differential_privacy": "none: privacy.enabled = false, so this model carries NO "
+                                    "differential-privacy guarantee for the patients it was trained on",
+            "secure_aggregation": "none: secagg.enabled = false, so the coordinator saw each site's update",
+        },
+        **extra,
+        "export_check": asdict(check),
+        "config": run.to_flat(),
+    }
+
+
+def export_checkpoint(checkpoint: Path, out_dir: Path) -> ExportCheck:
+    """Redo the export of a run from one of its checkpoints (`medfusion-fl export`)."""
+    ckpt = load_checkpoint(checkpoint)
+    run = ckpt.config
+    model = build_model(run)
+    set_weights(model, ckpt.weights)
+    test_path = resolve_test_path(run)
+    held_out = load_test_set(test_path, run.data) if test_path is not None else None
+    card = {"rounds": ckpt.round, "sites": ckpt.sites, "final_metrics": ckpt.metrics,
+            "source_checkpoint": str(checkpoint)}
+    return export_model(model, run, out_dir, held_out=held_out, card=card)
+
+
+def resolve_test_path(run: RunConfig) -> Path | None:
+    """The held-out folder of a run: data.test-path, else <sites-root>/test for synthetic data."""
+    if run.data.test_path:
+        return Path(run.data.test_path)
+    if run.data.source == "synthetic":
+        return Path(run.data.sites_root) / "test"
+    return None

@@ -1,0 +1,104 @@
+"""A run folder on disk: round checkpoints and metrics.jsonl, all written atomically."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medfusion_fl.config import RunConfig
+from medfusion_fl.durable import append_jsonl_atomic, write_bytes_atomic
+from medfusion_fl.errors import CheckpointError
+from medfusion_fl.parameters import Weights
+
+FORMAT = "medfusion-fl-checkpoint/1"
+_NAME = re.compile(r"^round-(\d{4,})\.pt$")
+
+
+@dataclass
+class Checkpoint:
+    """The global model after a completed round, with what is needed to export or resume it."""
+
+    round: int
+    weights: Weights
+    config: RunConfig
+    strategy_state: dict[str, Any]
+    sites: list[str]
+    metrics: dict[str, Any]
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Read a checkpoint written by RunStore.save_checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint {path} does not exist.")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for damaged files
+        raise CheckpointError(f"Checkpoint {path} is unreadable ({exc}).") from exc
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a MedFusion-FL checkpoint (format {FORMAT}).")
+    return Checkpoint(
+        round=int(raw["round"]),
+        weights={k: v.numpy() for k, v in raw["state_dict"].items()},
+        config=RunConfig.from_flat(raw["config"]),
+        strategy_state=dict(raw["strategy_state"]),
+        sites=list(raw["sites"]),
+        metrics=json.loads(raw["metrics"]),
+    )
+
+
+class RunStore:
+    """`<run-dir>/checkpoints/round-NNNN.pt` and `<run-dir>/metrics.jsonl`."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.root = Path(run_dir)
+        self.checkpoints = self.root / "checkpoints"
+        self.metrics_path = self.root / "metrics.jsonl"
+
+    def save_checkpoint(self, *, round: int, weights: Weights, config: RunConfig,
+                        strategy_state: dict[str, Any], sites: list[str],
+                        metrics: dict[str, Any], keep: int) -> Path:
+        """Write the round's checkpoint atomically, then prune all but the newest `keep`."""
+        payload = {
+            "format": FORMAT,
+            "round": round,
+            "state_dict": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()},
+            "config": config.to_flat(),
+            "strategy_state": strategy_state,
+            "sites": sorted(sites),
+            "metrics": json.dumps(metrics),
+        }
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        path = self.checkpoints / f"round-{round:04d}.pt"
+        write_bytes_atomic(path, buffer.getvalue())
+        for old in self.list_checkpoints()[:-keep]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def list_checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first (temp files of an interrupted write are ignored)."""
+        if not self.checkpoints.is_dir():
+            return []
+        found = [p for p in self.checkpoints.iterdir() if _NAME.match(p.name)]
+        return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))  # type: ignore[union-attr]
+
+    def latest_checkpoint(self) -> Path | None:
+        found = self.list_checkpoints()
+        return found[-1] if found else None
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        append_jsonl_atomic(self.metrics_path, record)
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.is_file():
+            return []
+        lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
+        return [json.loads(line) for line in lines if line.strip()]

@@ -1,0 +1,73 @@
+"""A hospital's side of a round, free of flwr: load its data, train or evaluate the global model."""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+from medfusion_fl.config import RunConfig, SiteConfig
+from medfusion_fl.data import SiteData, load_site
+from medfusion_fl.data.synthetic import write_synthetic_site
+from medfusion_fl.errors import DataError
+from medfusion_fl.models import build_model
+from medfusion_fl.parameters import Weights, get_weights, set_weights
+from medfusion_fl.training import EvalResult, TrainResult, evaluate, resolve_device, train_local
+
+log = logging.getLogger(__name__)
+
+
+class SiteRunner:
+    """One site's work for one message: built from the run config and the site's own config."""
+
+    def __init__(self, run: RunConfig, site: SiteConfig, *, partition: int | None = None) -> None:
+        self.run = run
+        self.site = site
+        self.partition = partition
+        self.device = resolve_device(site.device)
+
+    @classmethod
+    def from_configs(cls, run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> SiteRunner:
+        """Parse Flower's flat run_config and node_config once, at the top of a handler."""
+        run = RunConfig.from_flat(run_config)
+        site = SiteConfig.from_node_config(node_config, run)
+        partition = node_config.get("partition-id")
+        return cls(run, site, partition=int(partition) if partition is not None else None)
+
+    def load_data(self) -> SiteData:
+        """The site's checked folder; synthetic runs create it first when it is missing."""
+        folder = self.site.data_path
+        if self.run.data.source == "synthetic" and not (folder / "manifest.csv").exists():
+            if self.partition is None:
+                raise DataError(f"data.source = 'synthetic' but {folder} has no manifest.csv and this "
+                                "node has no partition-id; create the folder with `medfusion-fl synth`.")
+            write_synthetic_site(folder.parent, self.run, self.partition)
+        return load_site(folder, self.run.data)
+
+    def _seed(self, server_round: int) -> int:
+        key = f"{self.run.train.seed}/{self.site.site_id}/{server_round}".encode()
+        return zlib.crc32(key)
+
+    def train(self, global_weights: Weights, *, server_round: int,
+              proximal_mu: float) -> tuple[Weights, TrainResult]:
+        """Train the global model locally; returns the new local weights and what happened."""
+        data = self.load_data()
+        model = build_model(self.run)
+        set_weights(model, global_weights)
+        result = train_local(model, data.train, self.run.train, device=self.device,
+                             seed=self._seed(server_round), proximal_mu=proximal_mu)
+        log.info("%s round %d: trained on %d patients, loss %.4f, %.1fs", self.site.site_id,
+                 server_round, result.num_examples, result.loss, result.seconds)
+        return get_weights(model.cpu()), result
+
+    def evaluate(self, global_weights: Weights) -> EvalResult:
+        """Loss, accuracy and AUROC of the global model on the site's validation patients."""
+        data = self.load_data()
+        if len(data.val) == 0:
+            raise DataError(f"{self.site.site_id}: no validation patients (data.val-fraction = "
+                            f"{self.run.data.val_fraction}); raise it to evaluate here.")
+        model = build_model(self.run)
+        set_weights(model, global_weights)
+        return evaluate(model, data.val, batch_size=self.run.train.batch_size, device=self.device)
+

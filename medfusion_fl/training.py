@@ -1,0 +1,138 @@
+"""Local training and evaluation of the MedFusion model on one site's data (no flwr here)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from medfusion_fl.config import TrainConfig
+from medfusion_fl.errors import ConfigError
+
+log = logging.getLogger(__name__)
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    loss: float  # mean training loss over the last epoch (without the proximal term)
+    num_examples: int  # patients seen per epoch
+    steps: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float
+    accuracy: float
+    auroc: float | None  # None when only one class is present
+    num_examples: int
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' = CUDA when available; asking for CUDA without one is an error, not a fallback."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device = 'cuda' but torch sees no CUDA GPU; set device = 'cpu' or 'auto'.")
+    return torch.device(name)
+
+
+def _forward(model: nn.Module, batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    views = batch["views"].to(device)  # (B, V, C, H, W)
+    mask = batch["view_mask"].to(device)  # (B, V)
+    tabular = batch["tabular"].to(device)  # (B, F)
+    return model(views, mask, tabular), batch["label"].to(device)  # (B, K), (B,)
+
+
+def proximal_term(model: nn.Module, reference: Mapping[str, torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx: (mu / 2) * sum over trainable parameters of ||w - w_global||^2."""
+    total = torch.zeros((), device=next(model.parameters()).device)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            total = total + (param - reference[name]).pow(2).sum()
+    return 0.5 * mu * total
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def train_local(model: nn.Module, dataset: Dataset[Batch], cfg: TrainConfig, *,
+                device: torch.device, seed: int, proximal_mu: float = 0.0) -> TrainResult:
+    """Train `cfg.local_epochs` epochs; with proximal_mu > 0 the FedProx term pulls towards the
+    weights the model had on entry (the global model of the round)."""
+    start = time.perf_counter()
+    model.to(device).train()
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=generator)
+    reference = {n: p.detach().clone() for n, p in model.named_parameters()} if proximal_mu > 0 else {}
+    optimizer = _optimizer(model, cfg)
+    steps, epoch_loss, seen = 0, 0.0, 0
+    for epoch in range(cfg.local_epochs):
+        epoch_loss, seen = 0.0, 0
+        for batch in loader:
+            logits, labels = _forward(model, batch, device)
+            loss = F.cross_entropy(logits, labels)
+            total = loss + proximal_term(model, reference, proximal_mu) if proximal_mu > 0 else loss
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+            epoch_loss += float(loss.detach()) * len(labels)
+            seen += len(labels)
+            steps += 1
+        log.debug("epoch %d/%d: loss %.4f", epoch + 1, cfg.local_epochs, epoch_loss / max(seen, 1))
+    mean = epoch_loss / max(seen, 1)
+    if not math.isfinite(mean):
+        raise FloatingPointError(f"local training diverged (loss {mean}); lower train.lr")
+    return TrainResult(mean, seen, steps, time.perf_counter() - start)
+
+
+def auroc(labels: np.ndarray, probs: np.ndarray) -> float | None:
+    """Binary AUROC, or one-vs-rest macro AUROC for K > 2; None if a class is absent."""
+    num_classes = probs.shape[1]
+    if len(np.unique(labels)) < num_classes:
+        return None
+    if num_classes == 2:
+        return float(roc_auc_score(labels, probs[:, 1]))
+    return float(roc_auc_score(labels, probs, multi_class="ovr", average="macro"))
+
+
+@torch.no_grad()
+def predict(model: nn.Module, dataset: Dataset[Batch], *, batch_size: int,
+            device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities (N, K) and labels (N,) over a dataset."""
+    model.to(device).eval()
+    probs, labels = [], []
+    for batch in DataLoader(dataset, batch_size=batch_size):
+        logits, y = _forward(model, batch, device)
+        probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+        labels.append(y.cpu().numpy())
+    return np.concatenate(probs), np.concatenate(labels)
+
+
+def evaluate(model: nn.Module, dataset: Dataset[Batch], *, batch_size: int,
+             device: torch.device) -> EvalResult:
+    """Cross-entropy, accuracy and AUROC of the model on a dataset."""
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        raise ValueError("cannot evaluate on an empty dataset")
+    probs, labels = predict(model, dataset, batch_size=batch_size, device=device)
+    picked = np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0)
+    return EvalResult(
+        loss=float(-np.log(picked).mean()),
+        accuracy=float((probs.argmax(axis=1) == labels).mean()),
+        auroc=auroc(labels, probs),
+        num_examples=len(labels),
+    )

@@ -1,0 +1,97 @@
+"""A whole run on the coordinator: initial model, rounds, checkpoints, metrics, final export."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from flwr.serverapp import Grid
+
+from medfusion_fl.config import RunConfig
+from medfusion_fl.data import SiteDataset, load_test_set, write_test_set
+from medfusion_fl.errors import RoundFailed
+from medfusion_fl.export import export_model, resolve_test_path
+from medfusion_fl.models import MedFusionModel, build_model
+from medfusion_fl.parameters import Weights, get_weights, set_weights
+from medfusion_fl.runstore import RunStore
+from medfusion_fl.training import evaluate
+from server.rounds import run_round
+from strategies import build_strategy
+
+log = logging.getLogger("medfusion_fl.server")
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+class Federation:
+    """Owns the global model and the run folder for the length of one run."""
+
+    def __init__(self, run: RunConfig) -> None:
+        self.run = run
+        self.store = RunStore(run.output.run_dir)
+        self.strategy = build_strategy(run.strategy)
+        self.model: MedFusionModel = build_model(run, seed=run.train.seed)
+        self.held_out = self._load_held_out()
+        self.sites: set[str] = set()
+
+    def _load_held_out(self) -> SiteDataset | None:
+        path = resolve_test_path(self.run)
+        if path is None:
+            log.info("no held-out folder (data.test-path); centralized evaluation is off")
+            return None
+        if self.run.data.source == "synthetic":
+            write_test_set(path.parent, self.run)
+        return load_test_set(path, self.run.data)
+
+    def held_out_eval(self, weights: Weights) -> dict[str, Any] | None:
+        if self.held_out is None:
+            return None
+        set_weights(self.model, weights)
+        result = evaluate(self.model, self.held_out, batch_size=64, device=self.model_device())
+        return {"loss": result.loss, "accuracy": result.accuracy, "auroc": result.auroc,
+                "num-examples": result.num_examples}
+
+    def model_device(self) -> Any:
+        return next(self.model.parameters()).device
+
+    def run_rounds(self, grid: Grid) -> dict[str, Any]:
+        """Run every round; returns the last round's metrics line."""
+        weights = get_weights(self.model)
+        total = self.run.rounds.num_server_rounds
+        record: dict[str, Any] = {}
+        start = time.monotonic()
+        for server_round in range(1, total + 1):
+            try:
+                result = run_round(grid, self.run, self.strategy, weights, server_round, self.held_out_eval)
+            except RoundFailed as exc:
+                if exc.record is not None:
+                    self.store.append_metrics(exc.record)
+                log.error("%s", exc)
+                raise
+            weights, record = result.weights, result.record
+            self.sites |= result.sites
+            self.store.append_metrics(record)
+            self.store.save_checkpoint(
+                round=server_round, weights=weights, config=self.run,
+                strategy_state=self.strategy.state_dict(), sites=sorted(self.sites),
+                metrics=record, keep=self.run.output.keep_checkpoints)
+            self._log_round(record, total)
+        set_weights(self.model, weights)
+        log.info("%d rounds done in %.1f s", total, time.monotonic() - start)
+        return record
+
+    def _log_round(self, record: dict[str, Any], total: int) -> None:
+        evaluation = record["evaluate"] or {}
+        held = record["held_out"] or {}
+        log.info("round %d/%d: train loss %s (%d sites) | site eval AUROC %s | held-out AUROC %s "
+                 "acc %s | %d failure(s) | %.1f s", record["round"], total, _fmt(record["train"]["loss"]),
+                 len(record["train"]["sites"]), _fmt(evaluation.get("auroc")), _fmt(held.get("auroc")),
+                 _fmt(held.get("accuracy")), len(record["failures"]), record["wall_time_s"])
+
+    def export(self, final: dict[str, Any]) -> None:
+        card = {"rounds": self.run.rounds.num_server_rounds, "sites": sorted(self.sites),
+                "final_metrics": final}
+        export_model(self.model, self.run, self.store.root, held_out=self.held_out, card=card)

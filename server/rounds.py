@@ -1,0 +1,169 @@
+"""The coordinator's round loop: sample sites, train, aggregate, evaluate, checkpoint, log.
+
+Every wait is bounded (rounds.wait-for-sites, rounds.reply-timeout). A site that fails, times
+out or sends malformed weights is dropped from the round and recorded with its reason; the round
+counts while at least rounds.min-sites valid updates arrive, otherwise it fails loudly and the
+global model stays as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from medfusion_fl.config import RunConfig
+from medfusion_fl.errors import ParameterMismatch, RoundFailed
+from medfusion_fl.parameters import Weights, check_weights
+from strategies import FedAvg, weighted_delta_sum
+
+log = logging.getLogger("medfusion_fl.server")
+
+
+@dataclass(frozen=True)
+class SiteFailure:
+    """A site that did not contribute to a stage, and why."""
+
+    node_id: int
+    stage: str
+    reason: str
+
+
+@dataclass
+class SiteReply:
+    node_id: int
+    site: str
+    metrics: dict[str, float]
+    weights: Weights | None = None
+
+
+def wait_for_sites(grid: Grid, minimum: int, timeout: float, poll: float = 0.5) -> list[int]:
+    """Node ids once at least `minimum` sites are connected; RoundFailed after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= minimum:
+            return nodes
+        if time.monotonic() >= deadline:
+            raise RoundFailed(f"only {len(nodes)} site(s) connected within {timeout:g} s, "
+                              f"rounds.min-sites = {minimum}; start more SuperNodes or lower min-sites.")
+        time.sleep(poll)
+
+
+def sample(nodes: list[int], fraction: float, minimum: int, rng: random.Random) -> list[int]:
+    """At least `minimum` (and all when fewer), else ceil(fraction * n) nodes at random."""
+    count = min(len(nodes), max(minimum, math.ceil(fraction * len(nodes))))
+    return sorted(rng.sample(nodes, count))
+
+
+def _parse_reply(msg: Message, stage: str, template: Weights | None) -> SiteReply:
+    content = msg.content
+    if "metrics" not in content.metric_records:
+        raise ParameterMismatch("reply has no 'metrics' record")
+    metrics = {k: float(v) for k, v in content.metric_records["metrics"].items()
+               if isinstance(v, int | float)}
+    if not metrics.get("num-examples", 0) > 0:
+        raise ParameterMismatch(f"reply has num-examples = {metrics.get('num-examples')}; expected > 0")
+    site_rec = content.config_records.get("site")
+    site = str(site_rec["site-id"]) if site_rec and "site-id" in site_rec else f"node-{msg.metadata.src_node_id}"
+    reply = SiteReply(msg.metadata.src_node_id, site, metrics)
+    if template is not None:
+        if "arrays" not in content.array_records:
+            raise ParameterMismatch("train reply has no 'arrays' record")
+        reply.weights = {k: a.numpy() for k, a in content.array_records["arrays"].items()}
+        check_weights(reply.weights, template, source=f"{stage} reply of {site}")
+    return reply
+
+
+def exchange(grid: Grid, nodes: list[int], stage: str, content: RecordDict, timeout: float,
+             template: Weights | None = None) -> tuple[list[SiteReply], list[SiteFailure]]:
+    """Send one instruction to each node; collect valid replies and the failures with reasons."""
+    kind = MessageType.TRAIN if stage == "train" else MessageType.EVALUATE
+    messages = [Message(content=content, dst_node_id=n, message_type=kind) for n in nodes]
+    replies, failures, answered = [], [], set()
+    for msg in grid.send_and_receive(messages, timeout=timeout):
+        node = msg.metadata.src_node_id
+        answered.add(node)
+        if msg.has_error():
+            failures.append(SiteFailure(node, stage, str(msg.error.reason)))
+            continue
+        try:
+            replies.append(_parse_reply(msg, stage, template))
+        except ParameterMismatch as exc:
+            failures.append(SiteFailure(node, stage, f"malformed reply: {exc}"))
+    for node in nodes:
+        if node not in answered:
+            failures.append(SiteFailure(node, stage, f"no reply within {timeout:g} s (rounds.reply-timeout)"))
+    for failure in failures:
+        log.warning("site node %d dropped from %s: %s", failure.node_id, stage, failure.reason)
+    return replies, failures
+
+
+def weighted_mean(replies: list[SiteReply], key: str) -> float | None:
+    """Mean of a metric over the sites that report it, weighted by num-examples."""
+    pairs = [(r.metrics[key], r.metrics["num-examples"]) for r in replies if key in r.metrics]
+    total = sum(n for _, n in pairs)
+    return sum(v * n for v, n in pairs) / total if total else None
+
+
+def per_site(replies: list[SiteReply]) -> dict[str, dict[str, float]]:
+    return {r.site: dict(r.metrics) for r in sorted(replies, key=lambda r: r.site)}
+
+
+def weights_record(weights: Weights) -> ArrayRecord:
+    return ArrayRecord({k: Array(v) for k, v in weights.items()})
+
+
+@dataclass
+class RoundResult:
+    weights: Weights
+    record: dict[str, Any]
+    sites: set[str]
+
+
+def run_round(grid: Grid, run: RunConfig, strategy: FedAvg, weights: Weights, server_round: int,
+              held_out_eval: Callable[[Weights], dict[str, Any] | None]) -> RoundResult:
+    """One full round; raises RoundFailed (after logging) when too few valid updates arrive."""
+    start = time.monotonic()
+    cfg = run.rounds
+    rng = random.Random(run.train.seed * 100_003 + server_round)
+    nodes = wait_for_sites(grid, cfg.min_sites, cfg.wait_for_sites)
+    train_config = ConfigRecord({"server-round": server_round, **strategy.train_config(server_round)})
+    content = RecordDict({"arrays": weights_record(weights), "config": train_config})
+    chosen = sample(nodes, cfg.fraction_train, cfg.min_sites, rng)
+    trained, failures = exchange(grid, chosen, "train", content, cfg.reply_timeout, template=weights)
+    record: dict[str, Any] = {"round": server_round, "strategy": strategy.name}
+    if len(trained) < cfg.min_sites:
+        raise RoundFailed(
+            f"round {server_round}: {len(trained)} valid update(s) from {len(chosen)} sampled site(s), "
+            f"rounds.min-sites = {cfg.min_sites}; the global model is unchanged. Failures: "
+            + "; ".join(f"node {f.node_id}: {f.reason}" for f in failures),
+            record={**record, "status": "failed", "failures": [asdict(f) for f in failures],
+             "wall_time_s": time.monotonic() - start})
+    delta_sum, total = weighted_delta_sum(weights, ((r.weights or {}, int(r.metrics["num-examples"]))
+                                                   for r in trained))
+    new_weights = strategy.aggregate(weights, delta_sum, total)
+    record["train"] = {"loss": weighted_mean(trained, "train-loss"), "num-examples": total,
+                       "sites": per_site(trained)}
+    record["evaluate"] = None
+    if cfg.fraction_evaluate > 0:
+        eval_nodes = sample(nodes, cfg.fraction_evaluate, 1, rng)
+        eval_content = RecordDict({"arrays": weights_record(new_weights),
+                                   "config": ConfigRecord({"server-round": server_round})})
+        evaluated, eval_failures = exchange(grid, eval_nodes, "evaluate", eval_content, cfg.reply_timeout)
+        failures += eval_failures
+        record["evaluate"] = {key: weighted_mean(evaluated, f"eval-{key}") for key in ("loss", "accuracy", "auroc")}
+        record["evaluate"]["sites"] = per_site(evaluated)
+    record["held_out"] = held_out_eval(new_weights)
+    record["failures"] = [asdict(f) for f in failures]
+    record["status"] = "ok"
+    record["wall_time_s"] = round(time.monotonic() - start, 3)
+    return RoundResult(new_weights, record, {r.site for r in trained})
+
