@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny configs and synthetic site folders (32x32 images, 2 views, 2-3 sites)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+for _key, _value in {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+from medfusion_fl.config import RunConfig  # noqa: E402
+from medfusion_fl.data import write_federation  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {
+    "model.backbone": "test_resnet",
+    "synth.patients-per-site": 40,
+    "synth.test-patients": 40,
+    "train.local-epochs": 1,
+    "rounds.wait-for-sites": 5.0,
+    "rounds.reply-timeout": 120.0,
+}
+
+
+def tiny_flat(root: Path, **overrides: Any) -> dict[str, Any]:
+    """A small run config (flat keys) whose sites and outputs live under `root`."""
+    return {**TINY, "data.sites-root": str(root / "data"), "output.run-dir": str(root / "run"), **overrides}
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three synthetic sites + a held-out folder, written once per test session."""
+    root = tmp_path_factory.mktemp("federation")
+    write_federation(root / "data", RunConfig.from_flat(tiny_flat(root)), 3)
+    return root
+
+
+@pytest.fixture
+def tiny_run(synth_root: Path) -> RunConfig:
+    return RunConfig.from_flat(tiny_flat(synth_root))

@@ -1,0 +1,45 @@
+"""An in-process stand-in for Flower's Grid: routes messages to the real ClientApp, no Ray.
+
+Each node has its own Context (node_config = partition-id, like simulation). A ClientApp that
+raises becomes an error reply, as Flower's runtime does; `silent` nodes never reply (timeouts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.supercore.task_identity import TaskIdentity
+
+
+class FakeGrid:
+    def __init__(self, app: ClientApp, run_config: dict[str, Any], num_nodes: int,
+                 silent: Iterable[int] = ()) -> None:
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+        self.app = app
+        self.contexts = {
+            100 + i: Context(run_id=1, node_id=100 + i, node_config={"partition-id": i, "num-partitions": num_nodes},
+                             state=RecordDict(), run_config=dict(run_config))
+            for i in range(num_nodes)
+        }
+        self.silent = {100 + i for i in silent}
+        self.received: list[Message] = []  # every reply the server got, for audits
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            if node in self.silent:
+                continue
+            try:
+                reply = self.app(msg, self.contexts[node])
+            except Exception as exc:  # what Flower's runtime turns into an error reply
+                reply = Message(error=Error(code=1, reason=f"ClientAppException: {exc!r}"), reply_to=msg)
+            replies.append(reply)
+        self.received.extend(replies)
+        return replies

@@ -1,0 +1,98 @@
+"""The coordinator's round loop over an in-process grid: failures, checkpoints, metrics, export."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from client.client_app import app as client_app
+from medfusion_fl.config import RunConfig
+from medfusion_fl.errors import RoundFailed
+from medfusion_fl.runstore import RunStore, load_checkpoint
+from server.federation import Federation
+from server.rounds import sample, wait_for_sites
+from tests.conftest import tiny_flat
+from tests.fakegrid import FakeGrid
+
+
+@pytest.fixture
+def broken_site2(synth_root: Path, tmp_path: Path) -> Path:
+    """A copy of the federation in which site-2 has a corrupted image."""
+    shutil.copytree(synth_root / "data", tmp_path / "data")
+    image = sorted((tmp_path / "data" / "site-2" / "images").iterdir())[0]
+    image.write_bytes(b"\x89PNG truncated")
+    return tmp_path
+
+
+def _run(root: Path, **overrides: object) -> RunConfig:
+    return RunConfig.from_flat(tiny_flat(root, **{"rounds.num-server-rounds": 2, **overrides}))
+
+
+def test_bad_site_is_recorded_and_the_federation_goes_on(broken_site2: Path) -> None:
+    run = _run(broken_site2)
+    grid = FakeGrid(client_app, run.to_flat(), num_nodes=3)
+    federation = Federation(run)
+    final = federation.run_rounds(grid)
+    federation.export(final)
+    store = RunStore(run.output.run_dir)
+    lines = store.read_metrics()
+    assert [line["round"] for line in lines] == [1, 2] and all(line["status"] == "ok" for line in lines)
+    for line in lines:
+        assert sorted(line["train"]["sites"]) == ["site-0", "site-1"]
+        assert {f["node_id"] for f in line["failures"]} == {102}
+        assert all("site-2" in f["reason"] and "row " in f["reason"] for f in line["failures"])
+        assert line["held_out"]["auroc"] is not None and line["wall_time_s"] > 0
+        assert line["evaluate"]["loss"] is not None
+    assert [p.name for p in store.list_checkpoints()] == ["round-0001.pt", "round-0002.pt"]
+    checkpoint = load_checkpoint(store.latest_checkpoint())
+    assert checkpoint.round == 2 and checkpoint.sites == ["site-0", "site-1"]
+    card = json.loads((store.root / "model_card.json").read_text())
+    assert card["sites"] == ["site-0", "site-1"] and card["export_check"]["max_abs_diff"] <= 1e-4
+    assert (store.root / "model.onnx").stat().st_size > 0
+
+
+def test_too_few_valid_updates_fail_loudly_and_keep_earlier_results(broken_site2: Path, synth_root: Path) -> None:
+    good = _run(broken_site2, **{"rounds.num-server-rounds": 1,
+                                 "data.sites-root": str(synth_root / "data")})
+    Federation(good).run_rounds(FakeGrid(client_app, good.to_flat(), num_nodes=3))
+    store = RunStore(good.output.run_dir)
+    before = store.metrics_path.read_bytes()
+    strict = _run(broken_site2, **{"rounds.min-sites": 3})
+    with pytest.raises(RoundFailed, match="2 valid update.*min-sites = 3.*global model is unchanged"):
+        Federation(strict).run_rounds(FakeGrid(client_app, strict.to_flat(), num_nodes=3))
+    after = store.metrics_path.read_bytes()
+    assert after.startswith(before)  # the earlier line is intact
+    failed = store.read_metrics()[-1]
+    assert failed["status"] == "failed" and failed["failures"][0]["node_id"] == 102
+    assert load_checkpoint(store.latest_checkpoint()).round == 1  # no checkpoint for the failed round
+
+
+def test_silent_site_times_out_and_is_named(synth_root: Path, tmp_path: Path) -> None:
+    run = RunConfig.from_flat(tiny_flat(tmp_path, **{"rounds.num-server-rounds": 1,
+                                                      "data.sites-root": str(synth_root / "data")}))
+    grid = FakeGrid(client_app, run.to_flat(), num_nodes=3, silent=[1])
+    Federation(run).run_rounds(grid)
+    failures = RunStore(run.output.run_dir).read_metrics()[0]["failures"]
+    assert {(f["node_id"], f["stage"]) for f in failures} == {(101, "train"), (101, "evaluate")}
+    assert "no reply within" in failures[0]["reason"]
+
+
+def test_waiting_for_sites_is_bounded() -> None:
+    class Empty:
+        def get_node_ids(self) -> list[int]:
+            return [5]
+
+    with pytest.raises(RoundFailed, match=r"only 1 site\(s\) connected within 0.2 s"):
+        wait_for_sites(Empty(), minimum=2, timeout=0.2, poll=0.05)  # type: ignore[arg-type]
+
+
+def test_sampling_respects_fraction_and_minimum() -> None:
+    import random
+
+    nodes = list(range(10))
+    assert len(sample(nodes, 0.3, 2, random.Random(0))) == 3
+    assert len(sample(nodes, 0.05, 2, random.Random(0))) == 2
+    assert sample(nodes[:1], 1.0, 2, random.Random(0)) == [0]

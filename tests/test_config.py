@@ -1,0 +1,104 @@
+"""Run/site config: pyproject defaults in sync, clear errors, TOML and Flower's flat form."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from medfusion_fl.config import RunConfig, SiteConfig, all_keys, flatten, parse_overrides
+from medfusion_fl.errors import ConfigError, FeatureNotAvailable
+from tests.conftest import REPO
+
+
+def pyproject_config() -> dict[str, object]:
+    doc = tomllib.loads((REPO / "pyproject.toml").read_text())
+    return flatten(doc["tool"]["flwr"]["app"]["config"])
+
+
+def test_pyproject_defaults_equal_pydantic_defaults() -> None:
+    assert pyproject_config() == RunConfig().to_flat()
+    assert sorted(pyproject_config()) == sorted(all_keys())
+
+
+def test_flat_round_trip() -> None:
+    flat = {**RunConfig().to_flat(), "train.lr": 0.05, "strategy.name": "fedprox", "strategy.proximal-mu": 0.1}
+    config = RunConfig.from_flat(flat)
+    assert config.train.lr == 0.05 and config.strategy.proximal_mu == 0.1
+    assert config.to_flat() == flat
+
+
+def test_unknown_key_names_key_and_closest_match() -> None:
+    with pytest.raises(ConfigError, match=r"'train\.lrr'.*Did you mean 'train\.lr'"):
+        RunConfig.from_flat({"train.lrr": 0.1})
+    with pytest.raises(ConfigError, match="Unknown config key 'nosection.x'"):
+        RunConfig.from_flat({"nosection.x": 1})
+
+
+def test_bad_value_names_key_value_and_range() -> None:
+    with pytest.raises(ConfigError) as info:
+        RunConfig.from_flat({"train.lr": -1.0, "rounds.fraction-train": 2.0})
+    text = str(info.value)
+    assert "'train.lr' = -1.0" in text and "greater than 0" in text
+    assert "'rounds.fraction-train' = 2.0" in text and "less than or equal to 1" in text
+    assert "pyproject.toml" in text
+
+
+def test_cross_field_and_list_checks() -> None:
+    with pytest.raises(ConfigError, match="proximal-mu > 0 needs strategy.name = 'fedprox'"):
+        RunConfig.from_flat({"strategy.proximal-mu": 0.5})
+    with pytest.raises(ConfigError, match="unique"):
+        RunConfig.from_flat({"data.view-names": "a,a"})
+    with pytest.raises(ConfigError, match="low must be below high"):
+        RunConfig.from_flat({"data.tabular-columns": "age:10:1"})
+    with pytest.raises(ConfigError, match="at least two"):
+        RunConfig.from_flat({"data.classes": "only"})
+
+
+def test_column_spec_parsing() -> None:
+    config = RunConfig.from_flat({"data.tabular-columns": "age:0:120, marker"})
+    age, marker = config.data.columns
+    assert (age.name, age.low, age.high) == ("age", 0.0, 120.0)
+    assert (marker.name, marker.low, marker.high) == ("marker", None, None)
+
+
+def test_features_not_built_yet_are_refused_clearly() -> None:
+    with pytest.raises(FeatureNotAvailable, match="privacy.enabled = false"):
+        RunConfig.from_flat({"privacy.enabled": True})
+    with pytest.raises(FeatureNotAvailable, match="secagg.enabled = false"):
+        RunConfig.from_flat({"secagg.enabled": True})
+
+
+def test_from_toml_plain_tables_and_pyproject(tmp_path: Path) -> None:
+    plain = tmp_path / "run.toml"
+    plain.write_text('[train]\nlr = 0.01\n[model]\nbackbone = "resnet18"\n')
+    config = RunConfig.from_toml(plain, overrides={"train.local-epochs": 4})
+    assert (config.train.lr, config.model.backbone, config.train.local_epochs) == (0.01, "resnet18", 4)
+    assert RunConfig.from_toml(REPO / "pyproject.toml") == RunConfig()
+    (tmp_path / "bad.toml").write_text("[train\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        RunConfig.from_toml(tmp_path / "bad.toml")
+
+
+def test_overrides_parse_toml_values() -> None:
+    assert parse_overrides(["train.lr=0.1", "privacy.enabled=false", 'model.backbone="resnet18"',
+                            "model.backbone2=resnet18"]) == {
+        "train.lr": 0.1, "privacy.enabled": False, "model.backbone": "resnet18", "model.backbone2": "resnet18"}
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_overrides(["train.lr"])
+
+
+def test_site_config_in_simulation_and_deployment(tmp_path: Path) -> None:
+    run = RunConfig.from_flat({"data.sites-root": "/data/sites", "output.run-dir": "/runs/x"})
+    sim = SiteConfig.from_node_config({"partition-id": 2, "num-partitions": 3}, run)
+    assert (sim.site_id, sim.data_path) == ("site-2", Path("/data/sites/site-2"))
+    assert sim.state_dir == Path("/runs/x/site-state/site-2")
+    real = SiteConfig.from_node_config({"data-path": str(tmp_path), "site-id": "H1", "device": "cpu"}, run)
+    assert (real.site_id, real.data_path, real.device) == ("H1", tmp_path, "cpu")
+    with pytest.raises(ConfigError, match="'data-pth'.*--node-config"):
+        SiteConfig.from_node_config({"data-pth": "/x"}, run)
+    with pytest.raises(ConfigError, match="no 'data-path'"):
+        SiteConfig.from_node_config({}, run)
+    with pytest.raises(ConfigError, match="'device' = 'tpu'"):
+        SiteConfig.from_node_config({"data-path": "/x", "device": "tpu"}, run)
