@@ -146,7 +146,7 @@ class TrainConfig(_Section):
     local_epochs: int = Field(2, ge=1, description="Epochs over the site's data per round.")
     batch_size: int = Field(16, ge=1, description="Patients per step.")
     optimizer: Literal["sgd", "adamw"] = Field("adamw", description="Local optimiser, fresh each round.")
-    lr: float = Field(0.002, gt=0.0, le=10.0, description="Local learning rate.")
+    lr: float = Field(0.005, gt=0.0, le=10.0, description="Local learning rate.")
     weight_decay: float = Field(0.0001, ge=0.0, description="Decoupled weight decay.")
     seed: int = Field(0, ge=0, description="Seed of local shuffling (mixed with site and round).")
 
