@@ -11,7 +11,7 @@ import logging
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from medfusion_fl.errors import MedFusionError
+from medfusion_fl.errors import MedFusionError, ParameterMismatch
 from medfusion_fl.parameters import Weights
 from medfusion_fl.site import SiteRunner
 
@@ -21,8 +21,16 @@ app = ClientApp()
 SITE_ERROR = 4000  # Error.code of a reply the site refused on purpose (bad data/config/weights)
 
 
-def _weights(msg: Message) -> Weights:
-    return {k: a.numpy() for k, a in msg.content.array_records["arrays"].items()}
+def _instruction(msg: Message) -> tuple[Weights, dict[str, float]]:
+    """The global weights and the round config of an instruction; malformed ones are refused."""
+    content = msg.content
+    if "arrays" not in content.array_records:
+        raise ParameterMismatch(f"{msg.metadata.message_type} instruction has no 'arrays' record")
+    config = content.config_records.get("config")
+    if config is None or not isinstance(config.get("server-round"), int):
+        raise ParameterMismatch(f"{msg.metadata.message_type} instruction has no integer config 'server-round'")
+    numbers = {k: float(v) for k, v in config.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    return {k: a.numpy() for k, a in content.array_records["arrays"].items()}, numbers
 
 
 def _refuse(msg: Message, runner: SiteRunner | None, exc: Exception) -> Message:
@@ -37,12 +45,10 @@ def train(msg: Message, context: Context) -> Message:
     try:
         # 1. parse configs once; load the global weights
         runner = SiteRunner.from_configs(context.run_config, context.node_config)
-        config = msg.content.config_records["config"]
-        global_weights = _weights(msg)
+        global_weights, config = _instruction(msg)
         # 2-3. load the site's data and train locally (FedProx term when proximal-mu > 0)
         weights, result = runner.train(
-            global_weights, server_round=int(config["server-round"]),
-            proximal_mu=float(config.get("proximal-mu", 0.0)))
+            global_weights, server_round=int(config["server-round"]), proximal_mu=config.get("proximal-mu", 0.0))
     except (MedFusionError, FloatingPointError) as exc:
         return _refuse(msg, runner, exc)
     # 4. reply with the local weights and aggregate metrics
@@ -63,7 +69,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     try:
         # 1. parse configs once; load the global weights
         runner = SiteRunner.from_configs(context.run_config, context.node_config)
-        global_weights = _weights(msg)
+        global_weights, _ = _instruction(msg)
         # 2-3. load the site's validation patients and score the global model
         result = runner.evaluate(global_weights)
     except MedFusionError as exc:

@@ -82,3 +82,15 @@ def test_synthetic_site_is_created_on_first_use(tmp_path: Path) -> None:
     weights = get_weights(build_model(run, seed=0))
     reply = app(_message(MessageType.EVALUATE, weights), _context(run, {"partition-id": 4}))
     assert not reply.has_error() and (tmp_path / "data" / "site-4" / "manifest.csv").is_file()
+
+
+def test_malformed_instruction_is_refused(tiny_run: RunConfig) -> None:
+    bare = Message(content=RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=7,
+                   message_type=MessageType.TRAIN)
+    reply = app(bare, _context(tiny_run, {"partition-id": 0}))
+    assert reply.has_error() and "no 'arrays' record" in reply.error.reason
+    weights = get_weights(build_model(tiny_run, seed=0))
+    no_round = Message(content=RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in weights.items()})}),
+                       dst_node_id=7, message_type=MessageType.EVALUATE)
+    reply = app(no_round, _context(tiny_run, {"partition-id": 0}))
+    assert reply.has_error() and "server-round" in reply.error.reason

@@ -96,3 +96,21 @@ def test_sampling_respects_fraction_and_minimum() -> None:
     assert len(sample(nodes, 0.3, 2, random.Random(0))) == 3
     assert len(sample(nodes, 0.05, 2, random.Random(0))) == 2
     assert sample(nodes[:1], 1.0, 2, random.Random(0)) == [0]
+
+
+def test_fedprox_run_sends_mu_to_the_sites(synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from medfusion_fl import site
+
+    seen: list[float] = []
+    original = site.SiteRunner.train
+
+    def spy(self: site.SiteRunner, weights: dict, *, server_round: int, proximal_mu: float):  # type: ignore[no-untyped-def]
+        seen.append(proximal_mu)
+        return original(self, weights, server_round=server_round, proximal_mu=proximal_mu)
+
+    monkeypatch.setattr(site.SiteRunner, "train", spy)
+    run = RunConfig.from_flat(tiny_flat(tmp_path, **{
+        "rounds.num-server-rounds": 1, "data.sites-root": str(synth_root / "data"),
+        "strategy.name": "fedprox", "strategy.proximal-mu": 0.25, "rounds.fraction-evaluate": 0.0}))
+    record = Federation(run).run_rounds(FakeGrid(client_app, run.to_flat(), num_nodes=2))
+    assert seen == [0.25, 0.25] and record["strategy"] == "fedprox" and record["evaluate"] is None
