@@ -63,6 +63,8 @@ class DataConfig(_Section):
     classes: str = Field("negative,positive", description="Class names, in logit order.")
     image_size: int = Field(32, ge=8, le=4096, description="Images are resized to image-size x image-size.")
     channels: int = Field(1, ge=1, le=4, description="Channels per image (1 = grayscale, 3 = RGB).")
+    depth: int = Field(0, ge=0, le=1024, description="0 = 2D images; D > 0 = 3D volumes (CT/MR) resized to "
+                       "depth x image-size x image-size, for a 3D backbone (list_backbones()).")
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="Share of each site's patients held for "
                                 "federated evaluation, chosen by a hash of the patient id (stable).")
 
@@ -132,12 +134,23 @@ class SynthConfig(_Section):
 
 
 class ModelConfig(_Section):
-    backbone: str = Field("resnet10t", description="Any timm model name; built with pretrained=False.")
+    backbone: str = Field("resnet10t", description="Any timm model name (pretrained=False), or one of our 3D "
+                          "backbones for data.depth > 0; list_backbones() shows the tested families.")
+    shared_backbone: bool = Field(True, description="One backbone for all views (true) or one per view.")
+    backbone_weights: str = Field("", description="Optional local file of backbone weights (.pt/.pth/.safetensors); "
+                                  "nothing is ever downloaded.")
+    checkpointing: bool = Field(False, description="Gradient checkpointing in the backbone: less memory, more "
+                                "time, same gradients (reentrant, as Opacus needs).")
     view_aggregation: str = Field("mean", description="How per-view features combine (see list_aggregations()).")
     fusion: str = Field("concatenate", description="How image and tabular features combine (list_fusions()).")
     norm: Literal["group", "batch"] = Field("group", description="'group' replaces BatchNorm by GroupNorm: "
                                             "averaging BatchNorm statistics across hospitals and DP both break.")
-    image_dim: int = Field(64, ge=1, description="Width of the projected image embedding.")
+    image_dim: int = Field(64, ge=1, description="Width of the projected image embedding (per view).")
+    fusion_dim: int = Field(64, ge=1, description="Common width the gated/attention/cross-attention/bilinear "
+                            "fusions project both modalities to.")
+    attention_heads: int = Field(4, ge=1, description="Heads of the transformer aggregation and cross-attention; "
+                                 "must divide image-dim and fusion-dim.")
+    transformer_layers: int = Field(1, ge=1, le=12, description="Blocks of the transformer view aggregation.")
     tabular_hidden: int = Field(32, ge=1, description="Width of the tabular MLP encoder.")
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout before the classifier head.")
 

@@ -17,7 +17,8 @@ from medfusion_fl.config import RunConfig
 from medfusion_fl.data import SiteDataset, load_test_set
 from medfusion_fl.durable import write_bytes_atomic, write_json_atomic
 from medfusion_fl.errors import ExportError
-from medfusion_fl.models import MedFusionModel, build_model
+from medfusion_fl.models import MedFusionModel, build_model, example_inputs
+from medfusion_fl.models.medfusion import view_shape
 from medfusion_fl.parameters import set_weights
 from medfusion_fl.runstore import load_checkpoint
 
@@ -40,12 +41,7 @@ class ExportCheck:
 
 
 def _to_onnx_bytes(model: MedFusionModel) -> bytes:
-    spec = model.spec
-    args = (
-        torch.zeros(2, spec.num_views, spec.channels, spec.image_size, spec.image_size),
-        torch.ones(2, spec.num_views),
-        torch.zeros(2, spec.num_tabular),
-    )
+    args = example_inputs(model.spec, batch=2)
     batch = torch.export.Dim("batch")
     try:
         with warnings.catch_warnings():
@@ -71,7 +67,7 @@ def _check_inputs(model: MedFusionModel, held_out: SiteDataset | None,
         return inputs, f"held-out folder ({len(samples)} patients)"
     rng = np.random.default_rng(seed)
     n = 16
-    views = rng.random((n, spec.num_views, spec.channels, spec.image_size, spec.image_size), np.float32)
+    views = rng.random((n, spec.num_views, *view_shape(spec)), np.float32)
     mask = (rng.random((n, spec.num_views)) < 0.8).astype(np.float32)
     tabular = rng.normal(size=(n, spec.num_tabular)).astype(np.float32)
     return {"views": views, "view_mask": mask, "tabular": tabular}, "random inputs (no held-out folder)"
@@ -117,8 +113,8 @@ def build_card(run: RunConfig, model: MedFusionModel, check: ExportCheck,
         "model": "MedFusion",
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "inputs": {
-            "views": f"float32 [batch, {spec.num_views}, {spec.channels}, {spec.image_size}, "
-                     f"{spec.image_size}], views {list(data.views)}, intensities as loaded from the site folder",
+            "views": f"float32 {['batch', spec.num_views, *view_shape(spec)]}, views {list(data.views)}, "
+                     "intensities as loaded from the site folder",
             "view_mask": f"float32 [batch, {spec.num_views}], 1 = view present, 0 = missing",
             "tabular": f"float32 [batch, {spec.num_tabular}], columns {[c.name for c in data.columns]}, "
                        "ranged columns scaled to [-1, 1]",

@@ -28,7 +28,7 @@ def check_site(folder: Path, data: DataConfig) -> tuple[list[PatientRecord], lis
             if path is None:
                 continue
             try:
-                load_view(path, channels=data.channels, size=data.image_size)
+                load_view(path, channels=data.channels, size=data.image_size, depth=data.depth)
             except DataError as exc:
                 problems.append(Problem(record.row, name, str(exc)))
                 bad = True
@@ -56,14 +56,15 @@ class SiteDataset(Dataset[Sample]):
     def __getitem__(self, index: int) -> Sample:
         record = self.records[index]
         data = self.data
-        views = np.zeros((len(data.views), data.channels, data.image_size, data.image_size), np.float32)
+        spatial = (data.depth, data.image_size, data.image_size) if data.depth else (data.image_size, data.image_size)
+        views = np.zeros((len(data.views), data.channels, *spatial), np.float32)
         mask = np.zeros(len(data.views), np.float32)
         for v, path in enumerate(record.views):
             if path is not None:
-                views[v] = load_view(path, channels=data.channels, size=data.image_size)
+                views[v] = load_view(path, channels=data.channels, size=data.image_size, depth=data.depth)
                 mask[v] = 1.0
         return {
-            "views": torch.from_numpy(views),  # (V, C, H, W)
+            "views": torch.from_numpy(views),  # (V, C, H, W) or (V, C, D, H, W)
             "view_mask": torch.from_numpy(mask),  # (V,)
             "tabular": torch.from_numpy(record.tabular),  # (F,)
             "label": torch.tensor(record.label, dtype=torch.long),

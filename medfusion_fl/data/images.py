@@ -1,4 +1,4 @@
-"""Read one view file (PNG/JPEG/NPY) into a float32 (C, H, W) array of the configured size."""
+"""Read one view file into float32: an image (PNG/JPEG/NPY) as (C, H, W), a volume (NPY) as (C, D, H, W)."""
 
 from __future__ import annotations
 
@@ -55,14 +55,34 @@ def _to_chw(array: np.ndarray, path: Path, channels: int, pil: bool) -> np.ndarr
     raise DataError(f"{path}: {array.shape[0]} channels, but data.channels = {channels}.")
 
 
-def load_view(path: Path, *, channels: int, size: int) -> np.ndarray:
-    """Decode, check and resize one view to (channels, size, size); raises DataError naming the file."""
+def _load_volume(path: Path, channels: int, size: int, depth: int) -> np.ndarray:
+    if path.suffix.lower() != ".npy":
+        raise DataError(f"{path}: a 3D view (data.depth = {depth}) must be a .npy volume (D, H, W) or (C, D, H, W).")
+    array = _read_npy(path)
+    if array.ndim == 3:
+        array = array[None]  # (1, D, H, W)
+    if array.ndim != 4 or array.shape[0] != channels:
+        raise DataError(f"{path}: shape {array.shape} is not a volume with data.channels = {channels}; "
+                        "expected (D, H, W) or (C, D, H, W).")
+    if not np.isfinite(array).all():
+        raise DataError(f"{path}: contains NaN or infinite voxel values.")
+    if array.shape[1:] != (depth, size, size):
+        tensor = torch.from_numpy(np.ascontiguousarray(array))[None]
+        array = F.interpolate(tensor, size=(depth, size, size), mode="trilinear", align_corners=False)[0].numpy()
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def load_view(path: Path, *, channels: int, size: int, depth: int = 0) -> np.ndarray:
+    """Decode, check and resize one view to (C, size, size), or (C, depth, size, size) when depth > 0;
+    raises DataError naming the file."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {sorted(SUFFIXES)}.")
     if not path.is_file():
         raise DataError(f"{path}: file not found.")
+    if depth:
+        return _load_volume(path, channels, size, depth)
     pil = suffix in PIL_SUFFIXES
     array = _to_chw(_read_pil(path) if pil else _read_npy(path), path, channels, pil)
     if min(array.shape[1:]) < 2:

@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from medfusion_fl.config import RunConfig
+from medfusion_fl.errors import ConfigError
 from medfusion_fl.models.aggregation import AGGREGATIONS
-from medfusion_fl.models.backbone import create_backbone, feature_dim
+from medfusion_fl.models.backbone import create_backbone, feature_dim, set_checkpointing
 from medfusion_fl.models.fusion import FUSIONS
 
 
@@ -20,24 +21,47 @@ class ModelSpec:
     num_views: int  # V image views per patient; 0 = tabular-only model
     channels: int  # C
     image_size: int  # H = W
+    depth: int  # D of 3D volumes; 0 = 2D images
     num_tabular: int  # F clinical features; 0 = image-only model
     num_classes: int  # K
 
 
+def view_shape(spec: ModelSpec) -> tuple[int, ...]:
+    """Shape of one view: (C, H, W) for images, (C, D, H, W) for volumes."""
+    spatial = (spec.depth, spec.image_size, spec.image_size) if spec.depth else (spec.image_size, spec.image_size)
+    return (spec.channels, *spatial)
+
+
 class ImageBranch(nn.Module):
-    """One backbone shared by all views, called once per view with batch B (patients stay dim 0)."""
+    """Backbone(s) called once per view with batch B (patients stay dimension 0, as Opacus needs),
+    per-view projection, masking of missing views, view aggregation."""
 
     def __init__(self, run: RunConfig, spec: ModelSpec) -> None:
         super().__init__()
         cfg = run.model
-        self.backbone = create_backbone(cfg.backbone, in_chans=spec.channels, norm=cfg.norm)
-        width = feature_dim(self.backbone, in_chans=spec.channels, image_size=spec.image_size)
+        count = 1 if cfg.shared_backbone else spec.num_views
+        self.backbones = nn.ModuleList(
+            create_backbone(cfg.backbone, in_chans=spec.channels, image_size=spec.image_size, depth=spec.depth,
+                            norm=cfg.norm, checkpointing=cfg.checkpointing, weights=cfg.backbone_weights)
+            for _ in range(count))
+        width = feature_dim(self.backbones[0], torch.zeros(1, *view_shape(spec)))
         self.project = nn.Sequential(nn.Linear(width, cfg.image_dim), nn.ReLU())
-        self.aggregate = AGGREGATIONS.get(cfg.view_aggregation)(cfg.image_dim)
+        self.aggregate = AGGREGATIONS.get(cfg.view_aggregation)(
+            cfg.image_dim, spec.num_views, cfg.attention_heads, cfg.transformer_layers)
+        self.checkpointing = cfg.checkpointing
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> ImageBranch:
+        """Checkpointing follows the mode: on while training (when configured), off otherwise."""
+        super().train(mode)
+        for backbone in self.backbones:
+            set_checkpointing(backbone, mode and self.checkpointing)
+        return self
 
     def forward(self, views: torch.Tensor, view_mask: torch.Tensor) -> torch.Tensor:
-        # views (B, V, C, H, W); view_mask (B, V) with 1 = present
-        feats = [self.project(self.backbone(views[:, v])) for v in range(views.shape[1])]  # V x (B, Di)
+        # views (B, V, C, H, W) or (B, V, C, D, H, W); view_mask (B, V) with 1 = present
+        shared = len(self.backbones) == 1
+        feats = [self.project(self.backbones[0 if shared else v](views[:, v])) for v in range(views.shape[1])]
         stacked = torch.stack(feats, dim=1)  # (B, V, Di)
         stacked = stacked * view_mask.to(stacked.dtype).unsqueeze(-1)  # missing views carry nothing
         aggregated: torch.Tensor = self.aggregate(stacked, view_mask)
@@ -73,7 +97,11 @@ class MedFusionModel(nn.Module):
         self.tabular = TabularBranch(spec.num_tabular, cfg.tabular_hidden) if spec.num_tabular else None
         image_dim = cfg.image_dim if self.image is not None else 0
         tabular_dim = cfg.tabular_hidden if self.tabular is not None else 0
-        self.fusion = FUSIONS.get(cfg.fusion)(image_dim, tabular_dim)
+        fusion = FUSIONS.get(cfg.fusion)
+        if (not image_dim or not tabular_dim) and cfg.fusion != "concatenate":
+            raise ConfigError(f"model.fusion = {cfg.fusion!r} needs image views and tabular columns; this model "
+                              "has only one of them: set model.fusion = 'concatenate'.")
+        self.fusion = fusion(image_dim, tabular_dim, cfg.fusion_dim, cfg.attention_heads)
         self.dropout = nn.Dropout(cfg.dropout)
         self.head = nn.Linear(self.fusion.out_dim, spec.num_classes)
 
@@ -89,7 +117,7 @@ def spec_from_config(run: RunConfig) -> ModelSpec:
     """The model's input/output sizes as the run's data schema defines them."""
     data = run.data
     return ModelSpec(
-        num_views=len(data.views), channels=data.channels, image_size=data.image_size,
+        num_views=len(data.views), channels=data.channels, image_size=data.image_size, depth=data.depth,
         num_tabular=len(data.columns), num_classes=len(data.class_names),
     )
 
@@ -103,5 +131,5 @@ def build_model(run: RunConfig, *, seed: int | None = None) -> MedFusionModel:
 
 def example_inputs(spec: ModelSpec, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Zero inputs of the right shapes (all views present), for tracing and shape checks."""
-    views = torch.zeros(batch, spec.num_views, spec.channels, spec.image_size, spec.image_size)
+    views = torch.zeros(batch, spec.num_views, *view_shape(spec))
     return views, torch.ones(batch, spec.num_views), torch.zeros(batch, spec.num_tabular)

@@ -1,0 +1,114 @@
+"""One contract over everything registered (timm's habit), on tiny CPU inputs.
+
+Every view aggregation x fusion pair, and every tested backbone family (2D and 3D, shared and
+per-view backbones): output shapes, backward, masking of missing views, patients without views,
+gradient checkpointing giving the same gradients, ONNX export with onnxruntime parity.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from medfusion_fl.config import RunConfig
+from medfusion_fl.export import TOLERANCE, _to_onnx_bytes
+from medfusion_fl.models import MedFusionModel, build_model, example_inputs, list_aggregations, list_fusions
+from medfusion_fl.models.backbone import FAMILIES
+
+PAIRS = list(itertools.product(list_aggregations(), list_fusions()))
+
+
+def _build(**flat: Any) -> MedFusionModel:
+    base = {"model.backbone": "test_resnet", "data.image-size": 32, "model.dropout": 0.0,
+            "model.image-dim": 16, "model.fusion-dim": 16, "model.tabular-hidden": 8}
+    return build_model(RunConfig.from_flat({**base, **flat}), seed=0)
+
+
+def _inputs(model: MedFusionModel, batch: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    views, _, tabular = example_inputs(model.spec, batch)
+    generator = torch.Generator().manual_seed(1)
+    views = torch.rand(views.shape, generator=generator)
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])[:batch]  # last: no views
+    return views, mask, torch.randn(tabular.shape, generator=generator)
+
+
+def check_contract(model: MedFusionModel) -> None:
+    views, mask, tabular = _inputs(model)
+    model.train()
+    logits = model(views, mask, tabular)
+    assert logits.shape == (4, 2) and torch.isfinite(logits).all()
+    logits.sum().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    model.eval()
+    with torch.no_grad():
+        base = model(views, mask, tabular)
+        changed = views.clone()
+        changed[1, 1] = 7.0  # patient 1's missing view
+        changed[3] = -3.0  # patient 3 has no views at all
+        torch.testing.assert_close(model(changed, mask, tabular), base, rtol=1e-5, atol=1e-5)
+
+
+def check_onnx(model: MedFusionModel) -> None:
+    model.eval()
+    session = ort.InferenceSession(_to_onnx_bytes(model), providers=["CPUExecutionProvider"])
+    views, mask, tabular = _inputs(model, batch=3)  # export traced batch 2: the axis is dynamic
+    (onnx_out,) = session.run(None, {"views": views.numpy(), "view_mask": mask.numpy(), "tabular": tabular.numpy()})
+    with torch.no_grad():
+        diff = np.abs(onnx_out - model(views, mask, tabular).numpy()).max()
+    assert diff <= TOLERANCE
+
+
+@pytest.mark.parametrize(("aggregation", "fusion"), PAIRS)
+def test_every_aggregation_and_fusion(aggregation: str, fusion: str) -> None:
+    model = _build(**{"model.view-aggregation": aggregation, "model.fusion": fusion})
+    check_contract(model)
+    check_onnx(model)
+
+
+def _family_config(family: str, **extra: Any) -> dict[str, Any]:
+    flat: dict[str, Any] = {"model.backbone": FAMILIES[family].ci_name, "model.view-aggregation": "attention"}
+    if family == "resnet3d":
+        flat |= {"data.depth": 8, "data.image-size": 16}
+    return flat | extra
+
+
+def _checkpointed(output: torch.Tensor) -> bool:
+    """True when the autograd graph contains a reentrant checkpoint node."""
+    seen, stack = set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if "CheckpointFunction" in type(node).__name__:
+            return True
+        stack.extend(fn for fn, _ in node.next_functions)
+    return False
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_backbone_family(family: str) -> None:
+    check_contract(_build(**_family_config(family)))
+    check_contract(_build(**_family_config(family, **{"model.shared-backbone": False})))
+    check_onnx(_build(**_family_config(family, **{"model.checkpointing": True})))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_checkpointing_gives_the_same_gradients(family: str) -> None:
+    grads = []
+    for on in (False, True):
+        model = _build(**_family_config(family, **{"model.checkpointing": on})).train()
+        views, mask, tabular = _inputs(model)
+        out = model(views, mask, tabular)
+        assert _checkpointed(out) == on
+        out.square().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
