@@ -1,6 +1,7 @@
 """The MedFusion model and the registries of its parts."""
 
 from medfusion_fl.models.aggregation import list_aggregations
+from medfusion_fl.models.backbone import list_backbones
 from medfusion_fl.models.fusion import list_fusions
 from medfusion_fl.models.medfusion import (
     MedFusionModel,
@@ -16,6 +17,7 @@ __all__ = [
     "build_model",
     "example_inputs",
     "list_aggregations",
+    "list_backbones",
     "list_fusions",
     "spec_from_config",
 ]

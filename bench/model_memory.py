@@ -1,0 +1,147 @@
+"""Step time and peak memory per backbone family: bare timm vs MedFusion, with/without checkpointing.
+
+For each family (its first tested name) three training steps are measured in the same run:
+  timm-baseline   the bare timm classifier on the B*V images a step of ours sees (no fusion model)
+  medfusion       our model: backbone per view, aggregation, tabular MLP, fusion, head
+  medfusion+ckpt  the same with model.checkpointing = true
+Each measurement runs in a fresh subprocess, so peak memory is its own: on CUDA
+torch.cuda.max_memory_allocated, on CPU the rise of peak RSS over the process after building
+model and batch. Prints one JSON document (also written to --out).
+
+  python bench/model_memory.py --device cpu --image-size 64 --batch 8 --views 2
+  python bench/model_memory.py --device cuda --image-size 224 --batch 32 --views 2 --out gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+log = logging.getLogger("bench.model_memory")
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(mode: str, backbone: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One measurement in this process: median step time and peak memory of `mode`."""
+    import timm
+
+    from medfusion_fl.config import RunConfig
+    from medfusion_fl.models import build_model
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    b, v, size = args.batch, args.views, args.image_size
+    if mode == "timm-baseline":
+        kwargs = {"img_size": size} if any(k in backbone for k in ("vit", "swin", "maxvit")) else {}
+        model = timm.create_model(backbone, pretrained=False, num_classes=2, in_chans=1, **kwargs).to(device)
+        inputs: tuple[torch.Tensor, ...] = (torch.rand(b * v, 1, size, size, device=device),)
+        labels = torch.randint(0, 2, (b * v,), device=device)
+    else:
+        run = RunConfig.from_flat({"model.backbone": backbone, "data.image-size": size,
+                                   "data.view-names": ",".join(f"v{i}" for i in range(v)),
+                                   "model.checkpointing": mode == "medfusion+ckpt"})
+        model = build_model(run, seed=0).to(device)
+        inputs = (torch.rand(b, v, 1, size, size, device=device), torch.ones(b, v, device=device),
+                  torch.rand(b, len(run.data.columns), device=device))
+        labels = torch.randint(0, 2, (b,), device=device)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2**20
+    else:
+        base = _rss_mb()
+    times = []
+    for step in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        with autocast:
+            loss = F.cross_entropy(model(*inputs).float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        _sync(device)
+        if step >= args.warmup:
+            times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _rss_mb()
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    return {"mode": mode, "backbone": backbone, "step_s": statistics.median(times),
+            "peak_mem_mb": round(peak - base, 1), "params_m": round(params, 2)}
+
+
+def _child(mode: str, backbone: str, args: argparse.Namespace) -> dict[str, Any]:
+    settings = ["--device", args.device, "--image-size", str(args.image_size), "--batch", str(args.batch),
+                "--views", str(args.views), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    cmd = [sys.executable, __file__, *settings, *(["--bf16"] if args.bf16 else []),
+           "--measure", mode, "--backbone", backbone]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if done.returncode:
+        return {"mode": mode, "backbone": backbone, "error": done.stderr.strip().splitlines()[-1:]}
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--views", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
+    parser.add_argument("--families", default="", help="comma-separated families (default: all 2D)")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--measure", help=argparse.SUPPRESS)
+    parser.add_argument("--backbone", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:
+        sys.stdout.write(json.dumps(measure(args.measure, args.backbone, args)) + "\n")
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    from medfusion_fl.models.backbone import FAMILIES
+
+    families = args.families.split(",") if args.families else [f for f in FAMILIES if f != "resnet3d"]
+    rows = []
+    for family in families:
+        backbone = FAMILIES[family].names[0]
+        results = {mode: _child(mode, backbone, args) for mode in ("timm-baseline", "medfusion", "medfusion+ckpt")}
+        row: dict[str, Any] = {"family": family, "backbone": backbone, **results}
+        plain, ckpt = results["medfusion"], results["medfusion+ckpt"]
+        if "error" not in plain and "error" not in ckpt:
+            row["ckpt_time_ratio"] = round(ckpt["step_s"] / plain["step_s"], 3)
+            row["ckpt_memory_ratio"] = round(ckpt["peak_mem_mb"] / max(plain["peak_mem_mb"], 1e-6), 3)
+        log.info("%s: %s", family, {k: v for k, v in row.items() if "ratio" in k})
+        rows.append(row)
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    report = {"device": device, "torch": torch.__version__, "image_size": args.image_size, "batch": args.batch,
+              "views": args.views, "bf16": args.bf16, "steps": args.steps, "results": rows}
+    text = json.dumps(report, indent=2)
+    if args.out:
+        args.out.write_text(text + "\n")
+    sys.stdout.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
