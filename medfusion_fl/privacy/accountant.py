@@ -1,0 +1,46 @@
+"""Epsilon of a DP-SGD history, computed by Opacus' accountants (pure functions, no state).
+
+A history is a list of (noise_multiplier, sample_rate, steps) groups: everything needed to
+recompute the guarantee, which is why the model card lists it in full.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+from medfusion_fl.errors import ConfigError
+
+Accountant = Literal["rdp", "prv"]
+
+
+@dataclass(frozen=True)
+class DPStep:
+    """`steps` DP-SGD steps at one noise multiplier and Poisson sample rate."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+
+def epsilon(history: Iterable[DPStep], *, delta: float, accountant: Accountant = "rdp") -> float:
+    """(epsilon, delta)-DP of the whole history; 0.0 for an empty one."""
+    groups = [(h.noise_multiplier, h.sample_rate, h.steps) for h in history if h.steps > 0]
+    if not 0 < delta < 1:
+        raise ConfigError(f"delta = {delta}: must lie in (0, 1), typically below 1/number of patients.")
+    if not groups:
+        return 0.0
+    if any(sigma <= 0 for sigma, _, _ in groups):
+        return float("inf")  # a noiseless step has no finite guarantee
+    if accountant == "rdp":
+        rdp = RDPAccountant()
+        rdp.history = groups
+        return float(rdp.get_epsilon(delta))
+    if accountant == "prv":
+        prv = PRVAccountant()
+        prv.history = groups
+        return float(prv.get_epsilon(delta))
+    raise ConfigError(f"privacy.accountant = {accountant!r}: use 'rdp' or 'prv'.")
