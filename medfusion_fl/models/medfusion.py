@@ -123,10 +123,17 @@ def spec_from_config(run: RunConfig) -> ModelSpec:
 
 
 def build_model(run: RunConfig, *, seed: int | None = None) -> MedFusionModel:
-    """Build the configured model; `seed` makes the initial weights reproducible."""
+    """Build the configured model; `seed` makes the initial weights reproducible. Under
+    privacy.enabled the structure is prepared for Opacus here, so that server and sites build the
+    same modules (and state_dict keys)."""
     if seed is not None:
         torch.manual_seed(seed)
-    return MedFusionModel(run, spec_from_config(run))
+    model = MedFusionModel(run, spec_from_config(run))
+    if run.privacy.enabled:
+        from medfusion_fl.privacy.dp_sgd import prepare_for_dp  # imports opacus: only when needed
+
+        prepare_for_dp(model, run.model.backbone)
+    return model
 
 
 def example_inputs(spec: ModelSpec, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

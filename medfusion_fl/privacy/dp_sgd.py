@@ -1,0 +1,185 @@
+"""DP-SGD at a site with Opacus: per-patient clipping, Gaussian noise, Poisson sampling.
+
+One patient is one sample: the model calls its backbone once per view with batch B, so Opacus'
+per-sample gradient of a shared layer is the sum over that patient's views, and the clip bounds
+the whole patient. prepare_for_dp() applies the fixes shared/notes/opacus.md measured as needed
+for timm backbones; families whose layers see windows in the batch dimension are refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from opacus import PrivacyEngine
+from opacus.grad_sample import GradSampleModule
+from opacus.grad_sample.conv import compute_conv_grad_sample
+from opacus.grad_sample.grad_sample_module import promote_current_grad_sample
+from opacus.grad_sample.layer_norm import compute_layer_norm_grad_sample
+from timm.layers.norm import LayerNorm as TimmLayerNorm
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from medfusion_fl.config import PrivacyConfig, TrainConfig
+from medfusion_fl.errors import ConfigError
+from medfusion_fl.privacy.accountant import DPStep
+from medfusion_fl.training import TrainResult
+
+log = logging.getLogger(__name__)
+Batch = dict[str, torch.Tensor]
+REFUSED = {"swin": "Swin", "maxvit": "MaxViT", "maxxvit": "MaxViT", "coatnet": "CoAtNet"}
+
+
+class OutOfPlace(nn.Module):
+    """Copies its input: a later in-place op (timm's `x += shortcut`) then never touches the output
+    of a layer Opacus hooks, which autograd forbids."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+
+def _contiguous_conv_grad_sample(layer: nn.Module, activations: list[torch.Tensor],
+                                 backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+    # Opacus' unfold assumes NCHW-contiguous activations; channels-last ones give silently wrong
+    # per-sample gradients (ConvNeXt's downsample convs), so make them contiguous first.
+    samples: dict[nn.Parameter, torch.Tensor] = compute_conv_grad_sample(
+        layer, [a.contiguous() for a in activations], backprops.contiguous())
+    return samples
+
+
+for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+    GradSampleModule.GRAD_SAMPLERS[_conv] = _contiguous_conv_grad_sample
+# Opacus looks samplers up by exact type; timm's LayerNorm subclass computes the same thing.
+GradSampleModule.GRAD_SAMPLERS[TimmLayerNorm] = compute_layer_norm_grad_sample
+TOKENS = ("cls_token", "reg_token", "pos_embed")  # owned by the ViT module itself
+
+
+def _freeze_vit_tokens(model: nn.Module) -> list[str]:
+    """A module that owns parameters directly is replayed whole by Opacus' torch.func fallback,
+    which cannot run through checkpointing and is slow; ViT's class/position tokens are such
+    parameters, so under DP they stay at their initial (or loaded) values."""
+    frozen = []
+    for name, module in model.named_modules():
+        for token in TOKENS:
+            param = getattr(module, token, None)
+            if isinstance(param, nn.Parameter) and param.requires_grad:
+                param.requires_grad_(False)
+                frozen.append(f"{name}.{token}")
+    if frozen:
+        log.info("DP: froze %d ViT token parameter(s) so every layer gets exact per-patient gradients", len(frozen))
+    return frozen
+
+
+def prepare_for_dp(model: nn.Module, backbone_name: str) -> nn.Module:
+    """Make a MedFusion model safe for exact per-patient gradients, in place; refuse what is not."""
+    family = next((label for key, label in REFUSED.items() if backbone_name.startswith(key)), None)
+    if family:
+        raise ConfigError(
+            f"model.backbone = {backbone_name!r}: {family} folds attention windows into the batch "
+            "dimension, so per-layer per-sample gradients would mix patients and DP would be wrong. "
+            "Choose another family under privacy.enabled = true (e.g. resnet, efficientnet, convnext, vit).")
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            raise ConfigError("BatchNorm mixes patients in a batch and breaks per-patient privacy; "
+                              "set model.norm = 'group' for DP training.")
+        if hasattr(module, "inplace"):
+            module.inplace = False  # type: ignore[assignment]
+    _guard_norm_outputs(model)
+    _freeze_vit_tokens(model)
+    return model
+
+
+def _guard_norm_outputs(module: nn.Module) -> None:
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.GroupNorm | nn.LayerNorm):
+            setattr(module, name, nn.Sequential(child, OutOfPlace()))
+        else:
+            _guard_norm_outputs(child)
+
+
+@contextmanager
+def per_patient_backward(model: nn.Module) -> Iterator[None]:
+    """Run one backward pass so that per-sample gradients sum over every call of a reused module.
+
+    Under reentrant checkpointing Opacus sees a checkpointed module's forward only in the recompute
+    during backward, so each view's recompute/backward pair would promote its own per-sample
+    gradient and the views of one patient would be stacked as separate batches (or, under Poisson
+    sampling, raise Opacus' grad-accumulation error). Parameters whose forward was not counted get
+    one pending count: contributions then accumulate, and are promoted once at the end.
+    Relies on opacus 1.6 internals (`_forward_counter`); tests/test_dp_sgd.py checks exactness.
+    """
+    pending = [p for p in model.parameters() if p.requires_grad and getattr(p, "_forward_counter", 0) == 0]
+    for p in pending:
+        p._forward_counter = 1  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        for p in pending:
+            p._forward_counter -= 1  # type: ignore[attr-defined]
+            if hasattr(p, "_current_grad_sample"):
+                promote_current_grad_sample(p)
+
+
+def _batch_loss(model: nn.Module, batch: Batch, device: torch.device) -> tuple[torch.Tensor, int]:
+    views, mask = batch["views"].to(device), batch["view_mask"].to(device)
+    tabular, labels = batch["tabular"].to(device), batch["label"].to(device)
+    n = len(labels)
+    if n == 0:  # Poisson sampling can draw an empty batch; the noise-only step is still taken
+        return torch.zeros((), device=device), 0
+    return F.cross_entropy(model(views, mask, tabular), labels), n
+
+
+def train_local_dp(model: nn.Module, dataset: Dataset[Batch], cfg: TrainConfig, privacy: PrivacyConfig, *,
+                   device: torch.device, seed: int, proximal_mu: float = 0.0,
+                   reference: Mapping[str, torch.Tensor] | None = None) -> tuple[TrainResult, DPStep]:
+    """DP-SGD for cfg.local-epochs epochs of Poisson batches; returns what happened and the DP step
+    to record in the ledger. FedProx is a post-step pull towards `reference` (the round's global
+    weights): Opacus overwrites p.grad, so a proximal term in the loss would be silently dropped."""
+    start = time.perf_counter()
+    model.to(device).train()
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=generator)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer: torch.optim.Optimizer = (torch.optim.SGD(params, lr=cfg.lr, momentum=0.9) if cfg.optimizer == "sgd"
+                                        else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
+    engine = PrivacyEngine(accountant="rdp", secure_mode=False)
+    hooks, optimizer, loader = engine.make_private(
+        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=privacy.noise_multiplier,
+        max_grad_norm=privacy.max_grad_norm, poisson_sampling=True, grad_sample_mode="hooks",
+        wrap_model=False, noise_generator=torch.Generator(device=device).manual_seed(seed + 1))
+    pull = {n: t.to(device) for n, t in reference.items()} if (reference is not None and proximal_mu > 0) else {}
+    named = dict(model.named_parameters())
+    steps, loss_sum, seen = 0, 0.0, 0
+    try:
+        for _ in range(cfg.local_epochs):
+            loss_sum, seen = 0.0, 0
+            for batch in loader:
+                loss, n = _batch_loss(model, batch, device)
+                optimizer.zero_grad(set_to_none=True)
+                if n:
+                    with per_patient_backward(model):
+                        loss.backward()  # type: ignore[no-untyped-call]
+                optimizer.step()
+                if pull:
+                    with torch.no_grad():
+                        for name, target in pull.items():
+                            named[name].sub_(cfg.lr * proximal_mu * (named[name] - target))
+                loss_sum += float(loss.detach()) * n
+                seen += n
+                steps += 1
+    finally:
+        _cleanup(hooks)
+    sample_rate = float(getattr(loader, "sample_rate", 1.0 / len(loader)))
+    result = TrainResult(loss_sum / max(seen, 1), seen, steps, time.perf_counter() - start)
+    return result, DPStep(privacy.noise_multiplier, sample_rate, steps)
+
+
+def _cleanup(hooks: Any) -> None:
+    """Detach Opacus' hooks and per-sample state so the model can be evaluated, exported or
+    privatised again next round."""
+    hooks.cleanup()
