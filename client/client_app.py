@@ -11,14 +11,14 @@ import logging
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from medfusion_fl.errors import MedFusionError, ParameterMismatch
+from medfusion_fl.errors import MedFusionError, ParameterMismatch, PrivacyBudgetExhausted
 from medfusion_fl.parameters import Weights
+from medfusion_fl.protocol import PRIVACY_DECLINED, SITE_ERROR
 from medfusion_fl.site import SiteRunner
 
 log = logging.getLogger("medfusion_fl.client")
 app = ClientApp()
 
-SITE_ERROR = 4000  # Error.code of a reply the site refused on purpose (bad data/config/weights)
 
 
 def _instruction(msg: Message) -> tuple[Weights, dict[str, float]]:
@@ -33,10 +33,11 @@ def _instruction(msg: Message) -> tuple[Weights, dict[str, float]]:
     return {k: a.numpy() for k, a in content.array_records["arrays"].items()}, numbers
 
 
-def _refuse(msg: Message, runner: SiteRunner | None, exc: Exception) -> Message:
+def _refuse(msg: Message, runner: SiteRunner | None, exc: Exception, code: int = SITE_ERROR) -> Message:
     site = runner.site.site_id if runner else "site (config not parsed)"
     log.error("%s refused %s: %s", site, msg.metadata.message_type, exc)
-    return Message(error=Error(code=SITE_ERROR, reason=f"{site}: {exc}"), reply_to=msg)
+    reason = str(exc) if str(exc).startswith(site) else f"{site}: {exc}"
+    return Message(error=Error(code=code, reason=reason), reply_to=msg)
 
 
 @app.train()
@@ -47,8 +48,12 @@ def train(msg: Message, context: Context) -> Message:
         runner = SiteRunner.from_configs(context.run_config, context.node_config)
         global_weights, config = _instruction(msg)
         # 2-3. load the site's data and train locally (FedProx term when proximal-mu > 0)
-        weights, result = runner.train(
-            global_weights, server_round=int(config["server-round"]), proximal_mu=config.get("proximal-mu", 0.0))
+        server_round = int(config["server-round"])
+        event = f"{msg.metadata.run_id}/{server_round}/{msg.metadata.message_id}" if msg.metadata.message_id else ""
+        weights, result, privacy = runner.train(global_weights, server_round=server_round,
+                                                proximal_mu=config.get("proximal-mu", 0.0), event_key=event)
+    except PrivacyBudgetExhausted as exc:
+        return _refuse(msg, runner, exc, code=PRIVACY_DECLINED)
     except (MedFusionError, FloatingPointError) as exc:
         return _refuse(msg, runner, exc)
     # 4. reply with the local weights and aggregate metrics
@@ -56,11 +61,14 @@ def train(msg: Message, context: Context) -> Message:
         "num-examples": result.num_examples, "train-loss": result.loss,
         "train-steps": result.steps, "train-seconds": result.seconds,
     })
-    return Message(content=RecordDict({
+    content = RecordDict({
         "arrays": ArrayRecord({k: Array(v) for k, v in weights.items()}),
         "metrics": metrics,
         "site": ConfigRecord({"site-id": runner.site.site_id}),
-    }), reply_to=msg)
+    })
+    if privacy is not None:  # cumulative epsilon and the history anyone can recompute it from
+        content["privacy"] = ConfigRecord(privacy.to_record())
+    return Message(content=content, reply_to=msg)
 
 
 @app.evaluate()

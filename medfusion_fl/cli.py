@@ -51,6 +51,23 @@ def cmd_site_check(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def cmd_site_status(args: argparse.Namespace) -> int:
+    from medfusion_fl.privacy import PrivacyLedger
+
+    ledger = PrivacyLedger(Path(args.state_dir))
+    if not ledger.path.exists():
+        sys.stdout.write(f"{ledger.path}: no privacy ledger yet (this site has taken no DP steps)\n")
+        return 0
+    for federation in ledger.federations():
+        spent = ledger.epsilon(federation, delta=args.delta, accountant=args.accountant)
+        sys.stdout.write(f"federation {federation!r}: epsilon {spent:.4f} of {args.max_epsilon:g} at delta "
+                         f"{args.delta:g} ({args.accountant}); remaining {max(args.max_epsilon - spent, 0):.4f}\n")
+        for entry in ledger.entries(federation):
+            sys.stdout.write(f"  round {entry.round:>4}  noise {entry.noise_multiplier:g}  sample rate "
+                             f"{entry.sample_rate:.5f}  steps {entry.steps:>6}  at {entry.recorded_at}\n")
+    return 0
+
+
 def _find_app(app: str) -> Path:
     folder = Path(app).resolve()
     pyproject = folder / "pyproject.toml"
@@ -129,6 +146,12 @@ def _parser() -> argparse.ArgumentParser:
     p = with_config(site.add_parser("check", help="validate a site folder against the run's schema"))
     p.add_argument("folder")
     p.set_defaults(func=cmd_site_check)
+    p = site.add_parser("status", help="print the site's privacy ledger and remaining budget")
+    p.add_argument("state_dir", help="the site's state dir (node-config state-dir)")
+    p.add_argument("--delta", type=float, default=1e-5, help="the site's delta (default 1e-5)")
+    p.add_argument("--max-epsilon", type=float, default=8.0, help="the site's budget (default 8)")
+    p.add_argument("--accountant", choices=["rdp", "prv"], default="rdp")
+    p.set_defaults(func=cmd_site_status)
     p = with_config(sub.add_parser("simulate", help="run a whole federation on this machine"))
     p.add_argument("--preset", default="tiny-cpu")
     p.add_argument("--out", default="runs/demo")

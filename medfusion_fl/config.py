@@ -279,10 +279,6 @@ def _explain(exc: ValidationError, flat: Mapping[str, Any]) -> str:
 
 
 def _refuse_unavailable(config: RunConfig) -> None:
-    if config.privacy.enabled:
-        raise FeatureNotAvailable(
-            "privacy.enabled = true: DP-SGD at the sites is not implemented yet (issue 4). "
-            "Set privacy.enabled = false; this run then gives NO differential-privacy guarantee.")
     if config.secagg.enabled:
         raise FeatureNotAvailable(
             "secagg.enabled = true: secure aggregation is not implemented yet (issue 5). "
@@ -336,11 +332,17 @@ class SiteConfig(_Section):
     data_path: Path = Field(description="The site folder (manifest.csv + images).")
     state_dir: Path = Field(description="Where the site keeps its own state between rounds.")
     device: Literal["cpu", "cuda", "auto"] = Field("auto", description="Torch device for local training.")
+    federation: str = Field("default", min_length=1, description="Name under which the site's privacy ledger "
+                            "accumulates DP steps; the budget holds over all runs of this federation.")
+    max_epsilon: float = Field(8.0, gt=0.0, description="The site's privacy budget: it declines any round that "
+                               "would take its epsilon past this.")
+    delta: float = Field(1e-5, gt=0.0, lt=0.1, description="The site's delta; keep it below 1 / its patients.")
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any], run: RunConfig) -> SiteConfig:
         """Real SuperNodes pass data-path etc.; simulated ones only partition-id."""
-        known = {"site-id", "data-path", "state-dir", "device", "partition-id", "num-partitions"}
+        known = {"site-id", "data-path", "state-dir", "device", "federation", "max-epsilon", "delta",
+                 "partition-id", "num-partitions"}
         for key, value in node_config.items():
             if key not in known:
                 raise ConfigError(_unknown(key, sorted(known), value).replace(WHERE, "--node-config"))

@@ -25,6 +25,10 @@ class ParameterMismatch(MedFusionError):
     """Model weights received over the network do not match the expected model."""
 
 
+class PrivacyBudgetExhausted(MedFusionError):
+    """A site declines a round because it would take the site's epsilon past its max-epsilon."""
+
+
 class FeatureNotAvailable(MedFusionError, NotImplementedError):
     """A configured feature is not implemented yet; the message says which setting to change."""
 
@@ -32,9 +36,10 @@ class FeatureNotAvailable(MedFusionError, NotImplementedError):
 class RoundFailed(MedFusionError):
     """A federated round could not complete (too few sites replied); the global model is unchanged."""
 
-    def __init__(self, message: str, *, record: dict[str, Any] | None = None) -> None:
+    def __init__(self, message: str, *, record: dict[str, Any] | None = None, budget_exhausted: bool = False) -> None:
         super().__init__(message)
         self.record = record  # the round's metrics line (status "failed"), when there is one
+        self.budget_exhausted = budget_exhausted  # every failing site declined for its privacy budget
 
 
 class ExportError(MedFusionError):

@@ -120,14 +120,31 @@ def build_card(run: RunConfig, model: MedFusionModel, check: ExportCheck,
                        "ranged columns scaled to [-1, 1]",
         },
         "outputs": {"logits": f"float32 [batch, {spec.num_classes}], classes {list(data.class_names)}"},
-        "privacy": {
-            "differential_privacy": "none: privacy.enabled = false, so this model carries NO "
-                                    "differential-privacy guarantee for the patients it was trained on",
-            "secure_aggregation": "none: secagg.enabled = false, so the coordinator saw each site's update",
-        },
+        "privacy": privacy_section(run, extra.pop("privacy_sites", {})),
         **extra,
         "export_check": asdict(check),
         "config": run.to_flat(),
+    }
+
+
+def privacy_section(run: RunConfig, sites: dict[str, Any]) -> dict[str, Any]:
+    """The model card's privacy statement: the mechanism and, per site, everything to recompute epsilon."""
+    secagg = "none: secagg.enabled = false, so the coordinator saw each site's update"
+    if not run.privacy.enabled:
+        return {"differential_privacy": "none: privacy.enabled = false, so this model carries NO "
+                                        "differential-privacy guarantee for the patients it was trained on",
+                "secure_aggregation": secagg}
+    p = run.privacy
+    return {
+        "differential_privacy": {
+            "unit": "patient (all views and clinical features of one patient form one sample)",
+            "mechanism": "DP-SGD (Opacus): Poisson sampling, per-patient gradient clipping, Gaussian noise",
+            "noise_multiplier": p.noise_multiplier, "max_grad_norm": p.max_grad_norm, "accountant": p.accountant,
+            "sites": sites,
+            "how_to_recompute": "each site's (noise_multiplier, sample_rate, steps) history through Opacus' "
+                                "accountant at that site's delta gives its epsilon",
+        },
+        "secure_aggregation": secagg,
     }
 
 
@@ -140,7 +157,7 @@ def export_checkpoint(checkpoint: Path, out_dir: Path) -> ExportCheck:
     test_path = resolve_test_path(run)
     held_out = load_test_set(test_path, run.data) if test_path is not None else None
     card = {"rounds": ckpt.round, "sites": ckpt.sites, "final_metrics": ckpt.metrics,
-            "source_checkpoint": str(checkpoint)}
+            "source_checkpoint": str(checkpoint), "privacy_sites": ckpt.privacy}
     return export_model(model, run, out_dir, held_out=held_out, card=card)
 
 

@@ -31,6 +31,7 @@ class Checkpoint:
     strategy_state: dict[str, Any]
     sites: list[str]
     metrics: dict[str, Any]
+    privacy: dict[str, Any]  # per site: its latest privacy report (epsilon, delta, DP history)
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
@@ -51,6 +52,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
         strategy_state=dict(raw["strategy_state"]),
         sites=list(raw["sites"]),
         metrics=json.loads(raw["metrics"]),
+        privacy=json.loads(raw.get("privacy", "{}")),
     )
 
 
@@ -64,7 +66,7 @@ class RunStore:
 
     def save_checkpoint(self, *, round: int, weights: Weights, config: RunConfig,
                         strategy_state: dict[str, Any], sites: list[str],
-                        metrics: dict[str, Any], keep: int) -> Path:
+                        metrics: dict[str, Any], keep: int, privacy: dict[str, Any] | None = None) -> Path:
         """Write the round's checkpoint atomically, then prune all but the newest `keep`."""
         payload = {
             "format": FORMAT,
@@ -74,6 +76,7 @@ class RunStore:
             "strategy_state": strategy_state,
             "sites": sorted(sites),
             "metrics": json.dumps(metrics),
+            "privacy": json.dumps(privacy or {}),
         }
         buffer = io.BytesIO()
         torch.save(payload, buffer)

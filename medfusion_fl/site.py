@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 import zlib
 from collections.abc import Mapping
 from typing import Any
@@ -11,8 +12,9 @@ from medfusion_fl.config import RunConfig, SiteConfig
 from medfusion_fl.data import SiteData, load_site
 from medfusion_fl.data.synthetic import write_synthetic_site
 from medfusion_fl.errors import DataError
-from medfusion_fl.models import build_model
+from medfusion_fl.models import MedFusionModel, build_model
 from medfusion_fl.parameters import Weights, get_weights, set_weights
+from medfusion_fl.privacy.guard import PrivacyReport
 from medfusion_fl.training import EvalResult, TrainResult, evaluate, resolve_device, train_local
 
 log = logging.getLogger(__name__)
@@ -49,17 +51,37 @@ class SiteRunner:
         key = f"{self.run.train.seed}/{self.site.site_id}/{server_round}".encode()
         return zlib.crc32(key)
 
-    def train(self, global_weights: Weights, *, server_round: int,
-              proximal_mu: float) -> tuple[Weights, TrainResult]:
-        """Train the global model locally; returns the new local weights and what happened."""
+    def train(self, global_weights: Weights, *, server_round: int, proximal_mu: float,
+              event_key: str = "") -> tuple[Weights, TrainResult, PrivacyReport | None]:
+        """Train the global model locally (DP-SGD under privacy.enabled, after the site's budget
+        check); returns the new local weights, what happened and the site's privacy report."""
         data = self.load_data()
         model = build_model(self.run)
         set_weights(model, global_weights)
-        result = train_local(model, data.train, self.run.train, device=self.device,
-                             seed=self._seed(server_round), proximal_mu=proximal_mu)
-        log.info("%s round %d: trained on %d patients, loss %.4f, %.1fs", self.site.site_id,
-                 server_round, result.num_examples, result.loss, result.seconds)
-        return get_weights(model.cpu()), result
+        report = None
+        if self.run.privacy.enabled:
+            result, report = self._train_dp(model, data, server_round, proximal_mu, event_key)
+        else:
+            result = train_local(model, data.train, self.run.train, device=self.device,
+                                 seed=self._seed(server_round), proximal_mu=proximal_mu)
+        log.info("%s round %d: trained on %d patients, loss %.4f, %.1fs%s", self.site.site_id, server_round,
+                 result.num_examples, result.loss, result.seconds,
+                 f", epsilon {report.epsilon:.3f}" if report else "")
+        return get_weights(model.cpu()), result, report
+
+    def _train_dp(self, model: MedFusionModel, data: SiteData, server_round: int, proximal_mu: float,
+                  event_key: str) -> tuple[TrainResult, PrivacyReport]:
+        from medfusion_fl.privacy.dp_sgd import train_local_dp  # imports opacus: only under DP
+        from medfusion_fl.privacy.guard import PrivacyGuard, planned_step
+
+        guard = PrivacyGuard(self.site, self.run.privacy)
+        planned = planned_step(len(data.train), self.run.train, self.run.privacy)
+        guard.check(planned, num_patients=len(data.train), server_round=server_round)
+        reference = {n: p.detach().clone() for n, p in model.named_parameters()}
+        result, step = train_local_dp(model, data.train, self.run.train, self.run.privacy, device=self.device,
+                                      seed=self._seed(server_round), proximal_mu=proximal_mu, reference=reference)
+        key = event_key or f"{self.site.site_id}/round-{server_round}/{uuid.uuid4()}"  # a real training: always counts
+        return result, guard.record(step, key=key, server_round=server_round)
 
     def evaluate(self, global_weights: Weights) -> EvalResult:
         """Loss, accuracy and AUROC of the global model on the site's validation patients."""

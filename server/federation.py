@@ -36,6 +36,9 @@ class Federation:
         self.model: MedFusionModel = build_model(run, seed=run.train.seed)
         self.held_out = self._load_held_out()
         self.sites: set[str] = set()
+        self.privacy: dict[str, dict[str, Any]] = {}  # latest privacy report of each site
+        self.rounds_done = 0
+        self.stop_reason = ""
 
     def _load_held_out(self) -> SiteDataset | None:
         path = resolve_test_path(self.run)
@@ -69,18 +72,24 @@ class Federation:
             except RoundFailed as exc:
                 if exc.record is not None:
                     self.store.append_metrics(exc.record)
+                if exc.budget_exhausted and self.rounds_done:
+                    self.stop_reason = f"stopped before round {server_round}: the sites' privacy budgets are spent"
+                    log.warning("%s (%s)", self.stop_reason, exc)
+                    break
                 log.error("%s", exc)
                 raise
             weights, record = result.weights, result.record
             self.sites |= result.sites
+            self.privacy |= result.privacy
+            self.rounds_done = server_round
             self.store.append_metrics(record)
             self.store.save_checkpoint(
                 round=server_round, weights=weights, config=self.run,
                 strategy_state=self.strategy.state_dict(), sites=sorted(self.sites),
-                metrics=record, keep=self.run.output.keep_checkpoints)
+                metrics=record, keep=self.run.output.keep_checkpoints, privacy=self.privacy)
             self._log_round(record, total)
         set_weights(self.model, weights)
-        log.info("%d rounds done in %.1f s", total, time.monotonic() - start)
+        log.info("%d round(s) done in %.1f s", self.rounds_done, time.monotonic() - start)
         return record
 
     def _log_round(self, record: dict[str, Any], total: int) -> None:
@@ -90,8 +99,13 @@ class Federation:
                  "acc %s | %d failure(s) | %.1f s", record["round"], total, _fmt(record["train"]["loss"]),
                  len(record["train"]["sites"]), _fmt(evaluation.get("auroc")), _fmt(held.get("auroc")),
                  _fmt(held.get("accuracy")), len(record["failures"]), record["wall_time_s"])
+        for site, privacy in sorted((record.get("privacy") or {}).items()):
+            log.info("  %s: epsilon %.3f of %g (delta %g)", site, privacy["epsilon"], privacy["max-epsilon"],
+                     privacy["delta"])
 
     def export(self, final: dict[str, Any]) -> None:
-        card = {"rounds": self.run.rounds.num_server_rounds, "sites": sorted(self.sites),
-                "final_metrics": final}
+        card = {"rounds": self.rounds_done, "sites": sorted(self.sites), "final_metrics": final,
+                "privacy_sites": self.privacy}
+        if self.stop_reason:
+            card["stop_reason"] = self.stop_reason
         export_model(self.model, self.run, self.store.root, held_out=self.held_out, card=card)

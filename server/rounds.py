@@ -8,6 +8,7 @@ global model stays as it was.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -22,6 +23,7 @@ from flwr.serverapp import Grid
 from medfusion_fl.config import RunConfig
 from medfusion_fl.errors import ParameterMismatch, RoundFailed
 from medfusion_fl.parameters import Weights, check_weights
+from medfusion_fl.protocol import PRIVACY_DECLINED
 from strategies import FedAvg, weighted_delta_sum
 
 log = logging.getLogger("medfusion_fl.server")
@@ -34,6 +36,7 @@ class SiteFailure:
     node_id: int
     stage: str
     reason: str
+    code: int | None = None  # Error.code of the site's reply (medfusion_fl.protocol), None for timeouts
 
 
 @dataclass
@@ -42,6 +45,7 @@ class SiteReply:
     site: str
     metrics: dict[str, float]
     weights: Weights | None = None
+    privacy: dict[str, Any] | None = None  # the site's cumulative epsilon, delta and DP history
 
 
 def wait_for_sites(grid: Grid, minimum: int, timeout: float, poll: float = 0.5) -> list[int]:
@@ -74,12 +78,26 @@ def _parse_reply(msg: Message, stage: str, template: Weights | None) -> SiteRepl
     site_rec = content.config_records.get("site")
     site = str(site_rec["site-id"]) if site_rec and "site-id" in site_rec else f"node-{msg.metadata.src_node_id}"
     reply = SiteReply(msg.metadata.src_node_id, site, metrics)
+    if "privacy" in content.config_records:
+        reply.privacy = _parse_privacy(content.config_records["privacy"], site)
     if template is not None:
         if "arrays" not in content.array_records:
             raise ParameterMismatch("train reply has no 'arrays' record")
         reply.weights = {k: a.numpy() for k, a in content.array_records["arrays"].items()}
         check_weights(reply.weights, template, source=f"{stage} reply of {site}")
     return reply
+
+
+def _parse_privacy(record: Any, site: str) -> dict[str, Any]:
+    try:
+        report = {"federation": str(record["federation"]), "delta": float(record["delta"]),
+                  "epsilon": float(record["epsilon"]), "max-epsilon": float(record["max-epsilon"]),
+                  "accountant": str(record["accountant"]), "history": json.loads(str(record["history"]))}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ParameterMismatch(f"privacy record of {site} is malformed ({exc})") from None
+    if not isinstance(report["history"], list):
+        raise ParameterMismatch(f"privacy record of {site}: history is not a list")
+    return report
 
 
 def exchange(grid: Grid, nodes: list[int], stage: str, content: RecordDict, timeout: float,
@@ -92,7 +110,7 @@ def exchange(grid: Grid, nodes: list[int], stage: str, content: RecordDict, time
         node = msg.metadata.src_node_id
         answered.add(node)
         if msg.has_error():
-            failures.append(SiteFailure(node, stage, str(msg.error.reason)))
+            failures.append(SiteFailure(node, stage, str(msg.error.reason), msg.error.code))
             continue
         try:
             replies.append(_parse_reply(msg, stage, template))
@@ -126,6 +144,7 @@ class RoundResult:
     weights: Weights
     record: dict[str, Any]
     sites: set[str]
+    privacy: dict[str, dict[str, Any]]  # per site: the privacy report of this round
 
 
 def run_round(grid: Grid, run: RunConfig, strategy: FedAvg, weights: Weights, server_round: int,
@@ -141,17 +160,21 @@ def run_round(grid: Grid, run: RunConfig, strategy: FedAvg, weights: Weights, se
     trained, failures = exchange(grid, chosen, "train", content, cfg.reply_timeout, template=weights)
     record: dict[str, Any] = {"round": server_round, "strategy": strategy.name}
     if len(trained) < cfg.min_sites:
+        exhausted = bool(failures) and all(f.code == PRIVACY_DECLINED for f in failures)
         raise RoundFailed(
             f"round {server_round}: {len(trained)} valid update(s) from {len(chosen)} sampled site(s), "
             f"rounds.min-sites = {cfg.min_sites}; the global model is unchanged. Failures: "
             + "; ".join(f"node {f.node_id}: {f.reason}" for f in failures),
-            record={**record, "status": "failed", "failures": [asdict(f) for f in failures],
-             "wall_time_s": time.monotonic() - start})
+            record={**record, "status": "budget-exhausted" if exhausted else "failed",
+                    "failures": [asdict(f) for f in failures], "wall_time_s": time.monotonic() - start},
+            budget_exhausted=exhausted)
     delta_sum, total = weighted_delta_sum(weights, ((r.weights or {}, int(r.metrics["num-examples"]))
                                                    for r in trained))
     new_weights = strategy.aggregate(weights, delta_sum, total)
     record["train"] = {"loss": weighted_mean(trained, "train-loss"), "num-examples": total,
                        "sites": per_site(trained)}
+    record["privacy"] = {r.site: {k: v for k, v in r.privacy.items() if k != "history"}
+                         for r in trained if r.privacy is not None} or None
     record["evaluate"] = None
     if cfg.fraction_evaluate > 0:
         eval_nodes = sample(nodes, cfg.fraction_evaluate, 1, rng)
@@ -165,5 +188,6 @@ def run_round(grid: Grid, run: RunConfig, strategy: FedAvg, weights: Weights, se
     record["failures"] = [asdict(f) for f in failures]
     record["status"] = "ok"
     record["wall_time_s"] = round(time.monotonic() - start, 3)
-    return RoundResult(new_weights, record, {r.site for r in trained})
+    return RoundResult(new_weights, record, {r.site for r in trained},
+                       {r.site: r.privacy for r in trained if r.privacy is not None})
 

@@ -16,11 +16,12 @@ from flwr.supercore.task_identity import TaskIdentity
 
 class FakeGrid:
     def __init__(self, app: ClientApp, run_config: dict[str, Any], num_nodes: int,
-                 silent: Iterable[int] = ()) -> None:
+                 silent: Iterable[int] = (), node_config: dict[str, Any] | None = None) -> None:
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
         self.app = app
         self.contexts = {
-            100 + i: Context(run_id=1, node_id=100 + i, node_config={"partition-id": i, "num-partitions": num_nodes},
+            100 + i: Context(run_id=1, node_id=100 + i,
+                             node_config={"partition-id": i, "num-partitions": num_nodes, **(node_config or {})},
                              state=RecordDict(), run_config=dict(run_config))
             for i in range(num_nodes)
         }

@@ -47,3 +47,16 @@ def test_damaged_ledger_refuses_instead_of_resetting(tmp_path: Path) -> None:
     (tmp_path / "privacy_ledger.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(DataError, match="not a MedFusion-FL privacy ledger"):
         PrivacyLedger(tmp_path)
+
+
+def test_site_status_cli_prints_history_and_remaining_budget(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from medfusion_fl.cli import main
+
+    assert main(["site", "status", str(tmp_path)]) == 0
+    assert "no privacy ledger yet" in capsys.readouterr().out
+    PrivacyLedger(tmp_path).record("fed-a", key="k1", round=1, step=DPStep(1.5, 0.04, 2250))
+    assert main(["site", "status", str(tmp_path), "--max-epsilon", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "federation 'fed-a': epsilon 7.3291 of 10" in out and "remaining 2.6709" in out
+    assert "round    1  noise 1.5  sample rate 0.04000  steps   2250" in out

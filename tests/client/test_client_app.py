@@ -10,10 +10,11 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.client_app import SITE_ERROR, app
+from client.client_app import app
 from medfusion_fl.config import RunConfig
 from medfusion_fl.models import build_model
 from medfusion_fl.parameters import get_weights
+from medfusion_fl.protocol import SITE_ERROR
 from tests.conftest import tiny_flat
 
 

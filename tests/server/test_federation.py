@@ -104,9 +104,9 @@ def test_fedprox_run_sends_mu_to_the_sites(synth_root: Path, tmp_path: Path, mon
     seen: list[float] = []
     original = site.SiteRunner.train
 
-    def spy(self: site.SiteRunner, weights: dict, *, server_round: int, proximal_mu: float):  # type: ignore[no-untyped-def]
+    def spy(self: site.SiteRunner, weights: dict, *, server_round: int, proximal_mu: float, **kw):  # type: ignore[no-untyped-def]
         seen.append(proximal_mu)
-        return original(self, weights, server_round=server_round, proximal_mu=proximal_mu)
+        return original(self, weights, server_round=server_round, proximal_mu=proximal_mu, **kw)
 
     monkeypatch.setattr(site.SiteRunner, "train", spy)
     run = RunConfig.from_flat(tiny_flat(tmp_path, **{

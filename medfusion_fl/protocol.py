@@ -1,0 +1,4 @@
+"""Values both ends of a MedFusion-FL message agree on (error codes of site replies)."""
+
+SITE_ERROR = 4000  # the site refused on purpose: bad data, config or weights (the reason says which)
+PRIVACY_DECLINED = 4001  # the round would take the site past its own privacy budget

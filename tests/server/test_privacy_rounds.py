@@ -1,0 +1,58 @@
+"""DP end to end over the round loop: cumulative epsilon, the site ledger, budget refusal, the card."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from client.client_app import app as client_app
+from medfusion_fl.config import RunConfig
+from medfusion_fl.privacy import DPStep, PrivacyLedger, epsilon
+from medfusion_fl.runstore import RunStore
+from server.federation import Federation
+from tests.conftest import tiny_flat
+from tests.fakegrid import FakeGrid
+
+
+def _dp_run(synth_root: Path, out: Path, rounds: int) -> RunConfig:
+    return RunConfig.from_flat(tiny_flat(out, **{
+        "data.sites-root": str(synth_root / "data"), "rounds.num-server-rounds": rounds,
+        "privacy.enabled": True, "privacy.noise-multiplier": 1.0, "rounds.fraction-evaluate": 0.0}))
+
+
+def test_dp_rounds_report_cumulative_epsilon_and_survive_restart(synth_root: Path, tmp_path: Path) -> None:
+    run = _dp_run(synth_root, tmp_path, rounds=2)
+    budget = {"max-epsilon": 100.0}  # tiny sites spend a lot per round; the budget is the site's to set
+    federation = Federation(run)
+    federation.export(federation.run_rounds(FakeGrid(client_app, run.to_flat(), num_nodes=2, node_config=budget)))
+    lines = RunStore(run.output.run_dir).read_metrics()
+    eps = [line["privacy"]["site-0"]["epsilon"] for line in lines]
+    assert 0 < eps[0] < eps[1] and lines[0]["privacy"]["site-0"]["delta"] == 1e-5
+    card = json.loads((Path(run.output.run_dir) / "model_card.json").read_text())
+    site = card["privacy"]["differential_privacy"]["sites"]["site-0"]
+    history = [DPStep(**h) for h in site["history"]]
+    assert len(history) == 2 and site["epsilon"] == pytest.approx(epsilon(history, delta=site["delta"]))
+    ledger_dir = Path(run.output.run_dir) / "site-state" / "site-0"
+    assert PrivacyLedger(ledger_dir).epsilon("default", delta=1e-5) == pytest.approx(eps[1])
+
+    again = Federation(run)  # a coordinator restart: the sites' ledgers continue, never reset
+    again.run_rounds(FakeGrid(client_app, run.to_flat(), num_nodes=2, node_config=budget))
+    assert RunStore(run.output.run_dir).read_metrics()[-1]["privacy"]["site-0"]["epsilon"] > eps[1]
+    assert len(PrivacyLedger(ledger_dir).entries("default")) == 4
+
+
+def test_sites_decline_past_their_budget_and_the_run_ends_cleanly(synth_root: Path, tmp_path: Path) -> None:
+    run = _dp_run(synth_root, tmp_path, rounds=3)
+    probe = _dp_run(synth_root, tmp_path / "probe", rounds=1)
+    Federation(probe).run_rounds(FakeGrid(client_app, probe.to_flat(), num_nodes=2))
+    one_round = RunStore(probe.output.run_dir).read_metrics()[0]["privacy"]["site-0"]["epsilon"]
+    budget = {"max-epsilon": one_round * 1.2}  # room for one round, not two: set by the SITE
+    federation = Federation(run)
+    federation.export(federation.run_rounds(FakeGrid(client_app, run.to_flat(), num_nodes=2, node_config=budget)))
+    lines = RunStore(run.output.run_dir).read_metrics()
+    assert [line["status"] for line in lines] == ["ok", "budget-exhausted"]
+    assert all("declines round 2" in f["reason"] and "max-epsilon" in f["reason"] for f in lines[1]["failures"])
+    card = json.loads((Path(run.output.run_dir) / "model_card.json").read_text())
+    assert card["rounds"] == 1 and "privacy budgets are spent" in card["stop_reason"]
