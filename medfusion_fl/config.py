@@ -162,6 +162,9 @@ class TrainConfig(_Section):
     lr: float = Field(0.005, gt=0.0, le=10.0, description="Local learning rate.")
     weight_decay: float = Field(0.0001, ge=0.0, description="Decoupled weight decay.")
     seed: int = Field(0, ge=0, description="Seed of local shuffling (mixed with site and round).")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Autocast of local training: bf16 (CPU or GPU), fp16 (CUDA only, with a gradient "
+        "scaler; refused under DP because loss scaling would scale the clipping bound).")
 
 
 class PrivacyConfig(_Section):
@@ -279,6 +282,9 @@ def _explain(exc: ValidationError, flat: Mapping[str, Any]) -> str:
 
 
 def _refuse_unavailable(config: RunConfig) -> None:
+    if config.privacy.enabled and config.train.precision == "fp16":
+        raise ConfigError("train.precision = 'fp16' with privacy.enabled: the gradient scaler multiplies every "
+                          "per-patient gradient, so Opacus would clip at max-grad-norm / scale. Use 'bf16' or 'fp32'.")
     if config.secagg.enabled:
         raise FeatureNotAvailable(
             "secagg.enabled = true: secure aggregation is not implemented yet (issue 5). "

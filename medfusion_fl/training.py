@@ -47,6 +47,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def autocast(precision: str, device: torch.device) -> torch.autocast:
+    """The autocast context of train.precision (disabled for fp32); fp16 needs CUDA."""
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("train.precision = 'fp16' needs a CUDA device; use 'bf16' on CPU.")
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
+
+
 def _forward(model: nn.Module, batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     views = batch["views"].to(device)  # (B, V, C, H, W)
     mask = batch["view_mask"].to(device)  # (B, V)
@@ -80,16 +88,19 @@ def train_local(model: nn.Module, dataset: Dataset[Batch], cfg: TrainConfig, *,
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=generator)
     reference = {n: p.detach().clone() for n, p in model.named_parameters()} if proximal_mu > 0 else {}
     optimizer = _optimizer(model, cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     steps, epoch_loss, seen = 0, 0.0, 0
     for epoch in range(cfg.local_epochs):
         epoch_loss, seen = 0.0, 0
         for batch in loader:
-            logits, labels = _forward(model, batch, device)
-            loss = F.cross_entropy(logits, labels)
+            with autocast(cfg.precision, device):
+                logits, labels = _forward(model, batch, device)
+            loss = F.cross_entropy(logits.float(), labels)  # the loss in fp32, whatever the autocast
             total = loss + proximal_term(model, reference, proximal_mu) if proximal_mu > 0 else loss
             optimizer.zero_grad(set_to_none=True)
-            total.backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
+            scaler.scale(total).backward()  # type: ignore[no-untyped-call]
+            scaler.step(optimizer)
+            scaler.update()
             epoch_loss += float(loss.detach()) * len(labels)
             seen += len(labels)
             steps += 1

@@ -54,3 +54,17 @@ def test_auroc_binary_multiclass_and_undefined() -> None:
     assert auroc(np.array([1, 1]), probs[:2]) is None
     three = np.eye(3)[[0, 1, 2, 0]] * 0.7 + 0.1
     assert auroc(np.array([0, 1, 2, 0]), three) == 1.0
+
+
+def test_precision_bf16_trains_and_fp16_is_refused_where_unsafe(synth_root, tiny_run: RunConfig) -> None:
+    from medfusion_fl.errors import ConfigError
+
+    run = RunConfig.from_flat({**tiny_run.to_flat(), "train.precision": "bf16"})
+    site = load_site(synth_root / "data" / "site-1", run.data)
+    result = train_local(build_model(run, seed=0), site.train, run.train, device=CPU, seed=0)
+    assert np.isfinite(result.loss) and result.steps > 0
+    fp16 = RunConfig.from_flat({**tiny_run.to_flat(), "train.precision": "fp16"})
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        train_local(build_model(fp16, seed=0), site.train, fp16.train, device=CPU, seed=0)
+    with pytest.raises(ConfigError, match="Opacus would clip at max-grad-norm / scale"):
+        RunConfig.from_flat({"train.precision": "fp16", "privacy.enabled": True})

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from opacus import PrivacyEngine
 from opacus.grad_sample import GradSampleModule
-from opacus.grad_sample.conv import compute_conv_grad_sample
 from opacus.grad_sample.grad_sample_module import promote_current_grad_sample
 from opacus.grad_sample.layer_norm import compute_layer_norm_grad_sample
 from timm.layers.norm import LayerNorm as TimmLayerNorm
@@ -28,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from medfusion_fl.config import PrivacyConfig, TrainConfig
 from medfusion_fl.errors import ConfigError
 from medfusion_fl.privacy.accountant import DPStep
-from medfusion_fl.training import TrainResult
+from medfusion_fl.training import TrainResult, autocast
 
 log = logging.getLogger(__name__)
 Batch = dict[str, torch.Tensor]
@@ -43,19 +42,34 @@ class OutOfPlace(nn.Module):
         return x.clone()
 
 
-def _contiguous_conv_grad_sample(layer: nn.Module, activations: list[torch.Tensor],
-                                 backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
-    # Opacus' unfold assumes NCHW-contiguous activations; channels-last ones give silently wrong
-    # per-sample gradients (ConvNeXt's downsample convs), so make them contiguous first.
-    samples: dict[nn.Parameter, torch.Tensor] = compute_conv_grad_sample(
-        layer, [a.contiguous() for a in activations], backprops.contiguous())
-    return samples
+Sampler = Callable[[nn.Module, list[torch.Tensor], torch.Tensor], dict[nn.Parameter, torch.Tensor]]
 
 
-for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
-    GradSampleModule.GRAD_SAMPLERS[_conv] = _contiguous_conv_grad_sample
-# Opacus looks samplers up by exact type; timm's LayerNorm subclass computes the same thing.
+def _exact(sampler: Sampler) -> Sampler:
+    """Feed a per-sample-gradient sampler fp32, contiguous tensors.
+
+    Contiguous: Opacus' conv unfold assumes NCHW-contiguous activations; channels-last ones (ConvNeXt's
+    downsample convs) give silently wrong per-sample gradients. fp32: under bf16 autocast the captured
+    activations and backprops are bf16, and computing per-patient gradients in bf16 loses the digits
+    that clipping and summing need."""
+    if getattr(sampler, "_medfusion_exact", False):
+        return sampler
+
+    def wrapped(layer: nn.Module, activations: list[torch.Tensor],
+                backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+        def prep(t: torch.Tensor) -> torch.Tensor:
+            return t.float().contiguous() if t.is_floating_point() else t.contiguous()
+
+        return sampler(layer, [prep(a) for a in activations], prep(backprops))
+
+    wrapped._medfusion_exact = True  # type: ignore[attr-defined]
+    return wrapped
+
+
+# Opacus looks samplers up by exact type; timm's LayerNorm subclass computes the same as LayerNorm.
 GradSampleModule.GRAD_SAMPLERS[TimmLayerNorm] = compute_layer_norm_grad_sample
+for _type, _sampler in list(GradSampleModule.GRAD_SAMPLERS.items()):
+    GradSampleModule.GRAD_SAMPLERS[_type] = _exact(_sampler)
 TOKENS = ("cls_token", "reg_token", "pos_embed")  # owned by the ViT module itself
 
 
@@ -125,13 +139,15 @@ def per_patient_backward(model: nn.Module) -> Iterator[None]:
                 promote_current_grad_sample(p)
 
 
-def _batch_loss(model: nn.Module, batch: Batch, device: torch.device) -> tuple[torch.Tensor, int]:
+def _batch_loss(model: nn.Module, batch: Batch, device: torch.device, precision: str) -> tuple[torch.Tensor, int]:
     views, mask = batch["views"].to(device), batch["view_mask"].to(device)
     tabular, labels = batch["tabular"].to(device), batch["label"].to(device)
     n = len(labels)
     if n == 0:  # Poisson sampling can draw an empty batch; the noise-only step is still taken
         return torch.zeros((), device=device), 0
-    return F.cross_entropy(model(views, mask, tabular), labels), n
+    with autocast(precision, device):  # bf16 or fp32: fp16 is refused under DP by the config
+        logits = model(views, mask, tabular)
+    return F.cross_entropy(logits.float(), labels), n
 
 
 def train_local_dp(model: nn.Module, dataset: Dataset[Batch], cfg: TrainConfig, privacy: PrivacyConfig, *,
@@ -159,7 +175,7 @@ def train_local_dp(model: nn.Module, dataset: Dataset[Batch], cfg: TrainConfig, 
         for _ in range(cfg.local_epochs):
             loss_sum, seen = 0.0, 0
             for batch in loader:
-                loss, n = _batch_loss(model, batch, device)
+                loss, n = _batch_loss(model, batch, device, cfg.precision)
                 optimizer.zero_grad(set_to_none=True)
                 if n:
                     with per_patient_backward(model):
