@@ -17,11 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import resource
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,16 +26,10 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from stepbench import device_name, run_child, time_steps  # noqa: E402
+
 log = logging.getLogger("bench.model_memory")
-
-
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def measure(mode: str, backbone: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -67,39 +57,24 @@ def measure(mode: str, backbone: str, args: argparse.Namespace) -> dict[str, Any
         labels = torch.randint(0, 2, (b,), device=device)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated() / 2**20
-    else:
-        base = _rss_mb()
-    times = []
-    for step in range(args.warmup + args.steps):
-        start = time.perf_counter()
-        with autocast:
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
             loss = F.cross_entropy(model(*inputs).float(), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        _sync(device)
-        if step >= args.warmup:
-            times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _rss_mb()
+
+    timing = time_steps(step, device=device, warmup=args.warmup, steps=args.steps)
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    return {"mode": mode, "backbone": backbone, "step_s": statistics.median(times),
-            "peak_mem_mb": round(peak - base, 1), "params_m": round(params, 2)}
+    return {"mode": mode, "backbone": backbone, **timing, "params_m": round(params, 2)}
 
 
 def _child(mode: str, backbone: str, args: argparse.Namespace) -> dict[str, Any]:
     settings = ["--device", args.device, "--image-size", str(args.image_size), "--batch", str(args.batch),
-                "--views", str(args.views), "--steps", str(args.steps), "--warmup", str(args.warmup)]
-    cmd = [sys.executable, __file__, *settings, *(["--bf16"] if args.bf16 else []),
-           "--measure", mode, "--backbone", backbone]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-    if done.returncode:
-        return {"mode": mode, "backbone": backbone, "error": done.stderr.strip().splitlines()[-1:]}
-    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+                "--views", str(args.views), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                *(["--bf16"] if args.bf16 else [])]
+    return run_child(__file__, settings, ["--measure", mode, "--backbone", backbone])
 
 
 def main() -> None:
@@ -134,9 +109,8 @@ def main() -> None:
             row["ckpt_memory_ratio"] = round(ckpt["peak_mem_mb"] / max(plain["peak_mem_mb"], 1e-6), 3)
         log.info("%s: %s", family, {k: v for k, v in row.items() if "ratio" in k})
         rows.append(row)
-    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    report = {"device": device, "torch": torch.__version__, "image_size": args.image_size, "batch": args.batch,
-              "views": args.views, "bf16": args.bf16, "steps": args.steps, "results": rows}
+    report = {"device": device_name(args.device), "torch": torch.__version__, "image_size": args.image_size,
+              "batch": args.batch, "views": args.views, "bf16": args.bf16, "steps": args.steps, "results": rows}
     text = json.dumps(report, indent=2)
     if args.out:
         args.out.write_text(text + "\n")

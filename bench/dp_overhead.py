@@ -1,0 +1,129 @@
+"""DP-SGD overhead: step time and peak memory of the fusion model with and without DP, same run.
+
+Per backbone, three cases, each in a fresh subprocess (bench/stepbench.py):
+  timm-baseline  the bare timm classifier on the B*V images of a step (plain torch training)
+  non-dp         the MedFusion model, plain AdamW step
+  dp             the same model prepared for DP, Opacus hooks: exact per-patient clipping + noise
+Prints one JSON document (also written to --out).
+
+  python bench/dp_overhead.py --device cpu --image-size 64 --batch 8 --views 2
+  python bench/dp_overhead.py --device cuda --image-size 224 --batch 64 --views 2 --bf16 --out dp-gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from stepbench import device_name, run_child, time_steps  # noqa: E402
+
+log = logging.getLogger("bench.dp_overhead")
+BACKBONES = ("resnet18", "efficientnet_b0", "convnext_tiny", "vit_tiny_patch16_224")
+
+
+def measure(case: str, backbone: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One case in this process."""
+    import timm
+
+    from medfusion_fl.config import RunConfig
+    from medfusion_fl.models import build_model
+
+    warnings.filterwarnings("ignore")
+    device = torch.device(args.device)
+    b, v, size = args.batch, args.views, args.image_size
+    if case == "timm-baseline":
+        kwargs = {"img_size": size} if "vit" in backbone else {}
+        model = timm.create_model(backbone, pretrained=False, num_classes=2, in_chans=1, **kwargs).to(device)
+        inputs: tuple[torch.Tensor, ...] = (torch.rand(b * v, 1, size, size, device=device),)
+        labels = torch.randint(0, 2, (b * v,), device=device)
+    else:
+        run = RunConfig.from_flat({"model.backbone": backbone, "data.image-size": size,
+                                   "data.view-names": ",".join(f"v{i}" for i in range(v)),
+                                   "privacy.enabled": case == "dp"})
+        model = build_model(run, seed=0).to(device)
+        inputs = (torch.rand(b, v, 1, size, size, device=device), torch.ones(b, v, device=device),
+                  torch.rand(b, len(run.data.columns), device=device))
+        labels = torch.randint(0, 2, (b,), device=device)
+    model.train()
+    optimizer: torch.optim.Optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    backward: Any = None
+    if case == "dp":
+        from opacus import PrivacyEngine
+        from torch.utils.data import DataLoader, TensorDataset
+
+        from medfusion_fl.privacy.dp_sgd import per_patient_backward
+
+        loader = DataLoader(TensorDataset(*inputs, labels), batch_size=b)
+        _, optimizer, _ = PrivacyEngine().make_private(
+            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
+            poisson_sampling=False, wrap_model=False)
+        backward = per_patient_backward
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            logits = model(*inputs)
+        loss = F.cross_entropy(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        if backward is not None:
+            with backward(model):
+                loss.backward()
+        else:
+            loss.backward()
+        optimizer.step()
+
+    timing = time_steps(step, device=device, warmup=args.warmup, steps=args.steps)
+    return {"case": case, "backbone": backbone, **timing}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--views", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--backbones", default=",".join(BACKBONES))
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--measure", help=argparse.SUPPRESS)
+    parser.add_argument("--backbone", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:
+        sys.stdout.write(json.dumps(measure(args.measure, args.backbone, args)) + "\n")
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    settings = ["--device", args.device, "--image-size", str(args.image_size), "--batch", str(args.batch),
+                "--views", str(args.views), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                *(["--bf16"] if args.bf16 else [])]
+    rows = []
+    for backbone in args.backbones.split(","):
+        cases = {c: run_child(__file__, settings, ["--measure", c, "--backbone", backbone])
+                 for c in ("timm-baseline", "non-dp", "dp")}
+        row: dict[str, Any] = {"backbone": backbone, **cases}
+        if not any("error" in r for r in cases.values()):
+            row["dp_time_ratio"] = round(cases["dp"]["step_s"] / cases["non-dp"]["step_s"], 3)
+            row["dp_memory_ratio"] = round(cases["dp"]["peak_mem_mb"] / max(cases["non-dp"]["peak_mem_mb"], 1e-6), 3)
+        log.info("%s: %s", backbone, {k: v for k, v in row.items() if "ratio" in k})
+        rows.append(row)
+    report = {"device": device_name(args.device), "torch": torch.__version__, "image_size": args.image_size,
+              "batch": args.batch, "views": args.views, "bf16": args.bf16, "steps": args.steps, "results": rows}
+    text = json.dumps(report, indent=2)
+    if args.out:
+        args.out.write_text(text + "\n")
+    sys.stdout.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

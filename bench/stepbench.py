@@ -1,0 +1,55 @@
+"""Shared benchmark harness: time training steps and their peak memory, one subprocess per case."""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(step: Callable[[], None], *, device: torch.device, warmup: int, steps: int) -> dict[str, float]:
+    """Median seconds per step, and peak memory over the process state before the first step
+    (CUDA: max_memory_allocated; CPU: peak RSS, hence one measurement per process)."""
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2**20
+    else:
+        base = _rss_mb()
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _rss_mb()
+    return {"step_s": statistics.median(times), "peak_mem_mb": round(peak - base, 1)}
+
+
+def run_child(script: str, settings: list[str], case: list[str]) -> dict[str, Any]:
+    """Run `script settings case` in a fresh interpreter; its last stdout line is the JSON result."""
+    done = subprocess.run([sys.executable, script, *settings, *case], capture_output=True, text=True, timeout=1800)
+    if done.returncode:
+        return {"case": case, "error": done.stderr.strip().splitlines()[-1:]}
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
