@@ -26,7 +26,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from stepbench import device_name, run_child, time_steps  # noqa: E402
+from stepbench import build_case, device_name, run_child, time_steps  # noqa: E402
 
 log = logging.getLogger("bench.dp_overhead")
 BACKBONES = ("resnet18", "efficientnet_b0", "convnext_tiny", "vit_tiny_patch16_224")
@@ -34,27 +34,11 @@ BACKBONES = ("resnet18", "efficientnet_b0", "convnext_tiny", "vit_tiny_patch16_2
 
 def measure(case: str, backbone: str, args: argparse.Namespace) -> dict[str, Any]:
     """One case in this process."""
-    import timm
-
-    from medfusion_fl.config import RunConfig
-    from medfusion_fl.models import build_model
-
     warnings.filterwarnings("ignore")
     device = torch.device(args.device)
-    b, v, size = args.batch, args.views, args.image_size
-    if case == "timm-baseline":
-        kwargs = {"img_size": size} if "vit" in backbone else {}
-        model = timm.create_model(backbone, pretrained=False, num_classes=2, in_chans=1, **kwargs).to(device)
-        inputs: tuple[torch.Tensor, ...] = (torch.rand(b * v, 1, size, size, device=device),)
-        labels = torch.randint(0, 2, (b * v,), device=device)
-    else:
-        run = RunConfig.from_flat({"model.backbone": backbone, "data.image-size": size,
-                                   "data.view-names": ",".join(f"v{i}" for i in range(v)),
-                                   "privacy.enabled": case == "dp"})
-        model = build_model(run, seed=0).to(device)
-        inputs = (torch.rand(b, v, 1, size, size, device=device), torch.ones(b, v, device=device),
-                  torch.rand(b, len(run.data.columns), device=device))
-        labels = torch.randint(0, 2, (b,), device=device)
+    model, inputs, labels = build_case(backbone, baseline=case == "timm-baseline", batch=args.batch,
+                                       views=args.views, size=args.image_size, device=device,
+                                       overrides={"privacy.enabled": case == "dp"})
     model.train()
     optimizer: torch.optim.Optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     backward: Any = None
@@ -64,7 +48,7 @@ def measure(case: str, backbone: str, args: argparse.Namespace) -> dict[str, Any
 
         from medfusion_fl.privacy.dp_sgd import per_patient_backward
 
-        loader = DataLoader(TensorDataset(*inputs, labels), batch_size=b)
+        loader = DataLoader(TensorDataset(*inputs, labels), batch_size=args.batch)
         _, optimizer, _ = PrivacyEngine().make_private(
             module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
             poisson_sampling=False, wrap_model=False)

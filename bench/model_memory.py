@@ -27,34 +27,17 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from stepbench import device_name, run_child, time_steps  # noqa: E402
+from stepbench import build_case, device_name, run_child, time_steps  # noqa: E402
 
 log = logging.getLogger("bench.model_memory")
 
 
 def measure(mode: str, backbone: str, args: argparse.Namespace) -> dict[str, Any]:
     """One measurement in this process: median step time and peak memory of `mode`."""
-    import timm
-
-    from medfusion_fl.config import RunConfig
-    from medfusion_fl.models import build_model
-
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    b, v, size = args.batch, args.views, args.image_size
-    if mode == "timm-baseline":
-        kwargs = {"img_size": size} if any(k in backbone for k in ("vit", "swin", "maxvit")) else {}
-        model = timm.create_model(backbone, pretrained=False, num_classes=2, in_chans=1, **kwargs).to(device)
-        inputs: tuple[torch.Tensor, ...] = (torch.rand(b * v, 1, size, size, device=device),)
-        labels = torch.randint(0, 2, (b * v,), device=device)
-    else:
-        run = RunConfig.from_flat({"model.backbone": backbone, "data.image-size": size,
-                                   "data.view-names": ",".join(f"v{i}" for i in range(v)),
-                                   "model.checkpointing": mode == "medfusion+ckpt"})
-        model = build_model(run, seed=0).to(device)
-        inputs = (torch.rand(b, v, 1, size, size, device=device), torch.ones(b, v, device=device),
-                  torch.rand(b, len(run.data.columns), device=device))
-        labels = torch.randint(0, 2, (b,), device=device)
+    model, inputs, labels = build_case(backbone, baseline=mode == "timm-baseline", batch=args.batch,
+                                       views=args.views, size=args.image_size, device=device,
+                                       overrides={"model.checkpointing": mode == "medfusion+ckpt"})
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 

@@ -23,6 +23,32 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+Case = tuple[torch.nn.Module, tuple[torch.Tensor, ...], torch.Tensor]
+
+
+def build_case(backbone: str, *, baseline: bool, batch: int, views: int, size: int, device: torch.device,
+               overrides: dict[str, Any] | None = None) -> Case:
+    """Model, inputs and labels of one case: the bare timm classifier on the B*V images of a step
+    (`baseline`), or the MedFusion model (with run-config `overrides`) on B patients of V views."""
+    import timm
+
+    from medfusion_fl.config import RunConfig
+    from medfusion_fl.models import build_model
+
+    torch.manual_seed(0)
+    if baseline:
+        kwargs = {"img_size": size} if any(k in backbone for k in ("vit", "swin", "maxvit")) else {}
+        model = timm.create_model(backbone, pretrained=False, num_classes=2, in_chans=1, **kwargs).to(device)
+        images = (torch.rand(batch * views, 1, size, size, device=device),)
+        return model, images, torch.randint(0, 2, (batch * views,), device=device)
+    run = RunConfig.from_flat({"model.backbone": backbone, "data.image-size": size,
+                               "data.view-names": ",".join(f"v{i}" for i in range(views)), **(overrides or {})})
+    model = build_model(run, seed=0).to(device)
+    inputs = (torch.rand(batch, views, 1, size, size, device=device), torch.ones(batch, views, device=device),
+              torch.rand(batch, len(run.data.columns), device=device))
+    return model, inputs, torch.randint(0, 2, (batch,), device=device)
+
+
 def time_steps(step: Callable[[], None], *, device: torch.device, warmup: int, steps: int) -> dict[str, float]:
     """Median seconds per step, and peak memory over the process state before the first step
     (CUDA: max_memory_allocated; CPU: peak RSS, hence one measurement per process)."""
