@@ -26,7 +26,15 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from stepbench import build_case, device_name, run_child, time_steps  # noqa: E402
+from stepbench import (  # noqa: E402
+    add_common_args,
+    build_case,
+    child_settings,
+    emit_report,
+    ratios,
+    run_child,
+    time_steps,
+)
 
 log = logging.getLogger("bench.dp_overhead")
 BACKBONES = ("resnet18", "efficientnet_b0", "convnext_tiny", "vit_tiny_patch16_224")
@@ -72,42 +80,22 @@ def measure(case: str, backbone: str, args: argparse.Namespace) -> dict[str, Any
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--views", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--backbones", default=",".join(BACKBONES))
-    parser.add_argument("--out", type=Path)
-    parser.add_argument("--measure", help=argparse.SUPPRESS)
-    parser.add_argument("--backbone", help=argparse.SUPPRESS)
+    add_common_args(parser)
     args = parser.parse_args()
     if args.measure:
         sys.stdout.write(json.dumps(measure(args.measure, args.backbone, args)) + "\n")
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    settings = ["--device", args.device, "--image-size", str(args.image_size), "--batch", str(args.batch),
-                "--views", str(args.views), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                *(["--bf16"] if args.bf16 else [])]
+    settings = child_settings(args)
     rows = []
     for backbone in args.backbones.split(","):
         cases = {c: run_child(__file__, settings, ["--measure", c, "--backbone", backbone])
                  for c in ("timm-baseline", "non-dp", "dp")}
-        row: dict[str, Any] = {"backbone": backbone, **cases}
-        if not any("error" in r for r in cases.values()):
-            row["dp_time_ratio"] = round(cases["dp"]["step_s"] / cases["non-dp"]["step_s"], 3)
-            row["dp_memory_ratio"] = round(cases["dp"]["peak_mem_mb"] / max(cases["non-dp"]["peak_mem_mb"], 1e-6), 3)
+        row: dict[str, Any] = {"backbone": backbone, **cases, **ratios(cases["dp"], cases["non-dp"], "dp")}
         log.info("%s: %s", backbone, {k: v for k, v in row.items() if "ratio" in k})
         rows.append(row)
-    report = {"device": device_name(args.device), "torch": torch.__version__, "image_size": args.image_size,
-              "batch": args.batch, "views": args.views, "bf16": args.bf16, "steps": args.steps, "results": rows}
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n")
-    sys.stdout.write(text + "\n")
-
+    emit_report(args, rows)
 
 if __name__ == "__main__":
     main()

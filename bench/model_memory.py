@@ -27,7 +27,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from stepbench import build_case, device_name, run_child, time_steps  # noqa: E402
+from stepbench import add_common_args, build_case, child_settings, emit_report, ratios, run_child, time_steps  # noqa: E402
 
 log = logging.getLogger("bench.model_memory")
 
@@ -54,25 +54,13 @@ def measure(mode: str, backbone: str, args: argparse.Namespace) -> dict[str, Any
 
 
 def _child(mode: str, backbone: str, args: argparse.Namespace) -> dict[str, Any]:
-    settings = ["--device", args.device, "--image-size", str(args.image_size), "--batch", str(args.batch),
-                "--views", str(args.views), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                *(["--bf16"] if args.bf16 else [])]
-    return run_child(__file__, settings, ["--measure", mode, "--backbone", backbone])
+    return run_child(__file__, child_settings(args), ["--measure", mode, "--backbone", backbone])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--views", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     parser.add_argument("--families", default="", help="comma-separated families (default: all 2D)")
-    parser.add_argument("--out", type=Path)
-    parser.add_argument("--measure", help=argparse.SUPPRESS)
-    parser.add_argument("--backbone", help=argparse.SUPPRESS)
+    add_common_args(parser)
     args = parser.parse_args()
     if args.measure:
         sys.stdout.write(json.dumps(measure(args.measure, args.backbone, args)) + "\n")
@@ -85,20 +73,11 @@ def main() -> None:
     for family in families:
         backbone = FAMILIES[family].names[0]
         results = {mode: _child(mode, backbone, args) for mode in ("timm-baseline", "medfusion", "medfusion+ckpt")}
-        row: dict[str, Any] = {"family": family, "backbone": backbone, **results}
-        plain, ckpt = results["medfusion"], results["medfusion+ckpt"]
-        if "error" not in plain and "error" not in ckpt:
-            row["ckpt_time_ratio"] = round(ckpt["step_s"] / plain["step_s"], 3)
-            row["ckpt_memory_ratio"] = round(ckpt["peak_mem_mb"] / max(plain["peak_mem_mb"], 1e-6), 3)
+        row: dict[str, Any] = {"family": family, "backbone": backbone, **results,
+                               **ratios(results["medfusion+ckpt"], results["medfusion"], "ckpt")}
         log.info("%s: %s", family, {k: v for k, v in row.items() if "ratio" in k})
         rows.append(row)
-    report = {"device": device_name(args.device), "torch": torch.__version__, "image_size": args.image_size,
-              "batch": args.batch, "views": args.views, "bf16": args.bf16, "steps": args.steps, "results": rows}
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n")
-    sys.stdout.write(text + "\n")
-
+    emit_report(args, rows)
 
 if __name__ == "__main__":
     main()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import statistics
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -79,3 +81,42 @@ def run_child(script: str, settings: list[str], case: list[str]) -> dict[str, An
 
 def device_name(device: str) -> str:
     return torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """Arguments every step benchmark takes (and passes on to its measurement subprocesses)."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--views", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--measure", help=argparse.SUPPRESS)
+    parser.add_argument("--backbone", help=argparse.SUPPRESS)
+
+
+def child_settings(args: argparse.Namespace) -> list[str]:
+    """The common arguments, for a measurement subprocess."""
+    return ["--device", args.device, "--image-size", str(args.image_size), "--batch", str(args.batch),
+            "--views", str(args.views), "--steps", str(args.steps), "--warmup", str(args.warmup),
+            *(["--bf16"] if args.bf16 else [])]
+
+
+def ratios(new: dict[str, Any], base: dict[str, Any], prefix: str) -> dict[str, float]:
+    """Time and memory of `new` over `base`; empty when either case failed."""
+    if "error" in new or "error" in base:
+        return {}
+    return {f"{prefix}_time_ratio": round(new["step_s"] / base["step_s"], 3),
+            f"{prefix}_memory_ratio": round(new["peak_mem_mb"] / max(base["peak_mem_mb"], 1e-6), 3)}
+
+
+def emit_report(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    """Print the JSON report (and write it to --out)."""
+    report = {"device": device_name(args.device), "torch": torch.__version__, "image_size": args.image_size,
+              "batch": args.batch, "views": args.views, "bf16": args.bf16, "steps": args.steps, "results": rows}
+    text = json.dumps(report, indent=2)
+    if args.out:
+        args.out.write_text(text + "\n")
+    sys.stdout.write(text + "\n")
