@@ -149,7 +149,8 @@ class RoundResult:
 
 def run_round(grid: Grid, run: RunConfig, strategy: FedAvg, weights: Weights, server_round: int,
               held_out_eval: Callable[[Weights], dict[str, Any] | None]) -> RoundResult:
-    """One full round; raises RoundFailed (after logging) when too few valid updates arrive."""
+    """One full round; raises RoundFailed (carrying the round's metrics line) when fewer than
+    rounds.min-sites valid updates arrive."""
     start = time.monotonic()
     cfg = run.rounds
     rng = random.Random(run.train.seed * 100_003 + server_round)
@@ -168,8 +169,8 @@ def run_round(grid: Grid, run: RunConfig, strategy: FedAvg, weights: Weights, se
             record={**record, "status": "budget-exhausted" if exhausted else "failed",
                     "failures": [asdict(f) for f in failures], "wall_time_s": time.monotonic() - start},
             budget_exhausted=exhausted)
-    delta_sum, total = weighted_delta_sum(weights, ((r.weights or {}, int(r.metrics["num-examples"]))
-                                                   for r in trained))
+    updates = [(r.weights, int(r.metrics["num-examples"])) for r in trained if r.weights is not None]
+    delta_sum, total = weighted_delta_sum(weights, updates)  # every train reply was checked to carry weights
     new_weights = strategy.aggregate(weights, delta_sum, total)
     record["train"] = {"loss": weighted_mean(trained, "train-loss"), "num-examples": total,
                        "sites": per_site(trained)}
