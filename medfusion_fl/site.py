@@ -6,7 +6,7 @@ import logging
 import uuid
 import zlib
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medfusion_fl.config import RunConfig, SiteConfig
 from medfusion_fl.data import SiteData, load_site
@@ -14,8 +14,10 @@ from medfusion_fl.data.synthetic import write_synthetic_site
 from medfusion_fl.errors import DataError
 from medfusion_fl.models import MedFusionModel, build_model
 from medfusion_fl.parameters import Weights, get_weights, set_weights
-from medfusion_fl.privacy.guard import PrivacyReport
 from medfusion_fl.training import EvalResult, TrainResult, evaluate, resolve_device, train_local
+
+if TYPE_CHECKING:  # opacus is imported only when a run uses DP
+    from medfusion_fl.privacy.guard import PrivacyReport
 
 log = logging.getLogger(__name__)
 
