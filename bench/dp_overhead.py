@@ -13,7 +13,6 @@ Prints one JSON document (also written to --out).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import warnings
@@ -27,10 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from stepbench import (  # noqa: E402
-    add_common_args,
     build_case,
     child_settings,
     emit_report,
+    parse_or_measure,
     ratios,
     run_child,
     time_steps,
@@ -81,12 +80,9 @@ def measure(case: str, backbone: str, args: argparse.Namespace) -> dict[str, Any
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbones", default=",".join(BACKBONES))
-    add_common_args(parser)
-    args = parser.parse_args()
-    if args.measure:
-        sys.stdout.write(json.dumps(measure(args.measure, args.backbone, args)) + "\n")
+    args = parse_or_measure(parser, measure)
+    if args is None:
         return
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     settings = child_settings(args)
     rows = []
     for backbone in args.backbones.split(","):

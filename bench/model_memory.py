@@ -15,7 +15,6 @@ model and batch. Prints one JSON document (also written to --out).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from stepbench import add_common_args, build_case, child_settings, emit_report, ratios, run_child, time_steps  # noqa: E402
+from stepbench import build_case, child_settings, emit_report, parse_or_measure, ratios, run_child, time_steps  # noqa: E402
 
 log = logging.getLogger("bench.model_memory")
 
@@ -60,12 +59,9 @@ def _child(mode: str, backbone: str, args: argparse.Namespace) -> dict[str, Any]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", default="", help="comma-separated families (default: all 2D)")
-    add_common_args(parser)
-    args = parser.parse_args()
-    if args.measure:
-        sys.stdout.write(json.dumps(measure(args.measure, args.backbone, args)) + "\n")
+    args = parse_or_measure(parser, measure)
+    if args is None:
         return
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     from medfusion_fl.models.backbone import FAMILIES
 
     families = args.families.split(",") if args.families else [f for f in FAMILIES if f != "resnet3d"]

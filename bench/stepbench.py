@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import resource
 import statistics
 import subprocess
@@ -95,6 +96,18 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--backbone", help=argparse.SUPPRESS)
+
+
+def parse_or_measure(parser: argparse.ArgumentParser,
+                     measure: Callable[[str, str, argparse.Namespace], dict[str, Any]]) -> argparse.Namespace | None:
+    """Parse the options; in a measurement subprocess run `measure` and print its JSON (then None)."""
+    add_common_args(parser)
+    args = parser.parse_args()
+    if args.measure:
+        sys.stdout.write(json.dumps(measure(args.measure, args.backbone, args)) + "\n")
+        return None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    return args
 
 
 def child_settings(args: argparse.Namespace) -> list[str]:

@@ -71,7 +71,8 @@ def proximal_term(model: nn.Module, reference: Mapping[str, torch.Tensor], mu: f
     return 0.5 * mu * total
 
 
-def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The local optimiser of train.optimizer over the trainable parameters (fresh each round)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
@@ -87,7 +88,7 @@ def train_local(model: nn.Module, dataset: Dataset[Batch], cfg: TrainConfig, *,
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=generator)
     reference = {n: p.detach().clone() for n, p in model.named_parameters()} if proximal_mu > 0 else {}
-    optimizer = _optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     steps, epoch_loss, seen = 0, 0.0, 0
     for epoch in range(cfg.local_epochs):

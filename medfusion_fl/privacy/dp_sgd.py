@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from medfusion_fl.config import PrivacyConfig, TrainConfig
 from medfusion_fl.errors import ConfigError
 from medfusion_fl.privacy.accountant import DPStep
-from medfusion_fl.training import TrainResult, autocast
+from medfusion_fl.training import TrainResult, autocast, make_optimizer
 
 log = logging.getLogger(__name__)
 Batch = dict[str, torch.Tensor]
@@ -160,9 +160,7 @@ def train_local_dp(model: nn.Module, dataset: Dataset[Batch], cfg: TrainConfig, 
     model.to(device).train()
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=generator)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer: torch.optim.Optimizer = (torch.optim.SGD(params, lr=cfg.lr, momentum=0.9) if cfg.optimizer == "sgd"
-                                        else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
+    optimizer = make_optimizer(model, cfg)
     engine = PrivacyEngine(accountant="rdp", secure_mode=False)
     hooks, optimizer, loader = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=privacy.noise_multiplier,
