@@ -46,7 +46,7 @@ class SiteRunner:
             if self.partition is None:
                 raise DataError(f"data.source = 'synthetic' but {folder} has no manifest.csv and this "
                                 "node has no partition-id; create the folder with `medfusion-fl synth`.")
-            write_synthetic_site(folder.parent, self.run, self.partition)
+            write_synthetic_site(folder, self.run, self.partition)
         return load_site(folder, self.run.data)
 
     def _seed(self, server_round: int) -> int:

@@ -115,10 +115,10 @@ def site_profile(run: RunConfig, site: int) -> tuple[np.ndarray, tuple[float, fl
     return probs, (float(rng.uniform(0.8, 1.2)), float(rng.uniform(-0.1, 0.1)))
 
 
-def write_synthetic_site(root: Path, run: RunConfig, site: int) -> Path:
-    """Write `<root>/site-<site>` if it is missing; returns its path."""
+def write_synthetic_site(folder: Path, run: RunConfig, site: int) -> Path:
+    """Write synthetic hospital number `site` into `folder` if it is missing; returns the folder."""
     probs, shift = site_profile(run, site)
-    folder = Path(root) / f"site-{site}"
+    folder = Path(folder)
     write_site(folder, run, site=site, patients=run.synth.patients_per_site, class_probs=probs, shift=shift)
     return folder
 
@@ -136,7 +136,7 @@ def write_federation(root: Path, run: RunConfig, num_sites: int) -> list[Path]:
     """Write site-0 .. site-(N-1) and the test folder under `root`; existing ones are kept."""
     folders = []
     for site in range(num_sites):
-        folders.append(write_synthetic_site(root, run, site))
+        folders.append(write_synthetic_site(Path(root) / f"site-{site}", run, site))
         log.info("synthetic site %s ready (%d patients)", folders[-1], run.synth.patients_per_site)
     folders.append(write_test_set(root, run))
     return folders

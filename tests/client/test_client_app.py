@@ -83,6 +83,9 @@ def test_synthetic_site_is_created_on_first_use(tmp_path: Path) -> None:
     weights = get_weights(build_model(run, seed=0))
     reply = app(_message(MessageType.EVALUATE, weights), _context(run, {"partition-id": 4}))
     assert not reply.has_error() and (tmp_path / "data" / "site-4" / "manifest.csv").is_file()
+    named = tmp_path / "hospitals" / "H7"  # a data-path not named site-<k>: the site's own folder is written
+    reply = app(_message(MessageType.EVALUATE, weights), _context(run, {"partition-id": 2, "data-path": str(named)}))
+    assert not reply.has_error() and (named / "manifest.csv").is_file()
 
 
 def test_malformed_instruction_is_refused(tiny_run: RunConfig) -> None:
