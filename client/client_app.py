@@ -67,7 +67,7 @@ def train(msg: Message, context: Context) -> Message:
         "site": ConfigRecord({"site-id": runner.site.site_id}),
     })
     if privacy is not None:  # cumulative epsilon and the history anyone can recompute it from
-        content["privacy"] = ConfigRecord(privacy.to_record())
+        content["privacy"] = ConfigRecord(dict(privacy.to_record()))
     return Message(content=content, reply_to=msg)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 from flwr.serverapp import Grid
@@ -31,7 +32,7 @@ class Federation:
 
     def __init__(self, run: RunConfig) -> None:
         self.run = run
-        self.store = RunStore(run.output.run_dir)
+        self.store = RunStore(Path(run.output.run_dir))
         self.strategy = build_strategy(run.strategy)
         self.model: MedFusionModel = build_model(run, seed=run.train.seed)
         self.held_out = self._load_held_out()

@@ -133,9 +133,25 @@ def test_dp_training_reports_its_step_and_fedprox_pulls_towards_global(synth_roo
         model = prepare_for_dp(build_model(tiny_run, seed=0), "test_resnet")
         start = {n: p.detach().clone() for n, p in model.named_parameters()}
         result, step = train_local_dp(model, site.train, tiny_run.train, privacy, device=torch.device("cpu"),
-                                      seed=3, proximal_mu=mu, reference=start)
+                                      seed=3, proximal_mu=mu, reference=start, noise_seed=11)
         distances.append(sum(float((p.detach() - start[n]).pow(2).sum()) for n, p in model.named_parameters()))
         assert step.noise_multiplier == 1.0 and step.steps == result.steps
         assert step.sample_rate == pytest.approx(1 / -(-len(site.train) // tiny_run.train.batch_size))
         assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in model.parameters())
     assert distances[1] < distances[0]  # the proximal post-step is not silently dropped under DP
+
+
+def test_dp_noise_is_not_derived_from_the_run_config(synth_root, tiny_run: RunConfig) -> None:
+    """The coordinator knows train.seed: noise seeded from it could be regenerated and subtracted."""
+    from medfusion_fl.config import PrivacyConfig
+    from medfusion_fl.data import load_site
+    from medfusion_fl.privacy.dp_sgd import train_local_dp
+
+    site = load_site(synth_root / "data" / "site-0", tiny_run.data)
+    privacy = PrivacyConfig(enabled=True, noise_multiplier=1.0, max_grad_norm=1.0)
+    finals = []
+    for _ in range(2):
+        model = prepare_for_dp(build_model(tiny_run, seed=0), "test_resnet")
+        train_local_dp(model, site.train, tiny_run.train, privacy, device=torch.device("cpu"), seed=3)
+        finals.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert not torch.equal(finals[0], finals[1])  # same config and seed, different noise

@@ -9,7 +9,9 @@ for timm backbones; families whose layers see windows in the batch dimension are
 from __future__ import annotations
 
 import logging
+import secrets
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -20,6 +22,7 @@ from opacus import PrivacyEngine
 from opacus.grad_sample import GradSampleModule
 from opacus.grad_sample.grad_sample_module import promote_current_grad_sample
 from opacus.grad_sample.layer_norm import compute_layer_norm_grad_sample
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from timm.layers.norm import LayerNorm as TimmLayerNorm
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -152,45 +155,77 @@ def _batch_loss(model: nn.Module, batch: Batch, device: torch.device, precision:
 
 def train_local_dp(model: nn.Module, dataset: Dataset[Batch], cfg: TrainConfig, privacy: PrivacyConfig, *,
                    device: torch.device, seed: int, proximal_mu: float = 0.0,
-                   reference: Mapping[str, torch.Tensor] | None = None) -> tuple[TrainResult, DPStep]:
+                   reference: Mapping[str, torch.Tensor] | None = None,
+                   noise_seed: int | None = None) -> tuple[TrainResult, DPStep]:
     """DP-SGD for cfg.local-epochs epochs of Poisson batches; returns what happened and the DP step
     to record in the ledger. FedProx is a post-step pull towards `reference` (the round's global
-    weights): Opacus overwrites p.grad, so a proximal term in the loss would be silently dropped."""
+    weights): Opacus overwrites p.grad, so a proximal term in the loss would be silently dropped.
+
+    Noise and Poisson sampling draw from generators seeded by the operating system's CSPRNG every
+    call: a seed derived from the run config (known to the coordinator) would let anyone regenerate
+    the noise, or the batches. `noise_seed` fixes the noise for tests that compare two runs; a site
+    never sets it.
+    """
     start = time.perf_counter()
     model.to(device).train()
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=generator)
     optimizer = make_optimizer(model, cfg)
-    engine = PrivacyEngine(accountant="rdp", secure_mode=False)
-    hooks, optimizer, loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=privacy.noise_multiplier,
-        max_grad_norm=privacy.max_grad_norm, poisson_sampling=True, grad_sample_mode="hooks",
-        wrap_model=False, noise_generator=torch.Generator(device=device).manual_seed(seed + 1))
+    with warnings.catch_warnings():  # "Secure RNG turned off": our generators are seeded from the OS (below)
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        engine = PrivacyEngine(accountant="rdp", secure_mode=False)
+        hooks, optimizer, loader = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=privacy.noise_multiplier,
+            max_grad_norm=privacy.max_grad_norm, poisson_sampling=True, grad_sample_mode="hooks",
+            wrap_model=False, noise_generator=_secret_generator(device, noise_seed))
+    sampler = getattr(loader, "batch_sampler", None)
+    if not isinstance(sampler, UniformWithReplacementSampler):
+        raise RuntimeError(f"opacus returned {type(sampler).__name__}, not a Poisson sampler; pin opacus 1.6.*")
+    sampler.generator = _secret_generator(torch.device("cpu"), None)  # which patients a step saw stays secret
     pull = {n: t.to(device) for n, t in reference.items()} if (reference is not None and proximal_mu > 0) else {}
-    named = dict(model.named_parameters())
-    steps, loss_sum, seen = 0, 0.0, 0
     try:
-        for _ in range(cfg.local_epochs):
-            loss_sum, seen = 0.0, 0
-            for batch in loader:
-                loss, n = _batch_loss(model, batch, device, cfg.precision)
-                optimizer.zero_grad(set_to_none=True)
-                if n:
-                    with per_patient_backward(model):
-                        loss.backward()  # type: ignore[no-untyped-call]
-                optimizer.step()
-                if pull:
-                    with torch.no_grad():
-                        for name, target in pull.items():
-                            named[name].sub_(cfg.lr * proximal_mu * (named[name] - target))
-                loss_sum += float(loss.detach()) * n
-                seen += n
-                steps += 1
+        with warnings.catch_warnings():
+            # Opacus' hooks fire on module outputs when the first layer's input needs no gradient (always here)
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            loss_mean, seen, steps = _run_epochs(model, loader, optimizer, cfg, device, pull, proximal_mu)
     finally:
         _cleanup(hooks)
     sample_rate = float(getattr(loader, "sample_rate", 1.0 / len(loader)))
-    result = TrainResult(loss_sum / max(seen, 1), seen, steps, time.perf_counter() - start)
+    result = TrainResult(loss_mean, seen, steps, time.perf_counter() - start)
     return result, DPStep(privacy.noise_multiplier, sample_rate, steps)
+
+
+def _run_epochs(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+                device: torch.device, pull: Mapping[str, torch.Tensor], proximal_mu: float) -> tuple[float, int, int]:
+    """The DP-SGD loop; returns the last epoch's mean loss, its patients and the steps taken."""
+    named = dict(model.named_parameters())
+    steps, loss_sum, seen = 0, 0.0, 0
+    for _ in range(cfg.local_epochs):
+        loss_sum, seen = 0.0, 0
+        for batch in loader:
+            loss, n = _batch_loss(model, batch, device, cfg.precision)
+            optimizer.zero_grad(set_to_none=True)
+            if n:
+                with per_patient_backward(model):
+                    loss.backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+            if pull:
+                with torch.no_grad():
+                    for name, target in pull.items():
+                        named[name].sub_(cfg.lr * proximal_mu * (named[name] - target))
+            loss_sum += float(loss.detach()) * n
+            seen += n
+            steps += 1
+    return loss_sum / max(seen, 1), seen, steps
+
+
+def _secret_generator(device: torch.device, noise_seed: int | None) -> torch.Generator:
+    """A generator seeded with 63 bits from the OS CSPRNG (Opacus' secure_mode needs torchcsprng,
+    which has no build for our torch). Poisson sampling also draws from one: with torch's global
+    RNG, seeded by build_model from the run config, the coordinator could tell which patients
+    each step used, which voids the subsampling amplification in the accountant."""
+    seed = secrets.randbits(63) if noise_seed is None else noise_seed
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def _cleanup(hooks: Any) -> None:
