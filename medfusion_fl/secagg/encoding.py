@@ -41,7 +41,7 @@ class Encoding:
 
     @property
     def levels(self) -> int:
-        return 2**self.bits - 1
+        return int(2**self.bits) - 1
 
     def _quantise(self, values: np.ndarray, low: float, high: float,
                   rng: np.random.Generator) -> tuple[np.ndarray, int]:

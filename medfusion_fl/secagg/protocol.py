@@ -159,7 +159,7 @@ def masked_input(state: SiteState, setup: Setup, keys: dict[int, tuple[bytes, by
         if len(plain) != _SHARE_PAIR:
             raise SecAggError(f"share from party {j} has {len(plain)} bytes, expected {_SHARE_PAIR}")
         state.held[j] = plain
-    y = vector + primitives.mask(state.b_seed, setup.length, setup.dtype)
+    y: np.ndarray = vector + primitives.mask(state.b_seed, setup.length, setup.dtype)
     for j in holders:
         pairwise = primitives.mask(_pair_seed(state.s_private, keys[j][1], setup.round_id), setup.length, setup.dtype)
         y = y + pairwise if state.party < j else y - pairwise
