@@ -7,18 +7,26 @@ bad answers with an error naming the problem, so the coordinator can go on witho
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client import secagg_stages
+from medfusion_fl.config import RunConfig, SiteConfig
 from medfusion_fl.errors import MedFusionError, ParameterMismatch, PrivacyBudgetExhausted
 from medfusion_fl.parameters import Weights
 from medfusion_fl.protocol import PRIVACY_DECLINED, SITE_ERROR
+from medfusion_fl.secagg import SecAggError
 from medfusion_fl.site import SiteRunner
+from medfusion_fl.training import TrainResult
+
+if TYPE_CHECKING:
+    from medfusion_fl.privacy.guard import PrivacyReport
 
 log = logging.getLogger("medfusion_fl.client")
 app = ClientApp()
-
 
 
 def _instruction(msg: Message) -> tuple[Weights, dict[str, float]]:
@@ -33,42 +41,104 @@ def _instruction(msg: Message) -> tuple[Weights, dict[str, float]]:
     return {k: a.numpy() for k, a in content.array_records["arrays"].items()}, numbers
 
 
-def _refuse(msg: Message, runner: SiteRunner | None, exc: Exception, code: int = SITE_ERROR) -> Message:
-    site = runner.site.site_id if runner else "site (config not parsed)"
+def _site_name(context: Context) -> str:
+    try:
+        return SiteConfig.from_node_config(context.node_config, RunConfig.from_flat(context.run_config)).site_id
+    except MedFusionError:
+        return "site (config not parsed)"
+
+
+def _refuse(msg: Message, context: Context, exc: Exception, code: int = SITE_ERROR) -> Message:
+    site = _site_name(context)
     log.error("%s refused %s: %s", site, msg.metadata.message_type, exc)
     reason = str(exc) if str(exc).startswith(site) else f"{site}: {exc}"
     return Message(error=Error(code=code, reason=reason), reply_to=msg)
 
 
+def _train_locally(msg: Message, context: Context) -> tuple[SiteRunner, Weights, Weights, TrainResult,
+                                                               PrivacyReport | None]:
+    """Steps 1-3 of a train instruction: parse configs, load the global weights, train on site data."""
+    runner = SiteRunner.from_configs(context.run_config, context.node_config)
+    global_weights, config = _instruction(msg)
+    server_round = int(config["server-round"])
+    event = f"{msg.metadata.run_id}/{server_round}/{msg.metadata.message_id}" if msg.metadata.message_id else ""
+    if runner.run.secagg.enabled:
+        if msg.metadata.message_type == MessageType.TRAIN:
+            raise SecAggError("secagg.enabled: this site sends its update only through secure aggregation, "
+                              "not as a plain train reply")
+        patients = len(runner.load_data().train)  # before training: a refused round spends no privacy
+        if patients > runner.run.secagg.max_weight:
+            raise SecAggError(f"{patients} training patients > secagg.max-weight = {runner.run.secagg.max_weight}; "
+                              "raise secagg.max-weight in the run config")
+    weights, result, privacy = runner.train(global_weights, server_round=server_round,
+                                            proximal_mu=config.get("proximal-mu", 0.0), event_key=event)
+    return runner, global_weights, weights, result, privacy
+
+
+def _site_records(runner: SiteRunner, privacy: PrivacyReport | None) -> RecordDict:
+    content = RecordDict({"site": ConfigRecord({"site-id": runner.site.site_id})})
+    if privacy is not None:  # cumulative epsilon and the history anyone can recompute it from
+        content["privacy"] = ConfigRecord(dict(privacy.to_record()))
+    return content
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    runner = None
     try:
-        # 1. parse configs once; load the global weights
-        runner = SiteRunner.from_configs(context.run_config, context.node_config)
-        global_weights, config = _instruction(msg)
-        # 2-3. load the site's data and train locally (FedProx term when proximal-mu > 0)
-        server_round = int(config["server-round"])
-        event = f"{msg.metadata.run_id}/{server_round}/{msg.metadata.message_id}" if msg.metadata.message_id else ""
-        weights, result, privacy = runner.train(global_weights, server_round=server_round,
-                                                proximal_mu=config.get("proximal-mu", 0.0), event_key=event)
+        runner, _, weights, result, privacy = _train_locally(msg, context)
     except PrivacyBudgetExhausted as exc:
-        return _refuse(msg, runner, exc, code=PRIVACY_DECLINED)
+        return _refuse(msg, context, exc, code=PRIVACY_DECLINED)
     except (MedFusionError, FloatingPointError) as exc:
-        return _refuse(msg, runner, exc)
+        return _refuse(msg, context, exc)
     # 4. reply with the local weights and aggregate metrics
-    metrics = MetricRecord({
+    content = _site_records(runner, privacy)
+    content["arrays"] = ArrayRecord({k: Array(v) for k, v in weights.items()})
+    content["metrics"] = MetricRecord({
         "num-examples": result.num_examples, "train-loss": result.loss,
         "train-steps": result.steps, "train-seconds": result.seconds,
     })
-    content = RecordDict({
-        "arrays": ArrayRecord({k: Array(v) for k, v in weights.items()}),
-        "metrics": metrics,
-        "site": ConfigRecord({"site-id": runner.site.site_id}),
-    })
-    if privacy is not None:  # cumulative epsilon and the history anyone can recompute it from
-        content["privacy"] = ConfigRecord(dict(privacy.to_record()))
     return Message(content=content, reply_to=msg)
+
+
+@app.train("secagg_advertise")
+def secagg_advertise(msg: Message, context: Context) -> Message:
+    """Secure stage 1: train, encode and keep the update at the site; reply with public keys only."""
+    try:
+        secagg_stages.check_fresh(msg.content, context.state)  # a replay must not train (or spend privacy) again
+        runner, global_weights, weights, result, privacy = _train_locally(msg, context)
+        keys = secagg_stages.start(msg.content, context.state, runner.run, global_weights, weights,
+                                   weight=result.num_examples, loss=result.loss)
+    except PrivacyBudgetExhausted as exc:
+        return _refuse(msg, context, exc, code=PRIVACY_DECLINED)
+    except (MedFusionError, FloatingPointError) as exc:
+        return _refuse(msg, context, exc)
+    content = _site_records(runner, privacy)
+    content["secagg"] = keys
+    return Message(content=content, reply_to=msg)
+
+
+def _secure_stage(msg: Message, context: Context,
+                  stage: Callable[[RecordDict, RecordDict], ConfigRecord | ArrayRecord]) -> Message:
+    try:
+        record = stage(msg.content, context.state)
+    except (MedFusionError, KeyError, TypeError, ValueError) as exc:
+        return _refuse(msg, context, exc)
+    return Message(content=RecordDict({"secagg": record}), reply_to=msg)
+
+
+@app.train("secagg_share")
+def secagg_share(msg: Message, context: Context) -> Message:
+    return _secure_stage(msg, context, secagg_stages.share)
+
+
+@app.train("secagg_mask")
+def secagg_mask(msg: Message, context: Context) -> Message:
+    return _secure_stage(msg, context, secagg_stages.mask)
+
+
+@app.train("secagg_unmask")
+def secagg_unmask(msg: Message, context: Context) -> Message:
+    return _secure_stage(msg, context, secagg_stages.unmask)
 
 
 @app.evaluate()
@@ -81,7 +151,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         # 2-3. load the site's validation patients and score the global model
         result = runner.evaluate(global_weights)
     except MedFusionError as exc:
-        return _refuse(msg, runner, exc)
+        return _refuse(msg, context, exc)
     # 4. reply with aggregate metrics (AUROC only when both classes are present)
     metrics = MetricRecord({
         "num-examples": result.num_examples, "eval-loss": result.loss, "eval-accuracy": result.accuracy,

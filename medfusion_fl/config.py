@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from medfusion_fl.errors import ConfigError, FeatureNotAvailable
+from medfusion_fl.errors import ConfigError
 
 Scalar = bool | int | float | str
 WHERE = "pyproject.toml [tool.flwr.app.config], a --config TOML file or --set KEY=VALUE"
@@ -175,11 +175,28 @@ class PrivacyConfig(_Section):
 
 
 class SecAggConfig(_Section):
-    enabled: bool = Field(False, description="Secure aggregation of site updates (issue 5).")
-    threshold: int = Field(2, ge=2, description="Sites needed to unmask the sum (t of n).")
-    neighbours: int = Field(0, ge=0, description="Pairwise-mask graph degree k; 0 = complete graph.")
-    clip: float = Field(1.0, gt=0.0, description="Bound on |delta| entries before quantisation.")
-    bits: int = Field(16, ge=8, le=32, description="Quantisation bits per entry.")
+    enabled: bool = Field(False, description="Secure aggregation (SecAgg+): the coordinator learns only the sum "
+                          "of the sites' weighted updates and train metrics, never one site's.")
+    threshold: int = Field(2, ge=2, description="t: sites whose shares rebuild a secret; a round needs t sites "
+                           "to the end. Higher t resists more colluding sites, tolerates fewer drop-outs.")
+    neighbours: int = Field(0, ge=0, description="k: each site masks with k neighbours (even; SecAgg+ graph, "
+                            "cost grows with k, not n); 0 = every other site (SecAgg).")
+    clip: float = Field(1.0, gt=0.0, description="Bound on each |delta| entry (local minus global weight) before "
+                        "quantisation; entries beyond it are clipped AND counted in the round's metrics.")
+    bits: int = Field(16, ge=4, le=32, description="Quantisation levels 2^bits per entry over [-clip, clip]; "
+                      "the sum is exact modulo 2^32 (or 2^64 when n x max-weight x 2^bits needs it).")
+    max_weight: int = Field(4096, ge=1, description="Largest example count (FedAvg weight) a site may send; a "
+                            "site with more patients refuses the round with a message to raise it.")
+
+    @model_validator(mode="after")
+    def _even_degree(self) -> SecAggConfig:
+        if self.neighbours % 2:
+            raise ValueError(f"neighbours = {self.neighbours} must be even (k/2 on each side of a ring) or 0 "
+                             "(complete graph)")
+        if self.neighbours and self.threshold > self.neighbours + 1:
+            raise ValueError(f"threshold = {self.threshold} > neighbours + 1 = {self.neighbours + 1}: a site's "
+                             "secrets are shared among itself and its neighbours only; lower threshold")
+        return self
 
 
 class StrategyConfig(_Section):
@@ -285,10 +302,10 @@ def _refuse_unavailable(config: RunConfig) -> None:
     if config.privacy.enabled and config.train.precision == "fp16":
         raise ConfigError("train.precision = 'fp16' with privacy.enabled: the gradient scaler multiplies every "
                           "per-patient gradient, so Opacus would clip at max-grad-norm / scale. Use 'bf16' or 'fp32'.")
-    if config.secagg.enabled:
-        raise FeatureNotAvailable(
-            "secagg.enabled = true: secure aggregation is not implemented yet (issue 5). "
-            "Set secagg.enabled = false; the coordinator then sees each site's update.")
+    if config.secagg.enabled and config.secagg.threshold > config.rounds.min_sites:
+        raise ConfigError(f"secagg.threshold = {config.secagg.threshold} > rounds.min-sites = "
+                          f"{config.rounds.min_sites}: a round the coordinator accepts with min-sites sites could "
+                          "not be unmasked. Raise rounds.min-sites or lower secagg.threshold.")
 
 
 def flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

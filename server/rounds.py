@@ -155,27 +155,42 @@ def run_round(grid: Grid, run: RunConfig, strategy: FedAvg, weights: Weights, se
     cfg = run.rounds
     rng = random.Random(run.train.seed * 100_003 + server_round)
     nodes = wait_for_sites(grid, cfg.min_sites, cfg.wait_for_sites)
-    train_config = ConfigRecord({"server-round": server_round, **strategy.train_config(server_round)})
-    content = RecordDict({"arrays": weights_record(weights), "config": train_config})
+    train_config: dict[str, Any] = {"server-round": server_round, **strategy.train_config(server_round)}
     chosen = sample(nodes, cfg.fraction_train, cfg.min_sites, rng)
-    trained, failures = exchange(grid, chosen, "train", content, cfg.reply_timeout, template=weights)
     record: dict[str, Any] = {"round": server_round, "strategy": strategy.name}
-    if len(trained) < cfg.min_sites:
-        exhausted = bool(failures) and all(f.code == PRIVACY_DECLINED for f in failures)
-        raise RoundFailed(
-            f"round {server_round}: {len(trained)} valid update(s) from {len(chosen)} sampled site(s), "
-            f"rounds.min-sites = {cfg.min_sites}; the global model is unchanged. Failures: "
-            + "; ".join(f"node {f.node_id}: {f.reason}" for f in failures),
-            record={**record, "status": "budget-exhausted" if exhausted else "failed",
-                    "failures": [asdict(f) for f in failures], "wall_time_s": time.monotonic() - start},
-            budget_exhausted=exhausted)
-    updates = [(r.weights, int(r.metrics["num-examples"])) for r in trained if r.weights is not None]
-    delta_sum, total = weighted_delta_sum(weights, updates)  # every train reply was checked to carry weights
-    new_weights = strategy.aggregate(weights, delta_sum, total)
-    record["train"] = {"loss": weighted_mean(trained, "train-loss"), "num-examples": total,
-                       "sites": per_site(trained)}
-    record["privacy"] = {r.site: {k: v for k, v in r.privacy.items() if k != "history"}
-                         for r in trained if r.privacy is not None} or None
+    if run.secagg.enabled:
+        from server.secure_round import secure_train  # here: secure_round imports this module
+
+        secure = secure_train(grid, run, weights, server_round, chosen, train_config)
+        new_weights = strategy.aggregate(weights, secure.delta_sum, secure.total_weight)
+        failures = secure.failures
+        record["train"] = {"loss": secure.loss, "num-examples": secure.total_weight,
+                           "sites": {site: {} for site in secure.sites}}
+        record["secure_aggregation"] = {"sites": len(secure.sites), "overflow": secure.overflow,
+                                        "stage_seconds": secure.stage_seconds}
+        privacy = secure.privacy
+        trained_sites = set(secure.sites)
+    else:
+        content = RecordDict({"arrays": weights_record(weights), "config": ConfigRecord(train_config)})
+        trained, failures = exchange(grid, chosen, "train", content, cfg.reply_timeout, template=weights)
+        if len(trained) < cfg.min_sites:
+            exhausted = bool(failures) and all(f.code == PRIVACY_DECLINED for f in failures)
+            raise RoundFailed(
+                f"round {server_round}: {len(trained)} valid update(s) from {len(chosen)} sampled site(s), "
+                f"rounds.min-sites = {cfg.min_sites}; the global model is unchanged. Failures: "
+                + "; ".join(f"node {f.node_id}: {f.reason}" for f in failures),
+                record={**record, "status": "budget-exhausted" if exhausted else "failed",
+                        "failures": [asdict(f) for f in failures], "wall_time_s": time.monotonic() - start},
+                budget_exhausted=exhausted)
+        updates = [(r.weights, int(r.metrics["num-examples"])) for r in trained if r.weights is not None]
+        delta_sum, total = weighted_delta_sum(weights, updates)  # every train reply was checked to carry weights
+        new_weights = strategy.aggregate(weights, delta_sum, total)
+        record["train"] = {"loss": weighted_mean(trained, "train-loss"), "num-examples": total,
+                           "sites": per_site(trained)}
+        privacy = {r.site: r.privacy for r in trained if r.privacy is not None}
+        trained_sites = {r.site for r in trained}
+    record["privacy"] = {site: {k: v for k, v in report.items() if k != "history"}
+                         for site, report in privacy.items()} or None
     record["evaluate"] = None
     if cfg.fraction_evaluate > 0:
         eval_nodes = sample(nodes, cfg.fraction_evaluate, 1, rng)
@@ -189,6 +204,5 @@ def run_round(grid: Grid, run: RunConfig, strategy: FedAvg, weights: Weights, se
     record["failures"] = [asdict(f) for f in failures]
     record["status"] = "ok"
     record["wall_time_s"] = round(time.monotonic() - start, 3)
-    return RoundResult(new_weights, record, {r.site for r in trained},
-                       {r.site: r.privacy for r in trained if r.privacy is not None})
+    return RoundResult(new_weights, record, trained_sites, privacy)
 

@@ -1,7 +1,8 @@
 """An in-process stand-in for Flower's Grid: routes messages to the real ClientApp, no Ray.
 
 Each node has its own Context (node_config = partition-id, like simulation). A ClientApp that
-raises becomes an error reply, as Flower's runtime does; `silent` nodes never reply (timeouts).
+raises becomes an error reply, as Flower's runtime does; `silent` nodes never reply (timeouts), and
+`drop_at` nodes go silent from a given message type on (a site lost mid-round).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from flwr.supercore.task_identity import TaskIdentity
 
 class FakeGrid:
     def __init__(self, app: ClientApp, run_config: dict[str, Any], num_nodes: int,
-                 silent: Iterable[int] = (), node_config: dict[str, Any] | None = None) -> None:
+                 silent: Iterable[int] = (), node_config: dict[str, Any] | None = None,
+                 drop_at: dict[int, str] | None = None) -> None:
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
         self.app = app
         self.contexts = {
@@ -26,7 +28,9 @@ class FakeGrid:
             for i in range(num_nodes)
         }
         self.silent = {100 + i for i in silent}
+        self.drop_at = {100 + i: kind for i, kind in (drop_at or {}).items()}  # silent from that message type on
         self.received: list[Message] = []  # every reply the server got, for audits
+        self.sent: list[Message] = []  # every instruction the server sent
 
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
@@ -34,7 +38,10 @@ class FakeGrid:
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         replies = []
         for msg in messages:
+            self.sent.append(msg)
             node = msg.metadata.dst_node_id
+            if self.drop_at.get(node) == msg.metadata.message_type:
+                self.silent.add(node)
             if node in self.silent:
                 continue
             try:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from medfusion_fl.config import RunConfig, SiteConfig, all_keys, flatten, parse_overrides
-from medfusion_fl.errors import ConfigError, FeatureNotAvailable
+from medfusion_fl.errors import ConfigError
 from tests.conftest import REPO
 
 
@@ -63,10 +63,14 @@ def test_column_spec_parsing() -> None:
     assert (marker.name, marker.low, marker.high) == ("marker", None, None)
 
 
-def test_features_not_built_yet_are_refused_clearly() -> None:
-    assert RunConfig.from_flat({"privacy.enabled": True}).privacy.enabled
-    with pytest.raises(FeatureNotAvailable, match="secagg.enabled = false"):
-        RunConfig.from_flat({"secagg.enabled": True})
+def test_secure_aggregation_settings_are_checked() -> None:
+    assert RunConfig.from_flat({"secagg.enabled": True}).secagg.enabled
+    with pytest.raises(ConfigError, match="must be even"):
+        RunConfig.from_flat({"secagg.neighbours": 3})
+    with pytest.raises(ConfigError, match="lower threshold"):
+        RunConfig.from_flat({"secagg.neighbours": 2, "secagg.threshold": 4})
+    with pytest.raises(ConfigError, match="Raise rounds.min-sites or lower secagg.threshold"):
+        RunConfig.from_flat({"secagg.enabled": True, "secagg.threshold": 3, "rounds.min-sites": 2})
 
 
 def test_from_toml_plain_tables_and_pyproject(tmp_path: Path) -> None:

@@ -73,3 +73,25 @@ class Encoding:
         delta_sum = total[:-EXTRA].astype(np.float64) * step - self.clip * weight
         loss_sum = float(total[-EXTRA]) * (LOSS_BOUND / self.levels)
         return delta_sum, weight, loss_sum, overflow
+
+
+def flat_delta(global_weights: dict[str, np.ndarray], local: dict[str, np.ndarray]) -> np.ndarray:
+    """local - global of every entry, in sorted key order (the layout both ends agree on)."""
+    return np.concatenate([(local[k].astype(np.float64) - global_weights[k].astype(np.float64)).ravel()
+                           for k in sorted(global_weights)])
+
+
+def unflatten(vector: np.ndarray, template: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Split a flat float64 vector (sorted key order) back into arrays shaped like `template`."""
+    out, at = {}, 0
+    for key in sorted(template):
+        size = template[key].size
+        out[key] = vector[at:at + size].reshape(template[key].shape)
+        at += size
+    if at != vector.size:
+        raise SecAggError(f"flat vector has {vector.size} entries, the model {at}")
+    return out
+
+
+def input_length(template: dict[str, np.ndarray]) -> int:
+    return sum(v.size for v in template.values()) + EXTRA
