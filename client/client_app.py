@@ -104,7 +104,9 @@ def train(msg: Message, context: Context) -> Message:
 def secagg_advertise(msg: Message, context: Context) -> Message:
     """Secure stage 1: train, encode and keep the update at the site; reply with public keys only."""
     try:
-        secagg_stages.check_fresh(msg.content, context.state)  # a replay must not train (or spend privacy) again
+        runner = SiteRunner.from_configs(context.run_config, context.node_config)
+        # a malformed or replayed instruction is refused before training spends privacy
+        secagg_stages.check_instruction(msg.content, context.state, runner.run, _instruction(msg)[0])
         runner, global_weights, weights, result, privacy = _train_locally(msg, context)
         keys = secagg_stages.start(msg.content, context.state, runner.run, global_weights, weights,
                                    weight=result.num_examples, loss=result.loss)

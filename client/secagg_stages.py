@@ -104,19 +104,21 @@ def _load(state: RecordDict, content: RecordDict) -> tuple[SiteState, Setup, dic
     return site, setup, keys
 
 
-def check_fresh(content: RecordDict, state: RecordDict) -> None:
-    """Before training: a secure train instruction whose round id this site has seen is a replay."""
+def check_instruction(content: RecordDict, state: RecordDict, run: RunConfig, global_weights: Weights) -> None:
+    """Before training (which spends privacy): the setup must be valid and its round id new to this
+    site; a round id seen before is a replayed instruction."""
     record = content.config_records.get("secagg")
     if record is None:
         raise SecAggError("secure train instruction has no 'secagg' config record")
     if _bytes(record, "round-id") in _bytes_list(state.config_records.get(SEEN, ConfigRecord()), "round-ids"):
         raise SecAggError("this secure round id was used before: a replayed train instruction; refusing")
+    _instruction_setup(content, run, global_weights)
 
 
 def start(content: RecordDict, state: RecordDict, run: RunConfig, global_weights: Weights, local: Weights,
           *, weight: int, loss: float) -> ConfigRecord:
     """Stage 1 (after local training): encode and keep the update; return the public keys."""
-    check_fresh(content, state)
+    check_instruction(content, state, run, global_weights)
     setup, party = _instruction_setup(content, run, global_weights)
     seen = _bytes_list(state.config_records.get(SEEN, ConfigRecord()), "round-ids")
     if weight > run.secagg.max_weight:

@@ -129,7 +129,16 @@ def build_card(run: RunConfig, model: MedFusionModel, check: ExportCheck,
 
 def privacy_section(run: RunConfig, sites: dict[str, Any]) -> dict[str, Any]:
     """The model card's privacy statement: the mechanism and, per site, everything to recompute epsilon."""
-    secagg = "none: secagg.enabled = false, so the coordinator saw each site's update"
+    secagg: str | dict[str, Any] = "none: secagg.enabled = false, so the coordinator saw each site's update"
+    if run.secagg.enabled:
+        sa = run.secagg
+        secagg = {
+            "protocol": "SecAgg+ (Bell et al. 2020), honest-but-curious coordinator and sites",
+            "coordinator_learned": "the sum of the sites' example-weighted updates, the sum of their example counts "
+                                   "and train losses, and which sites took part; never one site's update",
+            "threshold": sa.threshold, "neighbours": sa.neighbours or "all", "clip": sa.clip, "bits": sa.bits,
+            "sent_in_clear": "each site's id and its privacy report (epsilon, delta, DP history)",
+        }
     if not run.privacy.enabled:
         return {"differential_privacy": "none: privacy.enabled = false, so this model carries NO "
                                         "differential-privacy guarantee for the patients it was trained on",

@@ -96,9 +96,11 @@ class Federation:
     def _log_round(self, record: dict[str, Any], total: int) -> None:
         evaluation = record["evaluate"] or {}
         held = record["held_out"] or {}
-        log.info("round %d/%d: train loss %s (%d sites) | site eval AUROC %s | held-out AUROC %s "
+        secure = record.get("secure_aggregation")
+        how = f"{len(record['train']['sites'])} sites" + (", secure sum" if secure else "")
+        log.info("round %d/%d: train loss %s (%s) | site eval AUROC %s | held-out AUROC %s "
                  "acc %s | %d failure(s) | %.1f s", record["round"], total, _fmt(record["train"]["loss"]),
-                 len(record["train"]["sites"]), _fmt(evaluation.get("auroc")), _fmt(held.get("auroc")),
+                 how, _fmt(evaluation.get("auroc")), _fmt(held.get("auroc")),
                  _fmt(held.get("accuracy")), len(record["failures"]), record["wall_time_s"])
         for site, privacy in sorted((record.get("privacy") or {}).items()):
             log.info("  %s: epsilon %.3f of %g (delta %g)", site, privacy["epsilon"], privacy["max-epsilon"],

@@ -1,4 +1,5 @@
-"""One end-to-end smoke test of `medfusion-fl simulate` on Flower's Ray simulation engine, with DP."""
+"""One end-to-end smoke test of `medfusion-fl simulate` on Flower's Ray simulation engine, with DP
+and secure aggregation (the preset's defaults)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def test_simulate_cli_runs_a_federation_and_exports(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "medfusion_fl.cli", "simulate", "--preset", "tiny-cpu", "--out", str(out),
            "--sites", "2", "--set", "rounds.num-server-rounds=2", "--set", "model.backbone=test_resnet",
            "--set", "synth.patients-per-site=40", "--set", "synth.test-patients=40",
-           "--set", "train.local-epochs=1", "--set", "privacy.enabled=true", "--set", "privacy.noise-multiplier=1.5"]
+           "--set", "train.local-epochs=1", "--set", "privacy.noise-multiplier=1.5"]
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -35,3 +36,5 @@ def test_simulate_cli_runs_a_federation_and_exports(tmp_path: Path) -> None:
     sites = card["privacy"]["differential_privacy"]["sites"]
     assert sorted(sites) == ["site-0", "site-1"] and len(sites["site-1"]["history"]) == 2
     assert "round 2/2" in done.stdout + done.stderr
+    assert all(line["secure_aggregation"]["sites"] == 2 for line in lines)  # the preset's secure aggregation
+    assert card["privacy"]["secure_aggregation"]["threshold"] == 2

@@ -94,3 +94,28 @@ def test_replayed_stage_messages_are_refused(synth_root: Path, tmp_path: Path) -
         reply = grid.send_and_receive([replay])[0]
         assert reply.has_error(), original.metadata.message_type
         assert "replayed" in reply.error.reason or "no secure round in progress" in reply.error.reason
+
+
+def test_malformed_stage_messages_are_refused_with_the_field(synth_root: Path, tmp_path: Path) -> None:
+    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+    from server.rounds import weights_record
+
+    run, grid, weights = _federate(synth_root, tmp_path.name, **SECURE)
+    config = ConfigRecord({"server-round": 2})
+    bad_setups = {"parties": "three", "round-id": 12, "modulus-bits": 16, "length": 7}
+    for field, value in bad_setups.items():
+        setup = ConfigRecord({"round-id": bytes(16), "party": 1, "parties": 3, "modulus-bits": 32,
+                              "length": sum(v.size for v in weights.values()) + 3})
+        setup[field] = value
+        msg = Message(content=RecordDict({"arrays": weights_record(weights), "config": config, "secagg": setup}),
+                      dst_node_id=100, message_type="train.secagg_advertise")
+        reply = grid.send_and_receive([msg])[0]
+        assert reply.has_error() and field in reply.error.reason, (field, reply.error.reason)
+    stray = Message(content=RecordDict({"secagg": ConfigRecord({"round-id": bytes(16)}), "x": ArrayRecord()}),
+                    dst_node_id=100, message_type="train.secagg_share")
+    assert "no secure round in progress" in grid.send_and_receive([stray])[0].error.reason
+    plain = Message(content=RecordDict({"arrays": weights_record(weights), "config": config}),
+                    dst_node_id=100, message_type="train")
+    assert "only through secure aggregation" in grid.send_and_receive([plain])[0].error.reason
+    del run
