@@ -43,7 +43,7 @@ from medfusion_fl.secagg import (  # noqa: E402
 from medfusion_fl.secagg.encoding import EXTRA  # noqa: E402
 from strategies import weighted_delta_sum  # noqa: E402
 
-log = logging.getLogger("bench.secagg_cost")
+log = logging.getLogger("medfusion_fl.bench.secagg_cost")
 MODELS = {"1M": "mobilenetv3_small_075", "11M": "resnet18"}  # timm models of ~1.0M and ~11.2M parameters
 
 

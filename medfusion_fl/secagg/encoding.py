@@ -45,24 +45,32 @@ class Encoding:
 
     def _quantise(self, values: np.ndarray, low: float, high: float,
                   rng: np.random.Generator) -> tuple[np.ndarray, int]:
-        outside = int(np.count_nonzero((values < low) | (values > high) | ~np.isfinite(values)))
+        """Unbiased stochastic rounding of values in [low, high] to 0..levels (as self.dtype)."""
         if not np.all(np.isfinite(values)):
             raise SecAggError("the update holds NaN or infinite values; local training diverged")
-        scaled = (np.clip(values, low, high) - low) * (self.levels / (high - low))
-        q = np.floor(scaled + rng.random(values.shape, dtype=np.float64))
-        return np.minimum(q, self.levels).astype(np.uint64), outside
+        outside = int(np.count_nonzero(values < low)) + int(np.count_nonzero(values > high))
+        # float32 resolves 2^-24 of the range: enough below 2^20 levels; float64 beyond
+        ftype = np.float32 if self.bits <= 20 else np.float64
+        scaled = np.clip(values.astype(ftype, copy=False), low, high)
+        scaled -= ftype(low)
+        scaled *= ftype(self.levels / (high - low))
+        scaled += rng.random(scaled.shape, dtype=ftype)
+        np.floor(scaled, out=scaled)
+        np.minimum(scaled, ftype(self.levels), out=scaled)
+        return scaled.astype(self.dtype), outside
 
     def encode(self, delta: np.ndarray, *, weight: int, loss: float) -> tuple[np.ndarray, int]:
         """The site's input vector and how many entries were beyond the bounds."""
         if weight < 1:
             raise SecAggError(f"a site's weight (example count) must be >= 1, got {weight}")
         rng = np.random.default_rng(secrets.randbits(128))
-        q_delta, over = self._quantise(delta.astype(np.float64).ravel(), -self.clip, self.clip, rng)
+        vector = np.empty(delta.size + EXTRA, self.dtype)
+        q_delta, over = self._quantise(delta.ravel(), -self.clip, self.clip, rng)
+        np.multiply(q_delta, self.dtype(weight), out=vector[:-EXTRA])
         q_loss, over_loss = self._quantise(np.array([loss], np.float64), 0.0, LOSS_BOUND, rng)
         overflow = over + over_loss
-        vector = np.concatenate([q_delta * np.uint64(weight), q_loss * np.uint64(weight),
-                                 np.array([weight, overflow], np.uint64)])
-        return vector.astype(self.dtype), overflow
+        vector[-EXTRA:] = [int(q_loss[0]) * weight, weight, overflow]
+        return vector, overflow
 
     def decode(self, total: np.ndarray) -> tuple[np.ndarray, int, float, int]:
         """From the sum vector: (sum n_i delta_i as float64, sum n_i, sum n_i loss_i, overflow total)."""

@@ -66,10 +66,10 @@ def mask(seed: bytes, length: int, dtype: type[np.unsignedinteger]) -> np.ndarra
     """
     if len(seed) != KEY_BYTES:
         raise SecAggError(f"mask seed must be {KEY_BYTES} bytes, got {len(seed)}")
-    width = np.dtype(dtype).itemsize
+    out = np.zeros(length, np.dtype(dtype).newbyteorder("<"))
     encryptor = Cipher(algorithms.ChaCha20(seed, b"\x00" * 16), mode=None).encryptor()
-    stream = encryptor.update(b"\x00" * (length * width))
-    return np.frombuffer(stream, dtype=np.dtype(dtype).newbyteorder("<")).astype(dtype, copy=False)
+    encryptor.update_into(memoryview(out).cast("B"), memoryview(out).cast("B"))  # keystream XOR 0, in place
+    return out.astype(dtype, copy=False)
 
 
 def seal(key: bytes, plaintext: bytes, associated: bytes) -> bytes:

@@ -160,9 +160,9 @@ def masked_input(state: SiteState, setup: Setup, keys: dict[int, tuple[bytes, by
             raise SecAggError(f"share from party {j} has {len(plain)} bytes, expected {_SHARE_PAIR}")
         state.held[j] = plain
     y: np.ndarray = vector + primitives.mask(state.b_seed, setup.length, setup.dtype)
-    for j in holders:
+    for j in holders:  # in place: these vectors have as many entries as the model
         pairwise = primitives.mask(_pair_seed(state.s_private, keys[j][1], setup.round_id), setup.length, setup.dtype)
-        y = y + pairwise if state.party < j else y - pairwise
+        (np.add if state.party < j else np.subtract)(y, pairwise, out=y)
     state.holders, state.stage = holders, "masked"
     return y
 
@@ -201,11 +201,11 @@ def unmask(setup: Setup, keys: dict[int, tuple[bytes, bytes]], holders: list[int
     survivors, dropped = sorted(masked), sorted(set(holders) - set(masked))
     total = np.zeros(setup.length, setup.dtype)
     for y in masked.values():
-        total = total + y
+        np.add(total, y, out=total)
     for j in survivors:
         shares = {i: r[j] for i, r in revealed.items() if j in r}
         b_seed = shamir.combine(shares, setup.threshold)
-        total = total - primitives.mask(b_seed, setup.length, setup.dtype)
+        np.subtract(total, primitives.mask(b_seed, setup.length, setup.dtype), out=total)
     for j in dropped:
         shares = {i: r[j] for i, r in revealed.items() if j in r}
         s_private = shamir.combine(shares, setup.threshold)
@@ -216,5 +216,5 @@ def unmask(setup: Setup, keys: dict[int, tuple[bytes, bytes]], holders: list[int
             if k in masked:  # k added +PRG(s_kj) if k < j, else -PRG(s_kj)
                 pairwise = primitives.mask(_pair_seed(s_private, keys[k][1], setup.round_id), setup.length,
                                            setup.dtype)
-                total = total - pairwise if k < j else total + pairwise
+                (np.subtract if k < j else np.add)(total, pairwise, out=total)
     return total

@@ -138,3 +138,15 @@ def test_shamir_any_t_shares_recover_and_fewer_do_not() -> None:
     assert shamir.combine({k: shares[k] for k in (2, 4, 1)}, 3) == secret
     with pytest.raises(SecAggError, match="cannot recover"):
         shamir.combine({k: shares[k] for k in (2, 4)}, 3)
+
+
+def test_mask_is_the_chacha20_keystream_little_endian() -> None:
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+    from medfusion_fl.secagg import primitives
+
+    seed = bytes(range(32))
+    for n, dtype, code in ((1, np.uint32, "<u4"), (1001, np.uint32, "<u4"), (333, np.uint64, "<u8")):
+        stream = Cipher(algorithms.ChaCha20(seed, b"\x00" * 16), mode=None).encryptor().update(
+            b"\x00" * (n * np.dtype(dtype).itemsize))
+        np.testing.assert_array_equal(primitives.mask(seed, n, dtype), np.frombuffer(stream, code))
