@@ -46,6 +46,8 @@ class TabularColumn(BaseModel):
 class OutputConfig(_Section):
     run_dir: str = Field("runs/flwr-run", description="Folder for checkpoints, metrics and the exported model.")
     keep_checkpoints: int = Field(3, ge=1, description="Round checkpoints kept on disk (older ones are pruned).")
+    resume: bool = Field(False, description="Continue from the newest checkpoint in run-dir (weights, round, "
+                         "strategy state, sites) instead of starting over; the model and data config must match.")
 
 
 class DataConfig(_Section):

@@ -18,12 +18,15 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write `path` so that readers see either the old or the complete new content."""
+def write_atomic(path: Path, write: Callable[[IO[bytes]], None], *, mode: int | None = None) -> None:
+    """Write `path` so that readers see either the old or the complete new content. The file is
+    created with mode 0600 (mkstemp) unless `mode` is given; the mode is set before it appears."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        if mode is not None:
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
@@ -35,13 +38,13 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     _fsync_dir(path.parent)
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Atomically replace `path` with `data`."""
+def write_bytes_atomic(path: Path, data: bytes, *, mode: int | None = None) -> None:
+    """Atomically replace `path` with `data` (mode as in write_atomic)."""
 
     def write(handle: IO[bytes]) -> None:
         handle.write(data)
 
-    write_atomic(path, write)
+    write_atomic(path, write, mode=mode)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

@@ -11,11 +11,11 @@ from flwr.serverapp import Grid
 
 from medfusion_fl.config import RunConfig
 from medfusion_fl.data import SiteDataset, load_test_set, write_test_set
-from medfusion_fl.errors import RoundFailed
+from medfusion_fl.errors import CheckpointError, RoundFailed
 from medfusion_fl.export import export_model, resolve_test_path
 from medfusion_fl.models import MedFusionModel, build_model
 from medfusion_fl.parameters import Weights, get_weights, set_weights
-from medfusion_fl.runstore import RunStore
+from medfusion_fl.runstore import RunStore, load_checkpoint
 from medfusion_fl.training import evaluate
 from server.rounds import run_round
 from strategies import build_strategy
@@ -61,13 +61,32 @@ class Federation:
     def model_device(self) -> Any:
         return next(self.model.parameters()).device
 
+    def resume(self) -> tuple[Weights, dict[str, Any]]:
+        """The weights and last metrics line to start from: the newest checkpoint under
+        output.resume (its model and data config must match this run's), else the fresh model."""
+        latest = self.store.latest_checkpoint() if self.run.output.resume else None
+        if latest is None:
+            if self.run.output.resume:
+                log.info("output.resume: no checkpoint in %s yet; starting at round 1", self.store.root)
+            return get_weights(self.model), {}
+        checkpoint = load_checkpoint(latest)
+        for section in ("model", "data", "strategy"):
+            if getattr(checkpoint.config, section) != getattr(self.run, section):
+                raise CheckpointError(f"{latest} was trained with another {section} config; resume it with the "
+                                      f"same {section}.* keys, or set output.resume = false to start over")
+        self.strategy.load_state_dict(checkpoint.strategy_state)
+        self.sites, self.privacy = set(checkpoint.sites), dict(checkpoint.privacy)
+        self.rounds_done = checkpoint.round
+        log.info("resuming from %s: round %d of %d done", latest, checkpoint.round, self.run.rounds.num_server_rounds)
+        return checkpoint.weights, checkpoint.metrics
+
     def run_rounds(self, grid: Grid) -> dict[str, Any]:
-        """Run every round; returns the last round's metrics line."""
-        weights = get_weights(self.model)
+        """Run every round (after the checkpointed ones under output.resume); returns the last
+        round's metrics line."""
+        weights, record = self.resume()
         total = self.run.rounds.num_server_rounds
-        record: dict[str, Any] = {}
         start = time.monotonic()
-        for server_round in range(1, total + 1):
+        for server_round in range(self.rounds_done + 1, total + 1):
             try:
                 result = run_round(grid, self.run, self.strategy, weights, server_round, self.held_out_eval)
             except RoundFailed as exc:

@@ -68,7 +68,8 @@ def mask(seed: bytes, length: int, dtype: type[np.unsignedinteger]) -> np.ndarra
         raise SecAggError(f"mask seed must be {KEY_BYTES} bytes, got {len(seed)}")
     out = np.zeros(length, np.dtype(dtype).newbyteorder("<"))
     encryptor = Cipher(algorithms.ChaCha20(seed, b"\x00" * 16), mode=None).encryptor()
-    encryptor.update_into(memoryview(out).cast("B"), memoryview(out).cast("B"))  # keystream XOR 0, in place
+    raw = out.view(np.uint8).data  # the array's bytes, writable
+    encryptor.update_into(raw, raw)  # keystream XOR 0, in place
     return out.astype(dtype, copy=False)
 
 

@@ -114,3 +114,26 @@ def test_fedprox_run_sends_mu_to_the_sites(synth_root: Path, tmp_path: Path, mon
         "strategy.name": "fedprox", "strategy.proximal-mu": 0.25, "rounds.fraction-evaluate": 0.0}))
     record = Federation(run).run_rounds(FakeGrid(client_app, run.to_flat(), num_nodes=2))
     assert seen == [0.25, 0.25] and record["strategy"] == "fedprox" and record["evaluate"] is None
+
+
+def test_resume_continues_from_the_last_complete_round(synth_root: Path, tmp_path: Path) -> None:
+    from medfusion_fl.errors import CheckpointError
+
+    first = _run(synth_root, **{"rounds.num-server-rounds": 1, "output.run-dir": str(tmp_path / "run")})
+    Federation(first).run_rounds(FakeGrid(client_app, first.to_flat(), num_nodes=3))
+    after_one = load_checkpoint(RunStore(tmp_path / "run").latest_checkpoint()).weights
+    again = _run(synth_root, **{"rounds.num-server-rounds": 3, "output.run-dir": str(tmp_path / "run"),
+                                "output.resume": True})
+    grid = FakeGrid(client_app, again.to_flat(), num_nodes=3)
+    federation = Federation(again)
+    assert all((a == b).all() for a, b in zip(federation.resume()[0].values(), after_one.values(), strict=True))
+    federation = Federation(again)
+    federation.run_rounds(grid)
+    store = RunStore(tmp_path / "run")
+    assert [line["round"] for line in store.read_metrics()] == [1, 2, 3]
+    assert {m.content.config_records["config"]["server-round"] for m in grid.sent} == {2, 3}  # round 1 not redone
+    assert load_checkpoint(store.latest_checkpoint()).round == 3
+    other = _run(synth_root, **{"output.run-dir": str(tmp_path / "run"), "output.resume": True,
+                                "model.fusion": "gated"})
+    with pytest.raises(CheckpointError, match="another model config"):
+        Federation(other).resume()
