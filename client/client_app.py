@@ -10,20 +10,23 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import secagg_stages
 from medfusion_fl.config import RunConfig, SiteConfig
 from medfusion_fl.errors import MedFusionError, ParameterMismatch, PrivacyBudgetExhausted
-from medfusion_fl.parameters import Weights
 from medfusion_fl.protocol import PRIVACY_DECLINED, SITE_ERROR
 from medfusion_fl.secagg import SecAggError
-from medfusion_fl.site import SiteRunner
-from medfusion_fl.training import TrainResult
 
-if TYPE_CHECKING:
+Weights = dict[str, np.ndarray]  # as medfusion_fl.parameters, which imports torch
+
+if TYPE_CHECKING:  # torch-heavy modules load inside the handlers that train or evaluate: a process that
+    # only runs a secure-aggregation stage (Flower starts one per message) never imports torch
     from medfusion_fl.privacy.guard import PrivacyReport
+    from medfusion_fl.site import SiteRunner
+    from medfusion_fl.training import TrainResult
 
 log = logging.getLogger("medfusion_fl.client")
 app = ClientApp()
@@ -58,6 +61,8 @@ def _refuse(msg: Message, context: Context, exc: Exception, code: int = SITE_ERR
 def _train_locally(msg: Message, context: Context) -> tuple[SiteRunner, Weights, Weights, TrainResult,
                                                                PrivacyReport | None]:
     """Steps 1-3 of a train instruction: parse configs, load the global weights, train on site data."""
+    from medfusion_fl.site import SiteRunner
+
     runner = SiteRunner.from_configs(context.run_config, context.node_config)
     global_weights, config = _instruction(msg)
     server_round = int(config["server-round"])
@@ -104,9 +109,9 @@ def train(msg: Message, context: Context) -> Message:
 def secagg_advertise(msg: Message, context: Context) -> Message:
     """Secure stage 1: train, encode and keep the update at the site; reply with public keys only."""
     try:
-        runner = SiteRunner.from_configs(context.run_config, context.node_config)
+        run = RunConfig.from_flat(context.run_config)
         # a malformed or replayed instruction is refused before training spends privacy
-        secagg_stages.check_instruction(msg.content, context.state, runner.run, _instruction(msg)[0])
+        secagg_stages.check_instruction(msg.content, context.state, run, _instruction(msg)[0])
         runner, global_weights, weights, result, privacy = _train_locally(msg, context)
         keys = secagg_stages.start(msg.content, context.state, runner.run, global_weights, weights,
                                    weight=result.num_examples, loss=result.loss)
@@ -145,7 +150,8 @@ def secagg_unmask(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    runner = None
+    from medfusion_fl.site import SiteRunner
+
     try:
         # 1. parse configs once; load the global weights
         runner = SiteRunner.from_configs(context.run_config, context.node_config)

@@ -14,13 +14,13 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from medfusion_fl.config import RunConfig
-from medfusion_fl.parameters import Weights
 from medfusion_fl.secagg import Encoding, SecAggError, Setup, SiteState, advertise, masked_input, modulus_dtype
 from medfusion_fl.secagg import reveal as reveal_shares
 from medfusion_fl.secagg import share as share_keys
 from medfusion_fl.secagg.encoding import flat_delta, input_length
 
 log = logging.getLogger("medfusion_fl.client")
+Weights = dict[str, np.ndarray]  # as medfusion_fl.parameters, without importing torch
 STATE, INPUT, SEEN = "secagg", "secagg-input", "secagg-seen"
 
 

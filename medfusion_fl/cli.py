@@ -1,4 +1,4 @@
-"""The `medfusion-fl` command: synth, site check, simulate, export, config show."""
+"""The `medfusion-fl` command: synth, site check/status/run, certs, simulate, export, config show."""
 
 from __future__ import annotations
 
@@ -65,6 +65,29 @@ def cmd_site_status(args: argparse.Namespace) -> int:
         for entry in ledger.entries(federation):
             sys.stdout.write(f"  round {entry.round:>4}  noise {entry.noise_multiplier:g}  sample rate "
                              f"{entry.sample_rate:.5f}  steps {entry.steps:>6}  at {entry.recorded_at}\n")
+    return 0
+
+
+def cmd_site_run(args: argparse.Namespace) -> int:
+    from medfusion_fl.deploy.site_agent import describe, load_agent
+
+    agent = load_agent(Path(args.config), parse_overrides(args.set or []))
+    patients = agent.check()
+    log.info("%s: %d usable patient(s) in %s; budget epsilon %g at delta %g (federation %r)", agent.site.site_id,
+             patients, agent.site.data_path, agent.site.max_epsilon, agent.site.delta, agent.site.federation)
+    if args.dry_run:
+        sys.stdout.write(describe(agent) + "\n")
+        return 0
+    log.info("starting %s", describe(agent))
+    agent.start()
+    return 0  # not reached: start() replaces this process
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from medfusion_fl.deploy.certs import make_certs
+
+    report = make_certs(Path(args.out), hosts=args.host or [], sites=args.site or [])
+    log.info("%d file(s) created, %d kept under %s", len(report.created), len(report.kept), args.out)
     return 0
 
 
@@ -152,6 +175,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-epsilon", type=float, default=8.0, help="the site's budget (default 8)")
     p.add_argument("--accountant", choices=["rdp", "prv"], default="rdp")
     p.set_defaults(func=cmd_site_status)
+    p = site.add_parser("run", help="check the site's config and data, then start its Flower SuperNode")
+    p.add_argument("--config", type=Path, required=True, help="the site's site.toml (docs/deployment.md)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a run-config key of [run]")
+    p.add_argument("--dry-run", action="store_true", help="check, print the SuperNode command, do not start it")
+    p.set_defaults(func=cmd_site_run)
+    p = sub.add_parser("certs", help="create the federation CA, the SuperLink's TLS certificate and site keys")
+    p.add_argument("--out", default="certs", help="folder for the key material (default: certs)")
+    p.add_argument("--host", action="append", help="a host name or IP of the coordinator (repeatable)")
+    p.add_argument("--site", action="append", help="a hospital name; creates sites/NAME/auth_key (repeatable)")
+    p.set_defaults(func=cmd_certs)
     p = with_config(sub.add_parser("simulate", help="run a whole federation on this machine"))
     p.add_argument("--preset", default="tiny-cpu")
     p.add_argument("--out", default="runs/demo")

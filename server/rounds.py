@@ -100,6 +100,15 @@ def _parse_privacy(record: Any, site: str) -> dict[str, Any]:
     return report
 
 
+def replying_node(reply: Message, sent: list[Message]) -> int:
+    """The node a reply concerns: the destination of the message it answers. Errors that the
+    SuperLink writes itself (e.g. a node missing its heartbeats) carry the SuperLink as source."""
+    for msg in sent:
+        if msg.metadata.message_id and msg.metadata.message_id == reply.metadata.reply_to_message_id:
+            return msg.metadata.dst_node_id
+    return reply.metadata.src_node_id
+
+
 def exchange(grid: Grid, nodes: list[int], stage: str, content: RecordDict, timeout: float,
              template: Weights | None = None) -> tuple[list[SiteReply], list[SiteFailure]]:
     """Send one instruction to each node; collect valid replies and the failures with reasons."""
@@ -107,7 +116,7 @@ def exchange(grid: Grid, nodes: list[int], stage: str, content: RecordDict, time
     messages = [Message(content=content, dst_node_id=n, message_type=kind) for n in nodes]
     replies, failures, answered = [], [], set()
     for msg in grid.send_and_receive(messages, timeout=timeout):
-        node = msg.metadata.src_node_id
+        node = replying_node(msg, messages)
         answered.add(node)
         if msg.has_error():
             failures.append(SiteFailure(node, stage, str(msg.error.reason), msg.error.code))

@@ -27,7 +27,7 @@ from medfusion_fl.protocol import PRIVACY_DECLINED
 from medfusion_fl.secagg import Encoding, SecAggError, Setup, modulus_dtype, unmask
 from medfusion_fl.secagg.encoding import input_length, unflatten
 from medfusion_fl.secagg.primitives import check_public_key
-from server.rounds import SiteFailure, _parse_privacy, weights_record
+from server.rounds import SiteFailure, _parse_privacy, replying_node, weights_record
 
 log = logging.getLogger("medfusion_fl.server")
 
@@ -59,7 +59,7 @@ class _Stages:
         timeout = self.run.rounds.reply_timeout
         replies: dict[int, Message] = {}
         for msg in self.grid.send_and_receive(messages, timeout=timeout):
-            node = msg.metadata.src_node_id
+            node = replying_node(msg, messages)
             if msg.has_error():
                 self.failures.append(SiteFailure(node, stage, str(msg.error.reason), msg.error.code))
             elif "secagg" not in msg.content.config_records and "secagg" not in msg.content.array_records:

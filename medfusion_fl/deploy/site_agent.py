@@ -1,0 +1,131 @@
+"""`medfusion-fl site run --config site.toml`: check a hospital's config and data, then start its
+Flower SuperNode with the right flags (and never when the check fails).
+
+site.toml (paths relative to the file):
+
+    [site]                     # the SuperNode's node-config: what the hospital decides (SiteConfig)
+    site-id = "H1"
+    data-path = "data/h1"
+    state-dir = "state/h1"
+    federation = "chest-xray"
+    max-epsilon = 8.0
+    delta = 1e-5
+
+    [superlink]                # where and how to connect
+    address = "coord.example.org:9092"
+    root-certificates = "certs/ca.pem"
+    auth-key = "certs/sites/H1/auth_key"
+    runtime-port = 9094        # this SuperNode's local Runtime API port (distinct per SuperNode on a host)
+
+    [run]                      # the federation's data schema, to check the folder before joining
+    config = "pyproject.toml"  # the app's pyproject.toml or a run-config TOML
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medfusion_fl.config import RunConfig, SiteConfig, read_toml_flat
+from medfusion_fl.errors import ConfigError, DataError
+
+FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+              "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+_SUPERLINK_KEYS = {"address", "root-certificates", "auth-key", "runtime-port", "insecure"}
+
+
+@dataclass(frozen=True)
+class SiteAgent:
+    site: SiteConfig
+    run: RunConfig
+    node_config: dict[str, Any]
+    superlink: dict[str, Any]
+    source: Path
+
+    def command(self) -> list[str]:
+        """The flower-supernode command line for this site."""
+        exe = shutil.which("flower-supernode") or "flower-supernode"
+        cmd = [exe, "--superlink", str(self.superlink["address"]),
+               "--node-config", " ".join(f"{k}={_toml_value(v)}" for k, v in self.node_config.items()),
+               "--port", str(int(self.superlink.get("runtime-port", 9094)))]
+        if self.superlink.get("insecure"):
+            cmd.append("--insecure")
+        else:
+            cmd += ["--root-certificates", str(self.superlink["root-certificates"])]
+        if "auth-key" in self.superlink:
+            cmd += ["--auth-supernode-private-key", str(self.superlink["auth-key"])]
+        return cmd
+
+    def check(self) -> int:
+        """Validate the site folder against the run's schema; raises DataError naming every problem."""
+        from medfusion_fl.data import check_site
+
+        records, problems = check_site(self.site.data_path, self.run.data)
+        if problems:
+            shown = "\n  ".join(str(p) for p in problems[:20])
+            more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+            raise DataError(f"{self.source}: site {self.site.site_id!r} is not ready, {self.site.data_path} has "
+                            f"{len(problems)} problem(s); the SuperNode was not started:\n  {shown}{more}")
+        return len(records)
+
+    def start(self) -> None:
+        """Replace this process by the SuperNode (signals and exit code are the SuperNode's)."""
+        self.site.state_dir.mkdir(parents=True, exist_ok=True)
+        os.execvpe(self.command()[0], self.command(), {**os.environ, **FLOWER_ENV})
+
+
+def _toml_value(value: Any) -> str:
+    return f'"{value}"' if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _resolve(base: Path, value: Any, what: str, *, must_exist: bool) -> str:
+    path = (base / str(value)).resolve()
+    if must_exist and not path.exists():
+        raise ConfigError(f"{what} = {value!r}: {path} does not exist; fix the path in the site config")
+    return str(path)
+
+
+def load_agent(path: Path, overrides: dict[str, Any] | None = None) -> SiteAgent:
+    """Parse and check site.toml (every path resolved against its folder)."""
+    path = Path(path)
+    try:
+        doc = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"site config {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"site config {path} is not valid TOML: {exc}") from None
+    unknown = set(doc) - {"site", "superlink", "run"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown table(s) {sorted(unknown)}; expected [site], [superlink], [run]")
+    base = path.parent
+    site_table, link = dict(doc.get("site", {})), dict(doc.get("superlink", {}))
+    bad = set(link) - _SUPERLINK_KEYS
+    if bad:
+        raise ConfigError(f"{path}: unknown [superlink] key(s) {sorted(bad)}; valid: {sorted(_SUPERLINK_KEYS)}")
+    if "address" not in link:
+        raise ConfigError(f"{path}: [superlink] needs address = \"host:port\" of the coordinator")
+    if not link.get("insecure"):
+        if "root-certificates" not in link:
+            raise ConfigError(f"{path}: [superlink] needs root-certificates (the federation CA, ca.pem)")
+        link["root-certificates"] = _resolve(base, link["root-certificates"], "[superlink] root-certificates",
+                                             must_exist=True)
+    if "auth-key" in link:
+        link["auth-key"] = _resolve(base, link["auth-key"], "[superlink] auth-key", must_exist=True)
+    for key in ("data-path", "state-dir"):
+        if key in site_table:
+            site_table[key] = _resolve(base, site_table[key], f"[site] {key}", must_exist=key == "data-path")
+    run_table = dict(doc.get("run", {}))
+    flat = read_toml_flat(Path(_resolve(base, run_table["config"], "[run] config", must_exist=True))) \
+        if "config" in run_table else {}
+    run = RunConfig.from_flat({**flat, **(overrides or {})})
+    site = SiteConfig.from_node_config(site_table, run)
+    return SiteAgent(site, run, site_table, link, path)
+
+
+def describe(agent: SiteAgent) -> str:
+    return shlex.join(agent.command())

@@ -1,0 +1,178 @@
+"""A real federation on 127.0.0.1, step by step as docs/deployment.md: a TLS SuperLink with SuperNode
+authentication and a state database, three hospitals started with `medfusion-fl site run`, an
+unregistered hospital refused, DP + secure aggregation, the coordinator killed after round 1 and
+resumed, a hospital killed during round 2. Every process is stopped at the end, also on failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.deployment
+BIN = Path(sys.executable).parent
+SITES = ("H1", "H2", "H3")
+
+
+class Processes:
+    """Background processes, each in its own process group (so its children stop with it)."""
+
+    def __init__(self, logs: Path, env: dict[str, str]) -> None:
+        self.logs, self.env, self.running = logs, env, {}
+        logs.mkdir(parents=True, exist_ok=True)
+
+    def start(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
+        log = (self.logs / f"{name}.log").open("ab")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        self.running[name] = proc
+        return proc
+
+    def stop(self, name: str) -> None:
+        proc = self.running.pop(name)
+        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                proc.wait(timeout=wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    def crash(self, name: str) -> None:
+        """SIGKILL, as a power cut would: no goodbye to the SuperLink."""
+        proc = self.running.pop(name)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+    def count(self, name: str, text: str) -> int:
+        path = self.logs / f"{name}.log"
+        return path.read_text(errors="replace").count(text) if path.exists() else 0
+
+    def stop_all(self) -> None:
+        for name in list(self.running):
+            self.stop(name)
+
+    def tail(self, name: str) -> str:
+        path = self.logs / f"{name}.log"
+        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait(what: str, ready: Callable[[], bool], timeout: float, procs: Processes, log: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{procs.tail(log)}")
+        time.sleep(1.0)
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_loopback_federation_with_tls_auth_loss_and_resume(tmp_path: Path) -> None:
+    home, certs, data, run_dir = tmp_path / "flwr-home", tmp_path / "certs", tmp_path / "data", tmp_path / "run"
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_HOME": str(home)}
+    procs = Processes(tmp_path / "logs", env)
+
+    def run(*cmd: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(list(cmd), env=env, capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
+        assert done.returncode == 0, f"{cmd}\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+        return done
+
+    port = _free_port()
+    superlink = [str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(certs / "ca.pem"),
+                 "--ssl-certfile", str(certs / "superlink.pem"), "--ssl-keyfile", str(certs / "superlink.key"),
+                 "--enable-supernode-auth", "--database", str(tmp_path / "superlink.db"),
+                 "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation"]
+    config = ('data.source="folders" data.test-path="{test}" output.run-dir="{run}" model.backbone="test_resnet" '
+              'rounds.num-server-rounds=3 rounds.min-sites=2 rounds.wait-for-sites=60 rounds.reply-timeout=40 '
+              'privacy.enabled=true secagg.enabled=true secagg.threshold=2 train.local-epochs=1'
+              ).format(test=data / "test", run=run_dir)
+    try:
+        # 1. key material and three synthetic hospitals (a fourth key is never registered)
+        run(str(BIN / "medfusion-fl"), "certs", "--out", str(certs), "--host", "127.0.0.1", "--host", "localhost",
+            *[a for s in (*SITES, "H4") for a in ("--site", s)])
+        run(str(BIN / "medfusion-fl"), "synth", "--sites", "3", "--out", str(data),
+            "--set", "synth.patients-per-site=30", "--set", "synth.test-patients=30")
+        # 2. the coordinator: TLS, SuperNode authentication, a persistent state database
+        procs.start("superlink", superlink)
+        _wait("the SuperLink port", lambda: _port_open(port), 60, procs, "superlink")
+        home.mkdir(exist_ok=True)
+        (home / "config.toml").write_text(f'[superlink]\ndefault = "coordinator"\n\n[superlink.coordinator]\n'
+                                          f'address = "127.0.0.1:{port}"\nroot-certificates = "{certs / "ca.pem"}"\n')
+        # 3. register each hospital's public key
+        node_ids = {}
+        for site in SITES:
+            done = run(str(BIN / "flwr"), "supernode", "register", str(certs / "sites" / site / "auth_key.pub"),
+                       "coordinator", "--name", site)
+            node_ids[site] = int(re.search(r"SuperNode (\d+) registered", done.stdout).group(1))  # type: ignore[union-attr]
+        # 4. each hospital checks its data and starts its SuperNode
+        for k, site in enumerate(SITES):
+            (tmp_path / f"{site}.toml").write_text(
+                f'[site]\nsite-id = "{site}"\ndata-path = "data/site-{k}"\nstate-dir = "state/{site}"\n'
+                f'federation = "loopback"\nmax-epsilon = 100.0\ndelta = 1e-5\n\n'
+                f'[superlink]\naddress = "127.0.0.1:{port}"\nroot-certificates = "certs/ca.pem"\n'
+                f'auth-key = "certs/sites/{site}/auth_key"\nruntime-port = {_free_port()}\n\n'
+                f'[run]\nconfig = "{REPO / "pyproject.toml"}"\n')
+            procs.start(site, [str(BIN / "medfusion-fl"), "site", "run", "--config", str(tmp_path / f"{site}.toml")])
+        # an unregistered key is refused by the SuperLink
+        stranger = procs.start("H4", [
+            str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{port}", "--root-certificates",
+            str(certs / "ca.pem"), "--auth-supernode-private-key", str(certs / "sites" / "H4" / "auth_key"),
+            "--node-config", f'data-path="{data / "site-0"}"', "--port", str(_free_port()), "--max-retries", "1"])
+        _wait("the unregistered SuperNode to give up", lambda: stranger.poll() is not None, 120, procs, "H4")
+        assert stranger.returncode != 0 and procs.count("H4", "Failed to activate SuperNode") == 1
+        procs.stop("H4")  # its helper processes
+        # 5. the researcher starts 3 rounds; the coordinator dies after round 1
+        procs.start("run-1", [str(BIN / "flwr"), "run", str(REPO), "coordinator", "--stream", "--run-config", config])
+        first = run_dir / "checkpoints" / "round-0001.pt"
+        _wait("round 1's checkpoint", first.exists, 420, procs, "run-1")
+        procs.stop("superlink")
+        procs.stop("run-1")
+        assert not (run_dir / "checkpoints" / "round-0002.pt").exists()
+        # 6. the coordinator restarts on the same database; the run resumes; H3 dies during round 2
+        procs.start("superlink", superlink)
+        _wait("the restarted SuperLink", lambda: _port_open(port), 60, procs, "superlink")
+        received = procs.count("H3", "Receiving: train.secagg_advertise")
+        resumed = procs.start("run-2", [str(BIN / "flwr"), "run", str(REPO), "coordinator", "--stream",
+                                         "--run-config", config + " output.resume=true"])
+        _wait("H3 to receive round 2", lambda: procs.count("H3", "Receiving: train.secagg_advertise") > received,
+              240, procs, "H3")
+        procs.crash("H3")
+        _wait("the resumed run to finish", lambda: resumed.poll() is not None, 600, procs, "run-2")
+        assert resumed.returncode == 0, procs.tail("run-2")
+    finally:
+        procs.stop_all()
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["round"] for line in lines] == [1, 2, 3] and all(line["status"] == "ok" for line in lines)
+    assert sorted(lines[0]["train"]["sites"]) == list(SITES)
+    assert sorted(lines[1]["train"]["sites"]) == ["H1", "H2"]  # round 2 completed without H3
+    lost = lines[1]["failures"]  # H3's death is recorded under its own node id, at the stage it was lost
+    assert {f["node_id"] for f in lost} == {node_ids["H3"]} and "secagg_advertise" in {f["stage"] for f in lost}
+    assert all(line["secure_aggregation"]["sites"] >= 2 for line in lines)
+    card = json.loads((run_dir / "model_card.json").read_text())
+    assert card["rounds"] == 3 and card["export_check"]["max_abs_diff"] <= 1e-4
+    assert (run_dir / "model.onnx").stat().st_size > 0
+    assert "resuming from" in procs.tail("run-2")
