@@ -150,3 +150,22 @@ def test_mask_is_the_chacha20_keystream_little_endian() -> None:
         stream = Cipher(algorithms.ChaCha20(seed, b"\x00" * 16), mode=None).encryptor().update(
             b"\x00" * (n * np.dtype(dtype).itemsize))
         np.testing.assert_array_equal(primitives.mask(seed, n, dtype), np.frombuffer(stream, code))
+
+
+def test_encoding_round_trip_counts_what_it_clips() -> None:
+    from medfusion_fl.secagg import Encoding
+
+    enc = Encoding(clip=0.5, bits=16, dtype=np.uint32)
+    rng = np.random.default_rng(3)
+    deltas = [rng.normal(0, 0.1, 1000) for _ in range(3)]
+    deltas[0][:7] = 0.9  # beyond the bound
+    weights = [10, 20, 30]
+    total = np.zeros(1003, np.uint32)
+    for d, w in zip(deltas, weights, strict=True):
+        total += enc.encode(d, weight=w, loss=0.7)[0]
+    delta_sum, weight, loss_sum, overflow = enc.decode(total)
+    expected = sum(w * np.clip(d, -0.5, 0.5) for d, w in zip(deltas, weights, strict=True))
+    assert weight == 60 and overflow == 7 and loss_sum == pytest.approx(0.7 * 60, abs=60 * 64 / 65535)
+    assert np.abs(delta_sum - expected).max() <= 60 * 1.0 / 65535  # at most one level per unit of weight
+    with pytest.raises(SecAggError, match="NaN"):
+        enc.encode(np.array([np.nan]), weight=1, loss=0.0)

@@ -119,3 +119,13 @@ def test_malformed_stage_messages_are_refused_with_the_field(synth_root: Path, t
                     dst_node_id=100, message_type="train")
     assert "only through secure aggregation" in grid.send_and_receive([plain])[0].error.reason
     del run
+
+
+def test_entries_beyond_the_bound_are_counted_and_reported(synth_root: Path, tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    run, _, _ = _federate(synth_root, tmp_path.name, **{**SECURE, "secagg.clip": 1e-7})
+    line = RunStore(Path(run.output.run_dir)).read_metrics()[-1]
+    params = sum(v.size for v in load_checkpoint(RunStore(Path(run.output.run_dir)).latest_checkpoint())
+                 .weights.values())
+    assert 0 < line["secure_aggregation"]["overflow"] <= 3 * (params + 1)  # counted over the 3 sites, never hidden
+    assert "raise secagg.clip" in caplog.text
