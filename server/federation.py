@@ -17,7 +17,7 @@ from medfusion_fl.models import MedFusionModel, build_model
 from medfusion_fl.parameters import Weights, get_weights, set_weights
 from medfusion_fl.runstore import RunStore, load_checkpoint
 from medfusion_fl.training import evaluate
-from server.rounds import run_round
+from server.rounds import SiteDirectory, run_round
 from strategies import build_strategy
 
 log = logging.getLogger("medfusion_fl.server")
@@ -84,11 +84,12 @@ class Federation:
         """Run every round (after the checkpointed ones under output.resume); returns the last
         round's metrics line."""
         weights, record = self.resume()
+        sites = SiteDirectory(grid)  # learns node -> site from replies, to name sites in waits and failures
         total = self.run.rounds.num_server_rounds
         start = time.monotonic()
         for server_round in range(self.rounds_done + 1, total + 1):
             try:
-                result = run_round(grid, self.run, self.strategy, weights, server_round, self.held_out_eval)
+                result = run_round(sites, self.run, self.strategy, weights, server_round, self.held_out_eval)
             except RoundFailed as exc:
                 if exc.record is not None:
                     self.store.append_metrics(exc.record)

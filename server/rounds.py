@@ -13,7 +13,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -37,6 +37,40 @@ class SiteFailure:
     stage: str
     reason: str
     code: int | None = None  # Error.code of the site's reply (medfusion_fl.protocol), None for timeouts
+    site: str | None = None  # the site's id, when an earlier reply of this node told it
+
+
+class SiteDirectory:
+    """The Grid, plus which site each node is, learnt from the `site` record of its replies: waits
+    and failures can then name hospitals, not only node ids. One per run, so names outlive rounds."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+        self.names: dict[int, str] = {}
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.grid.get_node_ids())
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        for reply in replies:
+            record = None if reply.has_error() else reply.content.config_records.get("site")
+            if record is not None and isinstance(record.get("site-id"), str):
+                self.names[reply.metadata.src_node_id] = str(record["site-id"])
+        return replies
+
+
+def site_of(grid: Grid | SiteDirectory, node: int) -> str | None:
+    return grid.names.get(node) if isinstance(grid, SiteDirectory) else None
+
+
+def who(grid: Grid | SiteDirectory, node: int) -> str:
+    site = site_of(grid, node)
+    return f"{site} (node {node})" if site else f"node {node}"
+
+
+def failure(grid: Grid | SiteDirectory, node: int, stage: str, reason: str, code: int | None = None) -> SiteFailure:
+    return SiteFailure(node, stage, reason, code, site_of(grid, node))
 
 
 @dataclass
@@ -48,16 +82,21 @@ class SiteReply:
     privacy: dict[str, Any] | None = None  # the site's cumulative epsilon, delta and DP history
 
 
-def wait_for_sites(grid: Grid, minimum: int, timeout: float, poll: float = 0.5) -> list[int]:
-    """Node ids once at least `minimum` sites are connected; RoundFailed after `timeout` seconds."""
+def wait_for_sites(grid: Grid | SiteDirectory, minimum: int, timeout: float, poll: float = 0.5) -> list[int]:
+    """Node ids once at least `minimum` sites are connected; RoundFailed after `timeout` seconds,
+    naming the sites seen in earlier rounds that are not connected now."""
     deadline = time.monotonic() + timeout
     while True:
         nodes = sorted(grid.get_node_ids())
         if len(nodes) >= minimum:
             return nodes
         if time.monotonic() >= deadline:
-            raise RoundFailed(f"only {len(nodes)} site(s) connected within {timeout:g} s, "
-                              f"rounds.min-sites = {minimum}; start more SuperNodes or lower min-sites.")
+            known = grid.names if isinstance(grid, SiteDirectory) else {}
+            missing = [who(grid, n) for n in sorted(known) if n not in nodes]
+            gone = f" Not connected: {', '.join(missing)}." if missing else ""
+            raise RoundFailed(f"only {len(nodes)} site(s) connected within {timeout:g} s "
+                              f"(rounds.wait-for-sites), rounds.min-sites = {minimum}.{gone} Start the "
+                              "missing SuperNodes or lower rounds.min-sites.")
         time.sleep(poll)
 
 
@@ -109,7 +148,7 @@ def replying_node(reply: Message, sent: list[Message]) -> int:
     return reply.metadata.src_node_id
 
 
-def exchange(grid: Grid, nodes: list[int], stage: str, content: RecordDict, timeout: float,
+def exchange(grid: Grid | SiteDirectory, nodes: list[int], stage: str, content: RecordDict, timeout: float,
              template: Weights | None = None) -> tuple[list[SiteReply], list[SiteFailure]]:
     """Send one instruction to each node; collect valid replies and the failures with reasons."""
     kind = MessageType.TRAIN if stage == "train" else MessageType.EVALUATE
@@ -119,17 +158,17 @@ def exchange(grid: Grid, nodes: list[int], stage: str, content: RecordDict, time
         node = replying_node(msg, messages)
         answered.add(node)
         if msg.has_error():
-            failures.append(SiteFailure(node, stage, str(msg.error.reason), msg.error.code))
+            failures.append(failure(grid, node, stage, str(msg.error.reason), msg.error.code))
             continue
         try:
             replies.append(_parse_reply(msg, stage, template))
         except ParameterMismatch as exc:
-            failures.append(SiteFailure(node, stage, f"malformed reply: {exc}"))
+            failures.append(failure(grid, node, stage, f"malformed reply: {exc}"))
     for node in nodes:
         if node not in answered:
-            failures.append(SiteFailure(node, stage, f"no reply within {timeout:g} s (rounds.reply-timeout)"))
-    for failure in failures:
-        log.warning("site node %d dropped from %s: %s", failure.node_id, stage, failure.reason)
+            failures.append(failure(grid, node, stage, f"no reply within {timeout:g} s (rounds.reply-timeout)"))
+    for lost in failures:
+        log.warning("site %s dropped from %s: %s", who(grid, lost.node_id), stage, lost.reason)
     return replies, failures
 
 
@@ -156,7 +195,7 @@ class RoundResult:
     privacy: dict[str, dict[str, Any]]  # per site: the privacy report of this round
 
 
-def run_round(grid: Grid, run: RunConfig, strategy: FedAvg, weights: Weights, server_round: int,
+def run_round(grid: Grid | SiteDirectory, run: RunConfig, strategy: FedAvg, weights: Weights, server_round: int,
               held_out_eval: Callable[[Weights], dict[str, Any] | None]) -> RoundResult:
     """One full round; raises RoundFailed (carrying the round's metrics line) when fewer than
     rounds.min-sites valid updates arrive."""
@@ -187,7 +226,7 @@ def run_round(grid: Grid, run: RunConfig, strategy: FedAvg, weights: Weights, se
             raise RoundFailed(
                 f"round {server_round}: {len(trained)} valid update(s) from {len(chosen)} sampled site(s), "
                 f"rounds.min-sites = {cfg.min_sites}; the global model is unchanged. Failures: "
-                + "; ".join(f"node {f.node_id}: {f.reason}" for f in failures),
+                + "; ".join(f"{who(grid, f.node_id)}: {f.reason}" for f in failures),
                 record={**record, "status": "budget-exhausted" if exhausted else "failed",
                         "failures": [asdict(f) for f in failures], "wall_time_s": time.monotonic() - start},
                 budget_exhausted=exhausted)

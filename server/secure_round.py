@@ -27,7 +27,7 @@ from medfusion_fl.protocol import PRIVACY_DECLINED
 from medfusion_fl.secagg import Encoding, SecAggError, Setup, modulus_dtype, unmask
 from medfusion_fl.secagg.encoding import input_length, unflatten
 from medfusion_fl.secagg.primitives import check_public_key
-from server.rounds import SiteFailure, _parse_privacy, replying_node, weights_record
+from server.rounds import SiteDirectory, SiteFailure, _parse_privacy, failure, replying_node, weights_record, who
 
 log = logging.getLogger("medfusion_fl.server")
 
@@ -47,7 +47,7 @@ class SecureResult:
 class _Stages:
     """Sends one stage to the sites still in the round and keeps who answered."""
 
-    def __init__(self, grid: Grid, run: RunConfig, party: dict[int, int], server_round: int) -> None:
+    def __init__(self, grid: Grid | SiteDirectory, run: RunConfig, party: dict[int, int], server_round: int) -> None:
         self.grid, self.run, self.party, self.server_round = grid, run, party, server_round
         self.failures: list[SiteFailure] = []
         self.seconds: dict[str, float] = {}
@@ -61,17 +61,18 @@ class _Stages:
         for msg in self.grid.send_and_receive(messages, timeout=timeout):
             node = replying_node(msg, messages)
             if msg.has_error():
-                self.failures.append(SiteFailure(node, stage, str(msg.error.reason), msg.error.code))
+                self.failures.append(failure(self.grid, node, stage, str(msg.error.reason), msg.error.code))
             elif "secagg" not in msg.content.config_records and "secagg" not in msg.content.array_records:
-                self.failures.append(SiteFailure(node, stage, "malformed reply: no 'secagg' record"))
+                self.failures.append(failure(self.grid, node, stage, "malformed reply: no 'secagg' record"))
             else:
                 replies[node] = msg
         for node in contents:
             if node not in replies and not any(f.node_id == node and f.stage == stage for f in self.failures):
-                self.failures.append(SiteFailure(node, stage, f"no reply within {timeout:g} s (rounds.reply-timeout)"))
-        for failure in self.failures:
-            if failure.stage == stage:
-                log.warning("site node %d dropped from %s: %s", failure.node_id, stage, failure.reason)
+                self.failures.append(failure(self.grid, node, stage,
+                                             f"no reply within {timeout:g} s (rounds.reply-timeout)"))
+        for lost in self.failures:
+            if lost.stage == stage:
+                log.warning("site %s dropped from %s: %s", who(self.grid, lost.node_id), stage, lost.reason)
         self.seconds[stage] = round(time.monotonic() - start, 3)
         if len(replies) < self.needed:
             self.fail(f"{len(replies)} site(s) finished stage {stage}")
@@ -82,7 +83,7 @@ class _Stages:
         raise RoundFailed(
             f"secure round {self.server_round}: {what}, fewer than max(secagg.threshold, rounds.min-sites) = "
             f"{self.needed}; the global model is unchanged. Failures: "
-            + "; ".join(f"node {f.node_id} ({f.stage}): {f.reason}" for f in self.failures),
+            + "; ".join(f"{who(self.grid, f.node_id)} ({f.stage}): {f.reason}" for f in self.failures),
             record={"round": self.server_round, "status": "budget-exhausted" if exhausted else "failed",
                     "secure_aggregation": True, "failures": [asdict(f) for f in self.failures],
                     "stage_seconds": self.seconds},
@@ -98,7 +99,7 @@ def _record(msg: Message) -> ConfigRecord:
     return msg.content.config_records["secagg"]
 
 
-def secure_train(grid: Grid, run: RunConfig, weights: Weights, server_round: int, chosen: Iterable[int],
+def secure_train(grid: Grid | SiteDirectory, run: RunConfig, weights: Weights, server_round: int, chosen: Iterable[int],
                  train_config: dict[str, Any]) -> SecureResult:
     """One secure round over the `chosen` nodes; RoundFailed when too few sites remain."""
     nodes = sorted(chosen)
@@ -127,7 +128,7 @@ def secure_train(grid: Grid, run: RunConfig, weights: Weights, server_round: int
             keys[party[node]] = (check_public_key(rec.get("c-public"), "c key"),
                                  check_public_key(rec.get("s-public"), "s key"))
         except SecAggError as exc:
-            stages.failures.append(SiteFailure(node, "secagg_advertise", f"malformed reply: {exc}"))
+            stages.failures.append(failure(grid, node, "secagg_advertise", f"malformed reply: {exc}"))
             continue
         site_rec = msg.content.config_records.get("site")
         sites[node] = str(site_rec["site-id"]) if site_rec and "site-id" in site_rec else f"node-{node}"
@@ -150,8 +151,8 @@ def secure_train(grid: Grid, run: RunConfig, weights: Weights, server_round: int
         array = msg.content.array_records.get("secagg")
         y = array["masked"].numpy() if array is not None and "masked" in array else None
         if y is None or y.shape != (setup.length,) or y.dtype != setup.dtype:
-            stages.failures.append(SiteFailure(node, "secagg_mask", "malformed reply: masked input of wrong "
-                                               "shape or type"))
+            stages.failures.append(failure(grid, node, "secagg_mask", "malformed reply: masked input of wrong "
+                                           "shape or type"))
             continue
         masked[party[node]] = y
     if len(masked) < stages.needed:

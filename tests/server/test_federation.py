@@ -13,7 +13,7 @@ from medfusion_fl.config import RunConfig
 from medfusion_fl.errors import RoundFailed
 from medfusion_fl.runstore import RunStore, load_checkpoint
 from server.federation import Federation
-from server.rounds import sample, wait_for_sites
+from server.rounds import SiteDirectory, sample, wait_for_sites
 from tests.conftest import tiny_flat
 from tests.fakegrid import FakeGrid
 
@@ -87,6 +87,10 @@ def test_waiting_for_sites_is_bounded() -> None:
 
     with pytest.raises(RoundFailed, match=r"only 1 site\(s\) connected within 0.2 s"):
         wait_for_sites(Empty(), minimum=2, timeout=0.2, poll=0.05)  # type: ignore[arg-type]
+    directory = SiteDirectory(Empty())  # type: ignore[arg-type]
+    directory.names = {5: "H1", 7: "H2"}  # as learnt from replies in earlier rounds
+    with pytest.raises(RoundFailed, match=r"Not connected: H2 \(node 7\)\. Start the missing SuperNodes"):
+        wait_for_sites(directory, minimum=2, timeout=0.2, poll=0.05)
 
 
 def test_sampling_respects_fraction_and_minimum() -> None:

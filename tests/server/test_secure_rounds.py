@@ -74,7 +74,8 @@ def test_a_site_lost_at_any_stage_is_tolerated(synth_root: Path, tmp_path: Path,
     assert line["status"] == "ok"
     expected = ["site-0", "site-1", "site-2"] if stage == "train.secagg_unmask" else ["site-0", "site-2"]
     assert sorted(line["train"]["sites"]) == expected  # a site lost at unmask already sent its input
-    assert [(f["node_id"], f["stage"]) for f in line["failures"]] == [(101, stage.removeprefix("train."))]
+    assert [(f["node_id"], f["site"], f["stage"]) for f in line["failures"]] == [
+        (101, "site-1", stage.removeprefix("train."))]  # named from its stage-1 reply
 
 
 def test_below_threshold_the_round_fails_and_the_model_stays(synth_root: Path, tmp_path: Path) -> None:
