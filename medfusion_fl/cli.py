@@ -83,6 +83,20 @@ def cmd_site_run(args: argparse.Namespace) -> int:
     return 0  # not reached: start() replaces this process
 
 
+def cmd_site_import_dicom(args: argparse.Namespace) -> int:
+    from medfusion_fl.data.dicom_import import import_dicom
+
+    run = _run_config(args)
+    report = import_dicom(Path(args.src), Path(args.out), run.data, rules_path=Path(args.rules),
+                          clinical=Path(args.clinical) if args.clinical else None, id_column=args.id_column,
+                          salt_file=Path(args.salt_file) if args.salt_file else None)
+    for problem in report.problems:
+        sys.stdout.write(f"skipped {problem}\n")
+    sys.stdout.write(f"imported {report.patients} patient(s) into {args.out}; views {report.views}; "
+                     f"{len(report.problems)} problem(s) listed above\n")
+    return 0
+
+
 def cmd_certs(args: argparse.Namespace) -> int:
     from medfusion_fl.deploy.certs import make_certs
 
@@ -180,6 +194,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a run-config key of [run]")
     p.add_argument("--dry-run", action="store_true", help="check, print the SuperNode command, do not start it")
     p.set_defaults(func=cmd_site_run)
+    p = with_config(site.add_parser("import-dicom", help="a DICOM tree or DICOMDIR into a new site folder"))
+    p.add_argument("src", help="a folder of DICOM files, a DICOMDIR file, or a folder holding one")
+    p.add_argument("--out", required=True, help="the new site folder (never overwritten)")
+    p.add_argument("--rules", required=True, help="TOML: how series map to the run's views (docs/data-import.md)")
+    p.add_argument("--clinical", help="CSV with the label and clinical columns, one row per patient")
+    p.add_argument("--id-column", default="PatientID", help="the clinical CSV's patient-id column")
+    p.add_argument("--salt-file", help="the site's secret salt for patient ids (default: <OUT>.id-salt)")
+    p.set_defaults(func=cmd_site_import_dicom)
     p = sub.add_parser("certs", help="create the federation CA, the SuperLink's TLS certificate and site keys")
     p.add_argument("--out", default="certs", help="folder for the key material (default: certs)")
     p.add_argument("--host", action="append", help="a host name or IP of the coordinator (repeatable)")

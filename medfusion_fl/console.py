@@ -5,10 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Iterator, Sequence
+from typing import TypeVar
 
 from rich.logging import RichHandler
 
 LOGGER = "medfusion_fl"
+T = TypeVar("T")
 
 
 def ensure_logging(level: int = logging.INFO) -> None:
@@ -29,3 +32,18 @@ def ensure_logging(level: int = logging.INFO) -> None:
     logger.addHandler(handler)
     logger.setLevel(os.environ.get("MEDFUSION_LOG_LEVEL", "").upper() or level)
     logger.propagate = False
+
+
+def progress(items: Sequence[T], description: str) -> Iterator[T]:
+    """Iterate with a rich progress bar on a terminal; elsewhere log every 10% (long imports)."""
+    if sys.stderr.isatty():
+        from rich.progress import track
+
+        yield from track(items, description=description, transient=True)
+        return
+    log = logging.getLogger(LOGGER)
+    step = max(len(items) // 10, 1)
+    for i, item in enumerate(items):
+        if i % step == 0 and len(items) > step:
+            log.info("%s: %d/%d", description, i, len(items))
+        yield item
