@@ -97,6 +97,19 @@ def cmd_site_import_dicom(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_site_import_nifti(args: argparse.Namespace) -> int:
+    from medfusion_fl.data.nifti_import import import_nifti
+
+    run = _run_config(args)
+    patients, problems = import_nifti(Path(args.src), Path(args.out), run.data, view=args.view,
+                                      clinical=Path(args.clinical), id_column=args.id_column,
+                                      salt_file=Path(args.salt_file) if args.salt_file else None)
+    for problem in problems:
+        sys.stdout.write(f"note {problem}\n")
+    sys.stdout.write(f"imported {patients} patient(s) into {args.out}; {len(problems)} note(s) listed above\n")
+    return 0
+
+
 def cmd_certs(args: argparse.Namespace) -> int:
     from medfusion_fl.deploy.certs import make_certs
 
@@ -202,6 +215,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--id-column", default="PatientID", help="the clinical CSV's patient-id column")
     p.add_argument("--salt-file", help="the site's secret salt for patient ids (default: <OUT>.id-salt)")
     p.set_defaults(func=cmd_site_import_dicom)
+    p = with_config(site.add_parser("import-nifti", help="NIfTI volumes (<patient id>.nii[.gz]) into a site folder"))
+    p.add_argument("src", help="a folder of <patient id>.nii or .nii.gz files")
+    p.add_argument("--out", required=True, help="the new site folder (never overwritten)")
+    p.add_argument("--view", required=True, help="the view (of data.view-names) the volumes fill")
+    p.add_argument("--clinical", required=True, help="CSV with the label and clinical columns")
+    p.add_argument("--id-column", default="PatientID", help="the clinical CSV's patient-id column")
+    p.add_argument("--salt-file", help="the site's secret salt for patient ids (default: <OUT>.id-salt)")
+    p.set_defaults(func=cmd_site_import_nifti)
     p = sub.add_parser("certs", help="create the federation CA, the SuperLink's TLS certificate and site keys")
     p.add_argument("--out", default="certs", help="folder for the key material (default: certs)")
     p.add_argument("--host", action="append", help="a host name or IP of the coordinator (repeatable)")

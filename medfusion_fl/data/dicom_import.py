@@ -179,7 +179,7 @@ def import_dicom(src: Path, out: Path, data: DataConfig, *, rules_path: Path, cl
     rows, payloads = [], {}
     for pid, by_series in progress(sorted(series.items()), "converting series"):
         if pid not in clinical_rows:
-            problems.append(ImportProblem(f"patient {ids(pid)}", f"no row in the clinical CSV ({id_column}); "
+            problems.append(ImportProblem(f"patient {pid}", f"no row in the clinical CSV ({id_column}); "
                                           "its images are left out (no label)"))
             continue
         row: dict[str, str] = {"patient_id": ids(pid), **clinical_rows.pop(pid)}
@@ -213,7 +213,7 @@ def import_dicom(src: Path, out: Path, data: DataConfig, *, rules_path: Path, cl
             report.views[view] = report.views.get(view, 0) + 1
         rows.append(row)
     for pid in clinical_rows:
-        problems.append(ImportProblem(f"clinical row {ids(pid)}", "no DICOM images; kept with all views missing"))
+        problems.append(ImportProblem(f"clinical row {pid}", "no DICOM images; kept with all views missing"))
         rows.append({"patient_id": ids(pid), **clinical_rows[pid], **{v: "" for v in data.views}})
     if not rows:
         raise DataError(f"{src}: no patient could be imported ({len(problems)} problem(s)); see the list above")
