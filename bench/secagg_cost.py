@@ -16,7 +16,6 @@ Network transfer time is not modelled (the bytes are reported instead).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -29,6 +28,9 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from stepbench import write_report  # noqa: E402
+
 from medfusion_fl.console import ensure_logging  # noqa: E402
 from medfusion_fl.secagg import (  # noqa: E402
     Encoding,
@@ -156,10 +158,7 @@ def main() -> None:
             log.info("%d sites x %s: %s", n, size, {k2: v for k2, v in rows[-1].items() if 'ratio' in k2})
     report = {"device": "cpu", "threads": args.threads, "torch": torch.__version__, "bits": args.bits,
               "clip": args.clip, "neighbours": args.neighbours, "local_steps": args.steps, "results": rows}
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n")
-    sys.stdout.write(text + "\n")
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -127,9 +127,14 @@ def ratios(new: dict[str, Any], base: dict[str, Any], prefix: str) -> dict[str, 
 
 def emit_report(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
     """Print the JSON report (and write it to --out)."""
-    report = {"device": device_name(args.device), "torch": torch.__version__, "image_size": args.image_size,
-              "batch": args.batch, "views": args.views, "bf16": args.bf16, "steps": args.steps, "results": rows}
+    write_report({"device": device_name(args.device), "torch": torch.__version__, "image_size": args.image_size,
+                  "batch": args.batch, "views": args.views, "bf16": args.bf16, "steps": args.steps,
+                  "results": rows}, args.out)
+
+
+def write_report(report: dict[str, Any], out: Path | None) -> None:
+    """Every benchmark's ending: the JSON report on stdout, and in `out` when given."""
     text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n")
+    if out:
+        out.write_text(text + "\n")
     sys.stdout.write(text + "\n")

@@ -33,8 +33,8 @@ import numpy as np
 from PIL import Image
 
 from medfusion_fl.config import DataConfig
-from medfusion_fl.data.importing import ImportProblem, PatientIds, read_clinical, write_site_folder
-from medfusion_fl.errors import ConfigError, DataError
+from medfusion_fl.data.importing import ImportProblem, PatientIds, finish_import, read_clinical
+from medfusion_fl.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -212,11 +212,6 @@ def import_dicom(src: Path, out: Path, data: DataConfig, *, rules_path: Path, cl
             row[view] = rel
             report.views[view] = report.views.get(view, 0) + 1
         rows.append(row)
-    for pid in clinical_rows:
-        problems.append(ImportProblem(f"clinical row {pid}", "no DICOM images; kept with all views missing"))
-        rows.append({"patient_id": ids(pid), **clinical_rows[pid], **{v: "" for v in data.views}})
-    if not rows:
-        raise DataError(f"{src}: no patient could be imported ({len(problems)} problem(s)); see the list above")
-    write_site_folder(out, data, rows, payloads)
-    report.patients = len(rows)
+    report.patients = finish_import(out, data, rows, payloads, unmatched=clinical_rows, ids=ids,
+                                    problems=problems, src=src)
     return report

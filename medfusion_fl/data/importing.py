@@ -103,3 +103,16 @@ def write_site_folder(out: Path, data: DataConfig, rows: list[dict[str, str]],
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def finish_import(out: Path, data: DataConfig, rows: list[dict[str, str]], payloads: dict[str, bytes], *,
+                  unmatched: dict[str, dict[str, str]], ids: PatientIds, problems: list[ImportProblem],
+                  src: Path) -> int:
+    """Keep clinical rows that got no images (all views missing, reported), then write the folder."""
+    for pid, clinical in unmatched.items():
+        problems.append(ImportProblem(f"clinical row {pid}", "no images; kept with all views missing"))
+        rows.append({ID_COLUMN: ids(pid), **clinical, **{v: "" for v in data.views}})
+    if not rows:
+        raise DataError(f"{src}: no patient could be imported ({len(problems)} problem(s)); see the list above")
+    write_site_folder(out, data, rows, payloads)
+    return len(rows)

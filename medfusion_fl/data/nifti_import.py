@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from medfusion_fl.config import DataConfig
-from medfusion_fl.data.importing import ImportProblem, PatientIds, read_clinical, write_site_folder
+from medfusion_fl.data.importing import ImportProblem, PatientIds, finish_import, read_clinical
 from medfusion_fl.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -84,10 +84,5 @@ def import_nifti(src: Path, out: Path, data: DataConfig, *, view: str, clinical:
         payloads[rel] = buffer.getvalue()
         row[view] = rel
         rows.append(row)
-    for pid in clinical_rows:
-        problems.append(ImportProblem(f"clinical row {pid}", "no volume; kept with the view missing"))
-        rows.append({"patient_id": ids(pid), **clinical_rows[pid], **{v: "" for v in data.views}})
-    if not rows:
-        raise DataError(f"{src}: no patient could be imported ({len(problems)} problem(s))")
-    write_site_folder(out, data, rows, payloads)
-    return len(rows), problems
+    patients = finish_import(out, data, rows, payloads, unmatched=clinical_rows, ids=ids, problems=problems, src=src)
+    return patients, problems
