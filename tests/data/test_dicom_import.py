@@ -113,3 +113,22 @@ def test_rules_must_cover_every_view(tmp_path: Path) -> None:
     (tmp_path / "partial.toml").write_text('[views.frontal]\nViewPosition = "AP"\n')
     with pytest.raises(ConfigError, match=r"no \[views.lateral\] table"):
         import_dicom(_tree(), tmp_path / "x", run.data, rules_path=tmp_path / "partial.toml", clinical=clinical)
+
+
+def test_multiframe_colour_file_gives_a_gray_image_or_a_volume(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(get_testdata_file("SC_rgb_rle_2frame.dcm"), src / "a.dcm")  # RGB, RLE, 2 frames, PatientID ID1
+    (tmp_path / "rules.toml").write_text('[views.frontal]\nModality = "OT"\n[views.lateral]\nModality = "none"\n')
+    clinical = _clinical(tmp_path / "clinical.csv", ["ID1"])
+    flat_2d = {"data.source": "folders"}
+    run = RunConfig.from_flat(flat_2d)
+    import_dicom(src, tmp_path / "site2d", run.data, rules_path=tmp_path / "rules.toml", clinical=clinical)
+    records, problems = check_site(tmp_path / "site2d", run.data)
+    assert problems == [] and records[0].views[0] is not None and records[0].views[0].suffix == ".png"
+    (tmp_path / "rules3d.toml").write_text('[views.ct]\nModality = "OT"\n')
+    run3d = RunConfig.from_flat({**flat_2d, "data.view-names": "ct", "data.depth": 4, "data.image-size": 8,
+                                 "model.backbone": "resnet3d-10"})
+    import_dicom(src, tmp_path / "site3d", run3d.data, rules_path=tmp_path / "rules3d.toml", clinical=clinical)
+    volume = np.load(check_site(tmp_path / "site3d", run3d.data)[0][0].views[0])
+    assert volume.shape == (4, 8, 8)  # the 2 frames, resampled to the configured depth
