@@ -1,7 +1,8 @@
 """ClientApp of a hospital: trains and evaluates the global model on the site's own data.
 
-Replies carry only the site's weights and aggregate metrics; a site whose data or config is
-bad answers with an error naming the problem, so the coordinator can go on without it.
+Replies carry only aggregate metrics and, without secure aggregation, the site's weights; with
+`secagg.enabled` the update leaves only masked (client/secagg_stages.py). A site whose data or
+config is bad answers with an error naming the problem, so the coordinator can go on without it.
 """
 
 from __future__ import annotations
