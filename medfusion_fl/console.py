@@ -14,6 +14,15 @@ LOGGER = "medfusion_fl"
 T = TypeVar("T")
 
 
+class _CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stderr is at each record (test runners and Ray swap it; a handler
+    bound to the stream of its creation time would write to a closed file)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def ensure_logging(level: int = logging.INFO) -> None:
     """Give the medfusion_fl logger a handler if the hosting process did not (e.g. a ServerApp).
 
@@ -27,7 +36,7 @@ def ensure_logging(level: int = logging.INFO) -> None:
         handler = RichHandler(show_path=False, markup=False, log_time_format="[%X]")
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:  # logs, CI, Ray: one unwrapped line per record
-        handler = logging.StreamHandler()
+        handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     logger.addHandler(handler)
     logger.setLevel(os.environ.get("MEDFUSION_LOG_LEVEL", "").upper() or level)

@@ -155,3 +155,26 @@ def test_dp_noise_is_not_derived_from_the_run_config(synth_root, tiny_run: RunCo
         train_local_dp(model, site.train, tiny_run.train, privacy, device=torch.device("cpu"), seed=3)
         finals.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert not torch.equal(finals[0], finals[1])  # same config and seed, different noise
+
+
+@pytest.mark.parametrize(("c_in", "c_out", "groups", "stride", "dilation", "padding", "size"), [
+    (8, 8, 8, 1, 1, 1, 9),  # depthwise 3x3 (EfficientNet, MobileNet)
+    (8, 16, 8, 2, 1, 1, 10),  # depthwise with channel multiplier 2, stride 2, even input
+    (6, 6, 6, 1, 2, 2, 11),  # dilated depthwise
+    (8, 12, 4, 2, 1, 0, 9),  # grouped, no padding
+    (4, 6, 1, 1, 1, 1, 7),  # groups = 1 keeps Opacus' sampler
+])
+def test_grouped_conv_sampler_equals_opacus(c_in: int, c_out: int, groups: int, stride: int, dilation: int,
+                                            padding: int, size: int) -> None:
+    from opacus.grad_sample.conv import compute_conv_grad_sample
+
+    from medfusion_fl.privacy.conv_sampler import grouped_conv2d_grad_sample
+
+    torch.manual_seed(0)
+    layer = torch.nn.Conv2d(c_in, c_out, 3, stride=stride, padding=padding, dilation=dilation, groups=groups)
+    x = torch.randn(5, c_in, size, size)
+    gy = torch.randn_like(layer(x))
+    ours, theirs = grouped_conv2d_grad_sample(layer, [x], gy), compute_conv_grad_sample(layer, [x], gy)
+    for param in (layer.weight, layer.bias):
+        assert ours[param].shape == (5, *param.shape)
+        torch.testing.assert_close(ours[param], theirs[param], rtol=1e-5, atol=1e-5)

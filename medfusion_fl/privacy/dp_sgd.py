@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from medfusion_fl.config import PrivacyConfig, TrainConfig
 from medfusion_fl.errors import ConfigError
 from medfusion_fl.privacy.accountant import DPStep
+from medfusion_fl.privacy.conv_sampler import grouped_conv2d_grad_sample
 from medfusion_fl.training import TrainResult, autocast, make_optimizer
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ def _exact(sampler: Sampler) -> Sampler:
 
 # Opacus looks samplers up by exact type; timm's LayerNorm subclass computes the same as LayerNorm.
 GradSampleModule.GRAD_SAMPLERS[TimmLayerNorm] = compute_layer_norm_grad_sample
+GradSampleModule.GRAD_SAMPLERS[nn.Conv2d] = grouped_conv2d_grad_sample  # groups > 1 without groups^2 work
 for _type, _sampler in list(GradSampleModule.GRAD_SAMPLERS.items()):
     GradSampleModule.GRAD_SAMPLERS[_type] = _exact(_sampler)
 TOKENS = ("cls_token", "reg_token", "pos_embed")  # owned by the ViT module itself
