@@ -167,6 +167,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     })
     if result.auroc is not None:
         metrics["eval-auroc"] = result.auroc
+    if result.positive_hist is not None and result.negative_hist is not None:  # aggregate counts per score bin
+        metrics["eval-positive-hist"], metrics["eval-negative-hist"] = result.positive_hist, result.negative_hist
     return Message(content=RecordDict({
         "metrics": metrics, "site": ConfigRecord({"site-id": runner.site.site_id}),
     }), reply_to=msg)

@@ -30,12 +30,39 @@ class TrainResult:
     seconds: float
 
 
+BINS = 50  # score histogram resolution: operating thresholds are chosen among 0.02, 0.04, ... 0.98
+
+
 @dataclass(frozen=True)
 class EvalResult:
     loss: float
     accuracy: float
     auroc: float | None  # None when only one class is present
     num_examples: int
+    # binary tasks: how many positives / negatives have a positive-class score in each of BINS bins
+    positive_hist: list[int] | None = None
+    negative_hist: list[int] | None = None
+
+
+def score_histograms(labels: np.ndarray, probs: np.ndarray) -> tuple[list[int], list[int]] | None:
+    """Counts of positive and negative patients per score bin (binary tasks only): aggregate
+    statistics from which the coordinator can choose an operating threshold."""
+    if probs.shape[1] != 2:
+        return None
+    bins = np.minimum((probs[:, 1] * BINS).astype(int), BINS - 1)
+    return ([int(c) for c in np.bincount(bins[labels == 1], minlength=BINS)],
+            [int(c) for c in np.bincount(bins[labels == 0], minlength=BINS)])
+
+
+def youden_threshold(positive_hist: list[int], negative_hist: list[int]) -> float | None:
+    """The bin edge maximising sensitivity + specificity over pooled histograms; None without both classes."""
+    pos, neg = np.asarray(positive_hist, float), np.asarray(negative_hist, float)
+    if pos.sum() == 0 or neg.sum() == 0:
+        return None
+    edges = np.arange(1, BINS) / BINS  # predict positive when score >= edge
+    sensitivity = np.array([pos[k:].sum() for k in range(1, BINS)]) / pos.sum()
+    specificity = np.array([neg[:k].sum() for k in range(1, BINS)]) / neg.sum()
+    return float(edges[int(np.argmax(sensitivity + specificity))])
 
 
 def resolve_device(name: str) -> torch.device:
@@ -142,9 +169,12 @@ def evaluate(model: nn.Module, dataset: Dataset[Batch], *, batch_size: int,
         raise ValueError("cannot evaluate on an empty dataset")
     probs, labels = predict(model, dataset, batch_size=batch_size, device=device)
     picked = np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0)
+    hists = score_histograms(labels, probs)
     return EvalResult(
         loss=float(-np.log(picked).mean()),
         accuracy=float((probs.argmax(axis=1) == labels).mean()),
         auroc=auroc(labels, probs),
         num_examples=len(labels),
+        positive_hist=hists[0] if hists else None,
+        negative_hist=hists[1] if hists else None,
     )

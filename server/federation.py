@@ -16,7 +16,7 @@ from medfusion_fl.export import export_model, resolve_test_path
 from medfusion_fl.models import MedFusionModel, build_model
 from medfusion_fl.parameters import Weights, get_weights, set_weights
 from medfusion_fl.runstore import RunStore, load_checkpoint
-from medfusion_fl.training import evaluate
+from medfusion_fl.training import BINS, evaluate
 from server.rounds import SiteDirectory, run_round
 from strategies import build_strategy
 
@@ -50,13 +50,24 @@ class Federation:
             write_test_set(path.parent, self.run)
         return load_test_set(path, self.run.data)
 
-    def held_out_eval(self, weights: Weights) -> dict[str, Any] | None:
+    def held_out_eval(self, weights: Weights, threshold: float | None = None) -> dict[str, Any] | None:
+        """Held-out metrics; with a validation-chosen threshold also accuracy, sensitivity and
+        specificity at it (binary tasks)."""
         if self.held_out is None:
             return None
         set_weights(self.model, weights)
         result = evaluate(self.model, self.held_out, batch_size=64, device=self.model_device())
-        return {"loss": result.loss, "accuracy": result.accuracy, "auroc": result.auroc,
-                "num-examples": result.num_examples}
+        out: dict[str, Any] = {"loss": result.loss, "accuracy": result.accuracy, "auroc": result.auroc,
+                               "num-examples": result.num_examples}
+        if threshold is not None and result.positive_hist is not None and result.negative_hist is not None:
+            k = round(threshold * BINS)
+            tp, fn = sum(result.positive_hist[k:]), sum(result.positive_hist[:k])
+            tn, fp = sum(result.negative_hist[:k]), sum(result.negative_hist[k:])
+            out["threshold"] = threshold
+            out["accuracy-at-threshold"] = (tp + tn) / max(tp + tn + fp + fn, 1)
+            out["sensitivity"] = tp / max(tp + fn, 1)
+            out["specificity"] = tn / max(tn + fp, 1)
+        return out
 
     def model_device(self) -> Any:
         return next(self.model.parameters()).device
@@ -118,10 +129,12 @@ class Federation:
         held = record["held_out"] or {}
         secure = record.get("secure_aggregation")
         how = f"{len(record['train']['sites'])} sites" + (", secure sum" if secure else "")
+        at = (f" ({_fmt(held['accuracy-at-threshold'])} at the sites' threshold {held['threshold']:.2f})"
+              if "accuracy-at-threshold" in held else "")
         log.info("round %d/%d: train loss %s (%s) | site eval AUROC %s | held-out AUROC %s "
-                 "acc %s | %d failure(s) | %.1f s", record["round"], total, _fmt(record["train"]["loss"]),
+                 "acc %s%s | %d failure(s) | %.1f s", record["round"], total, _fmt(record["train"]["loss"]),
                  how, _fmt(evaluation.get("auroc")), _fmt(held.get("auroc")),
-                 _fmt(held.get("accuracy")), len(record["failures"]), record["wall_time_s"])
+                 _fmt(held.get("accuracy")), at, len(record["failures"]), record["wall_time_s"])
         for site, privacy in sorted((record.get("privacy") or {}).items()):
             log.info("  %s: epsilon %.3f of %g (delta %g)", site, privacy["epsilon"], privacy["max-epsilon"],
                      privacy["delta"])
@@ -131,4 +144,10 @@ class Federation:
                 "privacy_sites": self.privacy}
         if self.stop_reason:
             card["stop_reason"] = self.stop_reason
+        threshold = (final.get("evaluate") or {}).get("threshold")
+        if threshold is not None:  # class 1 when its probability >= threshold
+            card["operating_threshold"] = {
+                "value": threshold, "class": self.run.data.class_names[1],
+                "chosen_by": "maximum sensitivity + specificity (Youden) on the sites' pooled validation "
+                             "score histograms of the last round"}
         export_model(self.model, self.run, self.store.root, held_out=self.held_out, card=card)

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
@@ -24,6 +25,7 @@ from medfusion_fl.config import RunConfig
 from medfusion_fl.errors import ParameterMismatch, RoundFailed
 from medfusion_fl.parameters import Weights, check_weights
 from medfusion_fl.protocol import PRIVACY_DECLINED
+from medfusion_fl.training import youden_threshold
 from strategies import FedAvg, weighted_delta_sum
 
 log = logging.getLogger("medfusion_fl.server")
@@ -80,6 +82,7 @@ class SiteReply:
     metrics: dict[str, float]
     weights: Weights | None = None
     privacy: dict[str, Any] | None = None  # the site's cumulative epsilon, delta and DP history
+    histograms: dict[str, list[int]] | None = None  # evaluate: score histograms per true class
 
 
 def wait_for_sites(grid: Grid | SiteDirectory, minimum: int, timeout: float, poll: float = 0.5) -> list[int]:
@@ -117,6 +120,12 @@ def _parse_reply(msg: Message, stage: str, template: Weights | None) -> SiteRepl
     site_rec = content.config_records.get("site")
     site = str(site_rec["site-id"]) if site_rec and "site-id" in site_rec else f"node-{msg.metadata.src_node_id}"
     reply = SiteReply(msg.metadata.src_node_id, site, metrics)
+    lists = {k: v for k, v in content.metric_records["metrics"].items() if k.endswith("-hist") and isinstance(v, list)}
+    if lists:
+        if not all(all(isinstance(c, int) and c >= 0 for c in v) for v in lists.values()) or \
+                len({len(v) for v in lists.values()}) != 1:
+            raise ParameterMismatch(f"score histograms of {site} must be equal-length lists of counts >= 0")
+        reply.histograms = {k: [int(c) for c in v] for k, v in lists.items()}
     if "privacy" in content.config_records:
         reply.privacy = _parse_privacy(content.config_records["privacy"], site)
     if template is not None:
@@ -179,6 +188,17 @@ def weighted_mean(replies: list[SiteReply], key: str) -> float | None:
     return sum(v * n for v, n in pairs) / total if total else None
 
 
+def operating_threshold(replies: list[SiteReply]) -> float | None:
+    """The Youden threshold of the sites' pooled validation score histograms (binary tasks)."""
+    pooled: dict[str, np.ndarray] = {}
+    for reply in replies:
+        for key, counts in (reply.histograms or {}).items():
+            pooled[key] = pooled.get(key, np.zeros(len(counts), int)) + np.asarray(counts)
+    if {"eval-positive-hist", "eval-negative-hist"} - set(pooled):
+        return None
+    return youden_threshold(list(pooled["eval-positive-hist"]), list(pooled["eval-negative-hist"]))
+
+
 def per_site(replies: list[SiteReply]) -> dict[str, dict[str, float]]:
     return {r.site: dict(r.metrics) for r in sorted(replies, key=lambda r: r.site)}
 
@@ -196,7 +216,7 @@ class RoundResult:
 
 
 def run_round(grid: Grid | SiteDirectory, run: RunConfig, strategy: FedAvg, weights: Weights, server_round: int,
-              held_out_eval: Callable[[Weights], dict[str, Any] | None]) -> RoundResult:
+              held_out_eval: Callable[[Weights, float | None], dict[str, Any] | None]) -> RoundResult:
     """One full round; raises RoundFailed (carrying the round's metrics line) when fewer than
     rounds.min-sites valid updates arrive."""
     start = time.monotonic()
@@ -248,7 +268,9 @@ def run_round(grid: Grid | SiteDirectory, run: RunConfig, strategy: FedAvg, weig
         failures += eval_failures
         record["evaluate"] = {key: weighted_mean(evaluated, f"eval-{key}") for key in ("loss", "accuracy", "auroc")}
         record["evaluate"]["sites"] = per_site(evaluated)
-    record["held_out"] = held_out_eval(new_weights)
+        record["evaluate"]["threshold"] = operating_threshold(evaluated)
+    threshold = (record["evaluate"] or {}).get("threshold")
+    record["held_out"] = held_out_eval(new_weights, threshold)
     record["failures"] = [asdict(f) for f in failures]
     record["status"] = "ok"
     record["wall_time_s"] = round(time.monotonic() - start, 3)

@@ -46,11 +46,15 @@ def test_bad_site_is_recorded_and_the_federation_goes_on(broken_site2: Path) -> 
         assert all("site-2" in f["reason"] and "row " in f["reason"] for f in line["failures"])
         assert line["held_out"]["auroc"] is not None and line["wall_time_s"] > 0
         assert line["evaluate"]["loss"] is not None
+        threshold = line["evaluate"]["threshold"]  # chosen on the sites' pooled validation histograms
+        assert 0 < threshold < 1 and line["held_out"]["threshold"] == threshold
+        assert 0 <= line["held_out"]["sensitivity"] <= 1 and 0 <= line["held_out"]["accuracy-at-threshold"] <= 1
     assert [p.name for p in store.list_checkpoints()] == ["round-0001.pt", "round-0002.pt"]
     checkpoint = load_checkpoint(store.latest_checkpoint())
     assert checkpoint.round == 2 and checkpoint.sites == ["site-0", "site-1"]
     card = json.loads((store.root / "model_card.json").read_text())
     assert card["sites"] == ["site-0", "site-1"] and card["export_check"]["max_abs_diff"] <= 1e-4
+    assert card["operating_threshold"]["value"] == lines[-1]["evaluate"]["threshold"]
     assert (store.root / "model.onnx").stat().st_size > 0
 
 
