@@ -145,3 +145,22 @@ def test_resume_continues_from_the_last_complete_round(synth_root: Path, tmp_pat
                                 "model.fusion": "gated"})
     with pytest.raises(CheckpointError, match="another model config"):
         Federation(other).resume()
+
+
+def test_errors_written_by_the_superlink_are_attributed_to_the_lost_node() -> None:
+    from flwr.app import ConfigRecord, Error, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from server.rounds import replying_node
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    sent = [Message(content=RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=node,
+                    message_type="train") for node in (41, 42)]
+    for msg, message_id in zip(sent, ("id-41", "id-42"), strict=True):
+        msg.metadata.__dict__["_message_id"] = message_id  # what Flower's Grid sets when it pushes
+    lost = Message(error=Error(code=5, reason="Node Unavailable"), reply_to=sent[1])
+    lost.metadata.__dict__["_src_node_id"] = 1  # the SuperLink answers for a node that missed heartbeats
+    assert replying_node(lost, sent) == 42
+    in_process = Message(error=Error(code=1, reason="x"), reply_to=sent[0])
+    in_process.metadata.__dict__["_reply_to_message_id"] = ""  # grids without message ids: the source decides
+    assert replying_node(in_process, sent) == 41
