@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import secagg_stages
@@ -59,26 +59,13 @@ def _refuse(msg: Message, context: Context, exc: Exception, code: int = SITE_ERR
     return Message(error=Error(code=code, reason=reason), reply_to=msg)
 
 
-def _train_locally(msg: Message, context: Context) -> tuple[SiteRunner, Weights, Weights, TrainResult,
-                                                               PrivacyReport | None]:
-    """Steps 1-3 of a train instruction: parse configs, load the global weights, train on site data."""
-    from medfusion_fl.site import SiteRunner
-
-    runner = SiteRunner.from_configs(context.run_config, context.node_config)
-    global_weights, config = _instruction(msg)
+def _train_locally(msg: Message, runner: SiteRunner, global_weights: Weights,
+                   config: dict[str, float]) -> tuple[Weights, TrainResult, PrivacyReport | None]:
+    """Step 3 of a train instruction: train the global weights on the site's data."""
     server_round = int(config["server-round"])
     event = f"{msg.metadata.run_id}/{server_round}/{msg.metadata.message_id}" if msg.metadata.message_id else ""
-    if runner.run.secagg.enabled:
-        if msg.metadata.message_type == MessageType.TRAIN:
-            raise SecAggError("secagg.enabled: this site sends its update only through secure aggregation, "
-                              "not as a plain train reply")
-        patients = len(runner.load_data().train)  # before training: a refused round spends no privacy
-        if patients > runner.run.secagg.max_weight:
-            raise SecAggError(f"{patients} training patients > secagg.max-weight = {runner.run.secagg.max_weight}; "
-                              "raise secagg.max-weight in the run config")
-    weights, result, privacy = runner.train(global_weights, server_round=server_round,
-                                            proximal_mu=config.get("proximal-mu", 0.0), event_key=event)
-    return runner, global_weights, weights, result, privacy
+    return runner.train(global_weights, server_round=server_round, proximal_mu=config.get("proximal-mu", 0.0),
+                        event_key=event)
 
 
 def _site_records(runner: SiteRunner, privacy: PrivacyReport | None) -> RecordDict:
@@ -90,8 +77,17 @@ def _site_records(runner: SiteRunner, privacy: PrivacyReport | None) -> RecordDi
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    from medfusion_fl.site import SiteRunner
+
     try:
-        runner, _, weights, result, privacy = _train_locally(msg, context)
+        # 1-2. parse configs once; load the global weights
+        runner = SiteRunner.from_configs(context.run_config, context.node_config)
+        if runner.run.secagg.enabled:
+            raise SecAggError("secagg.enabled: this site sends its update only through secure aggregation, "
+                              "not as a plain train reply")
+        global_weights, config = _instruction(msg)
+        # 3. train locally (DP-SGD after the site's budget check under privacy.enabled)
+        weights, result, privacy = _train_locally(msg, runner, global_weights, config)
     except PrivacyBudgetExhausted as exc:
         return _refuse(msg, context, exc, code=PRIVACY_DECLINED)
     except (MedFusionError, FloatingPointError) as exc:
@@ -109,12 +105,20 @@ def train(msg: Message, context: Context) -> Message:
 @app.train("secagg_advertise")
 def secagg_advertise(msg: Message, context: Context) -> Message:
     """Secure stage 1: train, encode and keep the update at the site; reply with public keys only."""
+    from medfusion_fl.site import SiteRunner
+
     try:
-        run = RunConfig.from_flat(context.run_config)
-        # a malformed or replayed instruction is refused before training spends privacy
-        secagg_stages.check_instruction(msg.content, context.state, run, _instruction(msg)[0])
-        runner, global_weights, weights, result, privacy = _train_locally(msg, context)
-        keys = secagg_stages.start(msg.content, context.state, runner.run, global_weights, weights,
+        runner = SiteRunner.from_configs(context.run_config, context.node_config)
+        global_weights, config = _instruction(msg)
+        # a malformed or replayed instruction, or a site too large for the modulus, is refused before
+        # training spends privacy
+        setup, party = secagg_stages.check_instruction(msg.content, context.state, runner.run, global_weights)
+        patients = len(runner.load_data().train)
+        if patients > runner.run.secagg.max_weight:
+            raise SecAggError(f"{patients} training patients > secagg.max-weight = "
+                              f"{runner.run.secagg.max_weight}; raise secagg.max-weight in the run config")
+        weights, result, privacy = _train_locally(msg, runner, global_weights, config)
+        keys = secagg_stages.start(context.state, runner.run, setup, party, global_weights, weights,
                                    weight=result.num_examples, loss=result.loss)
     except PrivacyBudgetExhausted as exc:
         return _refuse(msg, context, exc, code=PRIVACY_DECLINED)

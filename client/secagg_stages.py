@@ -104,23 +104,22 @@ def _load(state: RecordDict, content: RecordDict) -> tuple[SiteState, Setup, dic
     return site, setup, keys
 
 
-def check_instruction(content: RecordDict, state: RecordDict, run: RunConfig, global_weights: Weights) -> None:
+def check_instruction(content: RecordDict, state: RecordDict, run: RunConfig,
+                      global_weights: Weights) -> tuple[Setup, int]:
     """Before training (which spends privacy): the setup must be valid and its round id new to this
-    site; a round id seen before is a replayed instruction."""
+    site (a round id seen before is a replayed instruction); returns the setup and this site's party."""
     record = content.config_records.get("secagg")
     if record is None:
         raise SecAggError("secure train instruction has no 'secagg' config record")
     if _bytes(record, "round-id") in _bytes_list(state.config_records.get(SEEN, ConfigRecord()), "round-ids"):
         raise SecAggError("this secure round id was used before: a replayed train instruction; refusing")
-    _instruction_setup(content, run, global_weights)
+    return _instruction_setup(content, run, global_weights)
 
 
-def start(content: RecordDict, state: RecordDict, run: RunConfig, global_weights: Weights, local: Weights,
+def start(state: RecordDict, run: RunConfig, setup: Setup, party: int, global_weights: Weights, local: Weights,
           *, weight: int, loss: float) -> ConfigRecord:
-    """Stage 1 (after local training): encode and keep the update; return the public keys."""
-    check_instruction(content, state, run, global_weights)
-    setup, party = _instruction_setup(content, run, global_weights)
-    seen = _bytes_list(state.config_records.get(SEEN, ConfigRecord()), "round-ids")
+    """Stage 1 (after check_instruction and local training): encode and keep the update; return the
+    public keys."""
     if weight > run.secagg.max_weight:
         raise SecAggError(f"{weight} training examples > secagg.max-weight = {run.secagg.max_weight}; "
                           "raise secagg.max-weight (the coordinator's run config)")
@@ -129,6 +128,7 @@ def start(content: RecordDict, state: RecordDict, run: RunConfig, global_weights
     site, (c_public, s_public) = advertise(setup, party)
     _save(state, site, setup, {})
     state[INPUT] = ArrayRecord({"vector": Array(vector)})
+    seen = _bytes_list(state.config_records.get(SEEN, ConfigRecord()), "round-ids")
     state[SEEN] = ConfigRecord({"round-ids": [*seen, setup.round_id][-64:]})
     if overflow:  # counted inside the masked sum too; the coordinator reports the round's total
         log.warning("%d update entries beyond secagg.clip = %g were clipped (raise secagg.clip)", overflow,

@@ -139,9 +139,9 @@ def _series_payload(files: list[tuple[Path, Any]], data: DataConfig) -> tuple[st
 
     ordered = sorted(files, key=lambda f: (int(f[1].get("InstanceNumber", 0) or 0), str(f[0])))
     stack = []
-    for path, _ in ordered:
+    for path, header in ordered:  # the header read while scanning knows the frame count
         image = _pixels(pydicom.dcmread(path))
-        frames = int(pydicom.dcmread(path, stop_before_pixels=True).get("NumberOfFrames", 1) or 1)
+        frames = int(header.get("NumberOfFrames", 1) or 1)
         stack.extend(list(image) if frames > 1 else [image])
     if data.depth > 0:
         gray = [s.mean(axis=2) if s.ndim == 3 else s for s in stack]
