@@ -15,7 +15,7 @@ import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -29,6 +29,7 @@ from medfusion_fl.training import youden_threshold
 from strategies import FedAvg, weighted_delta_sum
 
 log = logging.getLogger("medfusion_fl.server")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -157,12 +158,12 @@ def replying_node(reply: Message, sent: list[Message]) -> int:
     return reply.metadata.src_node_id
 
 
-def exchange(grid: Grid | SiteDirectory, nodes: list[int], stage: str, content: RecordDict, timeout: float,
-             template: Weights | None = None) -> tuple[list[SiteReply], list[SiteFailure]]:
-    """Send one instruction to each node; collect valid replies and the failures with reasons."""
-    kind = MessageType.TRAIN if stage == "train" else MessageType.EVALUATE
-    messages = [Message(content=content, dst_node_id=n, message_type=kind) for n in nodes]
-    replies, failures, answered = [], [], set()
+def collect(grid: Grid | SiteDirectory, messages: list[Message], stage: str, timeout: float,
+            parse: Callable[[Message], T]) -> tuple[dict[int, T], list[SiteFailure]]:
+    """Send the messages and wait at most `timeout`; returns parse(reply) per node, and as failures
+    (logged) the error replies, the malformed ones (parse raised ParameterMismatch) and the silent nodes."""
+    replies: dict[int, T] = {}
+    failures, answered = [], set()
     for msg in grid.send_and_receive(messages, timeout=timeout):
         node = replying_node(msg, messages)
         answered.add(node)
@@ -170,15 +171,25 @@ def exchange(grid: Grid | SiteDirectory, nodes: list[int], stage: str, content: 
             failures.append(failure(grid, node, stage, str(msg.error.reason), msg.error.code))
             continue
         try:
-            replies.append(_parse_reply(msg, stage, template))
+            replies[node] = parse(msg)
         except ParameterMismatch as exc:
             failures.append(failure(grid, node, stage, f"malformed reply: {exc}"))
-    for node in nodes:
-        if node not in answered:
-            failures.append(failure(grid, node, stage, f"no reply within {timeout:g} s (rounds.reply-timeout)"))
+    for msg in messages:
+        if msg.metadata.dst_node_id not in answered:
+            failures.append(failure(grid, msg.metadata.dst_node_id, stage,
+                                    f"no reply within {timeout:g} s (rounds.reply-timeout)"))
     for lost in failures:
         log.warning("site %s dropped from %s: %s", who(grid, lost.node_id), stage, lost.reason)
     return replies, failures
+
+
+def exchange(grid: Grid | SiteDirectory, nodes: list[int], stage: str, content: RecordDict, timeout: float,
+             template: Weights | None = None) -> tuple[list[SiteReply], list[SiteFailure]]:
+    """Send one instruction to each node; collect valid replies and the failures with reasons."""
+    kind = MessageType.TRAIN if stage == "train" else MessageType.EVALUATE
+    messages = [Message(content=content, dst_node_id=n, message_type=kind) for n in nodes]
+    replies, failures = collect(grid, messages, stage, timeout, lambda msg: _parse_reply(msg, stage, template))
+    return list(replies.values()), failures
 
 
 def weighted_mean(replies: list[SiteReply], key: str) -> float | None:

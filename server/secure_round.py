@@ -21,13 +21,13 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from medfusion_fl.config import RunConfig
-from medfusion_fl.errors import RoundFailed
+from medfusion_fl.errors import ParameterMismatch, RoundFailed
 from medfusion_fl.parameters import Weights
 from medfusion_fl.protocol import PRIVACY_DECLINED
 from medfusion_fl.secagg import Encoding, SecAggError, Setup, modulus_dtype, unmask
 from medfusion_fl.secagg.encoding import input_length, unflatten
 from medfusion_fl.secagg.primitives import check_public_key
-from server.rounds import SiteDirectory, SiteFailure, _parse_privacy, failure, replying_node, weights_record, who
+from server.rounds import SiteDirectory, SiteFailure, _parse_privacy, collect, failure, weights_record, who
 
 log = logging.getLogger("medfusion_fl.server")
 
@@ -56,23 +56,8 @@ class _Stages:
     def send(self, stage: str, contents: dict[int, RecordDict]) -> dict[int, Message]:
         start = time.monotonic()
         messages = [Message(content=c, dst_node_id=node, message_type=f"train.{stage}") for node, c in contents.items()]
-        timeout = self.run.rounds.reply_timeout
-        replies: dict[int, Message] = {}
-        for msg in self.grid.send_and_receive(messages, timeout=timeout):
-            node = replying_node(msg, messages)
-            if msg.has_error():
-                self.failures.append(failure(self.grid, node, stage, str(msg.error.reason), msg.error.code))
-            elif "secagg" not in msg.content.config_records and "secagg" not in msg.content.array_records:
-                self.failures.append(failure(self.grid, node, stage, "malformed reply: no 'secagg' record"))
-            else:
-                replies[node] = msg
-        for node in contents:
-            if node not in replies and not any(f.node_id == node and f.stage == stage for f in self.failures):
-                self.failures.append(failure(self.grid, node, stage,
-                                             f"no reply within {timeout:g} s (rounds.reply-timeout)"))
-        for lost in self.failures:
-            if lost.stage == stage:
-                log.warning("site %s dropped from %s: %s", who(self.grid, lost.node_id), stage, lost.reason)
+        replies, failures = collect(self.grid, messages, stage, self.run.rounds.reply_timeout, _has_secagg_record)
+        self.failures += failures
         self.seconds[stage] = round(time.monotonic() - start, 3)
         if len(replies) < self.needed:
             self.fail(f"{len(replies)} site(s) finished stage {stage}")
@@ -88,6 +73,12 @@ class _Stages:
                     "secure_aggregation": True, "failures": [asdict(f) for f in self.failures],
                     "stage_seconds": self.seconds},
             budget_exhausted=exhausted)
+
+
+def _has_secagg_record(msg: Message) -> Message:
+    if "secagg" not in msg.content.config_records and "secagg" not in msg.content.array_records:
+        raise ParameterMismatch("no 'secagg' record")
+    return msg
 
 
 def _setup_record(setup: Setup, party: int) -> ConfigRecord:
