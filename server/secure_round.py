@@ -47,8 +47,8 @@ class SecureResult:
 class _Stages:
     """Sends one stage to the sites still in the round and keeps who answered."""
 
-    def __init__(self, grid: Grid | SiteDirectory, run: RunConfig, party: dict[int, int], server_round: int) -> None:
-        self.grid, self.run, self.party, self.server_round = grid, run, party, server_round
+    def __init__(self, grid: Grid | SiteDirectory, run: RunConfig, server_round: int) -> None:
+        self.grid, self.run, self.server_round = grid, run, server_round
         self.failures: list[SiteFailure] = []
         self.seconds: dict[str, float] = {}
         self.needed = max(run.secagg.threshold, run.rounds.min_sites)
@@ -103,7 +103,7 @@ def secure_train(grid: Grid | SiteDirectory, run: RunConfig, weights: Weights, s
     except SecAggError as exc:
         raise RoundFailed(f"secure round {server_round}: {exc}",
                           record={"round": server_round, "status": "failed"}) from None
-    stages = _Stages(grid, run, party, server_round)
+    stages = _Stages(grid, run, server_round)
     arrays = weights_record(weights)
     advertised = stages.send("secagg_advertise", {node: RecordDict({
         "arrays": arrays, "config": ConfigRecord(train_config), "secagg": _setup_record(setup, party[node])})

@@ -76,7 +76,8 @@ class SiteAgent:
     def start(self) -> None:
         """Replace this process by the SuperNode (signals and exit code are the SuperNode's)."""
         self.site.state_dir.mkdir(parents=True, exist_ok=True)
-        os.execvpe(self.command()[0], self.command(), {**os.environ, **FLOWER_ENV})
+        cmd = self.command()
+        os.execvpe(cmd[0], cmd, {**os.environ, **FLOWER_ENV})
 
 
 def _toml_value(value: Any) -> str:
