@@ -1,9 +1,11 @@
 """DP-SGD overhead: step time and peak memory of the fusion model with and without DP, same run.
 
-Per backbone, three cases, each in a fresh subprocess (bench/stepbench.py):
-  timm-baseline  the bare timm classifier on the B*V images of a step (plain torch training)
-  non-dp         the MedFusion model, plain AdamW step
-  dp             the same model prepared for DP, Opacus hooks: exact per-patient clipping + noise
+Per backbone, four cases, each in a fresh subprocess (bench/stepbench.py):
+  timm-baseline   the bare timm classifier on the B*V images of a step (plain torch training)
+  non-dp          the MedFusion model, plain AdamW step
+  dp-opacus       the model prepared for DP, Opacus hooks (privacy.engine = 'opacus')
+  dp-bookkeeping  the model prepared for DP, our one-pass engine (privacy.engine = 'bookkeeping')
+Both DP cases: exact per-patient clipping (all views of a patient together) + Gaussian noise + AdamW.
 Prints one JSON document (also written to --out).
 
   python bench/dp_overhead.py --device cpu --image-size 64 --batch 8 --views 2
@@ -45,21 +47,39 @@ def measure(case: str, backbone: str, args: argparse.Namespace) -> dict[str, Any
     device = torch.device(args.device)
     model, inputs, labels = build_case(backbone, baseline=case == "timm-baseline", batch=args.batch,
                                        views=args.views, size=args.image_size, device=device,
-                                       overrides={"privacy.enabled": case == "dp"})
+                                       overrides={"privacy.enabled": case.startswith("dp")})
     model.train()
     optimizer: torch.optim.Optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     backward: Any = None
-    if case == "dp":
+    if case == "dp-opacus":
         from opacus import PrivacyEngine
         from torch.utils.data import DataLoader, TensorDataset
 
-        from medfusion_fl.privacy.dp_sgd import per_patient_backward
+        from medfusion_fl.privacy.dp_sgd import per_patient_backward, set_view_folding
 
+        set_view_folding(model, False)
         loader = DataLoader(TensorDataset(*inputs, labels), batch_size=args.batch)
         _, optimizer, _ = PrivacyEngine().make_private(
             module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
             poisson_sampling=False, wrap_model=False)
         backward = per_patient_backward
+    if case == "dp-bookkeeping":
+        from medfusion_fl.config import PrivacyConfig
+        from medfusion_fl.privacy.dp_sgd import _BookkeepingStep
+
+        dp_step = _BookkeepingStep(model, PrivacyConfig(enabled=True), torch.Generator(device).manual_seed(0),
+                                   expected=args.batch)
+        batch = {"views": inputs[0], "view_mask": inputs[1], "tabular": inputs[2], "label": labels}
+
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            dp_step(batch, device, "bf16" if args.bf16 else "fp32")
+            optimizer.step()
+
+        timing = time_steps(step, device=device, warmup=args.warmup, steps=args.steps)
+        if args.profile:
+            _profile(step, backbone, args.profile)
+        return {"case": case, "backbone": backbone, **timing}
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
@@ -77,18 +97,36 @@ def measure(case: str, backbone: str, args: argparse.Namespace) -> dict[str, Any
     return {"case": case, "backbone": backbone, **timing}
 
 
+def _profile(step: Any, backbone: str, path: Path) -> None:
+    """Append one profiled step's top operators (by device time) to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        step()
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    with path.open("a") as out:
+        out.write(f"== {backbone} dp-bookkeeping ==\n{prof.key_averages().table(sort_by=key, row_limit=25)}\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbones", default=",".join(BACKBONES))
+    parser.add_argument("--cases", default="timm-baseline,non-dp,dp-opacus,dp-bookkeeping")
+    parser.add_argument("--profile", type=Path, help="append a profile of one dp-bookkeeping step here")
     args = parse_or_measure(parser, measure)
     if args is None:
         return
     settings = child_settings(args)
     rows = []
     for backbone in args.backbones.split(","):
-        cases = {c: run_child(__file__, settings, ["--measure", c, "--backbone", backbone])
-                 for c in ("timm-baseline", "non-dp", "dp")}
-        row: dict[str, Any] = {"backbone": backbone, **cases, **ratios(cases["dp"], cases["non-dp"], "dp")}
+        extra = ["--profile", str(args.profile)] if args.profile else []
+        cases = {c: run_child(__file__, settings, ["--measure", c, "--backbone", backbone, *extra])
+                 for c in args.cases.split(",")}
+        row: dict[str, Any] = {"backbone": backbone, **cases}
+        for dp in ("dp-opacus", "dp-bookkeeping"):
+            if dp in cases and "non-dp" in cases:
+                row |= ratios(cases[dp], cases["non-dp"], dp.replace("-", "_"))
         log.info("%s: %s", backbone, {k: v for k, v in row.items() if "ratio" in k})
         rows.append(row)
     emit_report(args, rows)

@@ -174,6 +174,10 @@ class PrivacyConfig(_Section):
     noise_multiplier: float = Field(1.0, ge=0.0, description="Gaussian noise std / max-grad-norm.")
     max_grad_norm: float = Field(1.0, gt=0.0, description="Per-patient clipping bound.")
     accountant: Literal["rdp", "prv"] = Field("rdp", description="Opacus accountant for epsilon.")
+    engine: Literal["bookkeeping", "opacus"] = Field(
+        "bookkeeping", description="How per-patient gradients are clipped: 'bookkeeping' (one backward pass, "
+        "per-patient norms from Gram matrices, no per-sample copy of large weights; fastest) or 'opacus' "
+        "(Opacus' per-sample hooks). Same DP-SGD step and accounting.")
 
 
 class SecAggConfig(_Section):

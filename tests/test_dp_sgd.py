@@ -18,7 +18,7 @@ from medfusion_fl.config import RunConfig
 from medfusion_fl.errors import ConfigError
 from medfusion_fl.models import build_model, example_inputs
 from medfusion_fl.models.backbone import FAMILIES
-from medfusion_fl.privacy.dp_sgd import per_patient_backward, prepare_for_dp
+from medfusion_fl.privacy.dp_sgd import per_patient_backward, prepare_for_dp, set_view_folding
 
 DP_FAMILIES = [f for f in FAMILIES if f not in {"swin", "maxvit"}]
 
@@ -29,6 +29,7 @@ def _model(family: str, checkpointing: bool) -> torch.nn.Module:
     if family == "resnet3d":
         flat |= {"data.depth": 8, "data.image-size": 16}
     model = build_model(RunConfig.from_flat(flat), seed=0)
+    set_view_folding(model, False)  # Opacus' hooks: patients along dimension 0 of every layer call
     return prepare_for_dp(model, FAMILIES[family].ci_name).train()
 
 

@@ -33,8 +33,10 @@ def view_shape(spec: ModelSpec) -> tuple[int, ...]:
 
 
 class ImageBranch(nn.Module):
-    """Backbone(s) called once per view with batch B (patients stay dimension 0, as Opacus needs),
-    per-view projection, masking of missing views, view aggregation."""
+    """A shared backbone called once on the B*V views folded into the batch (patient-major: rows
+    b*V..b*V+V-1 are patient b), or once per view with batch B when `fold_views` is off (Opacus'
+    hooks need patients along dimension 0) or each view has its own backbone; per-view
+    projection, masking of missing views, view aggregation."""
 
     def __init__(self, run: RunConfig, spec: ModelSpec) -> None:
         super().__init__()
@@ -49,6 +51,7 @@ class ImageBranch(nn.Module):
         self.aggregate = AGGREGATIONS.get(cfg.view_aggregation)(
             cfg.image_dim, spec.num_views, cfg.attention_heads, cfg.transformer_layers)
         self.checkpointing = cfg.checkpointing
+        self.fold_views = True
         self.train(self.training)
 
     def train(self, mode: bool = True) -> ImageBranch:
@@ -61,8 +64,13 @@ class ImageBranch(nn.Module):
     def forward(self, views: torch.Tensor, view_mask: torch.Tensor) -> torch.Tensor:
         # views (B, V, C, H, W) or (B, V, C, D, H, W); view_mask (B, V) with 1 = present
         shared = len(self.backbones) == 1
-        feats = [self.project(self.backbones[0 if shared else v](views[:, v])) for v in range(views.shape[1])]
-        stacked = torch.stack(feats, dim=1)  # (B, V, Di)
+        b, v = views.shape[:2]
+        if shared and self.fold_views:
+            folded = self.project(self.backbones[0](views.flatten(0, 1)))  # (B*V, Di), patient-major
+            stacked = folded.reshape(b, v, -1)  # (B, V, Di)
+        else:
+            feats = [self.project(self.backbones[0 if shared else i](views[:, i])) for i in range(v)]
+            stacked = torch.stack(feats, dim=1)  # (B, V, Di)
         stacked = stacked * view_mask.to(stacked.dtype).unsqueeze(-1)  # missing views carry nothing
         aggregated: torch.Tensor = self.aggregate(stacked, view_mask)
         return aggregated  # (B, Di)

@@ -19,18 +19,22 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from opacus import PrivacyEngine
+from opacus.data_loader import DPDataLoader
 from opacus.grad_sample import GradSampleModule
 from opacus.grad_sample.grad_sample_module import promote_current_grad_sample
 from opacus.grad_sample.layer_norm import compute_layer_norm_grad_sample
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from timm.layers.norm import LayerNorm as TimmLayerNorm
+from timm.models.convnext import ConvNeXtBlock
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from medfusion_fl.config import PrivacyConfig, TrainConfig
 from medfusion_fl.errors import ConfigError
 from medfusion_fl.privacy.accountant import DPStep
+from medfusion_fl.privacy.bookkeeping import PerPatientClipper
 from medfusion_fl.privacy.conv_sampler import grouped_conv2d_grad_sample
+from medfusion_fl.privacy.persample import LayerScale, patient_grads
 from medfusion_fl.training import TrainResult, autocast, make_optimizer
 
 log = logging.getLogger(__name__)
@@ -73,6 +77,14 @@ def _exact(sampler: Sampler) -> Sampler:
 # Opacus looks samplers up by exact type; timm's LayerNorm subclass computes the same as LayerNorm.
 GradSampleModule.GRAD_SAMPLERS[TimmLayerNorm] = compute_layer_norm_grad_sample
 GradSampleModule.GRAD_SAMPLERS[nn.Conv2d] = grouped_conv2d_grad_sample  # groups > 1 without groups^2 work
+
+
+def _layer_scale_grad_sample(layer: LayerScale, activations: list[torch.Tensor],
+                             backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+    return patient_grads(layer, activations[0], backprops, patients=backprops.shape[0])
+
+
+GradSampleModule.GRAD_SAMPLERS[LayerScale] = _layer_scale_grad_sample
 for _type, _sampler in list(GradSampleModule.GRAD_SAMPLERS.items()):
     GradSampleModule.GRAD_SAMPLERS[_type] = _exact(_sampler)
 TOKENS = ("cls_token", "reg_token", "pos_embed")  # owned by the ViT module itself
@@ -110,7 +122,19 @@ def prepare_for_dp(model: nn.Module, backbone_name: str) -> nn.Module:
             module.inplace = False  # type: ignore[assignment]
     _guard_norm_outputs(model)
     _freeze_vit_tokens(model)
+    _move_layer_scales(model)
     return model
+
+
+def _move_layer_scales(model: nn.Module) -> None:
+    """ConvNeXt multiplies its block output by a parameter `gamma` owned by the block itself; both
+    engines need every parameter in a layer with a per-sample rule, so gamma moves into a LayerScale
+    after the block's MLP (channels last there unless the block uses a conv MLP): same function."""
+    for module in model.modules():
+        if isinstance(module, ConvNeXtBlock) and isinstance(module.gamma, nn.Parameter):
+            scale = LayerScale(module.gamma, dim=1 if module.use_conv_mlp else -1)
+            module.gamma = None
+            module.mlp = nn.Sequential(module.mlp, scale)
 
 
 def _guard_norm_outputs(module: nn.Module) -> None:
@@ -144,24 +168,19 @@ def per_patient_backward(model: nn.Module) -> Iterator[None]:
                 promote_current_grad_sample(p)
 
 
-def _batch_loss(model: nn.Module, batch: Batch, device: torch.device, precision: str) -> tuple[torch.Tensor, int]:
-    views, mask = batch["views"].to(device), batch["view_mask"].to(device)
-    tabular, labels = batch["tabular"].to(device), batch["label"].to(device)
-    n = len(labels)
-    if n == 0:  # Poisson sampling can draw an empty batch; the noise-only step is still taken
-        return torch.zeros((), device=device), 0
-    with autocast(precision, device):  # bf16 or fp32: fp16 is refused under DP by the config
-        logits = model(views, mask, tabular)
-    return F.cross_entropy(logits.float(), labels), n
-
-
 def train_local_dp(model: nn.Module, dataset: Dataset[Batch], cfg: TrainConfig, privacy: PrivacyConfig, *,
                    device: torch.device, seed: int, proximal_mu: float = 0.0,
                    reference: Mapping[str, torch.Tensor] | None = None,
                    noise_seed: int | None = None) -> tuple[TrainResult, DPStep]:
     """DP-SGD for cfg.local-epochs epochs of Poisson batches; returns what happened and the DP step
     to record in the ledger. FedProx is a post-step pull towards `reference` (the round's global
-    weights): Opacus overwrites p.grad, so a proximal term in the loss would be silently dropped.
+    weights): a proximal term in the loss would be clipped with the patient's gradient (and Opacus
+    overwrites p.grad, silently dropping it).
+
+    privacy.engine picks how per-patient gradients are clipped: 'bookkeeping' (ours, one backward
+    pass, privacy/bookkeeping.py) or 'opacus' (Opacus' per-sample hooks). Both clip each patient's
+    whole gradient at max-grad-norm, add N(0, (noise-multiplier * max-grad-norm)^2) to the sum and
+    divide by the expected batch size: the same DP-SGD step, the same accounting.
 
     Noise and Poisson sampling draw from generators seeded by the operating system's CSPRNG every
     call: a seed derived from the run config (known to the coordinator) would let anyone regenerate
@@ -170,52 +189,120 @@ def train_local_dp(model: nn.Module, dataset: Dataset[Batch], cfg: TrainConfig, 
     """
     start = time.perf_counter()
     model.to(device).train()
-    generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=generator)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(seed))
     optimizer = make_optimizer(model, cfg)
-    with warnings.catch_warnings():  # "Secure RNG turned off": our generators are seeded from the OS (below)
-        warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        engine = PrivacyEngine(accountant="rdp", secure_mode=False)
-        hooks, optimizer, loader = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=privacy.noise_multiplier,
-            max_grad_norm=privacy.max_grad_norm, poisson_sampling=True, grad_sample_mode="hooks",
-            wrap_model=False, noise_generator=_secret_generator(device, noise_seed))
-    sampler = getattr(loader, "batch_sampler", None)
-    if not isinstance(sampler, UniformWithReplacementSampler):
-        raise RuntimeError(f"opacus returned {type(sampler).__name__}, not a Poisson sampler; pin opacus 1.6.*")
-    sampler.generator = _secret_generator(torch.device("cpu"), None)  # which patients a step saw stays secret
+    noise = _secret_generator(device, noise_seed)
     pull = {n: t.to(device) for n, t in reference.items()} if (reference is not None and proximal_mu > 0) else {}
-    try:
-        with warnings.catch_warnings():
-            # Opacus' hooks fire on module outputs when the first layer's input needs no gradient (always here)
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            loss_mean, seen, steps = _run_epochs(model, loader, optimizer, cfg, device, pull, proximal_mu)
-    finally:
-        _cleanup(hooks)
-    sample_rate = float(getattr(loader, "sample_rate", 1.0 / len(loader)))
+    with warnings.catch_warnings():
+        # Opacus' hooks fire on module outputs when the first layer's input needs no gradient (always here)
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")  # our generators are seeded from the OS
+        if privacy.engine == "bookkeeping":
+            poisson = DPDataLoader.from_data_loader(loader, generator=_secret_generator(torch.device("cpu"), None))
+            step = _BookkeepingStep(model, privacy, noise, expected=max(1, int(len(dataset) * poisson.sample_rate)))
+            try:
+                loss_mean, seen, steps = _run_epochs(model, poisson, optimizer, cfg, device, pull, proximal_mu, step)
+            finally:
+                step.clipper.detach()
+            sample_rate = float(poisson.sample_rate)
+        else:
+            loss_mean, seen, steps, sample_rate = _opacus_epochs(model, loader, optimizer, cfg, privacy, device,
+                                                                 pull, proximal_mu, noise)
     result = TrainResult(loss_mean, seen, steps, time.perf_counter() - start)
     return result, DPStep(privacy.noise_multiplier, sample_rate, steps)
 
 
+class _BookkeepingStep:
+    """Forward + one clipped backward + noise, with privacy/bookkeeping.py."""
+
+    def __init__(self, model: nn.Module, privacy: PrivacyConfig, noise: torch.Generator, *, expected: int) -> None:
+        self.model, self.expected, self.noise = model, expected, noise
+        self.std = privacy.noise_multiplier * privacy.max_grad_norm
+        self.clipper = PerPatientClipper(model, max_grad_norm=privacy.max_grad_norm)
+
+    def __call__(self, batch: Batch, device: torch.device, precision: str) -> tuple[float, int]:
+        n = len(batch["label"])
+        if n:
+            with self.clipper.forward(n):
+                losses = _patient_losses(self.model, batch, device, precision)
+            self.clipper.clip_backward(losses)
+        for p in self.clipper.params:
+            summed = p.grad if (n and p.grad is not None) else torch.zeros_like(p)
+            p.grad = (summed + torch.normal(0.0, self.std, p.shape, device=p.device, generator=self.noise)) \
+                / self.expected
+        return (float(losses.detach().mean()) if n else 0.0), n
+
+
+def _opacus_epochs(model: nn.Module, loader: DataLoader[Batch], optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+                   privacy: PrivacyConfig, device: torch.device, pull: Mapping[str, torch.Tensor],
+                   proximal_mu: float, noise: torch.Generator) -> tuple[float, int, int, float]:
+    """The same DP-SGD with Opacus' hooks (patients along dimension 0 of every layer call)."""
+    engine = PrivacyEngine(accountant="rdp", secure_mode=False)
+    set_view_folding(model, False)
+    hooks, optimizer, loader = engine.make_private(
+        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=privacy.noise_multiplier,
+        max_grad_norm=privacy.max_grad_norm, poisson_sampling=True, grad_sample_mode="hooks",
+        wrap_model=False, noise_generator=noise)
+    sampler = getattr(loader, "batch_sampler", None)
+    if not isinstance(sampler, UniformWithReplacementSampler):
+        raise RuntimeError(f"opacus returned {type(sampler).__name__}, not a Poisson sampler; pin opacus 1.6.*")
+    sampler.generator = _secret_generator(torch.device("cpu"), None)  # which patients a step saw stays secret
+
+    def step(batch: Batch, device: torch.device, precision: str) -> tuple[float, int]:
+        losses = _patient_losses(model, batch, device, precision)
+        if len(losses):
+            with per_patient_backward(model):
+                losses.mean().backward()  # type: ignore[no-untyped-call]
+        return (float(losses.detach().mean()) if len(losses) else 0.0), len(losses)
+
+    try:
+        loss_mean, seen, steps = _run_epochs(model, loader, optimizer, cfg, device, pull, proximal_mu, step)
+    finally:
+        hooks.cleanup()  # the model can be evaluated, exported or privatised again next round
+        set_view_folding(model, True)
+    return loss_mean, seen, steps, float(getattr(loader, "sample_rate", 1.0 / len(loader)))
+
+
+def set_view_folding(model: nn.Module, enabled: bool) -> None:
+    """Fold a shared backbone's views into the batch (bookkeeping, plain training) or call it once per
+    view with batch B (Opacus' hooks, which treat every row of a layer call as one sample)."""
+    for module in model.modules():
+        if hasattr(module, "fold_views"):
+            module.fold_views = enabled
+
+
+def _patient_losses(model: nn.Module, batch: Batch, device: torch.device, precision: str) -> torch.Tensor:
+    """Each patient's cross-entropy, (B,); empty for an empty Poisson batch."""
+    views, mask = batch["views"].to(device), batch["view_mask"].to(device)
+    tabular, labels = batch["tabular"].to(device), batch["label"].to(device)
+    if len(labels) == 0:
+        return torch.zeros(0, device=device)
+    with autocast(precision, device):  # bf16 or fp32: fp16 is refused under DP by the config
+        logits = model(views, mask, tabular)
+    return F.cross_entropy(logits.float(), labels, reduction="none")
+
+
+StepFn = Callable[[Batch, torch.device, str], tuple[float, int]]
+
+
 def _run_epochs(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
-                device: torch.device, pull: Mapping[str, torch.Tensor], proximal_mu: float) -> tuple[float, int, int]:
+                device: torch.device, pull: Mapping[str, torch.Tensor], proximal_mu: float,
+                step: StepFn) -> tuple[float, int, int]:
     """The DP-SGD loop; returns the last epoch's mean loss, its patients and the steps taken."""
     named = dict(model.named_parameters())
     steps, loss_sum, seen = 0, 0.0, 0
     for _ in range(cfg.local_epochs):
         loss_sum, seen = 0.0, 0
         for batch in loader:
-            loss, n = _batch_loss(model, batch, device, cfg.precision)
             optimizer.zero_grad(set_to_none=True)
-            if n:
-                with per_patient_backward(model):
-                    loss.backward()  # type: ignore[no-untyped-call]
+            loss, n = step(batch, device, cfg.precision)
             optimizer.step()
             if pull:
                 with torch.no_grad():
                     for name, target in pull.items():
                         named[name].sub_(cfg.lr * proximal_mu * (named[name] - target))
-            loss_sum += float(loss.detach()) * n
+            loss_sum += loss * n
             seen += n
             steps += 1
     return loss_sum / max(seen, 1), seen, steps
@@ -228,9 +315,3 @@ def _secret_generator(device: torch.device, noise_seed: int | None) -> torch.Gen
     each step used, which voids the subsampling amplification in the accountant."""
     seed = secrets.randbits(63) if noise_seed is None else noise_seed
     return torch.Generator(device=device).manual_seed(seed)
-
-
-def _cleanup(hooks: Any) -> None:
-    """Detach Opacus' hooks and per-sample state so the model can be evaluated, exported or
-    privatised again next round."""
-    hooks.cleanup()

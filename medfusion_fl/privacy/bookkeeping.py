@@ -1,0 +1,202 @@
+"""Exact per-patient clipping in one backward pass, without a per-sample gradient of every weight.
+
+Book-keeping ghost clipping (Bu et al. 2023), per patient. Forward hooks keep each layer call's
+input `a`; one backward pass computes only activation gradients (parameters stop requiring gradients
+for the step) and tensor hooks see each call's output gradient `g`. Per call the engine then either
+  - forms each patient's gradient of the layer now (B x params; cheap for early conv layers with few
+    weights and many positions), keeping it and dropping a and g, or
+  - computes each patient's squared norm from Gram matrices (late layers: few positions, many
+    weights) and keeps a and g,
+whichever keeps fewer bytes. Once every patient's norm is known, the clipped sum of a kept call is
+one weight-gradient matmul/conv with g scaled by the patients' clip factors. Time is one forward,
+one activation backward and about one weight-gradient pass: what plain training costs, plus the norms.
+
+Multi-view patients: a shared backbone sees the V views of each patient as consecutive rows
+(ImageBranch folds views into the batch), so "patient" = R consecutive rows of every layer call.
+A layer called more than once per step sums its calls' per-patient gradients before the norm.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from medfusion_fl.errors import ConfigError
+from medfusion_fl.privacy import persample
+
+log = logging.getLogger(__name__)
+CHUNK_BYTES = 256 * 2**20  # temporaries (im2col, x_hat) of one per-patient computation
+
+
+@dataclass
+class _Call:
+    """One layer call kept until clipping: its input and output gradient (or None before backward)."""
+
+    layer: nn.Module
+    a: torch.Tensor
+    g: torch.Tensor | None = None
+
+
+@dataclass
+class _State:
+    patients: int = 0
+    phase: str = "idle"  # idle | forward | backward
+    calls: dict[nn.Module, int] = field(default_factory=dict)  # forward calls per layer this step
+    anchors: list[torch.Tensor] = field(default_factory=list)  # 0-dim zeros the graph starts from
+
+    def anchor(self, device: torch.device) -> torch.Tensor:
+        zero = torch.zeros((), device=device, requires_grad=True)
+        self.anchors.append(zero)
+        return zero
+    kept: list[_Call] = field(default_factory=list)
+    grads: dict[nn.Parameter, torch.Tensor] = field(default_factory=dict)  # per-patient, summed over calls
+    sq_norms: torch.Tensor | None = None  # (B,)
+
+
+class PerPatientClipper:
+    """Attach to a model; `clip_backward(losses)` sets every trainable p.grad to sum_i clip_C(grad_i).
+
+    losses: (B,) each patient's loss. Patients are rows of dimension 0 of the model's inputs.
+    """
+
+    def __init__(self, model: nn.Module, *, max_grad_norm: float) -> None:
+        self.model, self.max_grad_norm = model, max_grad_norm
+        self.layers = _hooked_layers(model)
+        self.params = [p for layer in self.layers for p in layer.parameters(recurse=False) if p.requires_grad]
+        self.trainable = set(self.params)
+        self.state = _State()
+        self._handles = [layer.register_forward_hook(self._on_forward) for layer in self.layers]
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.state = _State()
+
+    @contextmanager
+    def forward(self, patients: int) -> Iterator[None]:
+        """Wrap the model's forward for a batch of `patients` patients; call clip_backward after it.
+        Parameters stop requiring gradients until then: the backward pass computes activation
+        gradients only (weight gradients come from the hooks), also in reentrant checkpoints."""
+        self.state = _State(patients=patients, phase="forward", sq_norms=torch.zeros(patients))
+        for p in self.params:
+            p.requires_grad_(False)
+        try:
+            yield
+        except BaseException:
+            self._release()
+            raise
+        finally:
+            self.state.phase = "idle"
+
+    def _release(self) -> None:
+        for p in self.params:
+            p.requires_grad_(True)
+        self.state = _State(patients=self.state.patients)
+
+    def _on_forward(self, layer: nn.Module, inputs: tuple[Any, ...], output: Any) -> Any:
+        state = self.state
+        if state.phase == "forward":
+            state.calls[layer] = state.calls.get(layer, 0) + 1
+        if state.phase == "idle" or not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
+            return None  # not training, or the no-grad first pass of a reentrant checkpoint (captured at recompute)
+        a = inputs[0]
+        rows = a.shape[0] if a.dim() else 0
+        if rows % state.patients:
+            raise RuntimeError(f"{type(layer).__name__} saw {rows} rows for {state.patients} patients: "
+                               "its input does not keep patients along dimension 0")
+        call = _Call(layer, a.detach())
+        if not output.requires_grad:  # a first layer (input needs no gradient): start the graph here
+            if state.phase != "forward":
+                raise RuntimeError(f"{type(layer).__name__} inside a checkpointed segment takes an input that "
+                                   "needs no gradient; its per-patient gradient would be lost")
+            output = output + state.anchor(output.device)  # + 0: same values, now needing a gradient
+        output.register_hook(lambda grad, call=call: self._on_grad(call, grad))  # type: ignore[misc]
+        return output
+
+    def _on_grad(self, call: _Call, grad: torch.Tensor) -> None:
+        call.g = grad.detach()
+        state = self.state
+        layer, patients = call.layer, state.patients
+        gram_flops, form_flops = persample.ghost_cost(layer, call.a, call.g, patients)
+        form_bytes = 4 * patients * sum(p.numel() for p in layer.parameters(recurse=False))
+        keep_bytes = call.a.numel() * call.a.element_size() + call.g.numel() * call.g.element_size()
+        if state.calls.get(layer, 1) > 1 or gram_flops == float("inf") or form_bytes <= keep_bytes:
+            for p, grad_p in self._patient_grads(call).items():
+                state.grads[p] = state.grads[p] + grad_p if p in state.grads else grad_p
+            return  # a and g dropped here
+        if gram_flops <= form_flops:
+            sq = torch.cat([persample.ghost_sq_norm(layer, a, g, n) for a, g, n in self._chunks(call)])
+        else:  # formed only for the norm, then freed
+            sq = sum(t.flatten(1).pow(2).sum(dim=1) for t in self._patient_grads(call).values())  # type: ignore[assignment]
+        state.sq_norms = state.sq_norms + sq.to(state.sq_norms.device)  # type: ignore[operator]
+        state.kept.append(call)
+
+    def _chunks(self, call: _Call) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        """(a, g, patients) over groups of whole patients, so that temporaries stay within CHUNK_BYTES."""
+        patients = self.state.patients
+        rows = call.a.shape[0] // patients
+        per_patient = persample.transient_bytes(call.layer, call.a, call.g) / patients  # type: ignore[arg-type]
+        size = max(1, int(CHUNK_BYTES // max(per_patient, 1.0)))
+        for start in range(0, patients, size):
+            stop = min(patients, start + size)
+            yield call.a[start * rows:stop * rows], call.g[start * rows:stop * rows], stop - start  # type: ignore[index]
+
+    def _patient_grads(self, call: _Call) -> dict[nn.Parameter, torch.Tensor]:
+        parts = [persample.patient_grads(call.layer, a, g, n) for a, g, n in self._chunks(call)]
+        return {p: torch.cat([part[p] for part in parts]) for p in parts[0] if p in self.trainable}
+
+    def clip_backward(self, losses: torch.Tensor) -> torch.Tensor:
+        """One backward pass; p.grad = clipped per-patient sum for every trainable parameter.
+        Returns each patient's gradient norm before clipping (B,)."""
+        state = self.state
+        if losses.shape != (state.patients,):
+            self._release()
+            raise ValueError(f"clip_backward needs one loss per patient, shape ({state.patients},), "
+                             f"got {tuple(losses.shape)}")
+        state.sq_norms = state.sq_norms.to(losses.device)  # type: ignore[union-attr]
+        state.phase = "backward"
+        try:
+            losses.sum().backward()  # type: ignore[no-untyped-call]
+            return self._finish(losses.device)
+        finally:
+            self._release()
+
+    def _finish(self, device: torch.device) -> torch.Tensor:
+        state = self.state
+        sq = state.sq_norms
+        for grad in state.grads.values():
+            sq = sq + grad.flatten(1).pow(2).sum(dim=1).to(device)  # type: ignore[operator]
+        norms = sq.sqrt()  # type: ignore[union-attr]
+        factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # Opacus' flat clipping rule
+        total: dict[nn.Parameter, torch.Tensor] = {}
+        for p, grad in state.grads.items():
+            total[p] = torch.einsum("b,b...->...", factors.to(grad.device), grad)
+        for call in state.kept:
+            for p, grad in persample.weighted_grads(call.layer, call.a, call.g, factors).items():  # type: ignore[arg-type]
+                if p not in self.trainable:
+                    continue
+                total[p] = total[p] + grad if p in total else grad
+        for p in self.params:
+            p.grad = total[p].to(p.dtype) if p in total else torch.zeros_like(p)
+        return norms
+
+
+def _hooked_layers(model: nn.Module) -> list[nn.Module]:
+    """Every module that owns a trainable parameter; refuse the model if one has no rule."""
+    layers = []
+    for name, module in model.named_modules():
+        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+            continue
+        reason = persample.unsupported_reason(module)
+        if reason:
+            raise ConfigError(f"privacy.engine = 'bookkeeping': layer {name or 'model'!r}: {reason}. "
+                              "Set privacy.engine = 'opacus' for this model.")
+        layers.append(module)
+    return layers

@@ -1,0 +1,228 @@
+"""Per-patient gradient pieces of one layer call, from its input `a` and its output gradient `g`.
+
+A layer call sees N = B * R rows, R consecutive rows per patient (R = 1, or the V views of a shared
+backbone folded into the batch, patient-major). For each supported layer type this module gives:
+  patient_grads(layer, a, g, B)   {param: (B, *param.shape)} fp32, each patient's gradient
+  ghost_sq_norm(layer, a, g, B)   (B,) each patient's squared gradient norm without forming it
+                                  (Linear / ungrouped Conv only: Gram matrices over positions)
+  weighted_grads(layer, a, g, c)  {param: grad} = sum_i c_i * patient i's gradient, one matmul/conv
+Every parameter of the layer gets a gradient (the caller drops frozen ones: during a clipped step
+no parameter requires grad). Costs (flops, bytes) let the engine pick per call. Everything is computed
+from the same `a` and `g` autograd would use, so the result is the exact per-patient gradient
+(tests/test_bookkeeping.py, bench/dp_exactness.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers.conv2d_same import Conv2dSame
+from timm.layers.norm import LayerNorm2d
+from torch import nn
+
+Grads = dict[nn.Parameter, torch.Tensor]
+
+
+class LayerScale(nn.Module):
+    """x * gamma over the channel axis `dim` (ConvNeXt's layer scale, moved out of the block so that
+    every parameter belongs to a layer with a per-patient gradient rule)."""
+
+    def __init__(self, gamma: nn.Parameter, dim: int) -> None:
+        super().__init__()
+        self.gamma = gamma
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = [1] * x.dim()
+        shape[self.dim] = -1
+        return x * self.gamma.reshape(shape)
+
+
+CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+SUPPORTED = (nn.Linear, *CONV, nn.GroupNorm, nn.LayerNorm, nn.Embedding, LayerScale)
+
+
+def unsupported_reason(layer: nn.Module) -> str | None:
+    """Why this layer's per-patient gradient cannot be computed here, or None."""
+    if not isinstance(layer, SUPPORTED):
+        return f"{type(layer).__name__} has no per-patient gradient rule"
+    if isinstance(layer, CONV) and not isinstance(layer, Conv2dSame) and (
+            not isinstance(layer.padding, tuple) or layer.padding_mode != "zeros"):
+        return f"{type(layer).__name__} with padding={layer.padding!r}, padding_mode={layer.padding_mode!r}"
+    if isinstance(layer, nn.Embedding) and (layer.max_norm is not None or layer.sparse):
+        return "Embedding with max_norm or sparse gradients"
+    return None
+
+
+def _conv_input(layer: nn.Module, a: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The zero-padded input the convolution really saw, and the padding still to apply (zeros)."""
+    if isinstance(layer, Conv2dSame):  # pads inside forward, "same" as TensorFlow: replay that
+        from timm.layers.padding import pad_same
+
+        return pad_same(a, layer.kernel_size, layer.stride, layer.dilation), (0, 0)
+    return a, tuple(layer.padding)
+
+
+def _rows(t: torch.Tensor, patients: int) -> torch.Tensor:
+    """(N, ..., D) -> (B, R * positions, D): every position of a patient's rows in one axis."""
+    return t.reshape(patients, -1, t.shape[-1])
+
+
+def _bmm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x @ y per patient with fp32 results. bf16 inputs stay bf16 on CUDA (products of bf16 values are
+    exact in the fp32 accumulator: the same numbers as fp32, at bf16 speed); elsewhere in fp32."""
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        return torch.bmm(x, y.to(x.dtype), out_dtype=torch.float32)
+    return torch.bmm(x.float(), y.float())
+
+
+def _common(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The input as autocast fed the layer: in g's precision when that is half (a is the module
+    input, which autocast cast to bf16 for the matmul/conv), else fp32."""
+    return a.to(g.dtype) if g.dtype in (torch.bfloat16, torch.float16) else a.float()
+
+
+def transient_bytes(layer: nn.Module, a: torch.Tensor, g: torch.Tensor) -> int:
+    """Worst-case temporary bytes of patient_grads / ghost_sq_norm for this call (im2col in fp32)."""
+    if isinstance(layer, nn.Conv2d) and layer.groups == 1:
+        return 4 * (g[0, 0].numel() * g.shape[0] * layer.weight[0].numel() + g.numel())
+    return 8 * (a.numel() + g.numel())
+
+
+def _unfold(layer: nn.Conv2d, a: torch.Tensor, patients: int) -> torch.Tensor:
+    """Conv2d input as im2col rows per patient: (B, R*T, C_in*kh*kw)."""
+    x, padding = _conv_input(layer, a)
+    cols = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=padding, stride=layer.stride)
+    return _rows(cols.transpose(1, 2), patients)  # (N, T, C_in*k*k) -> (B, R*T, C_in*k*k)
+
+
+def _conv_out_rows(g: torch.Tensor, patients: int) -> torch.Tensor:
+    return _rows(g.flatten(2).transpose(1, 2), patients)  # (N, C_out, *S) -> (B, R*T, C_out)
+
+
+def ghost_cost(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, patients: int) -> tuple[float, float]:
+    """(flops of the Gram-matrix norm, flops of forming each patient's gradient) for this call."""
+    if isinstance(layer, nn.Linear):
+        positions = g.numel() / (patients * layer.out_features)
+        d_in, d_out = layer.in_features, layer.out_features
+    elif isinstance(layer, nn.Conv2d) and layer.groups == 1:
+        positions = g[0, 0].numel() * g.shape[0] / patients
+        d_in, d_out = layer.weight[0].numel(), layer.out_channels
+    else:
+        return float("inf"), 0.0
+    return patients * positions ** 2 * (d_in + d_out), patients * positions * d_in * d_out
+
+
+def ghost_sq_norm(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, patients: int) -> torch.Tensor:
+    """||sum_t g_t a_t^T||^2 = sum_{t,s} (a_t . a_s)(g_t . g_s) per patient, plus the bias term."""
+    a = _common(a, g)
+    if isinstance(layer, nn.Linear):
+        x, dy = _rows(a, patients), _rows(g, patients)
+    else:
+        x, dy = _unfold(layer, a, patients), _conv_out_rows(g, patients)  # type: ignore[arg-type]
+    sq = (_bmm(x, x.transpose(1, 2)) * _bmm(dy, dy.transpose(1, 2))).sum(dim=(1, 2))
+    if layer.bias is not None:
+        sq = sq + dy.float().sum(dim=1).pow(2).sum(dim=1)
+    return sq  # (B,)
+
+
+def _per_image_conv(layer: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-image weight gradient (N, C_out, C_in/groups, *k) of any convolution, as one grouped
+    convolution of the input with each image's output gradient (no im2col)."""
+    x, padding = _conv_input(layer, a)
+    x, g = x.float(), g.float()
+    spatial = x.dim() - 2
+    if any(padding):
+        pads = [p for pad in reversed(padding) for p in (pad, pad)]
+        x = F.pad(x, pads)
+    n, groups = x.shape[0], layer.groups  # type: ignore[union-attr]
+    g_in, c_out = x.shape[1] // groups, g.shape[1]
+    conv = (F.conv1d, F.conv2d, F.conv3d)[spatial - 1]
+    x_t = x.reshape(n * groups, g_in, *x.shape[2:]).transpose(0, 1)  # (g_in, N*groups, *S)
+    kernels = g.reshape(n * c_out, 1, *g.shape[2:])
+    grad = conv(x_t, kernels, stride=layer.dilation, dilation=layer.stride, groups=n * groups)  # type: ignore[operator]
+    kernel = tuple(layer.kernel_size)  # type: ignore[union-attr]
+    grad = grad[(..., *[slice(0, k) for k in kernel])]
+    return grad.reshape(g_in, n, c_out, *kernel).transpose(0, 1).transpose(1, 2)  # (N, C_out, g_in, *k)
+
+
+def _per_patient(t: torch.Tensor, patients: int) -> torch.Tensor:
+    """(N, *shape) per-image -> (B, *shape) per-patient sums."""
+    return t.reshape(patients, -1, *t.shape[1:]).sum(dim=1)
+
+
+def _norm_affine(layer: nn.Module, a: torch.Tensor) -> torch.Tensor:
+    """The normalised input x_hat that the norm's weight multiplies, channels at dim 1 or last."""
+    x = a.float()
+    if isinstance(layer, nn.GroupNorm):
+        return F.group_norm(x, layer.num_groups, eps=layer.eps)
+    if isinstance(layer, LayerNorm2d):
+        return F.layer_norm(x.permute(0, 2, 3, 1), layer.normalized_shape, eps=layer.eps).permute(0, 3, 1, 2)
+    return F.layer_norm(x, layer.normalized_shape, eps=layer.eps)  # type: ignore[arg-type]
+
+
+def patient_grads(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, patients: int) -> Grads:
+    """Each patient's gradient of every trainable parameter of `layer`, (B, *shape) fp32."""
+    out: Grads = {}
+    weight, bias = getattr(layer, "weight", None), getattr(layer, "bias", None)
+    if isinstance(layer, nn.Linear):
+        x, dy = _rows(_common(a, g), patients), _rows(g, patients)
+        out[layer.weight] = _bmm(dy.transpose(1, 2), x)  # (B, d_out, d_in)
+        bias_grad = dy.float().sum(dim=1)
+    elif isinstance(layer, nn.Conv2d) and layer.groups == 1:
+        x, dy = _unfold(layer, _common(a, g), patients), _conv_out_rows(g, patients)
+        out[layer.weight] = _bmm(dy.transpose(1, 2), x).reshape(patients, *layer.weight.shape)
+        bias_grad = dy.float().sum(dim=1)
+    elif isinstance(layer, CONV):
+        out[layer.weight] = _per_patient(_per_image_conv(layer, a, g), patients)
+        bias_grad = _per_patient(g.float().flatten(2).sum(dim=2), patients)
+    elif isinstance(layer, nn.GroupNorm | nn.LayerNorm):
+        dy, x_hat = g.float(), _norm_affine(layer, a)
+        channels_first = isinstance(layer, nn.GroupNorm | LayerNorm2d)
+        keep = (0, 1) if channels_first else (0, *range(dy.dim() - len(layer.normalized_shape), dy.dim()))  # type: ignore[union-attr]
+        reduce = tuple(d for d in range(dy.dim()) if d not in keep)
+        if isinstance(weight, nn.Parameter):
+            prod = (dy * x_hat).sum(dim=reduce) if reduce else dy * x_hat
+            out[weight] = _per_patient(prod, patients)
+        bias_grad = _per_patient(dy.sum(dim=reduce) if reduce else dy, patients)
+    elif isinstance(layer, LayerScale):
+        dy = g.float() * a.float()
+        reduce = tuple(d for d in range(dy.dim()) if d not in (0, layer.dim % dy.dim()))
+        out[layer.gamma] = _per_patient(dy.sum(dim=reduce), patients)
+        return out
+    elif isinstance(layer, nn.Embedding):
+        dy = _rows(g.float(), patients)  # (B, R*T, D)
+        index = a.reshape(patients, -1)  # (B, R*T)
+        grad = dy.new_zeros(patients, layer.num_embeddings, layer.embedding_dim)
+        out[layer.weight] = grad.scatter_add_(1, index.unsqueeze(-1).expand_as(dy), dy)
+        return out
+    else:
+        raise TypeError(f"no per-patient gradient rule for {type(layer).__name__}")
+    if isinstance(bias, nn.Parameter):
+        out[bias] = bias_grad
+    return out
+
+
+def weighted_grads(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, weights: torch.Tensor) -> Grads:
+    """sum_i weights_i * (patient i's gradient) for a Linear or Conv call, in g's precision.
+    weights: (B,) fp32, expanded over each patient's rows."""
+    rows = weights.repeat_interleave(g.shape[0] // weights.shape[0]).to(g.dtype)
+    dy = g * rows.reshape(-1, *[1] * (g.dim() - 1))
+    out: Grads = {}
+    if isinstance(layer, nn.Linear):
+        x = a.to(dy.dtype).reshape(-1, layer.in_features)
+        flat = dy.reshape(-1, layer.out_features)
+        out[layer.weight] = (flat.t() @ x).float()
+        bias_grad = flat.float().sum(dim=0)
+    else:
+        x, padding = _conv_input(layer, a)
+        spatial = x.dim() - 2
+        weight_grad = (torch.nn.grad.conv1d_weight, torch.nn.grad.conv2d_weight,
+                       torch.nn.grad.conv3d_weight)[spatial - 1]
+        out[layer.weight] = weight_grad(x.to(dy.dtype), layer.weight.shape, dy, stride=layer.stride,  # type: ignore[arg-type]
+                                        padding=padding, dilation=layer.dilation, groups=layer.groups).float()
+        bias_grad = dy.float().flatten(2).sum(dim=(0, 2))
+    bias = layer.bias
+    if isinstance(bias, nn.Parameter):
+        out[bias] = bias_grad
+    return out
