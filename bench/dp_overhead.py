@@ -127,7 +127,8 @@ def main() -> None:
         for dp in ("dp-opacus", "dp-bookkeeping"):
             if dp in cases and "non-dp" in cases:
                 row |= ratios(cases[dp], cases["non-dp"], dp.replace("-", "_"))
-        log.info("%s: %s", backbone, {k: v for k, v in row.items() if "ratio" in k})
+        log.info("%s: %s %s", backbone, {k: v for k, v in row.items() if "ratio" in k},
+                 {c: (r.get("step_s"), r.get("peak_mem_mb"), r.get("error")) for c, r in cases.items()})
         rows.append(row)
     emit_report(args, rows)
 

@@ -39,8 +39,10 @@ class _Call:
     """One layer call kept until clipping: its input and output gradient (or None before backward)."""
 
     layer: nn.Module
-    a: torch.Tensor
+    a: torch.Tensor | None  # None until backward when `node` will give it
+    node: Any = None  # autograd node that saved the input (persample.saved_node)
     g: torch.Tensor | None = None
+    stats: tuple[torch.Tensor, torch.Tensor] | None = None  # GroupNorm's (mean, rstd)
 
 
 @dataclass
@@ -111,7 +113,10 @@ class PerPatientClipper:
         if rows % state.patients:
             raise RuntimeError(f"{type(layer).__name__} saw {rows} rows for {state.patients} patients: "
                                "its input does not keep patients along dimension 0")
-        call = _Call(layer, a.detach())
+        node = persample.saved_node(layer, output) if output.requires_grad else None
+        if node is None and isinstance(layer, nn.Linear) and torch.is_autocast_enabled(a.device.type):
+            a = a.to(torch.get_autocast_dtype(a.device.type))  # the cast autograd would have kept, not fp32
+        call = _Call(layer, None if node is not None else a.detach(), node)
         if not output.requires_grad:  # a first layer (input needs no gradient): start the graph here
             if state.phase != "forward":
                 raise RuntimeError(f"{type(layer).__name__} inside a checkpointed segment takes an input that "
@@ -120,8 +125,12 @@ class PerPatientClipper:
         output.register_hook(lambda grad, call=call: self._on_grad(call, grad))  # type: ignore[misc]
         return output
 
+    @torch.no_grad()
     def _on_grad(self, call: _Call, grad: torch.Tensor) -> None:
         call.g = grad.detach()
+        if call.node is not None:  # the node has not run yet: its saved input is still there
+            call.a, call.stats = persample.from_node(call.layer, call.node)
+            call.node = None
         state = self.state
         layer, patients = call.layer, state.patients
         gram_flops, form_flops = persample.ghost_cost(layer, call.a, call.g, patients)
@@ -132,13 +141,14 @@ class PerPatientClipper:
                 state.grads[p] = state.grads[p] + grad_p if p in state.grads else grad_p
             return  # a and g dropped here
         if gram_flops <= form_flops:
-            sq = torch.cat([persample.ghost_sq_norm(layer, a, g, n) for a, g, n in self._chunks(call)])
-        else:  # formed only for the norm, then freed
-            sq = sum(t.flatten(1).pow(2).sum(dim=1) for t in self._patient_grads(call).values())  # type: ignore[assignment]
+            sq = torch.cat([persample.ghost_sq_norm(layer, a, g, n) for a, g, n, _ in self._chunks(call)])
+        else:  # formed only for the norm, chunk by chunk, then freed
+            sq = torch.cat([_sq_norms(persample.patient_grads(layer, a, g, n, stats), self.trainable)
+                            for a, g, n, stats in self._chunks(call)])
         state.sq_norms = state.sq_norms + sq.to(state.sq_norms.device)  # type: ignore[operator]
         state.kept.append(call)
 
-    def _chunks(self, call: _Call) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    def _chunks(self, call: _Call) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, Any]]:
         """(a, g, patients) over groups of whole patients, so that temporaries stay within CHUNK_BYTES."""
         patients = self.state.patients
         rows = call.a.shape[0] // patients
@@ -146,10 +156,14 @@ class PerPatientClipper:
         size = max(1, int(CHUNK_BYTES // max(per_patient, 1.0)))
         for start in range(0, patients, size):
             stop = min(patients, start + size)
-            yield call.a[start * rows:stop * rows], call.g[start * rows:stop * rows], stop - start  # type: ignore[index]
+            part = slice(start * rows, stop * rows)
+            stats = None if call.stats is None else tuple(t[part] for t in call.stats)
+            yield call.a[part], call.g[part], stop - start, stats  # type: ignore[index]
 
     def _patient_grads(self, call: _Call) -> dict[nn.Parameter, torch.Tensor]:
-        parts = [persample.patient_grads(call.layer, a, g, n) for a, g, n in self._chunks(call)]
+        parts = [persample.patient_grads(call.layer, a, g, n, stats) for a, g, n, stats in self._chunks(call)]
+        if len(parts) == 1:
+            return {p: t for p, t in parts[0].items() if p in self.trainable}
         return {p: torch.cat([part[p] for part in parts]) for p in parts[0] if p in self.trainable}
 
     def clip_backward(self, losses: torch.Tensor) -> torch.Tensor:
@@ -168,11 +182,12 @@ class PerPatientClipper:
         finally:
             self._release()
 
+    @torch.no_grad()
     def _finish(self, device: torch.device) -> torch.Tensor:
         state = self.state
         sq = state.sq_norms
-        for grad in state.grads.values():
-            sq = sq + grad.flatten(1).pow(2).sum(dim=1).to(device)  # type: ignore[operator]
+        if state.grads:
+            sq = sq + _sq_norms(state.grads, self.trainable).to(device)  # type: ignore[operator]
         norms = sq.sqrt()  # type: ignore[union-attr]
         factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # Opacus' flat clipping rule
         total: dict[nn.Parameter, torch.Tensor] = {}
@@ -186,6 +201,12 @@ class PerPatientClipper:
         for p in self.params:
             p.grad = total[p].to(p.dtype) if p in total else torch.zeros_like(p)
         return norms
+
+
+def _sq_norms(grads: dict[nn.Parameter, torch.Tensor], trainable: set[nn.Parameter]) -> torch.Tensor:
+    """Sum over parameters of each patient's squared gradient norm, (B,)."""
+    return sum(torch.linalg.vector_norm(t.flatten(1), dim=1).square()  # type: ignore[return-value]
+               for p, t in grads.items() if p in trainable)
 
 
 def _hooked_layers(model: nn.Module) -> list[nn.Module]:

@@ -14,6 +14,8 @@ from the same `a` and `g` autograd would use, so the result is the exact per-pat
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from timm.layers.conv2d_same import Conv2dSame
@@ -90,14 +92,31 @@ def transient_bytes(layer: nn.Module, a: torch.Tensor, g: torch.Tensor) -> int:
 
 
 def _unfold(layer: nn.Conv2d, a: torch.Tensor, patients: int) -> torch.Tensor:
-    """Conv2d input as im2col rows per patient: (B, R*T, C_in*kh*kw)."""
+    """Conv2d input as im2col rows per patient: (B, R*T, C_in*kh*kw), one copy (a view for 1x1)."""
     x, padding = _conv_input(layer, a)
-    cols = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=padding, stride=layer.stride)
-    return _rows(cols.transpose(1, 2), patients)  # (N, T, C_in*k*k) -> (B, R*T, C_in*k*k)
+    (kh, kw), (sh, sw) = layer.kernel_size, layer.stride
+    if layer.dilation != (1, 1):
+        cols = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=padding, stride=layer.stride)
+        return _rows(cols.transpose(1, 2), patients)
+    if any(padding):
+        x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+    if (kh, kw) == (1, 1):  # (N, C, H, W) strided to the output grid: no im2col at all
+        return _rows(x[:, :, ::sh, ::sw].flatten(2).transpose(1, 2), patients)
+    windows = x.unfold(2, kh, sh).unfold(3, kw, sw)  # (N, C, Ho, Wo, kh, kw), a view
+    return windows.permute(0, 2, 3, 1, 4, 5).reshape(patients, -1, x.shape[1] * kh * kw)  # one copy
 
 
 def _conv_out_rows(g: torch.Tensor, patients: int) -> torch.Tensor:
     return _rows(g.flatten(2).transpose(1, 2), patients)  # (N, C_out, *S) -> (B, R*T, C_out)
+
+
+def _conv_out_cols(g: torch.Tensor, patients: int) -> torch.Tensor:
+    """(N, C_out, *S) -> (B, C_out, R*T): a view when R = 1."""
+    flat = g.flatten(2)  # (N, C_out, T)
+    rows = flat.shape[0] // patients
+    if rows == 1:
+        return flat
+    return flat.reshape(patients, rows, flat.shape[1], -1).transpose(1, 2).reshape(patients, flat.shape[1], -1)
 
 
 def ghost_cost(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, patients: int) -> tuple[float, float]:
@@ -122,28 +141,23 @@ def ghost_sq_norm(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, patients: 
         x, dy = _unfold(layer, a, patients), _conv_out_rows(g, patients)  # type: ignore[arg-type]
     sq = (_bmm(x, x.transpose(1, 2)) * _bmm(dy, dy.transpose(1, 2))).sum(dim=(1, 2))
     if layer.bias is not None:
-        sq = sq + dy.float().sum(dim=1).pow(2).sum(dim=1)
+        sq = sq + dy.sum(dim=1, dtype=torch.float32).square().sum(dim=1)
     return sq  # (B,)
 
 
 def _per_image_conv(layer: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Per-image weight gradient (N, C_out, C_in/groups, *k) of any convolution, as one grouped
-    convolution of the input with each image's output gradient (no im2col)."""
+    """Per-image weight gradient (N, C_out, C_in/groups, *k) of a grouped/depthwise convolution: the
+    images become groups of one batch-1 convolution, so this is the same weight-gradient kernel plain
+    training runs (cuDNN's depthwise kernel for groups = channels), with N times the groups."""
     x, padding = _conv_input(layer, a)
-    x, g = x.float(), g.float()
-    spatial = x.dim() - 2
-    if any(padding):
-        pads = [p for pad in reversed(padding) for p in (pad, pad)]
-        x = F.pad(x, pads)
-    n, groups = x.shape[0], layer.groups  # type: ignore[union-attr]
-    g_in, c_out = x.shape[1] // groups, g.shape[1]
-    conv = (F.conv1d, F.conv2d, F.conv3d)[spatial - 1]
-    x_t = x.reshape(n * groups, g_in, *x.shape[2:]).transpose(0, 1)  # (g_in, N*groups, *S)
-    kernels = g.reshape(n * c_out, 1, *g.shape[2:])
-    grad = conv(x_t, kernels, stride=layer.dilation, dilation=layer.stride, groups=n * groups)  # type: ignore[operator]
-    kernel = tuple(layer.kernel_size)  # type: ignore[union-attr]
-    grad = grad[(..., *[slice(0, k) for k in kernel])]
-    return grad.reshape(g_in, n, c_out, *kernel).transpose(0, 1).transpose(1, 2)  # (N, C_out, g_in, *k)
+    x = x.to(g.dtype)
+    n, spatial, groups = x.shape[0], x.dim() - 2, layer.groups  # type: ignore[union-attr]
+    weight_grad = (torch.nn.grad.conv1d_weight, torch.nn.grad.conv2d_weight,
+                   torch.nn.grad.conv3d_weight)[spatial - 1]
+    shape = layer.weight.shape  # type: ignore[union-attr]
+    grad = weight_grad(x.reshape(1, -1, *x.shape[2:]), (n * shape[0], *shape[1:]), g.reshape(1, -1, *g.shape[2:]),
+                       stride=layer.stride, padding=padding, dilation=layer.dilation, groups=n * groups)  # type: ignore[arg-type]
+    return grad.float().reshape(n, *shape)
 
 
 def _per_patient(t: torch.Tensor, patients: int) -> torch.Tensor:
@@ -152,33 +166,77 @@ def _per_patient(t: torch.Tensor, patients: int) -> torch.Tensor:
 
 
 def _norm_affine(layer: nn.Module, a: torch.Tensor) -> torch.Tensor:
-    """The normalised input x_hat that the norm's weight multiplies, channels at dim 1 or last."""
+    """The normalised input x_hat that a LayerNorm's weight multiplies, channels at dim 1 or last."""
     x = a.float()
-    if isinstance(layer, nn.GroupNorm):
-        return F.group_norm(x, layer.num_groups, eps=layer.eps)
     if isinstance(layer, LayerNorm2d):
         return F.layer_norm(x.permute(0, 2, 3, 1), layer.normalized_shape, eps=layer.eps).permute(0, 3, 1, 2)
     return F.layer_norm(x, layer.normalized_shape, eps=layer.eps)  # type: ignore[arg-type]
 
 
-def patient_grads(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, patients: int) -> Grads:
-    """Each patient's gradient of every trainable parameter of `layer`, (B, *shape) fp32."""
+def _group_norm_grads(layer: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor, patients: int,
+                      stats: tuple[torch.Tensor, torch.Tensor] | None) -> Grads:
+    """weight: sum_s g * (a - mean) * rstd = rstd * (sum_s g*a - mean * sum_s g) per (image, channel),
+    with GroupNorm's own saved mean and rstd per (image, group) when given: no x_hat in memory."""
+    n, c = a.shape[:2]
+    x, dy = a.float().reshape(n, c, -1), g.float().reshape(n, c, -1)
+    s1, s0 = (dy * x).sum(dim=2), dy.sum(dim=2)  # (N, C)
+    if stats is None:
+        var, mean = torch.var_mean(x.reshape(n, layer.num_groups, -1), dim=2, unbiased=False)
+        rstd = (var + layer.eps).rsqrt()
+    else:
+        mean, rstd = (t.float().reshape(n, layer.num_groups) for t in stats)
+    per = c // layer.num_groups
+    weight = rstd.repeat_interleave(per, dim=1) * (s1 - mean.repeat_interleave(per, dim=1) * s0)
+    out: Grads = {}
+    if isinstance(layer.weight, nn.Parameter):
+        out[layer.weight] = _per_patient(weight, patients)
+    if isinstance(layer.bias, nn.Parameter):
+        out[layer.bias] = _per_patient(s0, patients)
+    return out
+
+
+def saved_node(layer: nn.Module, output: torch.Tensor) -> Any:
+    """The autograd node that saved exactly the input this layer computed with (the bf16 cast under
+    autocast for a conv; the fp32 input with mean and rstd for GroupNorm), or None. Reading the input
+    from it holds no copy beyond what autograd keeps anyway."""
+    node = output.grad_fn
+    name = type(node).__name__
+    if isinstance(layer, CONV) and not isinstance(layer, Conv2dSame) and name == "ConvolutionBackward0":
+        return node
+    if isinstance(layer, nn.GroupNorm) and name == "NativeGroupNormBackward0":
+        return node
+    return None
+
+
+def from_node(layer: nn.Module, node: Any) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """(input, GroupNorm (mean, rstd) or None) from a saved_node, before that node runs."""
+    stats = (node._saved_result1, node._saved_result2) if isinstance(layer, nn.GroupNorm) else None
+    return node._saved_input, stats
+
+
+def patient_grads(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, patients: int,
+                  stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> Grads:
+    """Each patient's gradient of every trainable parameter of `layer`, (B, *shape) fp32.
+    `stats`: GroupNorm's saved (mean, rstd) per (image, group), if known."""
     out: Grads = {}
     weight, bias = getattr(layer, "weight", None), getattr(layer, "bias", None)
     if isinstance(layer, nn.Linear):
         x, dy = _rows(_common(a, g), patients), _rows(g, patients)
         out[layer.weight] = _bmm(dy.transpose(1, 2), x)  # (B, d_out, d_in)
-        bias_grad = dy.float().sum(dim=1)
+        bias_grad = dy.sum(dim=1, dtype=torch.float32)
     elif isinstance(layer, nn.Conv2d) and layer.groups == 1:
-        x, dy = _unfold(layer, _common(a, g), patients), _conv_out_rows(g, patients)
-        out[layer.weight] = _bmm(dy.transpose(1, 2), x).reshape(patients, *layer.weight.shape)
-        bias_grad = dy.float().sum(dim=1)
+        x, dy = _unfold(layer, _common(a, g), patients), _conv_out_cols(g, patients)  # (B, RT, Ck2), (B, Co, RT)
+        out[layer.weight] = _bmm(dy, x).reshape(patients, *layer.weight.shape)
+        bias_grad = dy.sum(dim=2, dtype=torch.float32)
     elif isinstance(layer, CONV):
         out[layer.weight] = _per_patient(_per_image_conv(layer, a, g), patients)
-        bias_grad = _per_patient(g.float().flatten(2).sum(dim=2), patients)
-    elif isinstance(layer, nn.GroupNorm | nn.LayerNorm):
+        bias_grad = _per_patient(g.flatten(2).sum(dim=2, dtype=torch.float32), patients)
+    elif isinstance(layer, nn.GroupNorm):
+        out.update(_group_norm_grads(layer, a, g, patients, stats))
+        return out
+    elif isinstance(layer, nn.LayerNorm):
         dy, x_hat = g.float(), _norm_affine(layer, a)
-        channels_first = isinstance(layer, nn.GroupNorm | LayerNorm2d)
+        channels_first = isinstance(layer, LayerNorm2d)
         keep = (0, 1) if channels_first else (0, *range(dy.dim() - len(layer.normalized_shape), dy.dim()))  # type: ignore[union-attr]
         reduce = tuple(d for d in range(dy.dim()) if d not in keep)
         if isinstance(weight, nn.Parameter):
@@ -213,7 +271,7 @@ def weighted_grads(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, weights: 
         x = a.to(dy.dtype).reshape(-1, layer.in_features)
         flat = dy.reshape(-1, layer.out_features)
         out[layer.weight] = (flat.t() @ x).float()
-        bias_grad = flat.float().sum(dim=0)
+        bias_grad = flat.sum(dim=0, dtype=torch.float32)
     else:
         x, padding = _conv_input(layer, a)
         spatial = x.dim() - 2
@@ -221,7 +279,7 @@ def weighted_grads(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, weights: 
                        torch.nn.grad.conv3d_weight)[spatial - 1]
         out[layer.weight] = weight_grad(x.to(dy.dtype), layer.weight.shape, dy, stride=layer.stride,  # type: ignore[arg-type]
                                         padding=padding, dilation=layer.dilation, groups=layer.groups).float()
-        bias_grad = dy.float().flatten(2).sum(dim=(0, 2))
+        bias_grad = dy.flatten(2).sum(dim=(0, 2), dtype=torch.float32)
     bias = layer.bias
     if isinstance(bias, nn.Parameter):
         out[bias] = bias_grad
