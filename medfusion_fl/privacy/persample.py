@@ -210,8 +210,8 @@ def saved_node(layer: nn.Module, output: torch.Tensor) -> Any:
 
 def from_node(layer: nn.Module, node: Any) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """(input, GroupNorm (mean, rstd) or None) from a saved_node, before that node runs."""
-    stats = (node._saved_result1, node._saved_result2) if isinstance(layer, nn.GroupNorm) else None
-    return node._saved_input, stats
+    stats = (node._saved_result1.detach(), node._saved_result2.detach()) if isinstance(layer, nn.GroupNorm) else None
+    return node._saved_input.detach(), stats  # detached: an unpacked saved tensor references the graph
 
 
 def patient_grads(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, patients: int,
