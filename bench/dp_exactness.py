@@ -1,5 +1,5 @@
 """Per-patient clipping exactness on any device: the bookkeeping engine's clipped sum (noise 0,
-bound at the median per-patient norm) against a naive per-patient loop, per backbone family.
+bound at 0.9 x the median per-patient norm) against a naive per-patient loop, per backbone family.
 
 fp32: each patient alone through the model (the definition). bf16: each patient's own loss from
 the same batched bf16 forward, differentiated by autograd (bf16's rounding depends on batch shape).
@@ -77,7 +77,7 @@ def clipped_error(model: torch.nn.Module, data: tuple[torch.Tensor, ...], bf16: 
     """Relative error of the engine's clipped sum, and of its per-patient norms, against the loop."""
     per = naive_per_patient(model, data, bf16)
     norms = torch.stack([g.norm() for g in per])
-    bound = float(norms.median())
+    bound = 0.9 * float(norms.median())  # at least the two largest norms are clipped
     expected = sum(g * min(1.0, bound / (float(g.norm()) + 1e-6)) for g in per)
     clipper = PerPatientClipper(model, max_grad_norm=bound)
     views, mask, tabular, labels = data

@@ -122,13 +122,15 @@ def test_batchnorm_is_refused_under_dp() -> None:
         prepare_for_dp(model, "resnet10t")
 
 
-def test_dp_training_reports_its_step_and_fedprox_pulls_towards_global(synth_root, tiny_run: RunConfig) -> None:
+@pytest.mark.parametrize("engine", ["bookkeeping", "opacus"])
+def test_dp_training_reports_its_step_and_fedprox_pulls_towards_global(synth_root, tiny_run: RunConfig,
+                                                                      engine: str) -> None:
     from medfusion_fl.config import PrivacyConfig
     from medfusion_fl.data import load_site
     from medfusion_fl.privacy.dp_sgd import train_local_dp
 
     site = load_site(synth_root / "data" / "site-0", tiny_run.data)
-    privacy = PrivacyConfig(enabled=True, noise_multiplier=1.0, max_grad_norm=1.0)
+    privacy = PrivacyConfig(enabled=True, noise_multiplier=1.0, max_grad_norm=1.0, engine=engine)
     distances = []
     for mu in (0.0, 10.0):
         model = prepare_for_dp(build_model(tiny_run, seed=0), "test_resnet")
@@ -139,6 +141,7 @@ def test_dp_training_reports_its_step_and_fedprox_pulls_towards_global(synth_roo
         assert step.noise_multiplier == 1.0 and step.steps == result.steps
         assert step.sample_rate == pytest.approx(1 / -(-len(site.train) // tiny_run.train.batch_size))
         assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in model.parameters())
+        assert all(p.requires_grad for n, p in model.named_parameters() if "token" not in n and "pos_embed" not in n)
     assert distances[1] < distances[0]  # the proximal post-step is not silently dropped under DP
 
 

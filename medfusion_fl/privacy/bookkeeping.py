@@ -34,15 +34,27 @@ log = logging.getLogger(__name__)
 CHUNK_BYTES = 256 * 2**20  # temporaries (im2col, x_hat) of one per-patient computation
 
 
+Stats = tuple[torch.Tensor, torch.Tensor] | None  # GroupNorm's saved (mean, rstd) per (image, group)
+Grads = dict[torch.Tensor, torch.Tensor]  # parameter -> per-patient (B, *shape) or summed gradient
+
+
 @dataclass
 class _Call:
-    """One layer call kept until clipping: its input and output gradient (or None before backward)."""
+    """One layer call seen in forward, waiting for its output gradient."""
 
     layer: nn.Module
-    a: torch.Tensor | None  # None until backward when `node` will give it
+    a: torch.Tensor | None  # None when `node` gives the input at backward time
     node: Any = None  # autograd node that saved the input (persample.saved_node)
-    g: torch.Tensor | None = None
-    stats: tuple[torch.Tensor, torch.Tensor] | None = None  # GroupNorm's (mean, rstd)
+
+
+@dataclass
+class _Ready:
+    """A layer call with its input and output gradient."""
+
+    layer: nn.Module
+    a: torch.Tensor
+    g: torch.Tensor
+    stats: Stats = None
 
 
 @dataclass
@@ -56,9 +68,9 @@ class _State:
         zero = torch.zeros((), device=device, requires_grad=True)
         self.anchors.append(zero)
         return zero
-    kept: list[_Call] = field(default_factory=list)
-    grads: dict[nn.Parameter, torch.Tensor] = field(default_factory=dict)  # per-patient, summed over calls
-    sq_norms: torch.Tensor | None = None  # (B,)
+    kept: list[_Ready] = field(default_factory=list)
+    grads: Grads = field(default_factory=dict)  # per-patient, summed over calls
+    sq_norms: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # (B,)
 
 
 class PerPatientClipper:
@@ -71,7 +83,7 @@ class PerPatientClipper:
         self.model, self.max_grad_norm = model, max_grad_norm
         self.layers = _hooked_layers(model)
         self.params = [p for layer in self.layers for p in layer.parameters(recurse=False) if p.requires_grad]
-        self.trainable = set(self.params)
+        self.trainable: set[torch.Tensor] = set(self.params)
         self.state = _State()
         self._handles = [layer.register_forward_hook(self._on_forward) for layer in self.layers]
 
@@ -126,11 +138,17 @@ class PerPatientClipper:
         return output
 
     @torch.no_grad()
-    def _on_grad(self, call: _Call, grad: torch.Tensor) -> None:
-        call.g = grad.detach()
-        if call.node is not None:  # the node has not run yet: its saved input is still there
-            call.a, call.stats = persample.from_node(call.layer, call.node)
-            call.node = None
+    def _on_grad(self, pending: _Call, grad: torch.Tensor) -> None:
+        stats: Stats = None
+        if pending.node is not None:  # the node has not run yet: its saved input is still there
+            a, stats = persample.from_node(pending.layer, pending.node)
+            pending.node = None
+        elif pending.a is not None:
+            a = pending.a
+        else:
+            raise RuntimeError(f"{type(pending.layer).__name__}: a second gradient for one layer call")
+        pending.a = None
+        call = _Ready(pending.layer, a, grad.detach(), stats)
         state = self.state
         layer, patients = call.layer, state.patients
         gram_flops, form_flops = persample.ghost_cost(layer, call.a, call.g, patients)
@@ -143,24 +161,24 @@ class PerPatientClipper:
         if gram_flops <= form_flops:
             sq = torch.cat([persample.ghost_sq_norm(layer, a, g, n) for a, g, n, _ in self._chunks(call)])
         else:  # formed only for the norm, chunk by chunk, then freed
-            sq = torch.cat([_sq_norms(persample.patient_grads(layer, a, g, n, stats), self.trainable)
-                            for a, g, n, stats in self._chunks(call)])
-        state.sq_norms = state.sq_norms + sq.to(state.sq_norms.device)  # type: ignore[operator]
+            sq = torch.cat([_sq_norms(persample.patient_grads(layer, a, g, n, st), self.trainable)
+                            for a, g, n, st in self._chunks(call)])
+        state.sq_norms = state.sq_norms + sq.to(state.sq_norms.device)
         state.kept.append(call)
 
-    def _chunks(self, call: _Call) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, Any]]:
-        """(a, g, patients) over groups of whole patients, so that temporaries stay within CHUNK_BYTES."""
+    def _chunks(self, call: _Ready) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, Stats]]:
+        """(a, g, patients, stats) over groups of whole patients: temporaries stay within CHUNK_BYTES."""
         patients = self.state.patients
         rows = call.a.shape[0] // patients
-        per_patient = persample.transient_bytes(call.layer, call.a, call.g) / patients  # type: ignore[arg-type]
+        per_patient = persample.transient_bytes(call.layer, call.a, call.g) / patients
         size = max(1, int(CHUNK_BYTES // max(per_patient, 1.0)))
         for start in range(0, patients, size):
             stop = min(patients, start + size)
             part = slice(start * rows, stop * rows)
-            stats = None if call.stats is None else tuple(t[part] for t in call.stats)
-            yield call.a[part], call.g[part], stop - start, stats  # type: ignore[index]
+            stats = None if call.stats is None else (call.stats[0][part], call.stats[1][part])
+            yield call.a[part], call.g[part], stop - start, stats
 
-    def _patient_grads(self, call: _Call) -> dict[nn.Parameter, torch.Tensor]:
+    def _patient_grads(self, call: _Ready) -> Grads:
         parts = [persample.patient_grads(call.layer, a, g, n, stats) for a, g, n, stats in self._chunks(call)]
         if len(parts) == 1:
             return {p: t for p, t in parts[0].items() if p in self.trainable}
@@ -174,7 +192,7 @@ class PerPatientClipper:
             self._release()
             raise ValueError(f"clip_backward needs one loss per patient, shape ({state.patients},), "
                              f"got {tuple(losses.shape)}")
-        state.sq_norms = state.sq_norms.to(losses.device)  # type: ignore[union-attr]
+        state.sq_norms = state.sq_norms.to(losses.device)
         state.phase = "backward"
         try:
             losses.sum().backward()  # type: ignore[no-untyped-call]
@@ -187,14 +205,14 @@ class PerPatientClipper:
         state = self.state
         sq = state.sq_norms
         if state.grads:
-            sq = sq + _sq_norms(state.grads, self.trainable).to(device)  # type: ignore[operator]
-        norms = sq.sqrt()  # type: ignore[union-attr]
+            sq = sq + _sq_norms(state.grads, self.trainable).to(device)
+        norms = sq.sqrt()
         factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # Opacus' flat clipping rule
-        total: dict[nn.Parameter, torch.Tensor] = {}
+        total: Grads = {}
         for p, grad in state.grads.items():
             total[p] = torch.einsum("b,b...->...", factors.to(grad.device), grad)
         for call in state.kept:
-            for p, grad in persample.weighted_grads(call.layer, call.a, call.g, factors).items():  # type: ignore[arg-type]
+            for p, grad in persample.weighted_grads(call.layer, call.a, call.g, factors).items():
                 if p not in self.trainable:
                     continue
                 total[p] = total[p] + grad if p in total else grad
@@ -203,10 +221,10 @@ class PerPatientClipper:
         return norms
 
 
-def _sq_norms(grads: dict[nn.Parameter, torch.Tensor], trainable: set[nn.Parameter]) -> torch.Tensor:
+def _sq_norms(grads: Grads, trainable: set[torch.Tensor]) -> torch.Tensor:
     """Sum over parameters of each patient's squared gradient norm, (B,)."""
-    return sum(torch.linalg.vector_norm(t.flatten(1), dim=1).square()  # type: ignore[return-value]
-               for p, t in grads.items() if p in trainable)
+    parts = [torch.linalg.vector_norm(t.flatten(1), dim=1).square() for p, t in grads.items() if p in trainable]
+    return torch.stack(parts).sum(dim=0)
 
 
 def _hooked_layers(model: nn.Module) -> list[nn.Module]:

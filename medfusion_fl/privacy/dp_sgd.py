@@ -12,9 +12,9 @@ import logging
 import secrets
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sized
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -80,7 +80,7 @@ GradSampleModule.GRAD_SAMPLERS[nn.Conv2d] = grouped_conv2d_grad_sample  # groups
 
 
 def _layer_scale_grad_sample(layer: LayerScale, activations: list[torch.Tensor],
-                             backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+                             backprops: torch.Tensor) -> dict[torch.Tensor, torch.Tensor]:
     return patient_grads(layer, activations[0], backprops, patients=backprops.shape[0])
 
 
@@ -134,7 +134,7 @@ def _move_layer_scales(model: nn.Module) -> None:
         if isinstance(module, ConvNeXtBlock) and isinstance(module.gamma, nn.Parameter):
             scale = LayerScale(module.gamma, dim=1 if module.use_conv_mlp else -1)
             module.gamma = None
-            module.mlp = nn.Sequential(module.mlp, scale)
+            setattr(module, "mlp", nn.Sequential(module.mlp, scale))  # noqa: B010 (timm types mlp as Mlp)
 
 
 def _guard_norm_outputs(module: nn.Module) -> None:
@@ -200,7 +200,8 @@ def train_local_dp(model: nn.Module, dataset: Dataset[Batch], cfg: TrainConfig, 
         warnings.filterwarnings("ignore", message="Secure RNG turned off")  # our generators are seeded from the OS
         if privacy.engine == "bookkeeping":
             poisson = DPDataLoader.from_data_loader(loader, generator=_secret_generator(torch.device("cpu"), None))
-            step = _BookkeepingStep(model, privacy, noise, expected=max(1, int(len(dataset) * poisson.sample_rate)))
+            expected = max(1, int(len(cast(Sized, dataset)) * poisson.sample_rate))  # as Opacus' mean reduction
+            step = _BookkeepingStep(model, privacy, noise, expected=expected)
             try:
                 loss_mean, seen, steps = _run_epochs(model, poisson, optimizer, cfg, device, pull, proximal_mu, step)
             finally:
@@ -269,7 +270,7 @@ def set_view_folding(model: nn.Module, enabled: bool) -> None:
     view with batch B (Opacus' hooks, which treat every row of a layer call as one sample)."""
     for module in model.modules():
         if hasattr(module, "fold_views"):
-            module.fold_views = enabled
+            setattr(module, "fold_views", enabled)  # noqa: B010
 
 
 def _patient_losses(model: nn.Module, batch: Batch, device: torch.device, precision: str) -> torch.Tensor:

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from timm.layers.conv2d_same import Conv2dSame
 from timm.layers.norm import LayerNorm2d
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
 
-Grads = dict[nn.Parameter, torch.Tensor]
+Grads = dict[torch.Tensor, torch.Tensor]  # parameter -> gradient
 
 
 class LayerScale(nn.Module):
@@ -56,13 +57,24 @@ def unsupported_reason(layer: nn.Module) -> str | None:
     return None
 
 
-def _conv_input(layer: nn.Module, a: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+def _conv_input(layer: _ConvNd, a: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
     """The zero-padded input the convolution really saw, and the padding still to apply (zeros)."""
     if isinstance(layer, Conv2dSame):  # pads inside forward, "same" as TensorFlow: replay that
         from timm.layers.padding import pad_same
 
-        return pad_same(a, layer.kernel_size, layer.stride, layer.dilation), (0, 0)
-    return a, tuple(layer.padding)
+        return pad_same(a, list(layer.kernel_size), list(layer.stride), list(layer.dilation)), (0, 0)
+    return a, tuple(int(p) for p in layer.padding)
+
+
+def _conv_weight_grad(layer: _ConvNd, x: torch.Tensor, g: torch.Tensor, padding: tuple[int, ...],
+                      weight_shape: tuple[int, ...], groups: int) -> torch.Tensor:
+    """Weight gradient of a convolution with `layer`'s stride and dilation (what torch.nn.grad does)."""
+    weight = g.new_empty(1).expand(weight_shape)  # only its shape is read
+    grads = torch.ops.aten.convolution_backward(g, x, weight, None, list(layer.stride), list(padding),
+                                                list(layer.dilation), False, [0] * len(padding), groups,
+                                                [False, True, False])
+    out: torch.Tensor = grads[1]
+    return out
 
 
 def _rows(t: torch.Tensor, patients: int) -> torch.Tensor:
@@ -145,18 +157,15 @@ def ghost_sq_norm(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, patients: 
     return sq  # (B,)
 
 
-def _per_image_conv(layer: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def _per_image_conv(layer: _ConvNd, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Per-image weight gradient (N, C_out, C_in/groups, *k) of a grouped/depthwise convolution: the
     images become groups of one batch-1 convolution, so this is the same weight-gradient kernel plain
     training runs (cuDNN's depthwise kernel for groups = channels), with N times the groups."""
     x, padding = _conv_input(layer, a)
     x = x.to(g.dtype)
-    n, spatial, groups = x.shape[0], x.dim() - 2, layer.groups  # type: ignore[union-attr]
-    weight_grad = (torch.nn.grad.conv1d_weight, torch.nn.grad.conv2d_weight,
-                   torch.nn.grad.conv3d_weight)[spatial - 1]
-    shape = layer.weight.shape  # type: ignore[union-attr]
-    grad = weight_grad(x.reshape(1, -1, *x.shape[2:]), (n * shape[0], *shape[1:]), g.reshape(1, -1, *g.shape[2:]),
-                       stride=layer.stride, padding=padding, dilation=layer.dilation, groups=n * groups)  # type: ignore[arg-type]
+    n, shape = x.shape[0], tuple(layer.weight.shape)
+    grad = _conv_weight_grad(layer, x.reshape(1, -1, *x.shape[2:]), g.reshape(1, -1, *g.shape[2:]), padding,
+                             (n * shape[0], *shape[1:]), n * layer.groups)
     return grad.float().reshape(n, *shape)
 
 
@@ -273,12 +282,10 @@ def weighted_grads(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, weights: 
         out[layer.weight] = (flat.t() @ x).float()
         bias_grad = flat.sum(dim=0, dtype=torch.float32)
     else:
-        x, padding = _conv_input(layer, a)
-        spatial = x.dim() - 2
-        weight_grad = (torch.nn.grad.conv1d_weight, torch.nn.grad.conv2d_weight,
-                       torch.nn.grad.conv3d_weight)[spatial - 1]
-        out[layer.weight] = weight_grad(x.to(dy.dtype), layer.weight.shape, dy, stride=layer.stride,  # type: ignore[arg-type]
-                                        padding=padding, dilation=layer.dilation, groups=layer.groups).float()
+        conv: _ConvNd = layer  # type: ignore[assignment]
+        x, padding = _conv_input(conv, a)
+        out[conv.weight] = _conv_weight_grad(conv, x.to(dy.dtype), dy, padding, tuple(conv.weight.shape),
+                                             conv.groups).float()
         bias_grad = dy.flatten(2).sum(dim=(0, 2), dtype=torch.float32)
     bias = layer.bias
     if isinstance(bias, nn.Parameter):
