@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The DP checks of one GPU session (device tool), run from the repository root; results under $OUT.
-# Needs the wheels in .whl (opacus, pydantic, timm...; the pip download line is in docs/benchmarks.md), carried.
+# Needs the wheels in .whl (bash bench/fetch_gpu_wheels.sh, here), carried: run(carry=[".whl"]).
 #   bash bench/gpu_session.sh [BACKBONES]
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
