@@ -62,12 +62,6 @@ class _State:
     patients: int = 0
     phase: str = "idle"  # idle | forward | backward
     calls: dict[nn.Module, int] = field(default_factory=dict)  # forward calls per layer this step
-    anchors: list[torch.Tensor] = field(default_factory=list)  # 0-dim zeros the graph starts from
-
-    def anchor(self, device: torch.device) -> torch.Tensor:
-        zero = torch.zeros((), device=device, requires_grad=True)
-        self.anchors.append(zero)
-        return zero
     kept: list[_Ready] = field(default_factory=list)
     grads: Grads = field(default_factory=dict)  # per-patient, summed over calls
     sq_norms: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # (B,)
@@ -133,7 +127,8 @@ class PerPatientClipper:
             if state.phase != "forward":
                 raise RuntimeError(f"{type(layer).__name__} inside a checkpointed segment takes an input that "
                                    "needs no gradient; its per-patient gradient would be lost")
-            output = output + state.anchor(output.device)  # + 0: same values, now needing a gradient
+            # + 0: same values, now needing a gradient (the graph's leaf node holds the zero)
+            output = output + torch.zeros((), device=output.device, requires_grad=True)
         output.register_hook(lambda grad, call=call: self._on_grad(call, grad))  # type: ignore[misc]
         return output
 
