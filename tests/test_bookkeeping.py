@@ -5,14 +5,15 @@ batch, a patient with a missing view and one with no views; fp32 without and wit
 checkpointing: the clipped sum (noise 0, bound at 0.9 x the median per-patient norm) equals a naive
 per-patient loop within 1e-3. bf16 autocast: per-patient norms within 1e-3 of the loop's (which is what
 clipping decides on), clipped sum within 1e-2 (measured 1.6e-3 to 5.8e-3; bf16's unit roundoff is
-3.9e-3 and the loop's own per-patient weight gradients are rounded to bf16). bench/dp_exactness.py runs
-the same on a GPU.
+3.9e-3 and the loop's own per-patient weight gradients are rounded to bf16); the 3D family's bf16 case
+runs without oneDNN (see there). bench/dp_exactness.py runs the same on a GPU.
 """
 
 from __future__ import annotations
 
 import sys
 import weakref
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -34,13 +35,14 @@ CPU = torch.device("cpu")
 @pytest.mark.parametrize("family", DP_FAMILIES)
 def test_clipped_sum_equals_per_patient_loop(family: str, mode: str) -> None:
     model = family_model(family, checkpointing=mode == "checkpointing")
-    result = clipped_error(model, patients(model, CPU), bf16=mode == "bf16")
+    # oneDNN's bf16 Conv3d backward on CPU is nondeterministic and now and then returns inf in the
+    # reference loop (our engine's result did not change across runs); PyTorch's own kernels are exact
+    exact_kernels = family == "resnet3d" and mode == "bf16"
+    with torch.backends.mkldnn.flags(enabled=False) if exact_kernels else nullcontext():
+        result = clipped_error(model, patients(model, CPU), bf16=mode == "bf16")
     assert result["clipped"] >= 1  # the bound really clipped someone
     if mode != "bf16":
         assert result["error"] < 1e-3, result
-        return
-    if family == "resnet3d":  # CPU autograd's bf16 Conv3d weight gradient is the inexact side (test_dp_sgd);
-        assert result["norm_error"] < 1e-2, result  # on an H200 this case gives 3e-4 / 1.8e-3 (docs)
         return
     assert result["norm_error"] < 1e-3, result
     assert result["error"] < 1e-2, result
