@@ -18,6 +18,7 @@ import argparse
 import logging
 import sys
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,7 @@ def measure(case: str, backbone: str, args: argparse.Namespace) -> dict[str, Any
             module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
             poisson_sampling=False, wrap_model=False)
         backward = per_patient_backward
+    dp_step: Any = None
     if case == "dp-bookkeeping":
         from medfusion_fl.config import PrivacyConfig
         from medfusion_fl.privacy.dp_sgd import _BookkeepingStep
@@ -71,29 +73,21 @@ def measure(case: str, backbone: str, args: argparse.Namespace) -> dict[str, Any
                                    expected=args.batch)
         batch = {"views": inputs[0], "view_mask": inputs[1], "tabular": inputs[2], "label": labels}
 
-        def step() -> None:
-            optimizer.zero_grad(set_to_none=True)
-            dp_step(batch, device, "bf16" if args.bf16 else "fp32")
-            optimizer.step()
-
-        timing = time_steps(step, device=device, warmup=args.warmup, steps=args.steps)
-        if args.profile:
-            _profile(step, backbone, args.profile)
-        return {"case": case, "backbone": backbone, **timing}
-
     def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            logits = model(*inputs)
-        loss = F.cross_entropy(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
-        if backward is not None:
-            with backward(model):
-                loss.backward()
+        if dp_step is not None:  # forward, clipped backward and noise in one
+            dp_step(batch, device, "bf16" if args.bf16 else "fp32")
         else:
-            loss.backward()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+                logits = model(*inputs)
+            loss = F.cross_entropy(logits.float(), labels)
+            with backward(model) if backward is not None else nullcontext():
+                loss.backward()
         optimizer.step()
 
     timing = time_steps(step, device=device, warmup=args.warmup, steps=args.steps)
+    if args.profile and dp_step is not None:
+        _profile(step, backbone, args.profile)
     return {"case": case, "backbone": backbone, **timing}
 
 
