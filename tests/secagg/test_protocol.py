@@ -12,12 +12,16 @@ from medfusion_fl.secagg import SecAggError, Setup, advertise, masked_input, rev
 LENGTH = 257
 
 
+def _advertise_all(setup: Setup) -> tuple[dict, dict]:
+    """Stage 0 for every party: (states, public keys) by party."""
+    advertised = {p: advertise(setup, p) for p in setup.parties}
+    return {p: a[0] for p, a in advertised.items()}, {p: a[1] for p, a in advertised.items()}
+
+
 def run_protocol(setup: Setup, inputs: dict[int, np.ndarray], drop: dict[str, set[int]]) -> np.ndarray:
     """Every stage over all parties; parties in drop[stage] go silent from that stage on."""
     gone: set[int] = set()
-    states, keys = {}, {}
-    for p in setup.parties:
-        states[p], keys[p] = advertise(setup, p)
+    states, keys = _advertise_all(setup)
     gone |= drop.get("share", set())
     sealed = {p: share(states[p], setup, keys) for p in setup.parties if p not in gone}
     holders = sorted(sealed)
@@ -74,9 +78,7 @@ def test_below_threshold_fails_loudly() -> None:
 
 def test_masked_input_alone_looks_uniform() -> None:
     setup = Setup.new(3, threshold=2, neighbours=0, length=20_000, dtype=np.uint32)
-    states, keys = {}, {}
-    for p in setup.parties:
-        states[p], keys[p] = advertise(setup, p)
+    states, keys = _advertise_all(setup)
     sealed = {p: share(states[p], setup, keys) for p in setup.parties}
     x = np.full(setup.length, 12345, np.uint32)  # a constant input: the worst case for hiding
     inbox = {src: box[1] for src, box in sealed.items() if 1 in box}
@@ -88,9 +90,7 @@ def test_masked_input_alone_looks_uniform() -> None:
 
 def test_tampered_replayed_and_contradictory_messages_are_refused() -> None:
     setup = Setup.new(3, threshold=2, neighbours=0, length=8, dtype=np.uint32)
-    states, keys = {}, {}
-    for p in setup.parties:
-        states[p], keys[p] = advertise(setup, p)
+    states, keys = _advertise_all(setup)
     sealed = {p: share(states[p], setup, keys) for p in setup.parties}
     with pytest.raises(SecAggError, match="out-of-order|replayed"):
         share(states[1], setup, keys)  # the same stage twice
@@ -119,9 +119,7 @@ def test_tampered_replayed_and_contradictory_messages_are_refused() -> None:
 
 def test_bad_public_key_and_config_are_refused() -> None:
     setup = Setup.new(3, threshold=2, neighbours=0, length=8, dtype=np.uint32)
-    states, keys = {}, {}
-    for p in setup.parties:
-        states[p], keys[p] = advertise(setup, p)
+    states, keys = _advertise_all(setup)
     keys[2] = (b"short", keys[2][1])
     with pytest.raises(SecAggError, match="32-byte X25519 public key"):
         share(states[1], setup, keys)
