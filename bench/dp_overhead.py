@@ -86,21 +86,29 @@ def measure(case: str, backbone: str, args: argparse.Namespace) -> dict[str, Any
         optimizer.step()
 
     timing = time_steps(step, device=device, warmup=args.warmup, steps=args.steps)
+    held = {"held_for_norms": dp_step.clipper.last_bytes} if dp_step is not None else {}
     if args.profile and dp_step is not None:
         _profile(step, backbone, args.profile)
-    return {"case": case, "backbone": backbone, **timing}
+    return {"case": case, "backbone": backbone, **timing, **held}
 
 
 def _profile(step: Any, backbone: str, path: Path) -> None:
-    """Append one profiled step's top operators (by device time) to `path`."""
+    """Append one profiled step to `path`: its top operators by device time, then the time inside
+    each of the engine's ranges (dp.forward/backward/noise, bookkeeping.<layer type>, bookkeeping.finish)."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         step()
-    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    events = prof.key_averages()
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    ranges = sorted((e for e in events if e.key.startswith(("dp.", "bookkeeping."))), key=lambda e: e.key)
+    lines = [f"{e.key:40s} calls {e.count:5d}  cpu {e.cpu_time_total / 1e3:9.2f} ms  "
+             f"device {getattr(e, 'device_time_total', 0.0) / 1e3:9.2f} ms" for e in ranges]
     with path.open("a") as out:
-        out.write(f"== {backbone} dp-bookkeeping ==\n{prof.key_averages().table(sort_by=key, row_limit=25)}\n")
+        out.write(f"== {backbone} dp-bookkeeping ==\n{events.table(sort_by=key, row_limit=30)}\n")
+        out.write("\n".join(lines) + "\n\n")
 
 
 def main() -> None:

@@ -1,12 +1,12 @@
 """The bookkeeping engine clips each patient's whole gradient exactly.
 
 Every backbone family accepted under DP, a backbone shared by two views with views folded into the
-batch, a patient with a missing view and one with no views; fp32 without and with (reentrant)
-checkpointing: the clipped sum (noise 0, bound at 0.9 x the median per-patient norm) equals a naive
-per-patient loop within 1e-3. bf16 autocast: per-patient norms within 1e-3 of the loop's (which is what
-clipping decides on), clipped sum within 1e-2 (measured 1.6e-3 to 5.8e-3; bf16's unit roundoff is
-3.9e-3 and the loop's own per-patient weight gradients are rounded to bf16); the 3D family's bf16 case
-runs without oneDNN (see there). bench/dp_exactness.py runs the same on a GPU.
+batch, a patient with a missing view and one with no views; checkpointing (reentrant) off and on, bf16
+autocast off and on: the clipped sum (noise 0, bound at 0.9 x the median per-patient norm) equals a
+naive per-patient loop within 1e-3, and so do the per-patient norms. Under bf16 the loop runs autocast's
+own bf16 forward and input gradients but keeps each patient's weight gradients in fp32, as the engine
+does (stock autocast rounds them to bf16, an error of its own of 1.5e-3 to 3e-3: bench/dp_exactness.py).
+The 3D family's bf16 cases run without oneDNN (see there). bench/dp_exactness.py runs the same on a GPU.
 """
 
 from __future__ import annotations
@@ -31,21 +31,19 @@ from medfusion_fl.privacy.bookkeeping import PerPatientClipper
 CPU = torch.device("cpu")
 
 
-@pytest.mark.parametrize("mode", ["fp32", "checkpointing", "bf16"])
+@pytest.mark.parametrize("mode", ["fp32", "checkpointing", "bf16", "checkpointing-bf16"])
 @pytest.mark.parametrize("family", DP_FAMILIES)
 def test_clipped_sum_equals_per_patient_loop(family: str, mode: str) -> None:
-    model = family_model(family, checkpointing=mode == "checkpointing")
+    bf16 = mode.endswith("bf16")
+    model = family_model(family, checkpointing=mode.startswith("checkpointing"))
     # oneDNN's bf16 Conv3d backward on CPU is nondeterministic and now and then returns inf in the
     # reference loop (our engine's result did not change across runs); PyTorch's own kernels are exact
-    exact_kernels = family == "resnet3d" and mode == "bf16"
+    exact_kernels = family == "resnet3d" and bf16
     with torch.backends.mkldnn.flags(enabled=False) if exact_kernels else nullcontext():
-        result = clipped_error(model, patients(model, CPU), bf16=mode == "bf16")
+        result = clipped_error(model, patients(model, CPU), bf16=bf16)
     assert result["clipped"] >= 1  # the bound really clipped someone
-    if mode != "bf16":
-        assert result["error"] < 1e-3, result
-        return
     assert result["norm_error"] < 1e-3, result
-    assert result["error"] < 1e-2, result
+    assert result["error"] < 1e-3, result
 
 
 @pytest.mark.parametrize("aggregation", ["mean", "max", "gated", "transformer"])

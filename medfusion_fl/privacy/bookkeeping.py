@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from medfusion_fl.errors import ConfigError
 from medfusion_fl.privacy import persample
@@ -65,6 +66,8 @@ class _State:
     kept: list[_Ready] = field(default_factory=list)
     grads: Grads = field(default_factory=dict)  # per-patient, summed over calls
     sq_norms: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # (B,)
+    kept_bytes: int = 0  # a and g held until every norm is known (bench/dp_overhead.py reports it)
+    formed_bytes: int = 0  # per-patient gradients held
 
 
 class PerPatientClipper:
@@ -79,6 +82,7 @@ class PerPatientClipper:
         self.params = [p for layer in self.layers for p in layer.parameters(recurse=False) if p.requires_grad]
         self.trainable: set[torch.Tensor] = set(self.params)
         self.state = _State()
+        self.last_bytes: dict[str, float] = {}  # what the last step held for its norms, MB
         self._handles = [layer.register_forward_hook(self._on_forward) for layer in self.layers]
 
     def detach(self) -> None:
@@ -134,6 +138,10 @@ class PerPatientClipper:
 
     @torch.no_grad()
     def _on_grad(self, pending: _Call, grad: torch.Tensor) -> None:
+        with record_function(f"bookkeeping.{type(pending.layer).__name__}"):
+            self._per_patient_norm(pending, grad)
+
+    def _per_patient_norm(self, pending: _Call, grad: torch.Tensor) -> None:
         stats: Stats = None
         if pending.node is not None:  # the node has not run yet: its saved input is still there
             a, stats = persample.from_node(pending.layer, pending.node)
@@ -151,6 +159,8 @@ class PerPatientClipper:
         keep_bytes = call.a.numel() * call.a.element_size() + call.g.numel() * call.g.element_size()
         if state.calls.get(layer, 1) > 1 or gram_flops == float("inf") or form_bytes <= keep_bytes:
             for p, grad_p in self._patient_grads(call).items():
+                if p not in state.grads:
+                    state.formed_bytes += grad_p.numel() * grad_p.element_size()
                 state.grads[p] = state.grads[p] + grad_p if p in state.grads else grad_p
             return  # a and g dropped here
         if gram_flops <= form_flops:
@@ -160,6 +170,7 @@ class PerPatientClipper:
                             for a, g, n, st in self._chunks(call)])
         state.sq_norms = state.sq_norms + sq.to(state.sq_norms.device)
         state.kept.append(call)
+        state.kept_bytes += keep_bytes
 
     def _chunks(self, call: _Ready) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, Stats]]:
         """(a, g, patients, stats) over groups of whole patients: temporaries stay within CHUNK_BYTES."""
@@ -196,18 +207,30 @@ class PerPatientClipper:
             self._release()
 
     @torch.no_grad()
+    @record_function("bookkeeping.finish")
     def _finish(self, device: torch.device) -> torch.Tensor:
         state = self.state
-        sq = state.sq_norms
-        if state.grads:
-            sq = sq + _sq_norms(state.grads, self.trainable).to(device)
+        self.last_bytes = {"kept_mb": state.kept_bytes / 2**20, "formed_mb": state.formed_bytes / 2**20}
+        formed = [p for p in state.grads if p in self.trainable]
+        # every formed per-patient gradient side by side, (B, P): one norm and one matvec, not one per parameter
+        flat = torch.cat([state.grads.pop(p).flatten(1) for p in formed], dim=1) if formed else None
+        state.grads.clear()
+        sq = state.sq_norms.to(device)
+        if flat is not None:
+            sq = sq + torch.linalg.vector_norm(flat, dim=1).square().to(device)
         norms = sq.sqrt()
         factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # Opacus' flat clipping rule
         total: Grads = {}
-        for p, grad in state.grads.items():
-            total[p] = torch.einsum("b,b...->...", factors.to(grad.device), grad)
+        if flat is not None:
+            summed = factors.to(flat.device) @ flat  # (P,)
+            for p, part in zip(formed, torch.split(summed, [p.numel() for p in formed]), strict=True):
+                total[p] = part.view_as(p)
+        rows: dict[int, torch.Tensor] = {}  # each row's factor, per row count (views fold into rows)
         for call in state.kept:
-            for p, grad in persample.weighted_grads(call.layer, call.a, call.g, factors).items():
+            n = call.g.shape[0]
+            if n not in rows:
+                rows[n] = factors.to(call.g.device).repeat_interleave(n // state.patients)
+            for p, grad in persample.weighted_grads(call.layer, call.a, call.g, rows[n]).items():
                 if p not in self.trainable:
                     continue
                 total[p] = total[p] + grad if p in total else grad

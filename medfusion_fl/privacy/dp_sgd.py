@@ -27,6 +27,7 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from timm.layers.norm import LayerNorm as TimmLayerNorm
 from timm.models.convnext import ConvNeXtBlock
 from torch import nn
+from torch.profiler import record_function
 from torch.utils.data import DataLoader, Dataset
 
 from medfusion_fl.config import PrivacyConfig, TrainConfig
@@ -225,13 +226,20 @@ class _BookkeepingStep:
     def __call__(self, batch: Batch, device: torch.device, precision: str) -> tuple[float, int]:
         n = len(batch["label"])
         if n:
-            with self.clipper.forward(n):
+            with self.clipper.forward(n), record_function("dp.forward"):
                 losses = _patient_losses(self.model, batch, device, precision)
-            self.clipper.clip_backward(losses)
-        for p in self.clipper.params:
-            summed = p.grad if (n and p.grad is not None) else torch.zeros_like(p)
-            p.grad = (summed + torch.normal(0.0, self.std, p.shape, device=p.device, generator=self.noise)) \
-                / self.expected
+            with record_function("dp.backward"):
+                self.clipper.clip_backward(losses)
+        with record_function("dp.noise"):  # one draw for all parameters: a kernel, not one per parameter
+            params = self.clipper.params
+            grads = [p.grad if (n and p.grad is not None) else torch.zeros_like(p) for p in params]
+            draw = torch.normal(0.0, self.std, (sum(p.numel() for p in params),), device=params[0].device,
+                                generator=self.noise)
+            noise = torch.split(draw, [p.numel() for p in params])
+            torch._foreach_add_(grads, [z.view_as(p) for z, p in zip(noise, params, strict=True)])
+            torch._foreach_div_(grads, float(self.expected))
+            for p, grad in zip(params, grads, strict=True):
+                p.grad = grad
         return (float(losses.detach().mean()) if n else 0.0), n
 
 

@@ -162,11 +162,11 @@ def _per_image_conv(layer: _ConvNd, a: torch.Tensor, g: torch.Tensor) -> torch.T
     images become groups of one batch-1 convolution, so this is the same weight-gradient kernel plain
     training runs (cuDNN's depthwise kernel for groups = channels), with N times the groups."""
     x, padding = _conv_input(layer, a)
-    x = x.to(g.dtype)
+    x, g = x.float(), g.float()  # fp32 result: a bf16 one would round each image's gradient
     n, shape = x.shape[0], tuple(layer.weight.shape)
     grad = _conv_weight_grad(layer, x.reshape(1, -1, *x.shape[2:]), g.reshape(1, -1, *g.shape[2:]), padding,
                              (n * shape[0], *shape[1:]), n * layer.groups)
-    return grad.float().reshape(n, *shape)
+    return grad.reshape(n, *shape)
 
 
 def _per_patient(t: torch.Tensor, patients: int) -> torch.Tensor:
@@ -194,8 +194,9 @@ def _group_norm_grads(layer: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor, pat
         rstd = (var + layer.eps).rsqrt()
     else:
         mean, rstd = (t.float().reshape(n, layer.num_groups) for t in stats)
-    per = c // layer.num_groups
-    weight = rstd.repeat_interleave(per, dim=1) * (s1 - mean.repeat_interleave(per, dim=1) * s0)
+    groups = layer.num_groups  # (N, G, C/G) against (N, G, 1): broadcast, no repeated copies
+    weight = ((s1.view(n, groups, -1) - mean.view(n, groups, 1) * s0.view(n, groups, -1))
+              * rstd.view(n, groups, 1)).view(n, c)
     out: Grads = {}
     if isinstance(layer.weight, nn.Parameter):
         out[layer.weight] = _per_patient(weight, patients)
@@ -270,23 +271,29 @@ def patient_grads(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, patients: 
     return out
 
 
-def weighted_grads(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, weights: torch.Tensor) -> Grads:
-    """sum_i weights_i * (patient i's gradient) for a Linear or Conv call, in g's precision.
-    weights: (B,) fp32, expanded over each patient's rows."""
-    rows = weights.repeat_interleave(g.shape[0] // weights.shape[0]).to(g.dtype)
-    dy = g * rows.reshape(-1, *[1] * (g.dim() - 1))
+def weighted_grads(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, rows: torch.Tensor) -> Grads:
+    """sum_i w_i * (patient i's gradient) for a Linear or Conv call, fp32 (from g's precision: no bf16
+    rounding of the sum). rows: (N,) fp32, each row's patient weight w_i."""
+    dy = g.float() * rows.reshape(-1, *[1] * (g.dim() - 1))  # (N, ...) fp32
     out: Grads = {}
     if isinstance(layer, nn.Linear):
-        x = a.to(dy.dtype).reshape(-1, layer.in_features)
         flat = dy.reshape(-1, layer.out_features)
-        out[layer.weight] = (flat.t() @ x).float()
-        bias_grad = flat.sum(dim=0, dtype=torch.float32)
+        x = a.reshape(-1, layer.in_features)
+        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+            # w_i * g in two half-precision parts (hi + lo = the fp32 product to ~2^-16): two half matmuls
+            # with fp32 sums, where one fp32 matmul would cost ~10x their time
+            hi = flat.to(x.dtype)
+            lo = (flat - hi.float()).to(x.dtype)
+            out[layer.weight] = torch.mm(hi.t(), x, out_dtype=torch.float32) + \
+                torch.mm(lo.t(), x, out_dtype=torch.float32)
+        else:
+            out[layer.weight] = flat.t() @ x.float()
+        bias_grad = flat.sum(dim=0)
     else:
         conv: _ConvNd = layer  # type: ignore[assignment]
         x, padding = _conv_input(conv, a)
-        out[conv.weight] = _conv_weight_grad(conv, x.to(dy.dtype), dy, padding, tuple(conv.weight.shape),
-                                             conv.groups).float()
-        bias_grad = dy.flatten(2).sum(dim=(0, 2), dtype=torch.float32)
+        out[conv.weight] = _conv_weight_grad(conv, x.float(), dy, padding, tuple(conv.weight.shape), conv.groups)
+        bias_grad = dy.flatten(2).sum(dim=(0, 2))
     bias = layer.bias
     if isinstance(bias, nn.Parameter):
         out[bias] = bias_grad
