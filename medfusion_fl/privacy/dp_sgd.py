@@ -222,6 +222,7 @@ class _BookkeepingStep:
         self.model, self.expected, self.noise = model, expected, noise
         self.std = privacy.noise_multiplier * privacy.max_grad_norm
         self.clipper = PerPatientClipper(model, max_grad_norm=privacy.max_grad_norm)
+        self._draw: torch.Tensor | None = None  # the step's noise, one draw for all parameters
 
     def __call__(self, batch: Batch, device: torch.device, precision: str) -> tuple[float, int]:
         n = len(batch["label"])
@@ -233,9 +234,9 @@ class _BookkeepingStep:
         with record_function("dp.noise"):  # one draw for all parameters: a kernel, not one per parameter
             params = self.clipper.params
             grads = [p.grad if (n and p.grad is not None) else torch.zeros_like(p) for p in params]
-            draw = torch.normal(0.0, self.std, (sum(p.numel() for p in params),), device=params[0].device,
-                                generator=self.noise)
-            noise = torch.split(draw, [p.numel() for p in params])
+            if self._draw is None:  # kept across steps: a fresh 4-bytes-per-weight buffer costs page faults
+                self._draw = torch.empty(sum(p.numel() for p in params), device=params[0].device)
+            noise = torch.split(self._draw.normal_(0.0, self.std, generator=self.noise), [p.numel() for p in params])
             torch._foreach_add_(grads, [z.view_as(p) for z, p in zip(noise, params, strict=True)])
             torch._foreach_div_(grads, float(self.expected))
             for p, grad in zip(params, grads, strict=True):
