@@ -271,30 +271,56 @@ def patient_grads(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, patients: 
     return out
 
 
+def _per_row(rows: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return rows.reshape(-1, *[1] * (t.dim() - 1))  # (N,) -> (N, 1, ...) against t (N, ...)
+
+
+def _split_scaled(t: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """rows * t (t half precision, rows fp32) as hi + lo, both in t's dtype: their sum is the fp32
+    product to ~2^-16, where rounding it to bf16 alone would err up to 2^-9 per entry."""
+    scaled = t.float() * _per_row(rows, t)
+    hi = scaled.to(t.dtype)
+    return hi, (scaled - hi).to(t.dtype)
+
+
+def _mm32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x @ y with an fp32 result; half inputs stay half on CUDA (exact products, fp32 sums)."""
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(x, y, out_dtype=torch.float32)
+    return x.float() @ y.float()
+
+
+def _linear_weighted(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor, rows: torch.Tensor) -> Grads:
+    """sum_r w_r g_r a_r^T: the smaller of input and output gradient carries the weights (in half
+    precision as hi + lo: two half matmuls, where one fp32 matmul would take ~10x their time)."""
+    x = a.to(g.dtype) if g.dtype in (torch.bfloat16, torch.float16) else a.float()
+    d_in, d_out = layer.in_features, layer.out_features
+    if g.dtype not in (torch.bfloat16, torch.float16):  # fp32: one matmul
+        weight = (g * _per_row(rows, g)).reshape(-1, d_out).t() @ x.reshape(-1, d_in)
+    elif d_in <= d_out:
+        hi, lo = (t.reshape(-1, d_in) for t in _split_scaled(x, rows))
+        dy = g.reshape(-1, d_out).t()
+        weight = _mm32(dy, hi) + _mm32(dy, lo)
+    else:
+        hi, lo = (t.reshape(-1, d_out).t() for t in _split_scaled(g, rows))
+        flat_x = x.reshape(-1, d_in)
+        weight = _mm32(hi, flat_x) + _mm32(lo, flat_x)
+    out: Grads = {layer.weight: weight}
+    if isinstance(layer.bias, nn.Parameter):  # each row's summed output gradient, then weighted: fp32
+        out[layer.bias] = rows @ g.reshape(g.shape[0], -1, d_out).sum(dim=1, dtype=torch.float32)
+    return out
+
+
 def weighted_grads(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, rows: torch.Tensor) -> Grads:
     """sum_i w_i * (patient i's gradient) for a Linear or Conv call, fp32 (from g's precision: no bf16
     rounding of the sum). rows: (N,) fp32, each row's patient weight w_i."""
-    dy = g.float() * rows.reshape(-1, *[1] * (g.dim() - 1))  # (N, ...) fp32
-    out: Grads = {}
     if isinstance(layer, nn.Linear):
-        flat = dy.reshape(-1, layer.out_features)
-        x = a.reshape(-1, layer.in_features)
-        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
-            # w_i * g in two half-precision parts (hi + lo = the fp32 product to ~2^-16): two half matmuls
-            # with fp32 sums, where one fp32 matmul would cost ~10x their time
-            hi = flat.to(x.dtype)
-            lo = (flat - hi.float()).to(x.dtype)
-            out[layer.weight] = torch.mm(hi.t(), x, out_dtype=torch.float32) + \
-                torch.mm(lo.t(), x, out_dtype=torch.float32)
-        else:
-            out[layer.weight] = flat.t() @ x.float()
-        bias_grad = flat.sum(dim=0)
-    else:
-        conv: _ConvNd = layer  # type: ignore[assignment]
-        x, padding = _conv_input(conv, a)
-        out[conv.weight] = _conv_weight_grad(conv, x.float(), dy, padding, tuple(conv.weight.shape), conv.groups)
-        bias_grad = dy.flatten(2).sum(dim=(0, 2))
-    bias = layer.bias
-    if isinstance(bias, nn.Parameter):
-        out[bias] = bias_grad
+        return _linear_weighted(layer, a, g, rows)
+    conv: _ConvNd = layer  # type: ignore[assignment]
+    dy = g.float() * _per_row(rows, g)  # (N, C_out, *S) fp32: cuDNN's half weight gradient is half
+    x, padding = _conv_input(conv, a)
+    out: Grads = {conv.weight: _conv_weight_grad(conv, x.float(), dy, padding, tuple(conv.weight.shape),
+                                                 conv.groups)}
+    if isinstance(conv.bias, nn.Parameter):
+        out[conv.bias] = dy.flatten(2).sum(dim=(0, 2))
     return out
