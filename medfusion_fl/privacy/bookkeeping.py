@@ -32,7 +32,9 @@ from medfusion_fl.errors import ConfigError
 from medfusion_fl.privacy import persample
 
 log = logging.getLogger(__name__)
-CHUNK_BYTES = 256 * 2**20  # temporaries (im2col, x_hat) of one per-patient computation
+# temporaries (im2col, x_hat) of one per-patient computation; early layers run when most activations
+# are already freed, and every chunk costs another round of kernel launches (the step is launch-bound)
+CHUNK_BYTES = 2**30
 
 
 Stats = tuple[torch.Tensor, torch.Tensor] | None  # GroupNorm's saved (mean, rstd) per (image, group)
@@ -81,6 +83,7 @@ class PerPatientClipper:
         self.layers = _hooked_layers(model)
         self.params = [p for layer in self.layers for p in layer.parameters(recurse=False) if p.requires_grad]
         self.trainable: set[torch.Tensor] = set(self.params)
+        self._numel = {layer: sum(p.numel() for p in layer.parameters(recurse=False)) for layer in self.layers}
         self.state = _State()
         self.last_bytes: dict[str, float] = {}  # what the last step held for its norms, MB
         self._handles = [layer.register_forward_hook(self._on_forward) for layer in self.layers]
@@ -155,7 +158,7 @@ class PerPatientClipper:
         state = self.state
         layer, patients = call.layer, state.patients
         gram_flops, form_flops = persample.ghost_cost(layer, call.a, call.g, patients)
-        form_bytes = 4 * patients * sum(p.numel() for p in layer.parameters(recurse=False))
+        form_bytes = 4 * patients * self._numel[layer]
         keep_bytes = call.a.numel() * call.a.element_size() + call.g.numel() * call.g.element_size()
         if state.calls.get(layer, 1) > 1 or gram_flops == float("inf") or form_bytes <= keep_bytes:
             for p, grad_p in self._patient_grads(call).items():

@@ -97,9 +97,11 @@ def _common(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 def transient_bytes(layer: nn.Module, a: torch.Tensor, g: torch.Tensor) -> int:
-    """Worst-case temporary bytes of patient_grads / ghost_sq_norm for this call (im2col in fp32)."""
+    """Worst-case temporary bytes of patient_grads / ghost_sq_norm for this call (im2col and a copy
+    of g, in g's precision when half, else fp32)."""
     if isinstance(layer, nn.Conv2d) and layer.groups == 1:
-        return 4 * (g[0, 0].numel() * g.shape[0] * layer.weight[0].numel() + g.numel())
+        size = g.element_size() if g.dtype in (torch.bfloat16, torch.float16) else 4
+        return size * (g[0, 0].numel() * g.shape[0] * layer.weight[0].numel() + g.numel())
     return 8 * (a.numel() + g.numel())
 
 
