@@ -31,6 +31,7 @@ from medfusion_fl.config import RunConfig  # noqa: E402
 from medfusion_fl.models import build_model, example_inputs  # noqa: E402
 from medfusion_fl.models.backbone import FAMILIES  # noqa: E402
 from medfusion_fl.privacy.bookkeeping import PerPatientClipper  # noqa: E402
+from medfusion_fl.training import autocast  # noqa: E402
 
 DP_FAMILIES = [f for f in FAMILIES if f not in {"swin", "maxvit"}]
 
@@ -163,7 +164,7 @@ def naive_per_patient(model: torch.nn.Module, data: tuple[torch.Tensor, ...], bf
     if bf16:  # one batched forward (bf16 rounding depends on batch shape), one backward per patient
         out = []
         with weight_grads_in_fp32() if precise else nullcontext():  # also for checkpoints' recompute
-            with torch.autocast(device, dtype=torch.bfloat16):
+            with torch.autocast(device, dtype=torch.bfloat16, cache_enabled=False):  # as the DP step
                 logits = model(views, mask, tabular).float()
             for i in range(4):  # backward(), not autograd.grad: reentrant checkpointing supports only the former
                 model.zero_grad(set_to_none=True)
@@ -190,7 +191,8 @@ def clipped_error(model: torch.nn.Module, data: tuple[torch.Tensor, ...], bf16: 
     clipper = PerPatientClipper(model, max_grad_norm=bound)
     views, mask, tabular, labels = data
     try:
-        with clipper.forward(4), torch.autocast(views.device.type, dtype=torch.bfloat16, enabled=bf16):
+        # the DP step's autocast: no cast cache (privacy/dp_sgd.py, _BookkeepingStep says why)
+        with clipper.forward(4), autocast("bf16" if bf16 else "fp32", views.device, cache=False):
             logits = model(views, mask, tabular)
         got_norms = clipper.clip_backward(F.cross_entropy(logits.float(), labels, reduction="none"))
     finally:

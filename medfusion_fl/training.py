@@ -74,12 +74,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast(precision: str, device: torch.device) -> torch.autocast:
-    """The autocast context of train.precision (disabled for fp32); fp16 needs CUDA."""
+def autocast(precision: str, device: torch.device, *, cache: bool = True) -> torch.autocast:
+    """The autocast context of train.precision (disabled for fp32); fp16 needs CUDA. `cache`: autocast's
+    cache of half casts of leaf tensors that need gradients (weights, and a reentrant checkpoint's input)."""
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("train.precision = 'fp16' needs a CUDA device; use 'bf16' on CPU.")
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
+    return torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32", cache_enabled=cache)
 
 
 def _forward(model: nn.Module, batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -100,3 +100,43 @@ def test_wrong_loss_shape_is_refused_and_parameters_restored() -> None:
     with pytest.raises(ValueError, match="one loss per patient"):
         clipper.clip_backward(out.sum())
     assert all(p.requires_grad for p in model.parameters())
+
+
+def _fp32_group_norm(self: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """GroupNorm as CUDA autocast runs it (in fp32; CPU autocast keeps it in bf16)."""
+    with torch.autocast("cpu", enabled=False):
+        return F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps)
+
+
+def _step_grads(checkpointing: bool, cache: bool | None) -> torch.Tensor:
+    """The clipped sum of one bf16 step (noise 0): through _BookkeepingStep (cache None) or with an
+    explicit autocast cast cache setting."""
+    from medfusion_fl.config import PrivacyConfig
+    from medfusion_fl.privacy.dp_sgd import _BookkeepingStep
+    from medfusion_fl.training import autocast
+
+    model = family_model("resnet", checkpointing=checkpointing)
+    views, mask, tabular, labels = patients(model, CPU)
+    if cache is None:
+        step = _BookkeepingStep(model, PrivacyConfig(enabled=True, noise_multiplier=0.0, max_grad_norm=1e9),
+                                torch.Generator().manual_seed(0), expected=1)
+        step({"views": views, "view_mask": mask, "tabular": tabular, "label": labels}, CPU, "bf16")
+    else:
+        clipper = PerPatientClipper(model, max_grad_norm=1e9)
+        with clipper.forward(4), autocast("bf16", CPU, cache=cache):
+            logits = model(views, mask, tabular)
+        clipper.clip_backward(F.cross_entropy(logits.float(), labels, reduction="none"))
+        clipper.detach()
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]).double()  # type: ignore[union-attr]
+
+
+def test_checkpointing_does_not_change_the_bf16_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found on an H200: with GroupNorm in fp32 (CUDA autocast), checkpointing changed early layers'
+    clipped sums by ~1%. Autocast's cast cache gave a checkpoint's input (a leaf) one shared bf16 cast,
+    so the gradients of its two consumers (conv1, downsample) added up in bf16. The DP step runs
+    autocast without the cache; with it, the same comparison shows the difference (the test can fail)."""
+    monkeypatch.setattr(nn.GroupNorm, "forward", _fp32_group_norm)
+    plain = _step_grads(checkpointing=False, cache=None)
+    assert float((_step_grads(checkpointing=True, cache=None) - plain).norm() / plain.norm()) < 1e-6
+    cached = float((_step_grads(checkpointing=True, cache=True) - _step_grads(False, True)).norm() / plain.norm())
+    assert cached > 1e-4
