@@ -164,7 +164,7 @@ def _per_image_conv(layer: _ConvNd, a: torch.Tensor, g: torch.Tensor) -> torch.T
     images become groups of one batch-1 convolution, so this is the same weight-gradient kernel plain
     training runs (cuDNN's depthwise kernel for groups = channels), with N times the groups."""
     x, padding = _conv_input(layer, a)
-    x, g = x.float(), g.float()  # fp32 result: a bf16 one would round each image's gradient
+    x, g = _common(x, g).float(), g.float()  # the input as autocast fed it; fp32: no rounded result
     n, shape = x.shape[0], tuple(layer.weight.shape)
     grad = _conv_weight_grad(layer, x.reshape(1, -1, *x.shape[2:]), g.reshape(1, -1, *g.shape[2:]), padding,
                              (n * shape[0], *shape[1:]), n * layer.groups)
@@ -321,7 +321,7 @@ def weighted_grads(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, rows: tor
     conv: _ConvNd = layer  # type: ignore[assignment]
     dy = g.float() * _per_row(rows, g)  # (N, C_out, *S) fp32: cuDNN's half weight gradient is half
     x, padding = _conv_input(conv, a)
-    out: Grads = {conv.weight: _conv_weight_grad(conv, x.float(), dy, padding, tuple(conv.weight.shape),
+    out: Grads = {conv.weight: _conv_weight_grad(conv, _common(x, g).float(), dy, padding, tuple(conv.weight.shape),
                                                  conv.groups)}
     if isinstance(conv.bias, nn.Parameter):
         out[conv.bias] = dy.flatten(2).sum(dim=(0, 2))
