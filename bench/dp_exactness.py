@@ -191,7 +191,7 @@ def clipped_error(model: torch.nn.Module, data: tuple[torch.Tensor, ...], bf16: 
     clipper = PerPatientClipper(model, max_grad_norm=bound)
     views, mask, tabular, labels = data
     try:
-        # the DP step's autocast: no cast cache (privacy/dp_sgd.py, _BookkeepingStep says why)
+        # the DP step's autocast: no cast cache (privacy/dp_sgd.py, BookkeepingStep says why)
         with clipper.forward(4), autocast("bf16" if bf16 else "fp32", views.device, cache=False):
             logits = model(views, mask, tabular)
         got_norms = clipper.clip_backward(F.cross_entropy(logits.float(), labels, reduction="none"))

@@ -67,9 +67,9 @@ def measure(case: str, backbone: str, args: argparse.Namespace) -> dict[str, Any
     dp_step: Any = None
     if case == "dp-bookkeeping":
         from medfusion_fl.config import PrivacyConfig
-        from medfusion_fl.privacy.dp_sgd import _BookkeepingStep
+        from medfusion_fl.privacy.dp_sgd import BookkeepingStep
 
-        dp_step = _BookkeepingStep(model, PrivacyConfig(enabled=True), torch.Generator(device).manual_seed(0),
+        dp_step = BookkeepingStep(model, PrivacyConfig(enabled=True), torch.Generator(device).manual_seed(0),
                                    expected=args.batch)
         batch = {"views": inputs[0], "view_mask": inputs[1], "tabular": inputs[2], "label": labels}
 

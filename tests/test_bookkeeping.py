@@ -113,16 +113,16 @@ def _fp32_group_norm(self: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
 
 
 def _step_grads(checkpointing: bool, cache: bool | None) -> torch.Tensor:
-    """The clipped sum of one bf16 step (noise 0): through _BookkeepingStep (cache None) or with an
+    """The clipped sum of one bf16 step (noise 0): through BookkeepingStep (cache None) or with an
     explicit autocast cast cache setting."""
     from medfusion_fl.config import PrivacyConfig
-    from medfusion_fl.privacy.dp_sgd import _BookkeepingStep
+    from medfusion_fl.privacy.dp_sgd import BookkeepingStep
     from medfusion_fl.training import autocast
 
     model = family_model("resnet", checkpointing=checkpointing)
     views, mask, tabular, labels = patients(model, CPU)
     if cache is None:
-        step = _BookkeepingStep(model, PrivacyConfig(enabled=True, noise_multiplier=0.0, max_grad_norm=1e9),
+        step = BookkeepingStep(model, PrivacyConfig(enabled=True, noise_multiplier=0.0, max_grad_norm=1e9),
                                 torch.Generator().manual_seed(0), expected=1)
         step({"views": views, "view_mask": mask, "tabular": tabular, "label": labels}, CPU, "bf16")
     else:

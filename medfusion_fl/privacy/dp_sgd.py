@@ -202,7 +202,7 @@ def train_local_dp(model: nn.Module, dataset: Dataset[Batch], cfg: TrainConfig, 
         if privacy.engine == "bookkeeping":
             poisson = DPDataLoader.from_data_loader(loader, generator=_secret_generator(torch.device("cpu"), None))
             expected = max(1, int(len(cast(Sized, dataset)) * poisson.sample_rate))  # as Opacus' mean reduction
-            step = _BookkeepingStep(model, privacy, noise, expected=expected)
+            step = BookkeepingStep(model, privacy, noise, expected=expected)
             try:
                 loss_mean, seen, steps = _run_epochs(model, poisson, optimizer, cfg, device, pull, proximal_mu, step)
             finally:
@@ -215,8 +215,11 @@ def train_local_dp(model: nn.Module, dataset: Dataset[Batch], cfg: TrainConfig, 
     return result, DPStep(privacy.noise_multiplier, sample_rate, steps)
 
 
-class _BookkeepingStep:
-    """Forward + one clipped backward + noise, with privacy/bookkeeping.py."""
+class BookkeepingStep:
+    """One DP-SGD step's gradients with privacy/bookkeeping.py: forward, one clipped backward, noise.
+    Sets p.grad = (sum_i clip(grad_i) + N(0, (sigma C)^2)) / expected for every trainable parameter;
+    the caller runs the optimizer (train_local_dp, bench/dp_overhead.py).
+    `noise`: a generator the coordinator cannot know (train_local_dp seeds it from the OS)."""
 
     def __init__(self, model: nn.Module, privacy: PrivacyConfig, noise: torch.Generator, *, expected: int) -> None:
         self.model, self.expected, self.noise = model, expected, noise
