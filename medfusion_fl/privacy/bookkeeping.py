@@ -214,9 +214,9 @@ class PerPatientClipper:
     def _finish(self, device: torch.device) -> torch.Tensor:
         state = self.state
         self.last_bytes = {"kept_mb": state.kept_bytes / 2**20, "formed_mb": state.formed_bytes / 2**20}
-        formed = [p for p in state.grads if p in self.trainable]
+        formed = list(state.grads)  # trainable only (_patient_grads keeps those)
         # every formed per-patient gradient side by side, (B, P): one norm and one matvec, not one per parameter
-        flat = torch.cat([state.grads.pop(p).flatten(1) for p in formed], dim=1) if formed else None
+        flat = torch.cat([state.grads[p].flatten(1) for p in formed], dim=1) if formed else None
         state.grads.clear()
         sq = state.sq_norms.to(device)
         if flat is not None:

@@ -82,25 +82,30 @@ def _rows(t: torch.Tensor, patients: int) -> torch.Tensor:
     return t.reshape(patients, -1, t.shape[-1])
 
 
-def _bmm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """x @ y per patient with fp32 results. bf16 inputs stay bf16 on CUDA (products of bf16 values are
-    exact in the fp32 accumulator: the same numbers as fp32, at bf16 speed); elsewhere in fp32."""
-    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
-        return torch.bmm(x, y.to(x.dtype), out_dtype=torch.float32)
-    return torch.bmm(x.float(), y.float())
+def _half(t: torch.Tensor) -> bool:
+    return t.dtype in (torch.bfloat16, torch.float16)
+
+
+def _mm32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x @ y (2D, or batched per patient in 3D) with fp32 results. Half inputs stay half on CUDA
+    (products of bf16 values are exact in the fp32 accumulator: the same numbers as fp32, at bf16
+    speed); elsewhere in fp32."""
+    if x.is_cuda and _half(x):
+        return (torch.bmm if x.dim() == 3 else torch.mm)(x, y.to(x.dtype), out_dtype=torch.float32)
+    return x.float() @ y.float()
 
 
 def _common(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """The input as autocast fed the layer: in g's precision when that is half (a is the module
     input, which autocast cast to bf16 for the matmul/conv), else fp32."""
-    return a.to(g.dtype) if g.dtype in (torch.bfloat16, torch.float16) else a.float()
+    return a.to(g.dtype) if _half(g) else a.float()
 
 
 def transient_bytes(layer: nn.Module, a: torch.Tensor, g: torch.Tensor) -> int:
     """Worst-case temporary bytes of patient_grads / ghost_sq_norm for this call (im2col and a copy
     of g, in g's precision when half, else fp32)."""
     if isinstance(layer, nn.Conv2d) and layer.groups == 1:
-        size = g.element_size() if g.dtype in (torch.bfloat16, torch.float16) else 4
+        size = g.element_size() if _half(g) else 4
         return size * (g[0, 0].numel() * g.shape[0] * layer.weight[0].numel() + g.numel())
     return 8 * (a.numel() + g.numel())
 
@@ -153,7 +158,7 @@ def ghost_sq_norm(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, patients: 
         x, dy = _rows(a, patients), _rows(g, patients)
     else:
         x, dy = _unfold(layer, a, patients), _conv_out_rows(g, patients)  # type: ignore[arg-type]
-    sq = (_bmm(x, x.transpose(1, 2)) * _bmm(dy, dy.transpose(1, 2))).sum(dim=(1, 2))
+    sq = (_mm32(x, x.transpose(1, 2)) * _mm32(dy, dy.transpose(1, 2))).sum(dim=(1, 2))
     if layer.bias is not None:
         sq = sq + dy.sum(dim=1, dtype=torch.float32).square().sum(dim=1)
     return sq  # (B,)
@@ -234,11 +239,11 @@ def patient_grads(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, patients: 
     weight, bias = getattr(layer, "weight", None), getattr(layer, "bias", None)
     if isinstance(layer, nn.Linear):
         x, dy = _rows(_common(a, g), patients), _rows(g, patients)
-        out[layer.weight] = _bmm(dy.transpose(1, 2), x)  # (B, d_out, d_in)
+        out[layer.weight] = _mm32(dy.transpose(1, 2), x)  # (B, d_out, d_in)
         bias_grad = dy.sum(dim=1, dtype=torch.float32)
     elif isinstance(layer, nn.Conv2d) and layer.groups == 1:
         x, dy = _unfold(layer, _common(a, g), patients), _conv_out_cols(g, patients)  # (B, RT, Ck2), (B, Co, RT)
-        out[layer.weight] = _bmm(dy, x).reshape(patients, *layer.weight.shape)
+        out[layer.weight] = _mm32(dy, x).reshape(patients, *layer.weight.shape)
         bias_grad = dy.sum(dim=2, dtype=torch.float32)
     elif isinstance(layer, CONV):
         out[layer.weight] = _per_patient(_per_image_conv(layer, a, g), patients)
@@ -285,19 +290,12 @@ def _split_scaled(t: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, to
     return hi, (scaled - hi).to(t.dtype)
 
 
-def _mm32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """x @ y with an fp32 result; half inputs stay half on CUDA (exact products, fp32 sums)."""
-    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
-        return torch.mm(x, y, out_dtype=torch.float32)
-    return x.float() @ y.float()
-
-
 def _linear_weighted(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor, rows: torch.Tensor) -> Grads:
     """sum_r w_r g_r a_r^T: the smaller of input and output gradient carries the weights (in half
     precision as hi + lo: two half matmuls, where one fp32 matmul would take ~10x their time)."""
-    x = a.to(g.dtype) if g.dtype in (torch.bfloat16, torch.float16) else a.float()
+    x = _common(a, g)
     d_in, d_out = layer.in_features, layer.out_features
-    if g.dtype not in (torch.bfloat16, torch.float16):  # fp32: one matmul
+    if not _half(g):  # fp32: one matmul
         weight = (g * _per_row(rows, g)).reshape(-1, d_out).t() @ x.reshape(-1, d_in)
     elif d_in <= d_out:
         hi, lo = (t.reshape(-1, d_in) for t in _split_scaled(x, rows))
