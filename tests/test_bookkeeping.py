@@ -140,3 +140,28 @@ def test_checkpointing_does_not_change_the_bf16_step(monkeypatch: pytest.MonkeyP
     assert float((_step_grads(checkpointing=True, cache=None) - plain).norm() / plain.norm()) < 1e-6
     cached = float((_step_grads(checkpointing=True, cache=True) - _step_grads(False, True)).norm() / plain.norm())
     assert cached > 1e-4
+
+
+@pytest.mark.parametrize("saved", [True, False], ids=["saved-stats", "recomputed-stats"])
+@pytest.mark.parametrize("views", [1, 2])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_group_norm_rule_equals_autograd_per_patient(saved: bool, views: int, channels_last: bool) -> None:
+    """The GroupNorm rule runs GroupNorm's own fused backward over all images as one image of N*C
+    channels; per patient (its `views` images) it must equal autograd on that patient alone."""
+    from medfusion_fl.privacy import persample
+
+    torch.manual_seed(0)
+    layer = nn.GroupNorm(4, 8).double()
+    nn.init.normal_(layer.weight)
+    nn.init.normal_(layer.bias)
+    a = torch.randn(3 * views, 8, 5, 6, dtype=torch.float64)
+    a = a.contiguous(memory_format=torch.channels_last) if channels_last else a
+    g = torch.randn(3 * views, 8, 5, 6, dtype=torch.float64)
+    out = layer(a.requires_grad_())
+    stats = persample.from_node(layer, persample.saved_node(layer, out))[1] if saved else None
+    got = persample.patient_grads(layer, a.detach(), g, 3, stats)
+    for i in range(3):
+        rows = slice(i * views, (i + 1) * views)
+        want = torch.autograd.grad(layer(a.detach()[rows]), [layer.weight, layer.bias], g[rows])
+        assert torch.allclose(got[layer.weight][i], want[0], atol=1e-12)
+        assert torch.allclose(got[layer.bias][i], want[1], atol=1e-12)

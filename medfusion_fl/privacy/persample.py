@@ -177,8 +177,17 @@ def _per_image_conv(layer: _ConvNd, a: torch.Tensor, g: torch.Tensor) -> torch.T
 
 
 def _per_patient(t: torch.Tensor, patients: int) -> torch.Tensor:
-    """(N, *shape) per-image -> (B, *shape) per-patient sums."""
+    """(N, *shape) per-image -> (B, *shape) per-patient sums (no kernel when N = B)."""
+    if t.shape[0] == patients:
+        return t
     return t.reshape(patients, -1, *t.shape[1:]).sum(dim=1)
+
+
+def _patient_sum(t: torch.Tensor, patients: int, channels: tuple[int, ...]) -> torch.Tensor:
+    """(N, ...) -> (B, *channel sizes): each patient's sum over its rows and every dimension but
+    `channels`, in one reduction (splitting dimension 0 is a view for any strides)."""
+    grouped = t.reshape(patients, -1, *t.shape[1:])  # (B, R, ...)
+    return grouped.sum(dim=(1, *[d + 1 for d in range(1, t.dim()) if d not in channels]))
 
 
 def _norm_affine(layer: nn.Module, a: torch.Tensor) -> torch.Tensor:
@@ -191,24 +200,28 @@ def _norm_affine(layer: nn.Module, a: torch.Tensor) -> torch.Tensor:
 
 def _group_norm_grads(layer: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor, patients: int,
                       stats: tuple[torch.Tensor, torch.Tensor] | None) -> Grads:
-    """weight: sum_s g * (a - mean) * rstd = rstd * (sum_s g*a - mean * sum_s g) per (image, channel),
-    with GroupNorm's own saved mean and rstd per (image, group) when given: no x_hat in memory."""
+    """Per-image weight and bias gradients from one call of GroupNorm's own fused backward: the N
+    images, each of C channels in G groups, are one image of N*C channels in N*G groups (no group
+    spans two images, so every group's mean and rstd stay the same), whose "weight gradient" of
+    N*C entries is each image's. Then summed per patient. `stats`: GroupNorm's saved (mean, rstd)
+    per (image, group), if known. Half inputs (CPU autocast) are summed in fp32."""
     n, c = a.shape[:2]
-    x, dy = a.float().reshape(n, c, -1), g.float().reshape(n, c, -1)
-    s1, s0 = (dy * x).sum(dim=2), dy.sum(dim=2)  # (N, C)
+    x, dy = (a.float(), g.float()) if _half(a) or _half(g) else (a, g.to(a.dtype))
     if stats is None:
         var, mean = torch.var_mean(x.reshape(n, layer.num_groups, -1), dim=2, unbiased=False)
         rstd = (var + layer.eps).rsqrt()
     else:
-        mean, rstd = (t.float().reshape(n, layer.num_groups) for t in stats)
-    groups = layer.num_groups  # (N, G, C/G) against (N, G, 1): broadcast, no repeated copies
-    weight = ((s1.view(n, groups, -1) - mean.view(n, groups, 1) * s0.view(n, groups, -1))
-              * rstd.view(n, groups, 1)).view(n, c)
+        mean, rstd = (t.to(x.dtype) for t in stats)
+    want_weight, want_bias = isinstance(layer.weight, nn.Parameter), isinstance(layer.bias, nn.Parameter)
+    size = x[0, 0].numel()
+    _, weight, bias = torch.ops.aten.native_group_norm_backward(
+        dy.reshape(1, n * c, size), x.reshape(1, n * c, size), mean.reshape(1, -1), rstd.reshape(1, -1), None,
+        1, n * c, size, n * layer.num_groups, [False, want_weight, want_bias])
     out: Grads = {}
-    if isinstance(layer.weight, nn.Parameter):
-        out[layer.weight] = _per_patient(weight, patients)
-    if isinstance(layer.bias, nn.Parameter):
-        out[layer.bias] = _per_patient(s0, patients)
+    if want_weight:
+        out[layer.weight] = _per_patient(weight.view(n, c), patients)
+    if want_bias:
+        out[layer.bias] = _per_patient(bias.view(n, c), patients)
     return out
 
 
@@ -253,17 +266,13 @@ def patient_grads(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, patients: 
         return out
     elif isinstance(layer, nn.LayerNorm):
         dy, x_hat = g.float(), _norm_affine(layer, a)
-        channels_first = isinstance(layer, LayerNorm2d)
-        keep = (0, 1) if channels_first else (0, *range(dy.dim() - len(layer.normalized_shape), dy.dim()))  # type: ignore[union-attr]
-        reduce = tuple(d for d in range(dy.dim()) if d not in keep)
+        normalized = len(layer.normalized_shape)  # type: ignore[arg-type]
+        channels = (1,) if isinstance(layer, LayerNorm2d) else tuple(range(dy.dim() - normalized, dy.dim()))
         if isinstance(weight, nn.Parameter):
-            prod = (dy * x_hat).sum(dim=reduce) if reduce else dy * x_hat
-            out[weight] = _per_patient(prod, patients)
-        bias_grad = _per_patient(dy.sum(dim=reduce) if reduce else dy, patients)
+            out[weight] = _patient_sum(dy * x_hat, patients, channels)
+        bias_grad = _patient_sum(dy, patients, channels)
     elif isinstance(layer, LayerScale):
-        dy = g.float() * a.float()
-        reduce = tuple(d for d in range(dy.dim()) if d not in (0, layer.dim % dy.dim()))
-        out[layer.gamma] = _per_patient(dy.sum(dim=reduce), patients)
+        out[layer.gamma] = _patient_sum(g.float() * a.float(), patients, (layer.dim % g.dim(),))
         return out
     elif isinstance(layer, nn.Embedding):
         dy = _rows(g.float(), patients)  # (B, R*T, D)
