@@ -67,7 +67,7 @@ class _State:
     calls: dict[nn.Module, int] = field(default_factory=dict)  # forward calls per layer this step
     kept: list[_Ready] = field(default_factory=list)
     grads: Grads = field(default_factory=dict)  # per-patient, summed over calls
-    sq_norms: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # (B,)
+    sq_norms: list[torch.Tensor] = field(default_factory=list)  # (B,) per kept call, summed at the end
     kept_bytes: int = 0  # a and g held until every norm is known (bench/dp_overhead.py reports it)
     formed_bytes: int = 0  # per-patient gradients held
 
@@ -99,7 +99,7 @@ class PerPatientClipper:
         """Wrap the model's forward for a batch of `patients` patients; call clip_backward after it.
         Parameters stop requiring gradients until then: the backward pass computes activation
         gradients only (weight gradients come from the hooks), also in reentrant checkpoints."""
-        self.state = _State(patients=patients, phase="forward", sq_norms=torch.zeros(patients))
+        self.state = _State(patients=patients, phase="forward")
         for p in self.params:
             p.requires_grad_(False)
         try:
@@ -167,11 +167,11 @@ class PerPatientClipper:
                 state.grads[p] = state.grads[p] + grad_p if p in state.grads else grad_p
             return  # a and g dropped here
         if gram_flops <= form_flops:
-            sq = torch.cat([persample.ghost_sq_norm(layer, a, g, n) for a, g, n, _ in self._chunks(call)])
+            parts = [persample.ghost_sq_norm(layer, a, g, n) for a, g, n, _ in self._chunks(call)]
         else:  # formed only for the norm, chunk by chunk, then freed
-            sq = torch.cat([_sq_norms(persample.patient_grads(layer, a, g, n, st), self.trainable)
-                            for a, g, n, st in self._chunks(call)])
-        state.sq_norms = state.sq_norms + sq.to(state.sq_norms.device)
+            parts = [_sq_norms(persample.patient_grads(layer, a, g, n, st), self.trainable)
+                     for a, g, n, st in self._chunks(call)]
+        state.sq_norms.append(parts[0] if len(parts) == 1 else torch.cat(parts))
         state.kept.append(call)
         state.kept_bytes += keep_bytes
 
@@ -201,7 +201,6 @@ class PerPatientClipper:
             self._release()
             raise ValueError(f"clip_backward needs one loss per patient, shape ({state.patients},), "
                              f"got {tuple(losses.shape)}")
-        state.sq_norms = state.sq_norms.to(losses.device)
         state.phase = "backward"
         try:
             losses.sum().backward()  # type: ignore[no-untyped-call]
@@ -218,10 +217,9 @@ class PerPatientClipper:
         # every formed per-patient gradient side by side, (B, P): one norm and one matvec, not one per parameter
         flat = torch.cat([state.grads[p].flatten(1) for p in formed], dim=1) if formed else None
         state.grads.clear()
-        sq = state.sq_norms.to(device)
-        if flat is not None:
-            sq = sq + _row_sq(flat).to(device)
-        norms = sq.sqrt()
+        # every patient's squared norm: kept calls' and formed gradients' parts, summed in one kernel
+        parts = [*state.sq_norms, *([] if flat is None else [_row_sq(flat)])]
+        norms = (torch.stack(parts).sum(dim=0) if parts else torch.zeros(state.patients, device=device)).sqrt()
         factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # Opacus' flat clipping rule
         total: Grads = {}
         if flat is not None:
@@ -231,8 +229,8 @@ class PerPatientClipper:
         rows: dict[int, torch.Tensor] = {}  # each row's factor, per row count (views fold into rows)
         for call in state.kept:
             n = call.g.shape[0]
-            if n not in rows:
-                rows[n] = factors.to(call.g.device).repeat_interleave(n // state.patients)
+            if n not in rows:  # (B,) -> (N,): each patient's factor on its R rows (expand: no host sync)
+                rows[n] = factors[:, None].expand(-1, n // state.patients).reshape(-1)
             for p, grad in persample.weighted_grads(call.layer, call.a, call.g, rows[n]).items():
                 if p not in self.trainable:
                     continue
