@@ -1,11 +1,14 @@
 """DP-SGD overhead: step time and peak memory of the fusion model with and without DP, same run.
 
-Per backbone, four cases, each in a fresh subprocess (bench/stepbench.py):
+Per backbone, these cases, each in a fresh subprocess (bench/stepbench.py):
   timm-baseline   the bare timm classifier on the B*V images of a step (plain torch training)
   non-dp          the MedFusion model, plain AdamW step
+  non-dp-graphed  the same, forward and backward replayed as a CUDA graph (CUDA only; for a fair
+                  comparison with the next case)
   dp-opacus       the model prepared for DP, Opacus hooks (privacy.engine = 'opacus')
   dp-bookkeeping  the model prepared for DP, our one-pass engine (privacy.engine = 'bookkeeping')
-Both DP cases: exact per-patient clipping (all views of a patient together) + Gaussian noise + AdamW.
+  dp-bookkeeping-graphed  the same engine replayed as CUDA graphs (privacy.cuda-graphs = true; CUDA only)
+Every DP case: exact per-patient clipping (all views of a patient together) + Gaussian noise + AdamW.
 Prints one JSON document (also written to --out).
 
   python bench/dp_overhead.py --device cpu --image-size 64 --batch 8 --views 2
@@ -65,18 +68,22 @@ def measure(case: str, backbone: str, args: argparse.Namespace) -> dict[str, Any
             poisson_sampling=False, wrap_model=False)
         backward = per_patient_backward
     dp_step: Any = None
-    if case == "dp-bookkeeping":
+    if case.startswith("dp-bookkeeping"):
         from medfusion_fl.config import PrivacyConfig
         from medfusion_fl.privacy.dp_sgd import BookkeepingStep
 
-        dp_step = BookkeepingStep(model, PrivacyConfig(enabled=True), torch.Generator(device).manual_seed(0),
-                                   expected=args.batch)
+        privacy = PrivacyConfig(enabled=True, cuda_graphs=case.endswith("graphed"))
+        dp_step = BookkeepingStep(model, privacy, torch.Generator(device).manual_seed(0), expected=args.batch)
         batch = {"views": inputs[0], "view_mask": inputs[1], "tabular": inputs[2], "label": labels}
+
+    graphed = _graphed_plain_step(model, inputs, labels, args.bf16) if case == "non-dp-graphed" else None
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         if dp_step is not None:  # forward, clipped backward and noise in one
             dp_step(batch, device, "bf16" if args.bf16 else "fp32")
+        elif graphed is not None:
+            graphed()
         else:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
                 logits = model(*inputs)
@@ -90,6 +97,40 @@ def measure(case: str, backbone: str, args: argparse.Namespace) -> dict[str, Any
     if args.profile and dp_step is not None:
         _profile(step, backbone, args.profile)
     return {"case": case, "backbone": backbone, **timing, **held}
+
+
+def _graphed_plain_step(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor,
+                        bf16: bool) -> Any:
+    """Plain forward + backward recorded as one CUDA graph (fixed inputs, as the timing loop uses);
+    returns a function that replays it and hands the recorded gradients to the parameters."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("non-dp-graphed records a CUDA graph: it needs a CUDA device")
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def forward_backward() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(*inputs)
+        F.cross_entropy(logits.float(), labels).backward()
+
+    side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture (cuBLAS/cuDNN set-up)
+        for _ in range(2):
+            model.zero_grad(set_to_none=True)
+            forward_backward()
+    torch.cuda.current_stream().wait_stream(side)
+    model.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        forward_backward()
+    grads = [p.grad for p in params]
+
+    def replay() -> None:
+        graph.replay()
+        for p, grad in zip(params, grads, strict=True):
+            p.grad = grad
+
+    return replay
 
 
 def _profile(step: Any, backbone: str, path: Path) -> None:
@@ -126,9 +167,11 @@ def main() -> None:
         cases = {c: run_child(__file__, settings, ["--measure", c, "--backbone", backbone, *extra])
                  for c in args.cases.split(",")}
         row: dict[str, Any] = {"backbone": backbone, **cases}
-        for dp in ("dp-opacus", "dp-bookkeeping"):
+        for dp in ("dp-opacus", "dp-bookkeeping", "dp-bookkeeping-graphed"):
             if dp in cases and "non-dp" in cases:
                 row |= ratios(cases[dp], cases["non-dp"], dp.replace("-", "_"))
+        if "dp-bookkeeping-graphed" in cases and "non-dp-graphed" in cases:
+            row |= ratios(cases["dp-bookkeeping-graphed"], cases["non-dp-graphed"], "graphed_vs_graphed")
         log.info("%s: %s %s", backbone, {k: v for k, v in row.items() if "ratio" in k},
                  {c: (r.get("step_s"), r.get("peak_mem_mb"), r.get("error")) for c, r in cases.items()})
         rows.append(row)

@@ -178,6 +178,12 @@ class PrivacyConfig(_Section):
         "bookkeeping", description="How per-patient gradients are clipped: 'bookkeeping' (one backward pass, "
         "per-patient norms from Gram matrices, no per-sample copy of large weights; fastest) or 'opacus' "
         "(Opacus' per-sample hooks). Same DP-SGD step and accounting.")
+    cuda_graphs: bool = Field(
+        False, description="Replay the bookkeeping step as CUDA graphs (CUDA sites): removes the per-layer host "
+        "work that leaves small backbones launch-bound. Batches are padded with empty patients (adding nothing) "
+        "to a multiple of graph-batch-multiple; each padded size is recorded once.")
+    graph_batch_multiple: int = Field(8, ge=1, description="cuda-graphs: batch sizes are padded up to a multiple "
+                                      "of this (fewer recorded graphs, at most this - 1 empty patients a step).")
 
 
 class SecAggConfig(_Section):
@@ -308,6 +314,9 @@ def _refuse_unavailable(config: RunConfig) -> None:
     if config.privacy.enabled and config.train.precision == "fp16":
         raise ConfigError("train.precision = 'fp16' with privacy.enabled: the gradient scaler multiplies every "
                           "per-patient gradient, so Opacus would clip at max-grad-norm / scale. Use 'bf16' or 'fp32'.")
+    if config.privacy.cuda_graphs and (config.privacy.engine != "bookkeeping" or config.model.checkpointing):
+        raise ConfigError("privacy.cuda-graphs = true needs privacy.engine = 'bookkeeping' and model.checkpointing = "
+                          "false (graphs of reentrant checkpoints are not verified). Set privacy.cuda-graphs = false.")
     if config.secagg.enabled and config.secagg.threshold > config.rounds.min_sites:
         raise ConfigError(f"secagg.threshold = {config.secagg.threshold} > rounds.min-sites = "
                           f"{config.rounds.min_sites}: a round the coordinator accepts with min-sites sites could "

@@ -35,6 +35,7 @@ from medfusion_fl.errors import ConfigError
 from medfusion_fl.privacy.accountant import DPStep
 from medfusion_fl.privacy.bookkeeping import PerPatientClipper
 from medfusion_fl.privacy.conv_sampler import grouped_conv2d_grad_sample
+from medfusion_fl.privacy.graphed import PaddedClippedStep
 from medfusion_fl.privacy.persample import LayerScale, patient_grads
 from medfusion_fl.training import TrainResult, autocast, make_optimizer
 
@@ -222,14 +223,18 @@ class BookkeepingStep:
     `noise`: a generator the coordinator cannot know (train_local_dp seeds it from the OS)."""
 
     def __init__(self, model: nn.Module, privacy: PrivacyConfig, noise: torch.Generator, *, expected: int) -> None:
-        self.model, self.expected, self.noise = model, expected, noise
+        self.model, self.expected, self.noise, self.privacy = model, expected, noise, privacy
         self.std = privacy.noise_multiplier * privacy.max_grad_norm
         self.clipper = PerPatientClipper(model, max_grad_norm=privacy.max_grad_norm)
         self._draw: torch.Tensor | None = None  # the step's noise, one draw for all parameters
+        self._graphed: PaddedClippedStep | None = None  # privacy.cuda-graphs
 
     def __call__(self, batch: Batch, device: torch.device, precision: str) -> tuple[float, int]:
         n = len(batch["label"])
-        if n:
+        if n and self.privacy.cuda_graphs:
+            with record_function("dp.graphed"):
+                losses = self._graphs(device, precision)(batch)
+        elif n:
             with self.clipper.forward(n), record_function("dp.forward"):
                 # no autocast cast cache: the weights need no gradient during the step (nothing to
                 # cache), and a reentrant checkpoint's input, a leaf, would get one cached bf16 cast
@@ -249,6 +254,15 @@ class BookkeepingStep:
             for p, grad in zip(params, grads, strict=True):
                 p.grad = grad
         return (float(losses.detach().mean()) if n else 0.0), n
+
+    def _graphs(self, device: torch.device, precision: str) -> PaddedClippedStep:
+        if device.type != "cuda":
+            raise ConfigError(f"privacy.cuda-graphs = true, but this site trains on {device.type!r}: CUDA graphs "
+                              "need a CUDA GPU. Set privacy.cuda-graphs = false in the run config.")
+        if self._graphed is None:
+            self._graphed = PaddedClippedStep(self.model, self.clipper, device=device, precision=precision,
+                                              multiple=self.privacy.graph_batch_multiple, graphs=True)
+        return self._graphed
 
 
 def _opacus_epochs(model: nn.Module, loader: DataLoader[Batch], optimizer: torch.optim.Optimizer, cfg: TrainConfig,
