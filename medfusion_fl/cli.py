@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from medfusion_fl.config import RunConfig, all_keys, flatten, parse_overrides, read_toml_flat
+from medfusion_fl.config import RunConfig, all_keys
+from medfusion_fl.config_sources import flatten, parse_overrides, read_toml_flat
 from medfusion_fl.console import ensure_logging
 from medfusion_fl.errors import ConfigError, MedFusionError
 

@@ -8,13 +8,13 @@ pyproject.toml's [tool.flwr.app.config] mirrors the defaults (a test keeps them 
 from __future__ import annotations
 
 import difflib
-import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from medfusion_fl.config_sources import read_toml_flat
 from medfusion_fl.errors import ConfigError
 
 Scalar = bool | int | float | str
@@ -321,46 +321,6 @@ def _refuse_unavailable(config: RunConfig) -> None:
         raise ConfigError(f"secagg.threshold = {config.secagg.threshold} > rounds.min-sites = "
                           f"{config.rounds.min_sites}: a round the coordinator accepts with min-sites sites could "
                           "not be unmasked. Raise rounds.min-sites or lower secagg.threshold.")
-
-
-def flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Flatten nested TOML tables to dotted keys, as Flower does."""
-    flat: dict[str, Any] = {}
-    for key, value in table.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, f"{dotted}."))
-        else:
-            flat[dotted] = value
-    return flat
-
-
-def read_toml_flat(path: Path) -> dict[str, Any]:
-    """Read a TOML file into flat keys; a pyproject contributes its [tool.flwr.app.config]."""
-    path = Path(path)
-    try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"Config file {path} does not exist.") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"Config file {path} is not valid TOML: {exc}") from None
-    table = doc.get("tool", {}).get("flwr", {}).get("app", {}).get("config", doc)
-    return flatten(table)
-
-
-def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
-    """Parse `KEY=VALUE` strings; VALUE is read as TOML (3, 0.1, true, "x") or else as a string."""
-    overrides: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"Override {item!r} must look like KEY=VALUE, e.g. train.lr=0.01")
-        try:
-            value = tomllib.loads(f"v = {raw.strip()}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw.strip()
-        overrides[key.strip()] = value
-    return overrides
 
 
 class SiteConfig(_Section):

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from medfusion_fl.config import RunConfig, SiteConfig, all_keys, flatten, parse_overrides
+from medfusion_fl.config import RunConfig, SiteConfig, all_keys
+from medfusion_fl.config_sources import flatten, parse_overrides
 from medfusion_fl.errors import ConfigError
 from tests.conftest import REPO
 

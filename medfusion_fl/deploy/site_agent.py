@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medfusion_fl.config import RunConfig, SiteConfig, read_toml_flat
+from medfusion_fl.config import RunConfig, SiteConfig
+from medfusion_fl.config_sources import read_toml_flat
 from medfusion_fl.errors import ConfigError, DataError
 
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",

@@ -82,13 +82,10 @@ class PaddedClippedStep:
     def _fill(self, batch: Batch, n: int, size: int) -> Batch:
         """The padded batch in this size's buffers: the patients, then empty ones with loss weight 0."""
         if size not in self._static:
-            views = batch["views"]
-            self._static[size] = {
-                "views": torch.zeros(size, *views.shape[1:], dtype=views.dtype, device=self.device),
-                "view_mask": torch.ones(size, *batch["view_mask"].shape[1:], device=self.device),
-                "tabular": torch.zeros(size, *batch["tabular"].shape[1:], device=self.device),
-                "label": torch.zeros(size, dtype=torch.long, device=self.device),
-                "weight": torch.zeros(size, device=self.device)}
+            like = {key: batch[key] for key in ("views", "view_mask", "tabular", "label")}
+            self._static[size] = {key: torch.zeros(size, *t.shape[1:], dtype=t.dtype, device=self.device)
+                                  for key, t in like.items()}
+            self._static[size]["weight"] = torch.zeros(size, device=self.device)
         static = self._static[size]
         for key in ("views", "view_mask", "tabular", "label"):
             static[key][:n].copy_(batch[key], non_blocking=True)
