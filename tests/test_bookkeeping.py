@@ -165,3 +165,30 @@ def test_group_norm_rule_equals_autograd_per_patient(saved: bool, views: int, ch
         want = torch.autograd.grad(layer(a.detach()[rows]), [layer.weight, layer.bias], g[rows])
         assert torch.allclose(got[layer.weight][i], want[0], atol=1e-12)
         assert torch.allclose(got[layer.bias][i], want[1], atol=1e-12)
+
+
+@pytest.mark.parametrize("per_image", [True, False], ids=["per-image", "merged-rows"])
+@pytest.mark.parametrize("views", [1, 2])
+@pytest.mark.parametrize("conv", ["1x1", "1x1-stride2", "3x3-pad1", "3x3-stride2-dilation2", "same-stride2"])
+def test_conv_rule_equals_autograd_per_patient(conv: str, views: int, per_image: bool,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Conv2d's per-patient gradients, formed per image then summed, or over each patient's merged
+    rows at once (the engine picks by bytes), against autograd on each patient alone."""
+    from timm.layers.conv2d_same import Conv2dSame
+
+    from medfusion_fl.privacy import persample
+
+    monkeypatch.setattr(persample, "_per_image", lambda layer, g, patients: per_image)
+    torch.manual_seed(0)
+    layer = {"1x1": nn.Conv2d(3, 4, 1), "1x1-stride2": nn.Conv2d(3, 4, 1, stride=2),
+             "3x3-pad1": nn.Conv2d(3, 4, 3, padding=1),
+             "3x3-stride2-dilation2": nn.Conv2d(3, 4, 3, stride=2, padding=2, dilation=2),
+             "same-stride2": Conv2dSame(3, 4, 3, stride=2)}[conv]
+    a = torch.randn(3 * views, 3, 9, 8)
+    g = torch.randn_like(layer(a))
+    got = persample.patient_grads(layer, a, g, 3)
+    for i in range(3):
+        rows = slice(i * views, (i + 1) * views)
+        want = torch.autograd.grad(layer(a[rows]), [layer.weight, layer.bias], g[rows])
+        assert torch.allclose(got[layer.weight][i], want[0], rtol=1e-5, atol=1e-5)  # fp32, as the engine
+        assert torch.allclose(got[layer.bias][i], want[1], rtol=1e-5, atol=1e-5)

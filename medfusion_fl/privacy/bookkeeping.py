@@ -167,7 +167,7 @@ class PerPatientClipper:
                 state.grads[p] = state.grads[p] + grad_p if p in state.grads else grad_p
             return  # a and g dropped here
         if gram_flops <= form_flops:
-            parts = [persample.ghost_sq_norm(layer, a, g, n) for a, g, n, _ in self._chunks(call)]
+            parts = [persample.ghost_sq_norm(layer, a, g, n) for a, g, n, _ in self._chunks(call, formed=False)]
         else:  # formed only for the norm, chunk by chunk, then freed
             parts = [_sq_norms(persample.patient_grads(layer, a, g, n, st), self.trainable)
                      for a, g, n, st in self._chunks(call)]
@@ -175,11 +175,11 @@ class PerPatientClipper:
         state.kept.append(call)
         state.kept_bytes += keep_bytes
 
-    def _chunks(self, call: _Ready) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, Stats]]:
+    def _chunks(self, call: _Ready, *, formed: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, Stats]]:
         """(a, g, patients, stats) over groups of whole patients: temporaries stay within CHUNK_BYTES."""
         patients = self.state.patients
         rows = call.a.shape[0] // patients
-        per_patient = persample.transient_bytes(call.layer, call.a, call.g) / patients
+        per_patient = persample.transient_bytes(call.layer, call.a, call.g, patients, formed=formed) / patients
         size = max(1, int(CHUNK_BYTES // max(per_patient, 1.0)))
         for start in range(0, patients, size):
             stop = min(patients, start + size)

@@ -101,13 +101,23 @@ def _common(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return a.to(g.dtype) if _half(g) else a.float()
 
 
-def transient_bytes(layer: nn.Module, a: torch.Tensor, g: torch.Tensor) -> int:
-    """Worst-case temporary bytes of patient_grads / ghost_sq_norm for this call (im2col and a copy
-    of g, in g's precision when half, else fp32)."""
+def transient_bytes(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, patients: int, *, formed: bool) -> int:
+    """Worst-case temporary bytes of patient_grads (`formed`) or ghost_sq_norm for this call: im2col,
+    and a copy of g or each image's fp32 gradient (in g's precision when half, else fp32)."""
     if isinstance(layer, nn.Conv2d) and layer.groups == 1:
         size = g.element_size() if _half(g) else 4
-        return size * (g[0, 0].numel() * g.shape[0] * layer.weight[0].numel() + g.numel())
+        columns = size * g[0, 0].numel() * g.shape[0] * layer.weight[0].numel()
+        if formed and _per_image(layer, g, patients):
+            return columns + 4 * g.shape[0] * layer.weight.numel()
+        return columns + size * g.numel()
     return 8 * (a.numel() + g.numel())
+
+
+def _per_image(layer: nn.Conv2d, g: torch.Tensor, patients: int) -> bool:
+    """Form a conv's gradients per image, then sum each patient's (writes 4 bytes per weight per
+    image), rather than per patient over its images' rows at once (copies g to merge them): the
+    former when there is one image per patient, or when an image's gradient is the smaller."""
+    return g.shape[0] == patients or 4 * layer.weight.numel() <= g[0].numel() * g.element_size()
 
 
 def _unfold(layer: nn.Conv2d, a: torch.Tensor, patients: int) -> torch.Tensor:
@@ -123,6 +133,18 @@ def _unfold(layer: nn.Conv2d, a: torch.Tensor, patients: int) -> torch.Tensor:
         return _rows(x[:, :, ::sh, ::sw].flatten(2).transpose(1, 2), patients)
     windows = x.unfold(2, kh, sh).unfold(3, kw, sw)  # (N, C, Ho, Wo, kh, kw), a view
     return windows.permute(0, 2, 3, 1, 4, 5).reshape(patients, -1, x.shape[1] * kh * kw)  # one copy
+
+
+def _image_columns(layer: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
+    """Conv2d input as each image's im2col matrix, (N, T, C_in*kh*kw), as a transposed view of
+    F.unfold's output (one copy, padding included; no copy for an unstrided 1x1 conv): a matmul
+    reads it as it is."""
+    x, padding = _conv_input(layer, a)
+    if layer.kernel_size == (1, 1) and not any(padding):
+        sh, sw = layer.stride
+        return x[:, :, ::sh, ::sw].flatten(2).transpose(1, 2)
+    cols = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=padding, stride=layer.stride)
+    return cols.transpose(1, 2)
 
 
 def _conv_out_rows(g: torch.Tensor, patients: int) -> torch.Tensor:
@@ -254,6 +276,10 @@ def patient_grads(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, patients: 
         x, dy = _rows(_common(a, g), patients), _rows(g, patients)
         out[layer.weight] = _mm32(dy.transpose(1, 2), x)  # (B, d_out, d_in)
         bias_grad = dy.sum(dim=1, dtype=torch.float32)
+    elif isinstance(layer, nn.Conv2d) and layer.groups == 1 and _per_image(layer, g, patients):
+        x, dy = _image_columns(layer, _common(a, g)), g.flatten(2)  # (N, T, C_in*k*k), (N, C_out, T): no copy of g
+        out[layer.weight] = _per_patient(_mm32(dy, x), patients).reshape(patients, *layer.weight.shape)
+        bias_grad = _per_patient(dy.sum(dim=2, dtype=torch.float32), patients)
     elif isinstance(layer, nn.Conv2d) and layer.groups == 1:
         x, dy = _unfold(layer, _common(a, g), patients), _conv_out_cols(g, patients)  # (B, RT, Ck2), (B, Co, RT)
         out[layer.weight] = _mm32(dy, x).reshape(patients, *layer.weight.shape)
