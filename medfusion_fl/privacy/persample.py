@@ -318,28 +318,30 @@ def _per_row(rows: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def _split_scaled(t: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """rows * t (t half precision, rows fp32) as hi + lo, both in t's dtype: their sum is the fp32
-    product to ~2^-16, where rounding it to bf16 alone would err up to 2^-9 per entry."""
-    scaled = t.float() * _per_row(rows, t)
-    hi = scaled.to(t.dtype)
-    return hi, (scaled - hi).to(t.dtype)
+    """rows * t (t half precision, rows fp32) as hi - nlo, both in t's dtype: together the fp32
+    product to ~2^-16, where rounding it to bf16 alone would err up to 2^-9 per entry. Two passes,
+    each computing the product in fp32 and storing half: hi = round(t * w), nlo = round(hi - t * w)."""
+    weights = _per_row(rows, t)
+    hi = torch.mul(t, weights, out=torch.empty(t.shape, dtype=t.dtype, device=t.device))
+    nlo = torch.addcmul(hi, t, weights, value=-1, out=torch.empty(t.shape, dtype=t.dtype, device=t.device))
+    return hi, nlo
 
 
 def _linear_weighted(layer: nn.Linear, a: torch.Tensor, g: torch.Tensor, rows: torch.Tensor) -> Grads:
     """sum_r w_r g_r a_r^T: the smaller of input and output gradient carries the weights (in half
-    precision as hi + lo: two half matmuls, where one fp32 matmul would take ~10x their time)."""
+    precision as hi - nlo: two half matmuls, where one fp32 matmul would take ~10x their time)."""
     x = _common(a, g)
     d_in, d_out = layer.in_features, layer.out_features
     if not _half(g):  # fp32: one matmul
         weight = (g * _per_row(rows, g)).reshape(-1, d_out).t() @ x.reshape(-1, d_in)
     elif d_in <= d_out:
-        hi, lo = (t.reshape(-1, d_in) for t in _split_scaled(x, rows))
+        hi, nlo = (t.reshape(-1, d_in) for t in _split_scaled(x, rows))
         dy = g.reshape(-1, d_out).t()
-        weight = _mm32(dy, hi) + _mm32(dy, lo)
+        weight = _mm32(dy, hi) - _mm32(dy, nlo)
     else:
-        hi, lo = (t.reshape(-1, d_out).t() for t in _split_scaled(g, rows))
+        hi, nlo = (t.reshape(-1, d_out).t() for t in _split_scaled(g, rows))
         flat_x = x.reshape(-1, d_in)
-        weight = _mm32(hi, flat_x) + _mm32(lo, flat_x)
+        weight = _mm32(hi, flat_x) - _mm32(nlo, flat_x)
     out: Grads = {layer.weight: weight}
     if isinstance(layer.bias, nn.Parameter):  # each row's summed output gradient, then weighted: fp32
         out[layer.bias] = rows @ g.reshape(g.shape[0], -1, d_out).sum(dim=1, dtype=torch.float32)
