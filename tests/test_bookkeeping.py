@@ -169,11 +169,14 @@ def test_group_norm_rule_equals_autograd_per_patient(saved: bool, views: int, ch
 
 @pytest.mark.parametrize("per_image", [True, False], ids=["per-image", "merged-rows"])
 @pytest.mark.parametrize("views", [1, 2])
-@pytest.mark.parametrize("conv", ["1x1", "1x1-stride2", "3x3-pad1", "3x3-stride2-dilation2", "same-stride2"])
+@pytest.mark.parametrize("conv", ["1x1", "1x1-stride2", "3x3-pad1", "3x3-stride2-dilation2", "same-stride2",
+                                  "dw3x3", "dw5x5-stride2", "dw3x3-dilation2", "dw-multiplier2", "same-dw-stride2",
+                                  "grouped"])
 def test_conv_rule_equals_autograd_per_patient(conv: str, views: int, per_image: bool,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    """A Conv2d's per-patient gradients, formed per image then summed, or over each patient's merged
-    rows at once (the engine picks by bytes), against autograd on each patient alone."""
+    """A Conv2d's per-patient gradients against autograd on each patient alone: dense ones formed per
+    image then summed, or over each patient's merged rows at once (the engine picks by bytes); depthwise
+    ones as a forward convolution on CPU; other grouped ones by the weight-gradient kernel per image."""
     from timm.layers.conv2d_same import Conv2dSame
 
     from medfusion_fl.privacy import persample
@@ -183,8 +186,14 @@ def test_conv_rule_equals_autograd_per_patient(conv: str, views: int, per_image:
     layer = {"1x1": nn.Conv2d(3, 4, 1), "1x1-stride2": nn.Conv2d(3, 4, 1, stride=2),
              "3x3-pad1": nn.Conv2d(3, 4, 3, padding=1),
              "3x3-stride2-dilation2": nn.Conv2d(3, 4, 3, stride=2, padding=2, dilation=2),
-             "same-stride2": Conv2dSame(3, 4, 3, stride=2)}[conv]
-    a = torch.randn(3 * views, 3, 9, 8)
+             "same-stride2": Conv2dSame(3, 4, 3, stride=2),
+             "dw3x3": nn.Conv2d(3, 3, 3, padding=1, groups=3),
+             "dw5x5-stride2": nn.Conv2d(3, 3, 5, stride=2, padding=2, groups=3),
+             "dw3x3-dilation2": nn.Conv2d(3, 3, 3, padding=2, dilation=2, groups=3),
+             "dw-multiplier2": nn.Conv2d(3, 6, 3, padding=1, groups=3),
+             "same-dw-stride2": Conv2dSame(3, 3, 3, stride=2, groups=3),
+             "grouped": nn.Conv2d(4, 6, 3, groups=2)}[conv]  # 2 input channels a group: not the depthwise form
+    a = torch.randn(3 * views, layer.in_channels, 9, 8)
     g = torch.randn_like(layer(a))
     got = persample.patient_grads(layer, a, g, 3)
     for i in range(3):
