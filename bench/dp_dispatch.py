@@ -10,7 +10,8 @@ work (views and metadata left out) and the bytes of its tensor arguments and res
 its kernel reads and writes: the other part of a small model's GPU time), per phase: the forward,
 autograd's backward, the engine's hooks per layer type, and its finish.
 
-Counted on CPU fake tensors. fp32 (the default) dispatches what CUDA does. --bf16 emulates CUDA's
+Counted on CPU fake tensors, with the engine's CUDA choices (depthwise gradients by the weight-gradient
+kernel). fp32 (the default) dispatches what CUDA does. --bf16 emulates CUDA's
 autocast where CPU's differs: GroupNorm and LayerNorm run in fp32 (CPU autocast keeps them in bf16),
 and the engine's fp32-result matmuls take half inputs directly (CPU casts them to fp32 first).
 
@@ -173,6 +174,7 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     rows = []
+    persample.FORWARD_FORM_DEVICES = ()  # CPU fake tensors, counted as the GPU runs them
     for backbone in args.backbones.split(","):
         with _cuda_autocast_rules() if args.bf16 else nullcontext():
             plain, dp = count(backbone, False, args), count(backbone, True, args)

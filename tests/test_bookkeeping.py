@@ -167,21 +167,24 @@ def test_group_norm_rule_equals_autograd_per_patient(saved: bool, views: int, ch
         assert torch.allclose(got[layer.bias][i], want[1], atol=1e-12)
 
 
+@pytest.mark.parametrize("forward_form", [("cpu",), ()], ids=["depthwise-forward-form", "depthwise-cuda-form"])
 @pytest.mark.parametrize("per_image", [True, False], ids=["per-image", "merged-rows"])
 @pytest.mark.parametrize("views", [1, 2])
 @pytest.mark.parametrize("conv", ["1x1", "1x1-stride2", "3x3-pad1", "3x3-stride2-dilation2", "same-stride2",
                                   "dw3x3", "dw5x5-stride2", "dw3x3-dilation2", "dw-multiplier2", "same-dw-stride2",
                                   "grouped"])
-def test_conv_rule_equals_autograd_per_patient(conv: str, views: int, per_image: bool,
+def test_conv_rule_equals_autograd_per_patient(conv: str, views: int, per_image: bool, forward_form: tuple[str, ...],
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """A Conv2d's per-patient gradients against autograd on each patient alone: dense ones formed per
     image then summed, or over each patient's merged rows at once (the engine picks by bytes); depthwise
-    ones as a forward convolution on CPU; other grouped ones by the weight-gradient kernel per image."""
+    ones as a forward convolution (CPU) or by the weight-gradient kernel per image (CUDA, and other
+    grouped ones)."""
     from timm.layers.conv2d_same import Conv2dSame
 
     from medfusion_fl.privacy import persample
 
     monkeypatch.setattr(persample, "_per_image", lambda layer, g, patients: per_image)
+    monkeypatch.setattr(persample, "FORWARD_FORM_DEVICES", forward_form)  # () = the path CUDA takes
     torch.manual_seed(0)
     layer = {"1x1": nn.Conv2d(3, 4, 1), "1x1-stride2": nn.Conv2d(3, 4, 1, stride=2),
              "3x3-pad1": nn.Conv2d(3, 4, 3, padding=1),

@@ -42,6 +42,9 @@ class LayerScale(nn.Module):
 
 
 CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# device types whose depthwise per-image gradients use the forward form (_depthwise_as_forward): measured
+# faster on CPU; CUDA keeps the weight-gradient kernel until a GPU session has timed both
+FORWARD_FORM_DEVICES: tuple[str, ...] = ("cpu",)
 SUPPORTED = (nn.Linear, *CONV, nn.GroupNorm, nn.LayerNorm, nn.Embedding, LayerScale)
 
 
@@ -106,7 +109,7 @@ def transient_bytes(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, patients
     and a copy of g or each image's fp32 gradient (in g's precision when half, else fp32)."""
     if isinstance(layer, nn.Conv2d) and layer.groups == 1:
         size = g.element_size() if _half(g) else 4
-        columns = size * g[0, 0].numel() * g.shape[0] * layer.weight[0].numel()
+        columns = size * g.numel() // g.shape[1] * layer.weight.numel() // layer.out_channels
         if formed and _per_image(layer, g, patients):
             return columns + 4 * g.shape[0] * layer.weight.numel()
         return columns + size * g.numel()
@@ -117,7 +120,7 @@ def _per_image(layer: nn.Conv2d, g: torch.Tensor, patients: int) -> bool:
     """Form a conv's gradients per image, then sum each patient's (writes 4 bytes per weight per
     image), rather than per patient over its images' rows at once (copies g to merge them): the
     former when there is one image per patient, or when an image's gradient is the smaller."""
-    return g.shape[0] == patients or 4 * layer.weight.numel() <= g[0].numel() * g.element_size()
+    return g.shape[0] == patients or 4 * layer.weight.numel() * g.shape[0] <= g.numel() * g.element_size()
 
 
 def _unfold(layer: nn.Conv2d, a: torch.Tensor, patients: int) -> torch.Tensor:
@@ -166,8 +169,8 @@ def ghost_cost(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, patients: int
         positions = g.numel() / (patients * layer.out_features)
         d_in, d_out = layer.in_features, layer.out_features
     elif isinstance(layer, nn.Conv2d) and layer.groups == 1:
-        positions = g[0, 0].numel() * g.shape[0] / patients
-        d_in, d_out = layer.weight[0].numel(), layer.out_channels
+        positions = g.numel() / (g.shape[1] * patients)
+        d_in, d_out = layer.weight.numel() // layer.out_channels, layer.out_channels
     else:
         return float("inf"), 0.0
     return patients * positions ** 2 * (d_in + d_out), patients * positions * d_in * d_out
@@ -193,7 +196,7 @@ def _per_image_conv(layer: _ConvNd, a: torch.Tensor, g: torch.Tensor) -> torch.T
     x, padding = _conv_input(layer, a)
     x, g = _common(x, g).float(), g.float()  # the input as autocast fed it; fp32: no rounded result
     n, shape = x.shape[0], tuple(layer.weight.shape)
-    if isinstance(layer, nn.Conv2d) and layer.groups == layer.in_channels and not x.is_cuda:
+    if isinstance(layer, nn.Conv2d) and layer.groups == layer.in_channels and x.device.type in FORWARD_FORM_DEVICES:
         return _depthwise_as_forward(layer, x, g, padding).reshape(n, *shape)
     grad = _conv_weight_grad(layer, x.reshape(1, -1, *x.shape[2:]), g.reshape(1, -1, *g.shape[2:]), padding,
                              (n * shape[0], *shape[1:]), n * layer.groups)
@@ -253,7 +256,7 @@ def _group_norm_grads(layer: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor, pat
     else:
         mean, rstd = (t.to(x.dtype) for t in stats)
     want_weight, want_bias = isinstance(layer.weight, nn.Parameter), isinstance(layer.bias, nn.Parameter)
-    size = x[0, 0].numel()
+    size = x.numel() // (n * c)
     _, weight, bias = torch.ops.aten.native_group_norm_backward(
         dy.reshape(1, n * c, size), x.reshape(1, n * c, size), mean.reshape(1, -1), rstd.reshape(1, -1), None,
         1, n * c, size, n * layer.num_groups, [False, want_weight, want_bias])
