@@ -21,7 +21,7 @@ from dp_exactness import family_model, patients
 from medfusion_fl.config import PrivacyConfig, RunConfig
 from medfusion_fl.errors import ConfigError
 from medfusion_fl.privacy.bookkeeping import PerPatientClipper
-from medfusion_fl.privacy.dp_sgd import BookkeepingStep
+from medfusion_fl.privacy.dp_sgd import BookkeepingStep, _patient_losses
 from medfusion_fl.privacy.graphed import PaddedClippedStep
 from medfusion_fl.training import autocast
 
@@ -37,6 +37,11 @@ def _eager(model: torch.nn.Module, clipper: PerPatientClipper, batch: dict[str, 
     return torch.cat([p.grad.flatten() for p in clipper.params]).double(), norms  # type: ignore[union-attr]
 
 
+def _losses(model: torch.nn.Module, precision: str) -> Any:
+    """The DP step's per-patient losses, as BookkeepingStep hands them to the padded step."""
+    return lambda batch: _patient_losses(model, batch, CPU, precision, cast_cache=False)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_padded_step_equals_the_unpadded_step(precision: str) -> None:
     model = family_model("resnet", checkpointing=False)
@@ -45,7 +50,7 @@ def test_padded_step_equals_the_unpadded_step(precision: str) -> None:
     four = {"views": views, "view_mask": mask, "tabular": tabular, "label": labels}
     _, norms = _eager(model, clipper, four, precision)
     clipper.max_grad_norm = float(norms.median())  # clipping active for some patients, not all
-    padded = PaddedClippedStep(model, clipper, device=CPU, precision=precision, multiple=8, graphs=False)
+    padded = PaddedClippedStep(clipper, _losses(model, precision), device=CPU, multiple=8, graphs=False)
     three = {key: t[1:] for key, t in four.items()}  # then a smaller batch in the same padded buffers
     for batch in (four, three, four):
         want, _ = _eager(model, clipper, batch, precision)
@@ -64,7 +69,7 @@ def test_cuda_graphs_on_a_cpu_site_is_a_clear_error() -> None:
     with pytest.raises(ConfigError, match="privacy.cuda-graphs = false"):
         step({"views": views, "view_mask": mask, "tabular": tabular, "label": labels}, CPU, "fp32")
     with pytest.raises(ValueError, match="CUDA device"):
-        PaddedClippedStep(model, step.clipper, device=CPU, precision="fp32", multiple=8, graphs=True)
+        PaddedClippedStep(step.clipper, _losses(model, "fp32"), device=CPU, multiple=8, graphs=True)
     step.clipper.detach()
 
 
@@ -118,7 +123,7 @@ def test_graph_bookkeeping_first_eager_then_record_then_replay(monkeypatch: pyte
     model = family_model("resnet", checkpointing=False)
     views, mask, tabular, labels = patients(model, CPU)
     clipper = PerPatientClipper(model, max_grad_norm=0.5)
-    step = PaddedClippedStep(model, clipper, device=CPU, precision="fp32", multiple=2, graphs=False)
+    step = PaddedClippedStep(clipper, _losses(model, "fp32"), device=CPU, multiple=2, graphs=False)
     step.graphs = True  # the graph path, with the stand-ins above
     full = {"views": views, "view_mask": mask, "tabular": tabular, "label": labels}
     for rows in (4, 4, 3, 4, 2, 1, 2):  # padded sizes 4 (eager, record, replay x2), 2 (eager, record, replay)

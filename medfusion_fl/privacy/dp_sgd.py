@@ -260,7 +260,10 @@ class BookkeepingStep:
             raise ConfigError(f"privacy.cuda-graphs = true, but this site trains on {device.type!r}: CUDA graphs "
                               "need a CUDA GPU. Set privacy.cuda-graphs = false in the run config.")
         if self._graphed is None:
-            self._graphed = PaddedClippedStep(self.model, self.clipper, device=device, precision=precision,
+            def losses(batch: Batch) -> torch.Tensor:  # the eager step's forward, on the padded buffers
+                return _patient_losses(self.model, batch, device, precision, cast_cache=False)
+
+            self._graphed = PaddedClippedStep(self.clipper, losses, device=device,
                                               multiple=self.privacy.graph_batch_multiple, graphs=True)
         return self._graphed
 

@@ -20,18 +20,17 @@ eagerly on a side stream, as capture needs (cuBLAS/cuDNN set-up must not happen 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from medfusion_fl.privacy.bookkeeping import PerPatientClipper
-from medfusion_fl.training import autocast
 
 log = logging.getLogger(__name__)
 Batch = dict[str, torch.Tensor]
+INPUTS = ("views", "view_mask", "tabular", "label")  # a batch's tensors, copied into the padded buffers
 
 
 @dataclass
@@ -43,14 +42,16 @@ class _Graph:
 
 class PaddedClippedStep:
     """`step(batch)` sets p.grad = sum_i clip(grad_i) over the batch's patients (no noise) for every
-    parameter the clipper trains; returns the patients' losses (n,). `graphs`: replay CUDA graphs
-    (CUDA only); otherwise the same padded step runs eagerly (CPU tests, and the first step of a size)."""
+    parameter the clipper trains; returns the patients' losses (n,). `losses(batch)`: each patient's
+    loss, (B,), from the clipper's model (the DP step's forward: dp_sgd._patient_losses). `graphs`:
+    replay CUDA graphs (CUDA only); otherwise the same padded step runs eagerly (CPU tests, and the
+    first step of a size)."""
 
-    def __init__(self, model: nn.Module, clipper: PerPatientClipper, *, device: torch.device, precision: str,
+    def __init__(self, clipper: PerPatientClipper, losses: Callable[[Batch], torch.Tensor], *, device: torch.device,
                  multiple: int, graphs: bool) -> None:
         if graphs and device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
-        self.model, self.clipper, self.device, self.precision = model, clipper, device, precision
+        self.clipper, self.losses, self.device = clipper, losses, device
         self.multiple, self.graphs = multiple, graphs
         self._static: dict[int, Batch] = {}  # padded size -> input buffers (and the loss weights)
         self._recorded: dict[int, _Graph] = {}
@@ -82,12 +83,11 @@ class PaddedClippedStep:
     def _fill(self, batch: Batch, n: int, size: int) -> Batch:
         """The padded batch in this size's buffers: the patients, then empty ones with loss weight 0."""
         if size not in self._static:
-            like = {key: batch[key] for key in ("views", "view_mask", "tabular", "label")}
-            self._static[size] = {key: torch.zeros(size, *t.shape[1:], dtype=t.dtype, device=self.device)
-                                  for key, t in like.items()}
+            self._static[size] = {key: torch.zeros(size, *batch[key].shape[1:], dtype=batch[key].dtype,
+                                                   device=self.device) for key in INPUTS}
             self._static[size]["weight"] = torch.zeros(size, device=self.device)
         static = self._static[size]
-        for key in ("views", "view_mask", "tabular", "label"):
+        for key in INPUTS:
             static[key][:n].copy_(batch[key], non_blocking=True)
         static["views"][n:].zero_()
         static["view_mask"][n:].fill_(1.0)
@@ -100,11 +100,7 @@ class PaddedClippedStep:
     def _run(self, static: Batch, size: int) -> torch.Tensor:
         """Forward and clipped backward of the padded batch; the padded patients' losses are 0."""
         with self.clipper.forward(size):
-            # no autocast cast cache: see BookkeepingStep (a reentrant checkpoint's input must not
-            # share one bf16 cast between its consumers)
-            with autocast(self.precision, self.device, cache=False):
-                logits = self.model(static["views"], static["view_mask"], static["tabular"])
-            losses = F.cross_entropy(logits.float(), static["label"], reduction="none") * static["weight"]
+            losses = self.losses(static) * static["weight"]
         self.clipper.clip_backward(losses)
         return losses.detach()
 
