@@ -1,27 +1,43 @@
 """A site's side of a secure round: the SecAgg+ stages over Flower message contents.
 
-The site trains in stage 1, encodes its update and keeps it, with its keys and shares, in
-`context.state` (memory of its own SuperNode). Only public keys, sealed shares, one masked vector
-and the shares the protocol asks for ever leave it. Every incoming stage is checked against the
+The site trains (or evaluates) in stage 1, encodes its update (or evaluation release) and keeps it, with
+its keys and shares, in `context.state` (memory of its own SuperNode). Only public keys, sealed shares,
+one masked vector and the shares the protocol asks for ever leave it, and only while at least its
+policy's min-sites sites are in the sum. Every incoming stage is checked against the
 stored round: another round id, a repeated or skipped stage, or malformed fields are refused.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from medfusion_fl.config import RunConfig
-from medfusion_fl.secagg import Encoding, SecAggError, Setup, SiteState, advertise, masked_input, modulus_dtype
+from medfusion_fl.policy import SitePolicy, check_secure_setup, check_sum_size
+from medfusion_fl.policy.enforce import Work
+from medfusion_fl.secagg import (
+    Encoding,
+    SecAggError,
+    Setup,
+    SiteState,
+    SumEncoding,
+    advertise,
+    masked_input,
+    modulus_dtype,
+    release_modulus_dtype,
+)
 from medfusion_fl.secagg import reveal as reveal_shares
 from medfusion_fl.secagg import share as share_keys
-from medfusion_fl.secagg.encoding import flat_delta, input_length
+from medfusion_fl.secagg.encoding import flat_delta
+from medfusion_fl.site_config import SiteConfig
 
 log = logging.getLogger("medfusion_fl.client")
 Weights = dict[str, np.ndarray]  # as medfusion_fl.parameters, without importing torch
 STATE, INPUT, SEEN = "secagg", "secagg-input", "secagg-seen"
+Modulus = Callable[[int], type[np.unsignedinteger]]  # parties -> the integer type of their sum
 
 
 def _int(record: ConfigRecord, key: str) -> int:
@@ -52,21 +68,20 @@ def _bytes_list(record: ConfigRecord, key: str) -> list[bytes]:
     return [bytes(v) for v in value if isinstance(v, bytes)]
 
 
-def _instruction_setup(content: RecordDict, run: RunConfig, template: Weights) -> tuple[Setup, int]:
+def _instruction_setup(content: RecordDict, run: RunConfig, *, length: int, modulus: Modulus) -> tuple[Setup, int]:
     """The round's public setup; the parts the site can compute itself must match its own values."""
     record = content.config_records.get("secagg")
     if record is None:
-        raise SecAggError("secure train instruction has no 'secagg' config record")
+        raise SecAggError("secure instruction has no 'secagg' config record")
     n, party = _int(record, "parties"), _int(record, "party")
-    dtype = modulus_dtype(num_sites=n, bits=run.secagg.bits, max_weight=run.secagg.max_weight)
+    dtype = modulus(n)
     if _int(record, "modulus-bits") != np.dtype(dtype).itemsize * 8:
         raise SecAggError(f"modulus-bits {_int(record, 'modulus-bits')} differs from what {n} sites need "
                           f"({np.dtype(dtype).itemsize * 8}); refusing")
-    if _int(record, "length") != input_length(template):
-        raise SecAggError(f"input length {_int(record, 'length')} differs from this model's "
-                          f"{input_length(template)}; refusing")
+    if _int(record, "length") != length:
+        raise SecAggError(f"input length {_int(record, 'length')} differs from this site's {length}; refusing")
     setup = Setup(_bytes(record, "round-id"), tuple(range(1, n + 1)), run.secagg.threshold,
-                  run.secagg.neighbours, input_length(template), dtype)
+                  run.secagg.neighbours, length, dtype)
     setup.validate()
     return setup, party
 
@@ -104,65 +119,98 @@ def _load(state: RecordDict, content: RecordDict) -> tuple[SiteState, Setup, dic
     return site, setup, keys
 
 
-def check_instruction(content: RecordDict, state: RecordDict, run: RunConfig,
-                      global_weights: Weights) -> tuple[Setup, int]:
-    """Before training (which spends privacy): the setup must be valid and its round id new to this
-    site (a round id seen before is a replayed instruction); returns the setup and this site's party."""
+def check_instruction(content: RecordDict, state: RecordDict, run: RunConfig, *, length: int, modulus: Modulus,
+                      policy: SitePolicy, site_id: str, work: Work) -> tuple[Setup, int]:
+    """Before training or evaluating (which spend privacy): the setup must be valid, its round id new to
+    this site (a round id seen before is a replayed instruction) and the round what the site's policy
+    accepts; returns the setup and this site's party. `length` is the input this site will mask,
+    `modulus(n)` the integer type n sites' sum needs."""
     record = content.config_records.get("secagg")
     if record is None:
-        raise SecAggError("secure train instruction has no 'secagg' config record")
+        raise SecAggError("secure instruction has no 'secagg' config record")
     if _bytes(record, "round-id") in _bytes_list(state.config_records.get(SEEN, ConfigRecord()), "round-ids"):
-        raise SecAggError("this secure round id was used before: a replayed train instruction; refusing")
-    return _instruction_setup(content, run, global_weights)
+        raise SecAggError("this secure round id was used before: a replayed instruction; refusing")
+    setup, party = _instruction_setup(content, run, length=length, modulus=modulus)
+    check_secure_setup(policy, parties=len(setup.parties), threshold=setup.threshold, site=site_id, work=work)
+    return setup, party
 
 
-def start(state: RecordDict, run: RunConfig, setup: Setup, party: int, global_weights: Weights, local: Weights,
-          *, weight: int, loss: float) -> ConfigRecord:
-    """Stage 1 (after check_instruction and local training): encode and keep the update; return the
-    public keys."""
+def training_modulus(run: RunConfig) -> Modulus:
+    return lambda n: modulus_dtype(num_sites=n, bits=run.secagg.bits, max_weight=run.secagg.max_weight)
+
+
+def release_modulus(run: RunConfig) -> Modulus:
+    return lambda n: release_modulus_dtype(num_sites=n, bits=run.secagg.bits)
+
+
+def training_input(run: RunConfig, setup: Setup, global_weights: Weights, local: Weights, *, weight: int,
+                   loss: float) -> np.ndarray:
+    """A training update as the integer vector to mask (the loss only without DP, see encoding.py)."""
     if weight > run.secagg.max_weight:
-        raise SecAggError(f"{weight} training examples > secagg.max-weight = {run.secagg.max_weight}; "
+        raise SecAggError(f"{weight} training patients > secagg.max-weight = {run.secagg.max_weight}; "
                           "raise secagg.max-weight (the coordinator's run config)")
-    encoding = Encoding(run.secagg.clip, run.secagg.bits, setup.dtype)
-    vector, overflow = encoding.encode(flat_delta(global_weights, local), weight=weight, loss=loss)
+    encoding = Encoding(run.secagg.clip, run.secagg.bits, setup.dtype, with_loss=not run.privacy.enabled)
+    vector, overflow = encoding.encode(flat_delta(global_weights, local), weight=weight,
+                                       loss=None if run.privacy.enabled else loss)
+    if overflow:  # counted inside the masked sum too; the coordinator reports the round's total
+        log.warning("%d update entries beyond secagg.clip = %g were clipped (raise secagg.clip)", overflow,
+                    run.secagg.clip)
+    return vector
+
+
+def release_input(run: RunConfig, setup: Setup, sums: np.ndarray) -> np.ndarray:
+    """An evaluation release as the integer vector to mask."""
+    vector, overflow = SumEncoding(run.secagg.max_weight, run.secagg.bits, setup.dtype).encode(sums)
+    if overflow:
+        log.warning("%d evaluation entries beyond +-secagg.max-weight were clipped", overflow)
+    return vector
+
+
+def start(state: RecordDict, setup: Setup, party: int, vector: np.ndarray) -> ConfigRecord:
+    """Stage 1 (after check_instruction and the local work): keep the input and fresh keys; return the
+    public keys."""
     site, (c_public, s_public) = advertise(setup, party)
     _save(state, site, setup, {})
     state[INPUT] = ArrayRecord({"vector": Array(vector)})
     seen = _bytes_list(state.config_records.get(SEEN, ConfigRecord()), "round-ids")
     state[SEEN] = ConfigRecord({"round-ids": [*seen, setup.round_id][-64:]})
-    if overflow:  # counted inside the masked sum too; the coordinator reports the round's total
-        log.warning("%d update entries beyond secagg.clip = %g were clipped (raise secagg.clip)", overflow,
-                    run.secagg.clip)
     return ConfigRecord({"round-id": setup.round_id, "c-public": c_public, "s-public": s_public})
 
 
-def share(content: RecordDict, state: RecordDict) -> ConfigRecord:
-    """Stage 2: seal shares of b and of the s key for each neighbour among the advertised keys."""
-    site, setup, _ = _load(state, content)
+def share(content: RecordDict, state: RecordDict, site: SiteConfig) -> ConfigRecord:
+    """Stage 2: seal shares of b and of the s key for each neighbour among the advertised keys, when at least
+    the policy's min-sites sites (this one included) advertised."""
+    party, setup, _ = _load(state, content)
     record = content.config_records["secagg"]
     keys = {j: (_bytes(record, f"key-c-{j}"), _bytes(record, f"key-s-{j}"))
             for j in setup.parties if f"key-c-{j}" in record}
-    sealed = share_keys(site, setup, keys)
-    _save(state, site, setup, keys)
+    check_sum_size(site.policy, count=len(keys), site=site.site_id, stage="secagg_share")
+    sealed = share_keys(party, setup, keys)
+    _save(state, party, setup, keys)
     return ConfigRecord({"round-id": setup.round_id, **{f"sealed-{j}": box for j, box in sealed.items()}})
 
 
-def mask(content: RecordDict, state: RecordDict) -> ArrayRecord:
-    """Stage 3: open the shares addressed to this site; return the masked input."""
-    site, setup, keys = _load(state, content)
+def mask(content: RecordDict, state: RecordDict, site: SiteConfig) -> ArrayRecord:
+    """Stage 3: open the shares addressed to this site; return the masked input. (With a SecAgg+ graph the
+    site sees only its neighbours here, so the size of the sum is checked at stages 2 and 4.)"""
+    party, setup, keys = _load(state, content)
     record = content.config_records["secagg"]
     sealed = {int(k[12:]): _bytes(record, k) for k in record if k.startswith("sealed-from-")}
     vector = state.array_records[INPUT]["vector"].numpy()
-    y = masked_input(site, setup, keys, sealed, vector)
-    _save(state, site, setup, keys)
+    y = masked_input(party, setup, keys, sealed, vector)
+    _save(state, party, setup, keys)
     del state[INPUT]  # the plain update is not kept once masked
     return ArrayRecord({"masked": Array(y)})
 
 
-def unmask(content: RecordDict, state: RecordDict) -> ConfigRecord:
-    """Stage 4: this site's shares of the survivors' b and of the dropped sites' s keys."""
-    site, setup, _ = _load(state, content)
+def unmask(content: RecordDict, state: RecordDict, site: SiteConfig) -> ConfigRecord:
+    """Stage 4: this site's shares of the survivors' b and of the dropped sites' s keys, when at least the
+    policy's min-sites sites survived (with secagg.threshold >= min-sites - 1, checked at stage 1, this
+    refusal alone keeps a smaller sum masked)."""
+    party, setup, _ = _load(state, content)
     record = content.config_records["secagg"]
-    shares = reveal_shares(site, setup, _ints(record, "survivors"), _ints(record, "dropped"))
+    survivors = _ints(record, "survivors")
+    check_sum_size(site.policy, count=len(survivors), site=site.site_id, stage="secagg_unmask")
+    shares = reveal_shares(party, setup, survivors, _ints(record, "dropped"))
     del state[STATE]  # secrets of a finished round are dropped
     return ConfigRecord({"round-id": setup.round_id, **{f"share-{j}": v for j, v in shares.items()}})

@@ -11,16 +11,18 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from medfusion_fl.config import RunConfig, SiteConfig
+    from medfusion_fl.config import RunConfig
     from medfusion_fl.data import SiteDataset, check_site, load_site, write_federation
     from medfusion_fl.errors import ConfigError, DataError, MedFusionError
     from medfusion_fl.export import export_checkpoint, export_model
     from medfusion_fl.models import MedFusionModel, build_model, list_aggregations, list_fusions
+    from medfusion_fl.policy import SitePolicy
+    from medfusion_fl.site_config import SiteConfig
     from medfusion_fl.training import evaluate, train_local
 
 __version__ = "0.1.0"
 _HOME = {
-    "RunConfig": "config", "SiteConfig": "config",
+    "RunConfig": "config", "SiteConfig": "site_config", "SitePolicy": "policy",
     "SiteDataset": "data", "check_site": "data", "load_site": "data", "write_federation": "data",
     "ConfigError": "errors", "DataError": "errors", "MedFusionError": "errors",
     "export_checkpoint": "export", "export_model": "export",
@@ -29,7 +31,7 @@ _HOME = {
 }
 __all__ = [
     "ConfigError", "DataError", "MedFusionError", "MedFusionModel", "RunConfig", "SiteConfig", "SiteDataset",
-    "build_model", "check_site", "evaluate", "export_checkpoint", "export_model", "list_aggregations",
+    "SitePolicy", "build_model", "check_site", "evaluate", "export_checkpoint", "export_model", "list_aggregations",
     "list_fusions", "load_site", "train_local", "write_federation",
 ]
 

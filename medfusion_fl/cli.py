@@ -74,8 +74,11 @@ def cmd_site_run(args: argparse.Namespace) -> int:
 
     agent = load_agent(Path(args.config), parse_overrides(args.set or []))
     patients = agent.check()
+    policy = agent.site.policy
     log.info("%s: %d usable patient(s) in %s; budget epsilon %g at delta %g (federation %r)", agent.site.site_id,
-             patients, agent.site.data_path, agent.site.max_epsilon, agent.site.delta, agent.site.federation)
+             patients, agent.site.data_path, policy.max_epsilon, policy.delta, agent.site.federation)
+    for line in policy.relaxed():
+        log.warning("%s: %s", agent.site.site_id, line)
     if args.dry_run:
         sys.stdout.write(describe(agent) + "\n")
         return 0

@@ -25,7 +25,7 @@ def _kebab(name: str) -> str:
     return name.replace("_", "-")
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
     model_config = ConfigDict(
         extra="forbid", alias_generator=_kebab, populate_by_name=True, frozen=True
     )
@@ -43,14 +43,14 @@ class TabularColumn(BaseModel):
     high: float | None = None
 
 
-class OutputConfig(_Section):
+class OutputConfig(Section):
     run_dir: str = Field("runs/flwr-run", description="Folder for checkpoints, metrics and the exported model.")
     keep_checkpoints: int = Field(3, ge=1, description="Round checkpoints kept on disk (older ones are pruned).")
     resume: bool = Field(False, description="Continue from the newest checkpoint in run-dir (weights, round, "
                          "strategy state, sites) instead of starting over; the model and data config must match.")
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     source: Literal["synthetic", "folders"] = Field(
         "synthetic", description="'synthetic': sites generate their folder under sites-root if missing; "
         "'folders': site folders must already exist.")
@@ -127,7 +127,7 @@ def _parse_columns(spec: str) -> tuple[TabularColumn, ...]:
     return tuple(columns)
 
 
-class SynthConfig(_Section):
+class SynthConfig(Section):
     patients_per_site: int = Field(120, ge=8, description="Patients in each synthetic site folder.")
     test_patients: int = Field(300, ge=8, description="Patients in the synthetic held-out test folder.")
     dirichlet_alpha: float = Field(1.0, gt=0.0, description="Label skew across sites; small = more skew.")
@@ -135,7 +135,7 @@ class SynthConfig(_Section):
     seed: int = Field(7, ge=0, description="Seed of the generator: same seed, same folders.")
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     backbone: str = Field("resnet10t", description="Any timm model name (pretrained=False), or one of our 3D "
                           "backbones for data.depth > 0; list_backbones() shows the tested families.")
     shared_backbone: bool = Field(True, description="One backbone for all views (true) or one per view.")
@@ -157,7 +157,7 @@ class ModelConfig(_Section):
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout before the classifier head.")
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     local_epochs: int = Field(2, ge=1, description="Epochs over the site's data per round.")
     batch_size: int = Field(16, ge=1, description="Patients per step.")
     optimizer: Literal["sgd", "adamw"] = Field("adamw", description="Local optimiser, fresh each round.")
@@ -169,9 +169,12 @@ class TrainConfig(_Section):
         "scaler; refused under DP because loss scaling would scale the clipping bound).")
 
 
-class PrivacyConfig(_Section):
-    enabled: bool = Field(False, description="DP-SGD at every site (issue 4).")
-    noise_multiplier: float = Field(1.0, ge=0.0, description="Gaussian noise std / max-grad-norm.")
+class PrivacyConfig(Section):
+    enabled: bool = Field(True, description="DP-SGD at every site and DP noise on every figure a site releases "
+                          "about its patients (on by default; false leaves the patients without any DP guarantee, "
+                          "is warned at the coordinator and every site, and is stated in the model card).")
+    noise_multiplier: float = Field(1.0, ge=0.0, description="Gaussian noise std / max-grad-norm. 1.0 keeps a "
+                                    "~100-patient site at epsilon ~6.2 after 3 rounds of 6 steps (delta 1e-5).")
     max_grad_norm: float = Field(1.0, gt=0.0, description="Per-patient clipping bound.")
     accountant: Literal["rdp", "prv"] = Field("rdp", description="Opacus accountant for epsilon.")
     engine: Literal["bookkeeping", "opacus"] = Field(
@@ -186,9 +189,10 @@ class PrivacyConfig(_Section):
                                       "of this (fewer recorded graphs, at most this - 1 empty patients a step).")
 
 
-class SecAggConfig(_Section):
-    enabled: bool = Field(False, description="Secure aggregation (SecAgg+): the coordinator learns only the sum "
-                          "of the sites' weighted updates and train metrics, never one site's.")
+class SecAggConfig(Section):
+    enabled: bool = Field(True, description="Secure aggregation (SecAgg+): the coordinator learns only sums over "
+                          "sites (updates, counts, evaluation releases), never one site's (on by default; false is "
+                          "warned and stated in the model card).")
     threshold: int = Field(2, ge=2, description="t: sites whose shares rebuild a secret; a round needs t sites "
                            "to the end. Higher t resists more colluding sites, tolerates fewer drop-outs.")
     neighbours: int = Field(0, ge=0, description="k: each site masks with k neighbours (even; SecAgg+ graph, "
@@ -211,7 +215,30 @@ class SecAggConfig(_Section):
         return self
 
 
-class StrategyConfig(_Section):
+class EvaluationConfig(Section):
+    """What a site releases about its validation patients: one vector of sums per round (score histograms
+    per true class and the clipped loss sum), summed securely, with DP noise under privacy.enabled."""
+
+    noise_multiplier: float = Field(
+        2.0, ge=0.0, description="Gaussian noise std / sensitivity (sqrt 2: one histogram count and one clipped "
+        "loss per patient) added by each site to its release under privacy.enabled. One evaluation costs "
+        "epsilon ~2.2 alone at delta 1e-5 and is charged to the site's ledger; 3 rounds with DP-SGD at noise 1.0 "
+        "and ~100 training patients reach ~7.5 instead of ~6.2.")
+    bins: int = Field(10, ge=2, le=200, description="Score bins of the released histograms (binary tasks): the "
+                      "operating threshold is chosen among 1/bins, 2/bins, ...; fewer bins, less noise per "
+                      "threshold under DP (10 bins kept the demo's accuracy at the threshold within 0.03 of "
+                      "noiseless 50-bin histograms in a 24-patients-per-site simulation).")
+
+    @field_validator("bins")
+    @classmethod
+    def _even_bins(cls, value: int) -> int:
+        if value % 2:
+            raise ValueError(f"bins = {value} must be even, so that 0.5 is a bin edge (accuracy at 0.5 is read "
+                             "from the histograms)")
+        return value
+
+
+class StrategyConfig(Section):
     name: Literal["fedavg", "fedprox"] = Field("fedavg", description="Server aggregation strategy.")
     proximal_mu: float = Field(0.0, ge=0.0, description="FedProx: weight of (mu/2)||w - w_global||^2.")
 
@@ -222,24 +249,25 @@ class StrategyConfig(_Section):
         return self
 
 
-class RoundsConfig(_Section):
+class RoundsConfig(Section):
     num_server_rounds: int = Field(3, ge=1, description="Federated rounds to run.")
-    min_sites: int = Field(2, ge=1, description="Sites that must be connected to start, and must reply "
-                           "with a valid update for a round to count.")
+    min_sites: int = Field(3, ge=1, description="Sites that must be connected to start, and must reply "
+                           "with a valid update for a round to count. 3: a sum over two sites reveals each one's "
+                           "update to the other (the sites' default policy min-sites is 3 too).")
     fraction_train: float = Field(1.0, gt=0.0, le=1.0, description="Share of sites sampled to train.")
     fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0, description="Share of sites sampled to evaluate.")
     wait_for_sites: float = Field(120.0, gt=0.0, description="Seconds to wait for min-sites to connect.")
     reply_timeout: float = Field(1800.0, gt=0.0, description="Seconds to wait for site replies each stage.")
 
 
-_SECTIONS: dict[str, type[_Section]] = {
+_SECTIONS: dict[str, type[Section]] = {
     "output": OutputConfig, "data": DataConfig, "synth": SynthConfig, "model": ModelConfig,
     "train": TrainConfig, "privacy": PrivacyConfig, "secagg": SecAggConfig,
-    "strategy": StrategyConfig, "rounds": RoundsConfig,
+    "evaluation": EvaluationConfig, "strategy": StrategyConfig, "rounds": RoundsConfig,
 }
 
 
-class RunConfig(_Section):
+class RunConfig(Section):
     """Everything the coordinator decides for a run; identical at every site."""
 
     output: OutputConfig = OutputConfig()
@@ -249,6 +277,7 @@ class RunConfig(_Section):
     train: TrainConfig = TrainConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     secagg: SecAggConfig = SecAggConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
     strategy: StrategyConfig = StrategyConfig()
     rounds: RoundsConfig = RoundsConfig()
 
@@ -259,14 +288,14 @@ class RunConfig(_Section):
         for key, value in flat.items():
             section, _, field = key.partition(".")
             if section not in _SECTIONS or not field:
-                raise ConfigError(_unknown(key, all_keys(), value))
+                raise ConfigError(unknown_key(key, all_keys(), value))
             if _field_name(_SECTIONS[section], field) is None:
-                raise ConfigError(_unknown(key, all_keys(), value))
+                raise ConfigError(unknown_key(key, all_keys(), value))
             nested.setdefault(section, {})[field] = value
         try:
             config = cls.model_validate(nested)
         except ValidationError as exc:
-            raise ConfigError(_explain(exc, flat)) from None
+            raise ConfigError(explain_invalid(exc, flat)) from None
         _refuse_unavailable(config)
         return config
 
@@ -289,19 +318,19 @@ def all_keys() -> list[str]:
     return [f"{s}.{_kebab(f)}" for s, model in _SECTIONS.items() for f in model.model_fields]
 
 
-def _field_name(model: type[_Section], key: str) -> str | None:
+def _field_name(model: type[Section], key: str) -> str | None:
     name = key.replace("-", "_")
     return name if name in model.model_fields and _kebab(name) == key else None
 
 
-def _unknown(key: str, valid: Iterable[str], value: Any) -> str:
+def unknown_key(key: str, valid: Iterable[str], value: Any) -> str:
     close = difflib.get_close_matches(key, list(valid), n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     return (f"Unknown config key {key!r} (value {value!r}).{hint} "
             f"Valid keys are listed by `medfusion-fl config show`; set them in {WHERE}.")
 
 
-def _explain(exc: ValidationError, flat: Mapping[str, Any]) -> str:
+def explain_invalid(exc: ValidationError, flat: Mapping[str, Any]) -> str:
     lines = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"] if p != "__root__")
@@ -323,38 +352,16 @@ def _refuse_unavailable(config: RunConfig) -> None:
                           "not be unmasked. Raise rounds.min-sites or lower secagg.threshold.")
 
 
-class SiteConfig(_Section):
-    """What a hospital decides for itself; from the SuperNode's node_config."""
-
-    site_id: str = Field(description="Name of the site in logs and metrics.")
-    data_path: Path = Field(description="The site folder (manifest.csv + images).")
-    state_dir: Path = Field(description="Where the site keeps its own state between rounds.")
-    device: Literal["cpu", "cuda", "auto"] = Field("auto", description="Torch device for local training.")
-    federation: str = Field("default", min_length=1, description="Name under which the site's privacy ledger "
-                            "accumulates DP steps; the budget holds over all runs of this federation.")
-    max_epsilon: float = Field(8.0, gt=0.0, description="The site's privacy budget: it declines any round that "
-                               "would take its epsilon past this.")
-    delta: float = Field(1e-5, gt=0.0, lt=0.1, description="The site's delta; keep it below 1 / its patients.")
-
-    @classmethod
-    def from_node_config(cls, node_config: Mapping[str, Any], run: RunConfig) -> SiteConfig:
-        """Real SuperNodes pass data-path etc.; simulated ones only partition-id."""
-        known = {"site-id", "data-path", "state-dir", "device", "federation", "max-epsilon", "delta",
-                 "partition-id", "num-partitions"}
-        for key, value in node_config.items():
-            if key not in known:
-                raise ConfigError(_unknown(key, sorted(known), value).replace(WHERE, "--node-config"))
-        values = {k: v for k, v in node_config.items() if k in known - {"partition-id", "num-partitions"}}
-        if "data-path" not in values:
-            if "partition-id" not in node_config:
-                raise ConfigError("node_config has no 'data-path': start the SuperNode with "
-                                  "--node-config 'data-path=\"/path/to/site\"'.")
-            site = f"site-{int(node_config['partition-id'])}"
-            values["data-path"] = str(Path(run.data.sites_root) / site)
-            values.setdefault("site-id", site)
-        values.setdefault("site-id", Path(str(values["data-path"])).name)
-        values.setdefault("state-dir", str(Path(run.output.run_dir) / "site-state" / str(values["site-id"])))
-        try:
-            return cls.model_validate(values)
-        except ValidationError as exc:
-            raise ConfigError(_explain(exc, values).replace(WHERE, "--node-config")) from None
+def privacy_warnings(run: RunConfig) -> list[str]:
+    """One line per protection this run config turns off (the defaults turn every one on)."""
+    warnings = []
+    if not run.privacy.enabled:
+        warnings.append("privacy.enabled = false: no differential privacy; every figure the sites release about "
+                        "their patients (updates, evaluation histograms, losses) carries NO DP guarantee")
+    if not run.secagg.enabled:
+        warnings.append("secagg.enabled = false: no secure aggregation; the coordinator sees each site's update and "
+                        "evaluation release one by one")
+    if run.privacy.enabled and run.privacy.noise_multiplier < 0.5:
+        warnings.append(f"privacy.noise-multiplier = {run.privacy.noise_multiplier:g} < 0.5: each round spends a "
+                        "large part of a typical budget")
+    return warnings

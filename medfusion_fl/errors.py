@@ -29,6 +29,10 @@ class PrivacyBudgetExhausted(MedFusionError):
     """A site declines a round because it would take the site's epsilon past its max-epsilon."""
 
 
+class PolicyRefused(MedFusionError):
+    """A site refuses a run (or a stage of it) that asks for less protection than its own policy requires."""
+
+
 class FeatureNotAvailable(MedFusionError, NotImplementedError):
     """A configured feature is not implemented yet; the message says which setting to change."""
 

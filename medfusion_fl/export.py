@@ -120,40 +120,77 @@ def build_card(run: RunConfig, model: MedFusionModel, check: ExportCheck,
                        "ranged columns scaled to [-1, 1]",
         },
         "outputs": {"logits": f"float32 [batch, {spec.num_classes}], classes {list(data.class_names)}"},
-        "privacy": privacy_section(run, extra.pop("privacy_sites", {})),
+        "privacy": privacy_section(run, extra.pop("privacy_sites", {}), sharing_sites=extra.pop("sharing_sites", []),
+                                   refusals=extra.pop("refused_by_site_policy", {})),
         **extra,
         "export_check": asdict(check),
         "config": run.to_flat(),
     }
 
 
-def privacy_section(run: RunConfig, sites: dict[str, Any]) -> dict[str, Any]:
-    """The model card's privacy statement: the mechanism and, per site, everything to recompute epsilon."""
-    secagg: str | dict[str, Any] = "none: secagg.enabled = false, so the coordinator saw each site's update"
-    if run.secagg.enabled:
-        sa = run.secagg
-        secagg = {
-            "protocol": "SecAgg+ (Bell et al. 2020), honest-but-curious coordinator and sites",
-            "coordinator_learned": "the sum of the sites' example-weighted updates, the sum of their example counts "
-                                   "and train losses, and which sites took part; never one site's update",
+def privacy_section(run: RunConfig, sites: dict[str, Any], *, sharing_sites: list[str],
+                    refusals: dict[str, str]) -> dict[str, Any]:
+    """The model card's privacy statement: every kind of figure that left the sites with its protection,
+    the mechanisms, and per site everything to recompute its epsilon (training and evaluation apart)."""
+    from medfusion_fl.config import privacy_warnings
+    from medfusion_fl.release.inventory import released
+
+    section: dict[str, Any] = {
+        "warnings": privacy_warnings(run),
+        "differential_privacy": _dp_statement(run, sites),
+        "secure_aggregation": _secagg_statement(run),
+        "released": released(run, sharing_sites=sharing_sites),
+        "validation_patients": (
+            f"covered: each evaluation release is a Gaussian mechanism (evaluation.noise-multiplier "
+            f"{run.evaluation.noise_multiplier:g} x its sensitivity) charged to the site's ledger"
+            if run.privacy.enabled else "NOT covered: privacy.enabled = false, their evaluation sums carry no noise"),
+        "training_loss": ("not released: no accounted mechanism covers it under DP" if run.privacy.enabled
+                          else "released inside the secure sum" if run.secagg.enabled else "not released"),
+        "sites_sharing_figures_in_clear": sharing_sites or "none",
+    }
+    if refusals:
+        section["refused_by_site_policy"] = refusals
+    return section
+
+
+def _secagg_statement(run: RunConfig) -> str | dict[str, Any]:
+    if not run.secagg.enabled:
+        return "none: secagg.enabled = false, so the coordinator saw each site's update and evaluation release"
+    sa = run.secagg
+    return {"protocol": "SecAgg+ (Bell et al. 2020), honest-but-curious coordinator and sites",
+            "coordinator_learned": "sums over sites only: of the example-weighted updates, of the cohort sizes and of "
+                                   "the evaluation releases; which sites took part; never one site's input",
             "threshold": sa.threshold, "neighbours": sa.neighbours or "all", "clip": sa.clip, "bits": sa.bits,
-            "sent_in_clear": "each site's id and its privacy report (epsilon, delta, DP history)",
-        }
+            "sent_in_clear": "each site's id and, under DP, its privacy report (epsilon, delta, DP history)"}
+
+
+def _dp_statement(run: RunConfig, sites: dict[str, Any]) -> str | dict[str, Any]:
     if not run.privacy.enabled:
-        return {"differential_privacy": "none: privacy.enabled = false, so this model carries NO "
-                                        "differential-privacy guarantee for the patients it was trained on",
-                "secure_aggregation": secagg}
+        return ("none: privacy.enabled = false, so this model carries NO differential-privacy guarantee for the "
+                "patients it was trained or evaluated on")
+    from medfusion_fl.privacy.accountant import DPStep, epsilon
+
     p = run.privacy
+    per_site = {}
+    for site, report in sites.items():
+        history = report.get("history", [])
+        parts = {}
+        for kind, name in (("train", "training"), ("evaluate", "evaluation")):
+            steps = [DPStep(h["noise_multiplier"], h["sample_rate"], h["steps"]) for h in history if h["kind"] == kind]
+            parts[name] = {"epsilon": epsilon(steps, delta=report["delta"], accountant=report["accountant"]),
+                           "history": [h for h in history if h["kind"] == kind]}
+        per_site[site] = {k: v for k, v in report.items() if k != "history"} | parts
     return {
-        "differential_privacy": {
-            "unit": "patient (all views and clinical features of one patient form one sample)",
-            "mechanism": "DP-SGD (Opacus): Poisson sampling, per-patient gradient clipping, Gaussian noise",
-            "noise_multiplier": p.noise_multiplier, "max_grad_norm": p.max_grad_norm, "accountant": p.accountant,
-            "sites": sites,
-            "how_to_recompute": "each site's (noise_multiplier, sample_rate, steps) history through Opacus' "
-                                "accountant at that site's delta gives its epsilon",
-        },
-        "secure_aggregation": secagg,
+        "unit": "patient (all views and clinical features of one patient form one sample)",
+        "training": {"mechanism": "DP-SGD: Poisson sampling, per-patient gradient clipping, Gaussian noise",
+                     "noise_multiplier": p.noise_multiplier, "max_grad_norm": p.max_grad_norm},
+        "evaluation": {"mechanism": "Gaussian mechanism on the sums of the validation patients' release (sample "
+                                    "rate 1, one step per evaluation)",
+                       "noise_multiplier": run.evaluation.noise_multiplier},
+        "accountant": p.accountant, "sites": per_site,
+        "how_to_recompute": "each site's epsilon is Opacus' accountant over its whole history (training and "
+                            "evaluation events together, at the site's delta); 'training' and 'evaluation' give "
+                            "each part alone",
     }
 
 
@@ -166,7 +203,9 @@ def export_checkpoint(checkpoint: Path, out_dir: Path) -> ExportCheck:
     test_path = resolve_test_path(run)
     held_out = load_test_set(test_path, run.data) if test_path is not None else None
     card = {"rounds": ckpt.round, "sites": ckpt.sites, "final_metrics": ckpt.metrics,
-            "source_checkpoint": str(checkpoint), "privacy_sites": ckpt.privacy}
+            "source_checkpoint": str(checkpoint), "privacy_sites": ckpt.privacy,
+            "sharing_sites": ckpt.release.get("sharing_sites", []),
+            "refused_by_site_policy": ckpt.release.get("refusals", {})}
     return export_model(model, run, out_dir, held_out=held_out, card=card)
 
 

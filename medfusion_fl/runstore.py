@@ -32,6 +32,7 @@ class Checkpoint:
     sites: list[str]
     metrics: dict[str, Any]
     privacy: dict[str, Any]  # per site: its latest privacy report (epsilon, delta, DP history)
+    release: dict[str, Any]  # "sharing_sites": sites that shared figures in clear; "refusals": site -> reason
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
@@ -53,6 +54,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
         sites=list(raw["sites"]),
         metrics=json.loads(raw["metrics"]),
         privacy=json.loads(raw.get("privacy", "{}")),
+        release=json.loads(raw.get("release", "{}")),
     )
 
 
@@ -66,7 +68,8 @@ class RunStore:
 
     def save_checkpoint(self, *, round: int, weights: Weights, config: RunConfig,
                         strategy_state: dict[str, Any], sites: list[str],
-                        metrics: dict[str, Any], keep: int, privacy: dict[str, Any] | None = None) -> Path:
+                        metrics: dict[str, Any], keep: int, privacy: dict[str, Any] | None = None,
+                        release: dict[str, Any] | None = None) -> Path:
         """Write the round's checkpoint atomically, then prune all but the newest `keep`."""
         payload = {
             "format": FORMAT,
@@ -77,6 +80,7 @@ class RunStore:
             "sites": sorted(sites),
             "metrics": json.dumps(metrics),
             "privacy": json.dumps(privacy or {}),
+            "release": json.dumps(release or {}),
         }
         buffer = io.BytesIO()
         torch.save(payload, buffer)

@@ -1,4 +1,5 @@
-"""A hospital's side of a round, free of flwr: load its data, train or evaluate the global model."""
+"""A hospital's side of a round, free of flwr: load its data, train or evaluate the global model, and
+decide what of it may leave (the site's policy, its privacy ledger, the evaluation release)."""
 
 from __future__ import annotations
 
@@ -6,20 +7,46 @@ import logging
 import uuid
 import zlib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from medfusion_fl.config import RunConfig, SiteConfig
+import numpy as np
+
+from medfusion_fl.config import RunConfig, privacy_warnings
 from medfusion_fl.data import SiteData, load_site
 from medfusion_fl.data.synthetic import write_synthetic_site
 from medfusion_fl.errors import DataError
 from medfusion_fl.models import MedFusionModel, build_model
 from medfusion_fl.parameters import Weights, get_weights, set_weights
-from medfusion_fl.training import EvalResult, TrainResult, evaluate, resolve_device, train_local
+from medfusion_fl.policy import check_run
+from medfusion_fl.policy.enforce import Work
+from medfusion_fl.release.evaluation import ReleaseLayout
+from medfusion_fl.site_config import SiteConfig
+from medfusion_fl.training import EvalResult, TrainResult, predict, resolve_device, score, train_local
 
 if TYPE_CHECKING:  # opacus is imported only when a run uses DP
     from medfusion_fl.privacy.guard import PrivacyReport
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LocalUpdate:
+    """A local training: the new weights, what happened, the privacy report and the FedAvg weight."""
+
+    weights: Weights
+    result: TrainResult
+    privacy: PrivacyReport | None
+    cohort: int  # training patients: the site's declared cohort size, its FedAvg weight
+
+
+@dataclass(frozen=True)
+class EvalRelease:
+    """An evaluation: the release vector that may leave (noised under DP) and the site's own figures."""
+
+    sums: np.ndarray  # ReleaseLayout entries, float64
+    local: EvalResult  # never leaves unless the site's policy shares metrics
+    privacy: PrivacyReport | None
 
 
 class SiteRunner:
@@ -39,6 +66,14 @@ class SiteRunner:
         partition = node_config.get("partition-id")
         return cls(run, site, partition=int(partition) if partition is not None else None)
 
+    def check_policy(self, work: Work) -> None:
+        """Refuse (PolicyRefused) a run that asks for less protection than the site's policy requires."""
+        check_run(self.site.policy, self.run, site=self.site.site_id, work=work)
+
+    def relaxations(self) -> list[str]:
+        """What this run and this site's policy turn off of the private defaults (for the site's log)."""
+        return [*privacy_warnings(self.run), *self.site.policy.relaxed()]
+
     def load_data(self) -> SiteData:
         """The site's checked folder; synthetic runs create it first when it is missing."""
         folder = self.site.data_path
@@ -53,13 +88,16 @@ class SiteRunner:
         key = f"{self.run.train.seed}/{self.site.site_id}/{server_round}".encode()
         return zlib.crc32(key)
 
-    def train(self, global_weights: Weights, *, server_round: int, proximal_mu: float,
-              event_key: str = "") -> tuple[Weights, TrainResult, PrivacyReport | None]:
-        """Train the global model locally (DP-SGD under privacy.enabled, after the site's budget
-        check); returns the new local weights, what happened and the site's privacy report."""
-        data = self.load_data()
+    def _model(self, global_weights: Weights) -> MedFusionModel:
         model = build_model(self.run)
         set_weights(model, global_weights)
+        return model
+
+    def train(self, global_weights: Weights, *, server_round: int, proximal_mu: float,
+              event_key: str = "") -> LocalUpdate:
+        """Train the global model locally (DP-SGD under privacy.enabled, after the site's budget check)."""
+        data = self.load_data()
+        model = self._model(global_weights)
         report = None
         if self.run.privacy.enabled:
             result, report = self._train_dp(model, data, server_round, proximal_mu, event_key)
@@ -67,9 +105,8 @@ class SiteRunner:
             result = train_local(model, data.train, self.run.train, device=self.device,
                                  seed=self._seed(server_round), proximal_mu=proximal_mu)
         log.info("%s round %d: trained on %d patients, loss %.4f, %.1fs%s", self.site.site_id, server_round,
-                 result.num_examples, result.loss, result.seconds,
-                 f", epsilon {report.epsilon:.3f}" if report else "")
-        return get_weights(model.cpu()), result, report
+                 len(data.train), result.loss, result.seconds, f", epsilon {report.epsilon:.3f}" if report else "")
+        return LocalUpdate(get_weights(model.cpu()), result, report, len(data.train))
 
     def _train_dp(self, model: MedFusionModel, data: SiteData, server_round: int, proximal_mu: float,
                   event_key: str) -> tuple[TrainResult, PrivacyReport]:
@@ -85,13 +122,32 @@ class SiteRunner:
         key = event_key or f"{self.site.site_id}/round-{server_round}/{uuid.uuid4()}"  # a real training: always counts
         return result, guard.record(step, key=key, server_round=server_round)
 
-    def evaluate(self, global_weights: Weights) -> EvalResult:
-        """Loss, accuracy and AUROC of the global model on the site's validation patients."""
+    def release_evaluation(self, global_weights: Weights, *, server_round: int, event_key: str = "") -> EvalRelease:
+        """Score the global model on the site's validation patients; the release is their sums
+        (ReleaseLayout), with Gaussian noise charged to the site's ledger under privacy.enabled."""
         data = self.load_data()
         if len(data.val) == 0:
             raise DataError(f"{self.site.site_id}: no validation patients (data.val-fraction = "
                             f"{self.run.data.val_fraction}); raise it to evaluate here.")
-        model = build_model(self.run)
-        set_weights(model, global_weights)
-        return evaluate(model, data.val, batch_size=self.run.train.batch_size, device=self.device)
+        if len(data.val) > self.run.secagg.max_weight:
+            raise DataError(f"{self.site.site_id}: {len(data.val)} validation patients > secagg.max-weight = "
+                            f"{self.run.secagg.max_weight}, the bound of every released count; raise secagg.max-weight")
+        layout = ReleaseLayout(len(self.run.data.class_names), self.run.evaluation.bins)
+        report = guard = step = None
+        if self.run.privacy.enabled:  # the budget is checked before anything is computed
+            from medfusion_fl.privacy.guard import PrivacyGuard, planned_evaluation
 
+            guard, step = PrivacyGuard(self.site, self.run.privacy), planned_evaluation(self.run.evaluation)
+            guard.check(step, num_patients=len(data.train) + len(data.val), server_round=server_round,
+                        work="evaluate")
+        probs, labels = predict(self._model(global_weights), data.val, batch_size=self.run.train.batch_size,
+                                device=self.device)
+        sums = layout.sums(labels, probs)
+        if guard is not None and step is not None:
+            sums = layout.noised(sums, self.run.evaluation.noise_multiplier)
+            key = event_key or f"{self.site.site_id}/evaluate-{server_round}/{uuid.uuid4()}"
+            report = guard.record(step, key=key, server_round=server_round, work="evaluate")
+        local = score(probs, labels)
+        log.info("%s round %d: evaluated %d validation patients, loss %.4f%s", self.site.site_id, server_round,
+                 local.num_examples, local.loss, f", epsilon {report.epsilon:.3f}" if report else "")
+        return EvalRelease(sums, local, report)

@@ -30,39 +30,12 @@ class TrainResult:
     seconds: float
 
 
-BINS = 50  # score histogram resolution: operating thresholds are chosen among 0.02, 0.04, ... 0.98
-
-
 @dataclass(frozen=True)
 class EvalResult:
     loss: float
     accuracy: float
     auroc: float | None  # None when only one class is present
     num_examples: int
-    # binary tasks: how many positives / negatives have a positive-class score in each of BINS bins
-    positive_hist: list[int] | None = None
-    negative_hist: list[int] | None = None
-
-
-def score_histograms(labels: np.ndarray, probs: np.ndarray) -> tuple[list[int], list[int]] | None:
-    """Counts of positive and negative patients per score bin (binary tasks only): aggregate
-    statistics from which the coordinator can choose an operating threshold."""
-    if probs.shape[1] != 2:
-        return None
-    bins = np.minimum((probs[:, 1] * BINS).astype(int), BINS - 1)
-    return ([int(c) for c in np.bincount(bins[labels == 1], minlength=BINS)],
-            [int(c) for c in np.bincount(bins[labels == 0], minlength=BINS)])
-
-
-def youden_threshold(positive_hist: list[int], negative_hist: list[int]) -> float | None:
-    """The bin edge maximising sensitivity + specificity over pooled histograms; None without both classes."""
-    pos, neg = np.asarray(positive_hist, float), np.asarray(negative_hist, float)
-    if pos.sum() == 0 or neg.sum() == 0:
-        return None
-    edges = np.arange(1, BINS) / BINS  # predict positive when score >= edge
-    sensitivity = np.array([pos[k:].sum() for k in range(1, BINS)]) / pos.sum()
-    specificity = np.array([neg[:k].sum() for k in range(1, BINS)]) / neg.sum()
-    return float(edges[int(np.argmax(sensitivity + specificity))])
 
 
 def resolve_device(name: str) -> torch.device:
@@ -163,19 +136,26 @@ def predict(model: nn.Module, dataset: Dataset[Batch], *, batch_size: int,
     return np.concatenate(probs), np.concatenate(labels)
 
 
+def score(probs: np.ndarray, labels: np.ndarray) -> EvalResult:
+    """Cross-entropy, accuracy and AUROC of class probabilities (N, K) against labels (N,)."""
+    picked = np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0)
+    return EvalResult(loss=float(-np.log(picked).mean()), accuracy=float((probs.argmax(axis=1) == labels).mean()),
+                      auroc=auroc(labels, probs), num_examples=len(labels))
+
+
+def at_threshold(probs: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, float]:
+    """Binary tasks: accuracy, sensitivity and specificity when class 1 is predicted at score >= threshold."""
+    predicted = probs[:, 1] >= threshold
+    positive = labels == 1
+    tp, tn = int((predicted & positive).sum()), int((~predicted & ~positive).sum())
+    return {"threshold": threshold, "accuracy-at-threshold": (tp + tn) / max(len(labels), 1),
+            "sensitivity": tp / max(int(positive.sum()), 1), "specificity": tn / max(int((~positive).sum()), 1)}
+
+
 def evaluate(model: nn.Module, dataset: Dataset[Batch], *, batch_size: int,
              device: torch.device) -> EvalResult:
     """Cross-entropy, accuracy and AUROC of the model on a dataset."""
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise ValueError("cannot evaluate on an empty dataset")
     probs, labels = predict(model, dataset, batch_size=batch_size, device=device)
-    picked = np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0)
-    hists = score_histograms(labels, probs)
-    return EvalResult(
-        loss=float(-np.log(picked).mean()),
-        accuracy=float((probs.argmax(axis=1) == labels).mean()),
-        auroc=auroc(labels, probs),
-        num_examples=len(labels),
-        positive_hist=hists[0] if hists else None,
-        negative_hist=hists[1] if hists else None,
-    )
+    return score(probs, labels)

@@ -9,14 +9,15 @@ from typing import Any
 
 from flwr.serverapp import Grid
 
-from medfusion_fl.config import RunConfig
+from medfusion_fl.config import RunConfig, privacy_warnings
 from medfusion_fl.data import SiteDataset, load_test_set, write_test_set
 from medfusion_fl.errors import CheckpointError, RoundFailed
 from medfusion_fl.export import export_model, resolve_test_path
 from medfusion_fl.models import MedFusionModel, build_model
 from medfusion_fl.parameters import Weights, get_weights, set_weights
+from medfusion_fl.protocol import POLICY_REFUSED
 from medfusion_fl.runstore import RunStore, load_checkpoint
-from medfusion_fl.training import BINS, evaluate
+from medfusion_fl.training import at_threshold, predict, score
 from server.rounds import SiteDirectory, run_round
 from strategies import build_strategy
 
@@ -38,8 +39,12 @@ class Federation:
         self.held_out = self._load_held_out()
         self.sites: set[str] = set()
         self.privacy: dict[str, dict[str, Any]] = {}  # latest privacy report of each site
+        self.shared: set[str] = set()  # sites whose policy shared per-site figures in clear
+        self.refusals: dict[str, str] = {}  # site -> the latest reason its policy refused this run
         self.rounds_done = 0
         self.stop_reason = ""
+        for line in privacy_warnings(run):
+            log.warning("%s", line)
 
     def _load_held_out(self) -> SiteDataset | None:
         path = resolve_test_path(self.run)
@@ -56,17 +61,12 @@ class Federation:
         if self.held_out is None:
             return None
         set_weights(self.model, weights)
-        result = evaluate(self.model, self.held_out, batch_size=64, device=self.model_device())
+        probs, labels = predict(self.model, self.held_out, batch_size=64, device=self.model_device())
+        result = score(probs, labels)
         out: dict[str, Any] = {"loss": result.loss, "accuracy": result.accuracy, "auroc": result.auroc,
                                "num-examples": result.num_examples}
-        if threshold is not None and result.positive_hist is not None and result.negative_hist is not None:
-            k = round(threshold * BINS)
-            tp, fn = sum(result.positive_hist[k:]), sum(result.positive_hist[:k])
-            tn, fp = sum(result.negative_hist[:k]), sum(result.negative_hist[k:])
-            out["threshold"] = threshold
-            out["accuracy-at-threshold"] = (tp + tn) / max(tp + tn + fp + fn, 1)
-            out["sensitivity"] = tp / max(tp + fn, 1)
-            out["specificity"] = tn / max(tn + fp, 1)
+        if threshold is not None and probs.shape[1] == 2:
+            out |= at_threshold(probs, labels, threshold)
         return out
 
     def model_device(self) -> Any:
@@ -87,6 +87,8 @@ class Federation:
                                       f"same {section}.* keys, or set output.resume = false to start over")
         self.strategy.load_state_dict(checkpoint.strategy_state)
         self.sites, self.privacy = set(checkpoint.sites), dict(checkpoint.privacy)
+        self.shared = set(checkpoint.release.get("sharing_sites", []))
+        self.refusals = dict(checkpoint.release.get("refusals", {}))
         self.rounds_done = checkpoint.round
         log.info("resuming from %s: round %d of %d done", latest, checkpoint.round, self.run.rounds.num_server_rounds)
         return checkpoint.weights, checkpoint.metrics
@@ -113,12 +115,16 @@ class Federation:
             weights, record = result.weights, result.record
             self.sites |= result.sites
             self.privacy |= result.privacy
+            self.shared |= result.shared
+            self.refusals |= {f["site"] or f"node {f['node_id']}": f["reason"] for f in record["failures"]
+                              if f["code"] == POLICY_REFUSED}
             self.rounds_done = server_round
             self.store.append_metrics(record)
             self.store.save_checkpoint(
                 round=server_round, weights=weights, config=self.run,
                 strategy_state=self.strategy.state_dict(), sites=sorted(self.sites),
-                metrics=record, keep=self.run.output.keep_checkpoints, privacy=self.privacy)
+                metrics=record, keep=self.run.output.keep_checkpoints, privacy=self.privacy,
+                release={"sharing_sites": sorted(self.shared), "refusals": self.refusals})
             self._log_round(record, total)
         set_weights(self.model, weights)
         log.info("%d round(s) done in %.1f s", self.rounds_done, time.monotonic() - start)
@@ -131,8 +137,10 @@ class Federation:
         how = f"{len(record['train']['sites'])} sites" + (", secure sum" if secure else "")
         at = (f" ({_fmt(held['accuracy-at-threshold'])} at the sites' threshold {held['threshold']:.2f})"
               if "accuracy-at-threshold" in held else "")
+        loss = record["train"]["loss"]
+        train_loss = _fmt(loss) if loss is not None or not self.run.privacy.enabled else "not released (DP)"
         log.info("round %d/%d: train loss %s (%s) | site eval AUROC %s | held-out AUROC %s "
-                 "acc %s%s | %d failure(s) | %.1f s", record["round"], total, _fmt(record["train"]["loss"]),
+                 "acc %s%s | %d failure(s) | %.1f s", record["round"], total, train_loss,
                  how, _fmt(evaluation.get("auroc")), _fmt(held.get("auroc")),
                  _fmt(held.get("accuracy")), at, len(record["failures"]), record["wall_time_s"])
         for site, privacy in sorted((record.get("privacy") or {}).items()):
@@ -141,7 +149,9 @@ class Federation:
 
     def export(self, final: dict[str, Any]) -> None:
         card = {"rounds": self.rounds_done, "sites": sorted(self.sites), "final_metrics": final,
-                "privacy_sites": self.privacy}
+                "privacy_sites": self.privacy, "sharing_sites": sorted(self.shared)}
+        if self.refusals:
+            card["refused_by_site_policy"] = dict(sorted(self.refusals.items()))
         if self.stop_reason:
             card["stop_reason"] = self.stop_reason
         threshold = (final.get("evaluate") or {}).get("threshold")

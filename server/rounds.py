@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
-import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
@@ -25,7 +24,6 @@ from medfusion_fl.config import RunConfig
 from medfusion_fl.errors import ParameterMismatch, RoundFailed
 from medfusion_fl.parameters import Weights, check_weights
 from medfusion_fl.protocol import PRIVACY_DECLINED
-from medfusion_fl.training import youden_threshold
 from strategies import FedAvg, weighted_delta_sum
 
 log = logging.getLogger("medfusion_fl.server")
@@ -80,10 +78,10 @@ def failure(grid: Grid | SiteDirectory, node: int, stage: str, reason: str, code
 class SiteReply:
     node_id: int
     site: str
-    metrics: dict[str, float]
-    weights: Weights | None = None
+    weight: int  # the FedAvg weight: the site's training cohort size
+    weights: Weights
     privacy: dict[str, Any] | None = None  # the site's cumulative epsilon, delta and DP history
-    histograms: dict[str, list[int]] | None = None  # evaluate: score histograms per true class
+    shared: dict[str, float] | None = None  # the site's own figures, when its policy shares them
 
 
 def wait_for_sites(grid: Grid | SiteDirectory, minimum: int, timeout: float, poll: float = 0.5) -> list[int]:
@@ -110,42 +108,51 @@ def sample(nodes: list[int], fraction: float, minimum: int, rng: random.Random) 
     return sorted(rng.sample(nodes, count))
 
 
-def _parse_reply(msg: Message, stage: str, template: Weights | None) -> SiteReply:
+def site_name(msg: Message) -> str:
+    site_rec = msg.content.config_records.get("site")
+    return str(site_rec["site-id"]) if site_rec and "site-id" in site_rec else f"node-{msg.metadata.src_node_id}"
+
+
+def parse_shared(msg: Message, site: str) -> dict[str, float]:
+    """The site's own figures in clear (sent only when its policy shares metrics)."""
+    record = msg.content.metric_records["shared"]
+    values = {k: v for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    if len(values) != len(record) or not all(math.isfinite(v) for v in values.values()):
+        raise ParameterMismatch(f"shared figures of {site} must be finite numbers")
+    return {k: float(v) for k, v in values.items()}
+
+
+def _parse_train_reply(msg: Message, template: Weights) -> SiteReply:
     content = msg.content
-    if "metrics" not in content.metric_records:
-        raise ParameterMismatch("reply has no 'metrics' record")
-    metrics = {k: float(v) for k, v in content.metric_records["metrics"].items()
-               if isinstance(v, int | float)}
-    if not metrics.get("num-examples", 0) > 0:
-        raise ParameterMismatch(f"reply has num-examples = {metrics.get('num-examples')}; expected > 0")
-    site_rec = content.config_records.get("site")
-    site = str(site_rec["site-id"]) if site_rec and "site-id" in site_rec else f"node-{msg.metadata.src_node_id}"
-    reply = SiteReply(msg.metadata.src_node_id, site, metrics)
-    lists = {k: v for k, v in content.metric_records["metrics"].items() if k.endswith("-hist") and isinstance(v, list)}
-    if lists:
-        if not all(all(isinstance(c, int) and c >= 0 for c in v) for v in lists.values()) or \
-                len({len(v) for v in lists.values()}) != 1:
-            raise ParameterMismatch(f"score histograms of {site} must be equal-length lists of counts >= 0")
-        reply.histograms = {k: [int(c) for c in v] for k, v in lists.items()}
+    site = site_name(msg)
+    metrics = content.metric_records.get("metrics")
+    weight = metrics.get("num-examples") if metrics is not None else None
+    if not isinstance(weight, int) or weight < 1:
+        raise ParameterMismatch(f"train reply of {site} has num-examples = {weight!r}; expected an integer >= 1")
+    if "arrays" not in content.array_records:
+        raise ParameterMismatch("train reply has no 'arrays' record")
+    weights = {k: a.numpy() for k, a in content.array_records["arrays"].items()}
+    check_weights(weights, template, source=f"train reply of {site}")
+    reply = SiteReply(msg.metadata.src_node_id, site, weight, weights)
     if "privacy" in content.config_records:
-        reply.privacy = _parse_privacy(content.config_records["privacy"], site)
-    if template is not None:
-        if "arrays" not in content.array_records:
-            raise ParameterMismatch("train reply has no 'arrays' record")
-        reply.weights = {k: a.numpy() for k, a in content.array_records["arrays"].items()}
-        check_weights(reply.weights, template, source=f"{stage} reply of {site}")
+        reply.privacy = parse_privacy(content.config_records["privacy"], site)
+    if "shared" in content.metric_records:
+        reply.shared = parse_shared(msg, site)
     return reply
 
 
-def _parse_privacy(record: Any, site: str) -> dict[str, Any]:
+def parse_privacy(record: Any, site: str) -> dict[str, Any]:
     try:
         report = {"federation": str(record["federation"]), "delta": float(record["delta"]),
                   "epsilon": float(record["epsilon"]), "max-epsilon": float(record["max-epsilon"]),
                   "accountant": str(record["accountant"]), "history": json.loads(str(record["history"]))}
     except (KeyError, TypeError, ValueError) as exc:
         raise ParameterMismatch(f"privacy record of {site} is malformed ({exc})") from None
-    if not isinstance(report["history"], list):
-        raise ParameterMismatch(f"privacy record of {site}: history is not a list")
+    history = report["history"]
+    if not isinstance(history, list) or not all(
+            isinstance(h, dict) and set(h) == {"kind", "noise_multiplier", "sample_rate", "steps"} for h in history):
+        raise ParameterMismatch(f"privacy record of {site}: history is not a list of "
+                                "{kind, noise_multiplier, sample_rate, steps}")
     return report
 
 
@@ -183,37 +190,6 @@ def collect(grid: Grid | SiteDirectory, messages: list[Message], stage: str, tim
     return replies, failures
 
 
-def exchange(grid: Grid | SiteDirectory, nodes: list[int], stage: str, content: RecordDict, timeout: float,
-             template: Weights | None = None) -> tuple[list[SiteReply], list[SiteFailure]]:
-    """Send one instruction to each node; collect valid replies and the failures with reasons."""
-    kind = MessageType.TRAIN if stage == "train" else MessageType.EVALUATE
-    messages = [Message(content=content, dst_node_id=n, message_type=kind) for n in nodes]
-    replies, failures = collect(grid, messages, stage, timeout, lambda msg: _parse_reply(msg, stage, template))
-    return list(replies.values()), failures
-
-
-def weighted_mean(replies: list[SiteReply], key: str) -> float | None:
-    """Mean of a metric over the sites that report it, weighted by num-examples."""
-    pairs = [(r.metrics[key], r.metrics["num-examples"]) for r in replies if key in r.metrics]
-    total = sum(n for _, n in pairs)
-    return sum(v * n for v, n in pairs) / total if total else None
-
-
-def operating_threshold(replies: list[SiteReply]) -> float | None:
-    """The Youden threshold of the sites' pooled validation score histograms (binary tasks)."""
-    pooled: dict[str, np.ndarray] = {}
-    for reply in replies:
-        for key, counts in (reply.histograms or {}).items():
-            pooled[key] = pooled.get(key, np.zeros(len(counts), int)) + np.asarray(counts)
-    if {"eval-positive-hist", "eval-negative-hist"} - set(pooled):
-        return None
-    return youden_threshold(list(pooled["eval-positive-hist"]), list(pooled["eval-negative-hist"]))
-
-
-def per_site(replies: list[SiteReply]) -> dict[str, dict[str, float]]:
-    return {r.site: dict(r.metrics) for r in sorted(replies, key=lambda r: r.site)}
-
-
 def weights_record(weights: Weights) -> ArrayRecord:
     return ArrayRecord({k: Array(v) for k, v in weights.items()})
 
@@ -223,13 +199,42 @@ class RoundResult:
     weights: Weights
     record: dict[str, Any]
     sites: set[str]
-    privacy: dict[str, dict[str, Any]]  # per site: the privacy report of this round
+    privacy: dict[str, dict[str, Any]]  # per site: its latest privacy report of this round
+    shared: set[str]  # sites whose policy shared per-site figures this round
+
+
+def _plain_train(grid: Grid | SiteDirectory, run: RunConfig, strategy: FedAvg, weights: Weights, server_round: int,
+                 chosen: list[int], train_config: dict[str, Any]) -> tuple[Weights, dict[str, Any], list[SiteFailure],
+                                                                           list[SiteReply]]:
+    content = RecordDict({"arrays": weights_record(weights), "config": ConfigRecord(train_config)})
+    messages = [Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN) for n in chosen]
+    replies, failures = collect(grid, messages, "train", run.rounds.reply_timeout,
+                                lambda msg: _parse_train_reply(msg, weights))
+    trained = list(replies.values())
+    if len(trained) < run.rounds.min_sites:
+        exhausted = bool(failures) and all(f.code == PRIVACY_DECLINED for f in failures)
+        raise RoundFailed(
+            f"round {server_round}: {len(trained)} valid update(s) from {len(chosen)} sampled site(s), "
+            f"rounds.min-sites = {run.rounds.min_sites}; the global model is unchanged. Failures: "
+            + "; ".join(f"{who(grid, f.node_id)}: {f.reason}" for f in failures),
+            record={"round": server_round, "strategy": strategy.name,
+                    "status": "budget-exhausted" if exhausted else "failed",
+                    "failures": [asdict(f) for f in failures]}, budget_exhausted=exhausted)
+    delta_sum, total = weighted_delta_sum(weights, [(r.weights, r.weight) for r in trained])
+    sharing = [r for r in trained if r.shared and "train-loss" in r.shared]
+    loss = (sum(r.shared["train-loss"] * r.weight for r in sharing if r.shared) / sum(r.weight for r in sharing)
+            if sharing else None)
+    summary = {"loss": loss, "num-examples": total, "sites": {r.site: r.shared or {} for r in trained}}
+    return strategy.aggregate(weights, delta_sum, total), summary, failures, trained
 
 
 def run_round(grid: Grid | SiteDirectory, run: RunConfig, strategy: FedAvg, weights: Weights, server_round: int,
               held_out_eval: Callable[[Weights, float | None], dict[str, Any] | None]) -> RoundResult:
     """One full round; raises RoundFailed (carrying the round's metrics line) when fewer than
     rounds.min-sites valid updates arrive."""
+    from server.evaluation import federated_evaluation  # here: evaluation imports this module
+    from server.secure_round import secure_train
+
     start = time.monotonic()
     cfg = run.rounds
     rng = random.Random(run.train.seed * 100_003 + server_round)
@@ -238,52 +243,31 @@ def run_round(grid: Grid | SiteDirectory, run: RunConfig, strategy: FedAvg, weig
     chosen = sample(nodes, cfg.fraction_train, cfg.min_sites, rng)
     record: dict[str, Any] = {"round": server_round, "strategy": strategy.name}
     if run.secagg.enabled:
-        from server.secure_round import secure_train  # here: secure_round imports this module
-
         secure = secure_train(grid, run, weights, server_round, chosen, train_config)
         new_weights = strategy.aggregate(weights, secure.delta_sum, secure.total_weight)
-        failures = secure.failures
+        failures, summed = list(secure.summed.failures), secure.summed
         record["train"] = {"loss": secure.loss, "num-examples": secure.total_weight,
-                           "sites": {site: {} for site in secure.sites}}
-        record["secure_aggregation"] = {"sites": len(secure.sites), "overflow": secure.overflow,
-                                        "stage_seconds": secure.stage_seconds}
-        privacy = secure.privacy
-        trained_sites = set(secure.sites)
+                           "sites": {site: summed.shared.get(site, {}) for site in summed.sites}}
+        record["secure_aggregation"] = {"sites": len(summed.sites), "overflow": secure.overflow,
+                                        "stage_seconds": summed.stage_seconds}
+        privacy, shared, trained_sites = dict(summed.privacy), set(summed.shared), set(summed.sites)
     else:
-        content = RecordDict({"arrays": weights_record(weights), "config": ConfigRecord(train_config)})
-        trained, failures = exchange(grid, chosen, "train", content, cfg.reply_timeout, template=weights)
-        if len(trained) < cfg.min_sites:
-            exhausted = bool(failures) and all(f.code == PRIVACY_DECLINED for f in failures)
-            raise RoundFailed(
-                f"round {server_round}: {len(trained)} valid update(s) from {len(chosen)} sampled site(s), "
-                f"rounds.min-sites = {cfg.min_sites}; the global model is unchanged. Failures: "
-                + "; ".join(f"{who(grid, f.node_id)}: {f.reason}" for f in failures),
-                record={**record, "status": "budget-exhausted" if exhausted else "failed",
-                        "failures": [asdict(f) for f in failures], "wall_time_s": time.monotonic() - start},
-                budget_exhausted=exhausted)
-        updates = [(r.weights, int(r.metrics["num-examples"])) for r in trained if r.weights is not None]
-        delta_sum, total = weighted_delta_sum(weights, updates)  # every train reply was checked to carry weights
-        new_weights = strategy.aggregate(weights, delta_sum, total)
-        record["train"] = {"loss": weighted_mean(trained, "train-loss"), "num-examples": total,
-                           "sites": per_site(trained)}
+        new_weights, record["train"], failures, trained = _plain_train(grid, run, strategy, weights, server_round,
+                                                                      chosen, train_config)
         privacy = {r.site: r.privacy for r in trained if r.privacy is not None}
-        trained_sites = {r.site for r in trained}
-    record["privacy"] = {site: {k: v for k, v in report.items() if k != "history"}
-                         for site, report in privacy.items()} or None
+        shared, trained_sites = {r.site for r in trained if r.shared}, {r.site for r in trained}
     record["evaluate"] = None
     if cfg.fraction_evaluate > 0:
-        eval_nodes = sample(nodes, cfg.fraction_evaluate, 1, rng)
-        eval_content = RecordDict({"arrays": weights_record(new_weights),
-                                   "config": ConfigRecord({"server-round": server_round})})
-        evaluated, eval_failures = exchange(grid, eval_nodes, "evaluate", eval_content, cfg.reply_timeout)
-        failures += eval_failures
-        record["evaluate"] = {key: weighted_mean(evaluated, f"eval-{key}") for key in ("loss", "accuracy", "auroc")}
-        record["evaluate"]["sites"] = per_site(evaluated)
-        record["evaluate"]["threshold"] = operating_threshold(evaluated)
+        evaluation = federated_evaluation(grid, run, new_weights, server_round, nodes, rng)
+        record["evaluate"] = evaluation.record
+        failures += evaluation.failures
+        privacy |= evaluation.privacy  # the later report: training and evaluation of this round
+        shared |= evaluation.shared
+    record["privacy"] = {site: {k: v for k, v in report.items() if k != "history"}
+                         for site, report in privacy.items()} or None
     threshold = (record["evaluate"] or {}).get("threshold")
     record["held_out"] = held_out_eval(new_weights, threshold)
     record["failures"] = [asdict(f) for f in failures]
     record["status"] = "ok"
     record["wall_time_s"] = round(time.monotonic() - start, 3)
-    return RoundResult(new_weights, record, trained_sites, privacy)
-
+    return RoundResult(new_weights, record, trained_sites, privacy, shared)

@@ -30,6 +30,12 @@ TINY = {
 }
 
 
+# The plain engine (no DP, no secure aggregation) for tests of what lies under them: explicit keys, as a user
+# would set them, and a site policy that allows it (the defaults of both are the private setting).
+PLAIN = {"privacy.enabled": False, "secagg.enabled": False, "rounds.min-sites": 2}
+OPEN_POLICY = {"require-dp": False, "require-secure-aggregation": False, "min-sites": 2}
+
+
 def tiny_flat(root: Path, **overrides: Any) -> dict[str, Any]:
     """A small run config (flat keys) whose sites and outputs live under `root`."""
     return {**TINY, "data.sites-root": str(root / "data"), "output.run-dir": str(root / "run"), **overrides}
@@ -46,3 +52,8 @@ def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def tiny_run(synth_root: Path) -> RunConfig:
     return RunConfig.from_flat(tiny_flat(synth_root))
+
+
+@pytest.fixture
+def plain_run(synth_root: Path) -> RunConfig:
+    return RunConfig.from_flat(tiny_flat(synth_root, **PLAIN))

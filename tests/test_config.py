@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from medfusion_fl.config import RunConfig, SiteConfig, all_keys
+from medfusion_fl.config import RunConfig, all_keys, privacy_warnings
 from medfusion_fl.config_sources import flatten, parse_overrides
 from medfusion_fl.errors import ConfigError
+from medfusion_fl.site_config import SiteConfig
 from tests.conftest import REPO
 
 
@@ -21,6 +22,14 @@ def pyproject_config() -> dict[str, object]:
 def test_pyproject_defaults_equal_pydantic_defaults() -> None:
     assert pyproject_config() == RunConfig().to_flat()
     assert sorted(pyproject_config()) == sorted(all_keys())
+
+
+def test_defaults_are_the_private_setting() -> None:
+    run = RunConfig()
+    assert run.privacy.enabled and run.secagg.enabled and run.rounds.min_sites >= 3
+    assert privacy_warnings(run) == []
+    plain = RunConfig.from_flat({"privacy.enabled": False, "secagg.enabled": False})
+    assert [w.split(":")[0] for w in privacy_warnings(plain)] == ["privacy.enabled = false", "secagg.enabled = false"]
 
 
 def test_flat_round_trip() -> None:
@@ -106,3 +115,18 @@ def test_site_config_in_simulation_and_deployment(tmp_path: Path) -> None:
         SiteConfig.from_node_config({}, run)
     with pytest.raises(ConfigError, match="'device' = 'tpu'"):
         SiteConfig.from_node_config({"data-path": "/x", "device": "tpu"}, run)
+    with pytest.raises(ConfigError, match=r"(?s)site configuration.*'policy.min-sites' = 1.*site.toml \[policy\]"):
+        SiteConfig.from_node_config({"data-path": "/x", "min-sites": 1}, run)
+
+
+def test_simulated_sites_read_their_own_policy_file(tmp_path: Path) -> None:
+    run = RunConfig.from_flat({"data.sites-root": str(tmp_path), "output.run-dir": str(tmp_path / "run")})
+    assert SiteConfig.from_node_config({"partition-id": 1}, run).policy.min_sites == 3  # no file: the defaults
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "site-1.toml").write_text("[policy]\nmin-sites = 2\nshare-metrics = true\n")
+    site = SiteConfig.from_node_config({"partition-id": 1}, run)
+    assert (site.policy.min_sites, site.policy.share_metrics, site.policy.require_dp) == (2, True, True)
+    assert SiteConfig.from_node_config({"partition-id": 0}, run).policy.min_sites == 3  # another site's file
+    (tmp_path / "policies" / "site-1.toml").write_text("[policy]\nmin-site = 2\n")
+    with pytest.raises(ConfigError, match=r"site-1.toml: unknown \[policy\] key\(s\) \['min-site'\]"):
+        SiteConfig.from_node_config({"partition-id": 1}, run)

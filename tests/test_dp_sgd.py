@@ -111,13 +111,14 @@ def test_clipped_gradient_equals_per_patient_loop(family: str, checkpointing: bo
 
 @pytest.mark.parametrize("backbone", ["swin_tiny_patch4_window7_224", "maxvit_pico_rw_256"])
 def test_window_attention_families_are_refused_under_dp(backbone: str) -> None:
-    model = build_model(RunConfig.from_flat({"model.backbone": backbone}))
+    model = build_model(RunConfig.from_flat({"model.backbone": backbone, "privacy.enabled": False}))
     with pytest.raises(ConfigError, match="folds attention windows into the batch"):
         prepare_for_dp(model, backbone)
 
 
 def test_batchnorm_is_refused_under_dp() -> None:
-    model = build_model(RunConfig.from_flat({"model.backbone": "resnet10t", "model.norm": "batch"}))
+    model = build_model(RunConfig.from_flat({"model.backbone": "resnet10t", "model.norm": "batch",
+                                             "privacy.enabled": False}))
     with pytest.raises(ConfigError, match="set model.norm = 'group'"):
         prepare_for_dp(model, "resnet10t")
 

@@ -18,10 +18,10 @@ from medfusion_fl.parameters import get_weights
 from medfusion_fl.runstore import RunStore
 
 
-def test_onnx_matches_pytorch_on_any_batch(synth_root: Path, tiny_run: RunConfig, tmp_path: Path) -> None:
-    model = build_model(tiny_run, seed=0)
-    held_out = load_test_set(synth_root / "data" / "test", tiny_run.data)
-    check = export_model(model, tiny_run, tmp_path, held_out=held_out, card={"rounds": 0})
+def test_onnx_matches_pytorch_on_any_batch(synth_root: Path, plain_run: RunConfig, tmp_path: Path) -> None:
+    model = build_model(plain_run, seed=0)
+    held_out = load_test_set(synth_root / "data" / "test", plain_run.data)
+    check = export_model(model, plain_run, tmp_path, held_out=held_out, card={"rounds": 0})
     assert check.max_abs_diff <= TOLERANCE and check.num_inputs == 40
     session = ort.InferenceSession(str(tmp_path / "model.onnx"))
     assert [i.name for i in session.get_inputs()] == ["views", "view_mask", "tabular"]
@@ -36,7 +36,9 @@ def test_onnx_matches_pytorch_on_any_batch(synth_root: Path, tiny_run: RunConfig
         assert np.abs(onnx_out - torch_out.numpy()).max() <= TOLERANCE
     card = json.loads((tmp_path / "model_card.json").read_text())
     assert card["export_check"]["max_abs_diff"] == check.max_abs_diff
-    assert "NO differential-privacy guarantee" in card["privacy"]["differential_privacy"]
+    assert "NO differential-privacy guarantee" in card["privacy"]["differential_privacy"]  # stated, and warned
+    warned = [w.split(":")[0] for w in card["privacy"]["warnings"]]
+    assert warned == ["privacy.enabled = false", "secagg.enabled = false"]
     assert card["config"]["model.backbone"] == "test_resnet"
 
 

@@ -24,7 +24,10 @@ site-id = "H1"
 data-path = "{data}"
 state-dir = "state/h1"
 federation = "test-federation"
+
+[policy]
 max-epsilon = 6.0
+min-sites = 4
 
 [superlink]
 address = "127.0.0.1:9092"
@@ -51,7 +54,7 @@ def test_dry_run_prints_the_supernode_command(synth_root: Path, tmp_path: Path,
     node = dict(item.split("=", 1) for item in shlex.split(flags["--node-config"]))
     assert node == {"site-id": "H1", "data-path": str(synth_root / "data" / "site-0"),
                     "state-dir": str(tmp_path / "state" / "h1"), "federation": "test-federation",
-                    "max-epsilon": "6.0"}
+                    "max-epsilon": "6.0", "min-sites": "4"}  # the hospital's policy, as its own node-config
 
 
 def test_a_site_with_bad_data_is_not_started(synth_root: Path, tmp_path: Path,
@@ -70,4 +73,10 @@ def test_site_config_errors_name_the_key(synth_root: Path, tmp_path: Path) -> No
     path = tmp_path / "bad.toml"
     path.write_text('[site]\ndata-path = "x"\n[superlink]\nadress = "a:1"\n')
     with pytest.raises(ConfigError, match=r"unknown \[superlink\] key\(s\) \['adress'\]"):
+        load_agent(path)
+    path.write_text('[site]\ndata-path = "x"\nmax-epsilon = 3.0\n[superlink]\naddress = "a:1"\ninsecure = true\n')
+    with pytest.raises(ConfigError, match=r"\['max-epsilon'\] belong to the \[policy\] table"):
+        load_agent(path)
+    path.write_text('[site]\ndata-path = "x"\n[policy]\nmin-site = 2\n[superlink]\naddress = "a:1"\ninsecure = true\n')
+    with pytest.raises(ConfigError, match=r"unknown \[policy\] key\(s\) \['min-site'\]"):
         load_agent(path)

@@ -56,28 +56,15 @@ def test_auroc_binary_multiclass_and_undefined() -> None:
     assert auroc(np.array([0, 1, 2, 0]), three) == 1.0
 
 
-def test_precision_bf16_trains_and_fp16_is_refused_where_unsafe(synth_root, tiny_run: RunConfig) -> None:
+def test_precision_bf16_trains_and_fp16_is_refused_where_unsafe(synth_root, plain_run: RunConfig) -> None:
     from medfusion_fl.errors import ConfigError
 
-    run = RunConfig.from_flat({**tiny_run.to_flat(), "train.precision": "bf16"})
+    run = RunConfig.from_flat({**plain_run.to_flat(), "train.precision": "bf16"})
     site = load_site(synth_root / "data" / "site-1", run.data)
     result = train_local(build_model(run, seed=0), site.train, run.train, device=CPU, seed=0)
     assert np.isfinite(result.loss) and result.steps > 0
-    fp16 = RunConfig.from_flat({**tiny_run.to_flat(), "train.precision": "fp16"})
+    fp16 = RunConfig.from_flat({**plain_run.to_flat(), "train.precision": "fp16"})
     with pytest.raises(ConfigError, match="needs a CUDA device"):
         train_local(build_model(fp16, seed=0), site.train, fp16.train, device=CPU, seed=0)
     with pytest.raises(ConfigError, match="Opacus would clip at max-grad-norm / scale"):
         RunConfig.from_flat({"train.precision": "fp16", "privacy.enabled": True})
-
-
-def test_operating_threshold_from_pooled_score_histograms() -> None:
-    from medfusion_fl.training import BINS, score_histograms, youden_threshold
-
-    labels = np.array([1, 1, 1, 0, 0, 0, 0])
-    probs1 = np.array([0.35, 0.41, 0.9, 0.05, 0.1, 0.2, 0.33])  # all below 0.5 except one, yet well ranked
-    hists = score_histograms(labels, np.stack([1 - probs1, probs1], axis=1))
-    assert hists is not None and sum(hists[0]) == 3 and sum(hists[1]) == 4 and len(hists[0]) == BINS
-    threshold = youden_threshold(*hists)
-    assert threshold is not None and 0.33 < threshold <= 0.35  # separates the classes perfectly
-    assert youden_threshold([0] * BINS, hists[1]) is None  # one class only: no threshold
-    assert score_histograms(labels, np.ones((7, 3)) / 3) is None  # not a binary task

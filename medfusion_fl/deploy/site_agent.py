@@ -8,8 +8,15 @@ site.toml (paths relative to the file):
     data-path = "data/h1"
     state-dir = "state/h1"
     federation = "chest-xray"
+
+    [policy]                   # the least protection the hospital accepts (SitePolicy; these are the defaults)
+    require-secure-aggregation = true
+    require-dp = true
     max-epsilon = 8.0
     delta = 1e-5
+    min-noise-multiplier = 0.5
+    min-sites = 3
+    share-metrics = false
 
     [superlink]                # where and how to connect
     address = "coord.example.org:9092"
@@ -31,9 +38,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medfusion_fl.config import RunConfig, SiteConfig
+from medfusion_fl.config import RunConfig
 from medfusion_fl.config_sources import read_toml_flat
 from medfusion_fl.errors import ConfigError, DataError
+from medfusion_fl.policy import POLICY_KEYS
+from medfusion_fl.site_config import SiteConfig
 
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
               "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
@@ -101,11 +110,19 @@ def load_agent(path: Path, overrides: dict[str, Any] | None = None) -> SiteAgent
         raise ConfigError(f"site config {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"site config {path} is not valid TOML: {exc}") from None
-    unknown = set(doc) - {"site", "superlink", "run"}
+    unknown = set(doc) - {"site", "superlink", "run", "policy"}
     if unknown:
-        raise ConfigError(f"{path}: unknown table(s) {sorted(unknown)}; expected [site], [superlink], [run]")
+        raise ConfigError(f"{path}: unknown table(s) {sorted(unknown)}; expected [site], [policy], [superlink], [run]")
     base = path.parent
     site_table, link = dict(doc.get("site", {})), dict(doc.get("superlink", {}))
+    moved = sorted(set(site_table) & set(POLICY_KEYS))
+    if moved:
+        raise ConfigError(f"{path}: {moved} belong to the [policy] table (the site's privacy policy), not [site]; "
+                          "move them there")
+    policy_table = dict(doc.get("policy", {}))
+    bad_policy = sorted(set(policy_table) - set(POLICY_KEYS))
+    if bad_policy:
+        raise ConfigError(f"{path}: unknown [policy] key(s) {bad_policy}; valid: {list(POLICY_KEYS)}")
     bad = set(link) - _SUPERLINK_KEYS
     if bad:
         raise ConfigError(f"{path}: unknown [superlink] key(s) {sorted(bad)}; valid: {sorted(_SUPERLINK_KEYS)}")
@@ -125,8 +142,9 @@ def load_agent(path: Path, overrides: dict[str, Any] | None = None) -> SiteAgent
     flat = read_toml_flat(Path(_resolve(base, run_table["config"], "[run] config", must_exist=True))) \
         if "config" in run_table else {}
     run = RunConfig.from_flat({**flat, **(overrides or {})})
-    site = SiteConfig.from_node_config(site_table, run)
-    return SiteAgent(site, run, site_table, link, path)
+    node_config = {**site_table, **policy_table}  # the policy travels as the SuperNode's own node-config keys
+    site = SiteConfig.from_node_config(node_config, run)
+    return SiteAgent(site, run, node_config, link, path)
 
 
 def describe(agent: SiteAgent) -> str:

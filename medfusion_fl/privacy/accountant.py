@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from medfusion_fl.errors import ConfigError
@@ -42,5 +43,6 @@ def epsilon(history: Iterable[DPStep], *, delta: float, accountant: Accountant =
     if accountant == "prv":
         prv = PRVAccountant()
         prv.history = groups
-        return float(prv.get_epsilon(delta))
+        with np.errstate(divide="ignore", invalid="ignore"):  # sample rate 1 (an evaluation) takes log(0)
+            return float(prv.get_epsilon(delta))
     raise ConfigError(f"privacy.accountant = {accountant!r}: use 'rdp' or 'prv'.")

@@ -1,7 +1,9 @@
-"""The site's privacy gate: plan a round's DP steps, check them against the SITE's budget, record.
+"""The site's privacy gate: plan a round's DP releases, check them against the SITE's budget, record.
 
-The coordinator never sets max-epsilon or delta: they come from the site's own node_config
-(SiteConfig), and the ledger on the site's disk is the only history that counts.
+The coordinator never sets max-epsilon or delta: they come from the site's own policy (SiteConfig.policy),
+and the ledger on the site's disk is the only history that counts. Training and evaluation releases are
+charged to the same ledger and composed into one epsilon (conservative: no disjointness of training and
+validation patients is assumed).
 """
 
 from __future__ import annotations
@@ -10,28 +12,29 @@ import json
 import math
 from dataclasses import asdict, dataclass
 
-from medfusion_fl.config import PrivacyConfig, SiteConfig, TrainConfig
+from medfusion_fl.config import EvaluationConfig, PrivacyConfig, TrainConfig
 from medfusion_fl.errors import ConfigError, PrivacyBudgetExhausted
 from medfusion_fl.privacy.accountant import DPStep
-from medfusion_fl.privacy.ledger import PrivacyLedger
+from medfusion_fl.privacy.ledger import Kind, PrivacyLedger
+from medfusion_fl.site_config import SiteConfig
 
 
 @dataclass(frozen=True)
 class PrivacyReport:
-    """What a site tells the coordinator about its privacy after a round (all recomputable)."""
+    """What a site tells the coordinator about its privacy after a release (all recomputable)."""
 
     federation: str
     delta: float
     epsilon: float
     max_epsilon: float
     accountant: str
-    history: list[DPStep]
+    history: list[tuple[Kind, DPStep]]
 
     def to_record(self) -> dict[str, str | float]:
-        """Flower ConfigRecord values: scalars, the history as JSON."""
+        """Flower ConfigRecord values: scalars, the history as JSON (each event with its kind)."""
         return {"federation": self.federation, "delta": self.delta, "epsilon": self.epsilon,
                 "max-epsilon": self.max_epsilon, "accountant": self.accountant,
-                "history": json.dumps([asdict(h) for h in self.history])}
+                "history": json.dumps([{"kind": kind, **asdict(step)} for kind, step in self.history])}
 
 
 def planned_step(num_patients: int, train: TrainConfig, privacy: PrivacyConfig) -> DPStep:
@@ -41,8 +44,14 @@ def planned_step(num_patients: int, train: TrainConfig, privacy: PrivacyConfig) 
     return DPStep(privacy.noise_multiplier, 1.0 / batches, train.local_epochs * batches)
 
 
+def planned_evaluation(evaluation: EvaluationConfig) -> DPStep:
+    """One evaluation release: a Gaussian mechanism over all validation patients (sample rate 1, one step)
+    with noise std = noise-multiplier x its L2 sensitivity."""
+    return DPStep(evaluation.noise_multiplier, 1.0, 1)
+
+
 class PrivacyGuard:
-    """Checks and records one site's DP rounds in its ledger."""
+    """Checks and records one site's DP releases in its ledger."""
 
     def __init__(self, site: SiteConfig, privacy: PrivacyConfig) -> None:
         self.site = site
@@ -50,24 +59,28 @@ class PrivacyGuard:
         self.ledger = PrivacyLedger(site.state_dir)
 
     def spent(self) -> float:
-        return self.ledger.epsilon(self.site.federation, delta=self.site.delta, accountant=self.privacy.accountant)
+        return self.ledger.epsilon(self.site.federation, delta=self.site.policy.delta,
+                                   accountant=self.privacy.accountant)
 
-    def check(self, step: DPStep, *, num_patients: int, server_round: int) -> None:
-        """Refuse a round that would exceed the site's budget (or that uses a delta too large)."""
-        if self.site.delta >= 1.0 / num_patients:
-            raise ConfigError(f"{self.site.site_id}: delta = {self.site.delta:g} is not below 1 / {num_patients} "
-                              "training patients; set a smaller delta in the site's node-config.")
+    def check(self, step: DPStep, *, num_patients: int, server_round: int, work: Kind = "train") -> None:
+        """Refuse a release that would exceed the site's budget (or that uses a delta too large)."""
+        policy = self.site.policy
+        if policy.delta >= 1.0 / num_patients:
+            raise ConfigError(f"{self.site.site_id}: delta = {policy.delta:g} is not below 1 / {num_patients} "
+                              "patients; set a smaller delta in the site's policy (site.toml [policy]).")
         before = self.spent()
-        after = self.ledger.epsilon(self.site.federation, delta=self.site.delta,
-                                    accountant=self.privacy.accountant, extra=step)
-        if after > self.site.max_epsilon:
+        after = self.ledger.epsilon(self.site.federation, delta=policy.delta, accountant=self.privacy.accountant,
+                                    extra=step)
+        if after > policy.max_epsilon:
+            what = "round" if work == "train" else "the evaluation of round"
             raise PrivacyBudgetExhausted(
-                f"{self.site.site_id} declines round {server_round}: it would raise epsilon from {before:.3f} to "
-                f"{after:.3f} > max-epsilon {self.site.max_epsilon:g} (delta {self.site.delta:g}, federation "
-                f"{self.site.federation!r}). The site's budget is spent; it takes no more DP steps.")
+                f"{self.site.site_id} declines {what} {server_round}: it would raise epsilon from {before:.3f} to "
+                f"{after:.3f} > max-epsilon {policy.max_epsilon:g} (delta {policy.delta:g}, federation "
+                f"{self.site.federation!r}). The site's budget is spent; it releases nothing more under DP.")
 
-    def record(self, step: DPStep, *, key: str, server_round: int) -> PrivacyReport:
-        """Append the round to the ledger (atomically) and report the cumulative guarantee."""
-        self.ledger.record(self.site.federation, key=key, round=server_round, step=step)
-        return PrivacyReport(self.site.federation, self.site.delta, self.spent(), self.site.max_epsilon,
-                             self.privacy.accountant, self.ledger.history(self.site.federation))
+    def record(self, step: DPStep, *, key: str, server_round: int, work: Kind = "train") -> PrivacyReport:
+        """Append the release to the ledger (atomically) and report the cumulative guarantee."""
+        self.ledger.record(self.site.federation, key=key, round=server_round, step=step, kind=work)
+        history = [(e.kind, e.step()) for e in self.ledger.entries(self.site.federation)]
+        return PrivacyReport(self.site.federation, self.site.policy.delta, self.spent(), self.site.policy.max_epsilon,
+                             self.privacy.accountant, history)

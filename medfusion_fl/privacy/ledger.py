@@ -13,26 +13,29 @@ import datetime as dt
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from medfusion_fl.durable import write_json_atomic
 from medfusion_fl.errors import DataError
 from medfusion_fl.privacy.accountant import Accountant, DPStep, epsilon
 
 FORMAT = "medfusion-fl-privacy-ledger/1"
+Kind = Literal["train", "evaluate"]
 FILENAME = "privacy_ledger.json"
 
 
 @dataclass(frozen=True)
 class LedgerEntry:
-    """One local training of one round."""
+    """One release of one round: a local training (DP-SGD steps) or an evaluation (one Gaussian mechanism
+    on the validation patients' sums, sample rate 1)."""
 
-    key: str  # unique per training event
+    key: str  # unique per event
     round: int
     noise_multiplier: float
     sample_rate: float
     steps: int
     recorded_at: str
+    kind: Kind = "train"  # ledgers written before evaluations were charged hold training only
 
     def step(self) -> DPStep:
         return DPStep(self.noise_multiplier, self.sample_rate, self.steps)
@@ -61,8 +64,9 @@ class PrivacyLedger:
         rows = self._data["federations"].get(federation, [])
         return [LedgerEntry(**row) for row in rows]
 
-    def history(self, federation: str) -> list[DPStep]:
-        return [entry.step() for entry in self.entries(federation)]
+    def history(self, federation: str, kind: Kind | None = None) -> list[DPStep]:
+        """The DP steps of every event (or of one kind), in order."""
+        return [entry.step() for entry in self.entries(federation) if kind is None or entry.kind == kind]
 
     def epsilon(self, federation: str, *, delta: float, accountant: Accountant = "rdp",
                 extra: DPStep | None = None) -> float:
@@ -70,13 +74,13 @@ class PrivacyLedger:
         history = self.history(federation) + ([extra] if extra else [])
         return epsilon(history, delta=delta, accountant=accountant)
 
-    def record(self, federation: str, *, key: str, round: int, step: DPStep) -> bool:
-        """Append a training event and write the file atomically; False if `key` was recorded already."""
+    def record(self, federation: str, *, key: str, round: int, step: DPStep, kind: Kind = "train") -> bool:
+        """Append an event and write the file atomically; False if `key` was recorded already."""
         rows = self._data["federations"].setdefault(federation, [])
         if any(row["key"] == key for row in rows):
             return False
         now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-        rows.append(asdict(LedgerEntry(key, round, step.noise_multiplier, step.sample_rate, step.steps, now)))
+        rows.append(asdict(LedgerEntry(key, round, step.noise_multiplier, step.sample_rate, step.steps, now, kind)))
         write_json_atomic(self.path, self._data)
         return True
 

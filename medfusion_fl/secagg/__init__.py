@@ -6,9 +6,9 @@
 server/secure_round.py (coordinator) and client/secagg_stages.py (site).
 """
 
-from medfusion_fl.secagg.encoding import Encoding, modulus_dtype
+from medfusion_fl.secagg.encoding import Encoding, SumEncoding, modulus_dtype, release_modulus_dtype
 from medfusion_fl.secagg.errors import SecAggError
 from medfusion_fl.secagg.protocol import Setup, SiteState, advertise, masked_input, reveal, share, unmask
 
-__all__ = ["Encoding", "SecAggError", "Setup", "SiteState", "advertise", "masked_input", "modulus_dtype",
-           "reveal", "share", "unmask"]
+__all__ = ["Encoding", "SecAggError", "Setup", "SiteState", "SumEncoding", "advertise", "masked_input",
+           "modulus_dtype", "release_modulus_dtype", "reveal", "share", "unmask"]

@@ -12,10 +12,12 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import app
 from medfusion_fl.config import RunConfig
+from medfusion_fl.data import load_site
 from medfusion_fl.models import build_model
 from medfusion_fl.parameters import get_weights
 from medfusion_fl.protocol import SITE_ERROR
-from tests.conftest import tiny_flat
+from medfusion_fl.release.evaluation import ReleaseLayout
+from tests.conftest import OPEN_POLICY, PLAIN, tiny_flat
 
 
 @pytest.fixture(autouse=True)
@@ -33,42 +35,79 @@ def _context(run: RunConfig, node_config: dict[str, object]) -> Context:
     return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=run.to_flat())
 
 
-def test_train_replies_with_weights_and_metrics(tiny_run: RunConfig) -> None:
-    weights = get_weights(build_model(tiny_run, seed=0))
-    reply = app(_message(MessageType.TRAIN, weights, **{"proximal-mu": 0.0}), _context(tiny_run, {"partition-id": 1}))
+def test_train_replies_with_weights_and_the_cohort_size_only(plain_run: RunConfig) -> None:
+    weights = get_weights(build_model(plain_run, seed=0))
+    reply = app(_message(MessageType.TRAIN, weights, **{"proximal-mu": 0.0}),
+                _context(plain_run, {"partition-id": 1, **OPEN_POLICY}))
     assert not reply.has_error()
-    metrics = reply.content.metric_records["metrics"]
-    assert metrics["num-examples"] > 0 and np.isfinite(metrics["train-loss"])
+    cohort = len(load_site(Path(plain_run.data.sites_root) / "site-1", plain_run.data).train)
+    assert dict(reply.content.metric_records["metrics"]) == {"num-examples": cohort}  # not the Poisson count
+    assert "shared" not in reply.content.metric_records  # the site's policy shares nothing in clear
     assert reply.content.config_records["site"]["site-id"] == "site-1"
     new = {k: a.numpy() for k, a in reply.content.array_records["arrays"].items()}
     assert new.keys() == weights.keys() and any(not np.array_equal(new[k], weights[k]) for k in weights)
+    shared = app(_message(MessageType.TRAIN, weights), _context(plain_run, {"partition-id": 1, **OPEN_POLICY,
+                                                                           "share-metrics": True}))
+    figures = shared.content.metric_records["shared"]
+    assert set(figures) == {"train-loss", "train-steps", "train-seconds"} and np.isfinite(figures["train-loss"])
 
 
-def test_evaluate_reports_loss_accuracy_auroc(tiny_run: RunConfig) -> None:
-    weights = get_weights(build_model(tiny_run, seed=0))
-    reply = app(_message(MessageType.EVALUATE, weights), _context(tiny_run, {"partition-id": 0}))
-    metrics = reply.content.metric_records["metrics"]
-    assert {"num-examples", "eval-loss", "eval-accuracy"} <= set(metrics)
-    assert 0.0 <= metrics["eval-accuracy"] <= 1.0
-    assert set(reply.content.array_records) == set()  # evaluation sends no weights back
+def test_evaluate_replies_with_the_release_sums(plain_run: RunConfig) -> None:
+    weights = get_weights(build_model(plain_run, seed=0))
+    reply = app(_message(MessageType.EVALUATE, weights), _context(plain_run, {"partition-id": 0, **OPEN_POLICY}))
+    assert not reply.has_error(), reply.error.reason
+    sums = reply.content.array_records["release"]["sums"].numpy()
+    layout = ReleaseLayout(2, plain_run.evaluation.bins)
+    patients = len(load_site(Path(plain_run.data.sites_root) / "site-0", plain_run.data).val)
+    assert sums.shape == (layout.length,) and sums[: layout.cells].sum() == patients  # no noise: exact counts
+    assert set(reply.content.array_records) == {"release"} and not reply.content.metric_records
 
 
-def test_bad_site_folder_gives_a_clear_error_reply(synth_root: Path, tiny_run: RunConfig, tmp_path: Path) -> None:
+def test_a_dp_evaluation_is_noised_and_charged_to_the_ledger(tiny_run: RunConfig, tmp_path: Path) -> None:
+    from medfusion_fl.privacy import PrivacyLedger
+
+    run = RunConfig.from_flat({**tiny_run.to_flat(), "secagg.enabled": False})
+    weights = get_weights(build_model(run, seed=0))
+    node = {"partition-id": 0, "require-secure-aggregation": False, "state-dir": str(tmp_path)}
+    replies = [app(_message(MessageType.EVALUATE, weights), _context(run, node)) for _ in range(2)]
+    sums = [r.content.array_records["release"]["sums"].numpy() for r in replies]
+    assert not np.array_equal(sums[0], sums[1])  # fresh noise each time
+    assert not np.allclose(sums[0], np.round(sums[0]))  # counts are no longer integers
+    entries = PrivacyLedger(tmp_path).entries("default")
+    assert [(e.kind, e.noise_multiplier, e.sample_rate, e.steps) for e in entries] == [("evaluate", 2.0, 1.0, 1)] * 2
+    history = replies[1].content.config_records["privacy"]["history"]
+    assert '"kind": "evaluate"' in str(history) and replies[1].content.config_records["privacy"]["epsilon"] > 0
+
+
+def test_bad_site_folder_gives_a_clear_error_reply(synth_root: Path, plain_run: RunConfig, tmp_path: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
     folder = tmp_path / "broken"
     shutil.copytree(synth_root / "data" / "site-0", folder)
     first_image = sorted((folder / "images").iterdir())[0]
     first_image.write_bytes(b"garbage")
-    weights = get_weights(build_model(tiny_run, seed=0))
-    reply = app(_message(MessageType.TRAIN, weights), _context(tiny_run, {"data-path": str(folder), "site-id": "H9"}))
+    weights = get_weights(build_model(plain_run, seed=0))
+    node = {"data-path": str(folder), "site-id": "H9", "state-dir": str(tmp_path / "state"), **OPEN_POLICY}
+    logging.getLogger("medfusion_fl").addHandler(caplog.handler)  # the CLI's logger may not propagate
+    try:
+        reply = app(_message(MessageType.TRAIN, weights), _context(plain_run, node))
+    finally:
+        logging.getLogger("medfusion_fl").removeHandler(caplog.handler)
     assert reply.has_error() and reply.error.code == SITE_ERROR
-    assert "H9:" in reply.error.reason and "not a readable image" in reply.error.reason and "row " in reply.error.reason
+    # by default the file and row stay at the site: they are its own log's, not the coordinator's
+    assert reply.error.reason.startswith("H9:") and "site's own log" in reply.error.reason
+    assert "row 2" not in reply.error.reason and first_image.name not in reply.error.reason
+    assert "not a readable image" in caplog.text and "row 2" in caplog.text
+    shared = app(_message(MessageType.TRAIN, weights), _context(plain_run, {**node, "share-metrics": True}))
+    assert "not a readable image" in shared.error.reason and "row 2" in shared.error.reason
 
 
-def test_weights_of_another_model_are_refused(tiny_run: RunConfig) -> None:
-    weights = get_weights(build_model(tiny_run, seed=0))
+def test_weights_of_another_model_are_refused(plain_run: RunConfig) -> None:
+    weights = get_weights(build_model(plain_run, seed=0))
     key = next(iter(weights))
     weights[key] = np.zeros((3, 3), np.float32)
-    reply = app(_message(MessageType.TRAIN, weights), _context(tiny_run, {"partition-id": 0}))
+    reply = app(_message(MessageType.TRAIN, weights), _context(plain_run, {"partition-id": 0, **OPEN_POLICY}))
     assert reply.has_error() and f"parameter {key!r}" in reply.error.reason
 
 
@@ -79,22 +118,24 @@ def test_bad_node_config_is_refused(tiny_run: RunConfig) -> None:
 
 
 def test_synthetic_site_is_created_on_first_use(tmp_path: Path) -> None:
-    run = RunConfig.from_flat(tiny_flat(tmp_path))
+    run = RunConfig.from_flat(tiny_flat(tmp_path, **PLAIN))
     weights = get_weights(build_model(run, seed=0))
-    reply = app(_message(MessageType.EVALUATE, weights), _context(run, {"partition-id": 4}))
+    reply = app(_message(MessageType.EVALUATE, weights), _context(run, {"partition-id": 4, **OPEN_POLICY}))
     assert not reply.has_error() and (tmp_path / "data" / "site-4" / "manifest.csv").is_file()
     named = tmp_path / "hospitals" / "H7"  # a data-path not named site-<k>: the site's own folder is written
-    reply = app(_message(MessageType.EVALUATE, weights), _context(run, {"partition-id": 2, "data-path": str(named)}))
+    reply = app(_message(MessageType.EVALUATE, weights),
+                _context(run, {"partition-id": 2, "data-path": str(named), **OPEN_POLICY}))
     assert not reply.has_error() and (named / "manifest.csv").is_file()
 
 
-def test_malformed_instruction_is_refused(tiny_run: RunConfig) -> None:
+def test_malformed_instruction_is_refused(plain_run: RunConfig) -> None:
+    node = {"partition-id": 0, **OPEN_POLICY}
     bare = Message(content=RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=7,
                    message_type=MessageType.TRAIN)
-    reply = app(bare, _context(tiny_run, {"partition-id": 0}))
+    reply = app(bare, _context(plain_run, node))
     assert reply.has_error() and "no 'arrays' record" in reply.error.reason
-    weights = get_weights(build_model(tiny_run, seed=0))
+    weights = get_weights(build_model(plain_run, seed=0))
     no_round = Message(content=RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in weights.items()})}),
                        dst_node_id=7, message_type=MessageType.EVALUATE)
-    reply = app(no_round, _context(tiny_run, {"partition-id": 0}))
+    reply = app(no_round, _context(plain_run, node))
     assert reply.has_error() and "server-round" in reply.error.reason

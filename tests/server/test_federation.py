@@ -14,7 +14,7 @@ from medfusion_fl.errors import RoundFailed
 from medfusion_fl.runstore import RunStore, load_checkpoint
 from server.federation import Federation
 from server.rounds import SiteDirectory, sample, wait_for_sites
-from tests.conftest import tiny_flat
+from tests.conftest import OPEN_POLICY, PLAIN, tiny_flat
 from tests.fakegrid import FakeGrid
 
 
@@ -28,12 +28,12 @@ def broken_site2(synth_root: Path, tmp_path: Path) -> Path:
 
 
 def _run(root: Path, **overrides: object) -> RunConfig:
-    return RunConfig.from_flat(tiny_flat(root, **{"rounds.num-server-rounds": 2, **overrides}))
+    return RunConfig.from_flat(tiny_flat(root, **{"rounds.num-server-rounds": 2, **PLAIN, **overrides}))
 
 
 def test_bad_site_is_recorded_and_the_federation_goes_on(broken_site2: Path) -> None:
     run = _run(broken_site2)
-    grid = FakeGrid(client_app, run.to_flat(), num_nodes=3)
+    grid = FakeGrid(client_app, run.to_flat(), num_nodes=3, node_config={**OPEN_POLICY, "share-metrics": True})
     federation = Federation(run)
     final = federation.run_rounds(grid)
     federation.export(final)
@@ -61,12 +61,12 @@ def test_bad_site_is_recorded_and_the_federation_goes_on(broken_site2: Path) -> 
 def test_too_few_valid_updates_fail_loudly_and_keep_earlier_results(broken_site2: Path, synth_root: Path) -> None:
     good = _run(broken_site2, **{"rounds.num-server-rounds": 1,
                                  "data.sites-root": str(synth_root / "data")})
-    Federation(good).run_rounds(FakeGrid(client_app, good.to_flat(), num_nodes=3))
+    Federation(good).run_rounds(FakeGrid(client_app, good.to_flat(), num_nodes=3, node_config=OPEN_POLICY))
     store = RunStore(good.output.run_dir)
     before = store.metrics_path.read_bytes()
     strict = _run(broken_site2, **{"rounds.min-sites": 3})
     with pytest.raises(RoundFailed, match="2 valid update.*min-sites = 3.*global model is unchanged"):
-        Federation(strict).run_rounds(FakeGrid(client_app, strict.to_flat(), num_nodes=3))
+        Federation(strict).run_rounds(FakeGrid(client_app, strict.to_flat(), num_nodes=3, node_config=OPEN_POLICY))
     after = store.metrics_path.read_bytes()
     assert after.startswith(before)  # the earlier line is intact
     failed = store.read_metrics()[-1]
@@ -75,9 +75,9 @@ def test_too_few_valid_updates_fail_loudly_and_keep_earlier_results(broken_site2
 
 
 def test_silent_site_times_out_and_is_named(synth_root: Path, tmp_path: Path) -> None:
-    run = RunConfig.from_flat(tiny_flat(tmp_path, **{"rounds.num-server-rounds": 1,
+    run = RunConfig.from_flat(tiny_flat(tmp_path, **{"rounds.num-server-rounds": 1, **PLAIN,
                                                       "data.sites-root": str(synth_root / "data")}))
-    grid = FakeGrid(client_app, run.to_flat(), num_nodes=3, silent=[1])
+    grid = FakeGrid(client_app, run.to_flat(), num_nodes=3, silent=[1], node_config=OPEN_POLICY)
     Federation(run).run_rounds(grid)
     failures = RunStore(run.output.run_dir).read_metrics()[0]["failures"]
     assert {(f["node_id"], f["stage"]) for f in failures} == {(101, "train"), (101, "evaluate")}
@@ -118,9 +118,9 @@ def test_fedprox_run_sends_mu_to_the_sites(synth_root: Path, tmp_path: Path, mon
 
     monkeypatch.setattr(site.SiteRunner, "train", spy)
     run = RunConfig.from_flat(tiny_flat(tmp_path, **{
-        "rounds.num-server-rounds": 1, "data.sites-root": str(synth_root / "data"),
+        "rounds.num-server-rounds": 1, "data.sites-root": str(synth_root / "data"), **PLAIN,
         "strategy.name": "fedprox", "strategy.proximal-mu": 0.25, "rounds.fraction-evaluate": 0.0}))
-    record = Federation(run).run_rounds(FakeGrid(client_app, run.to_flat(), num_nodes=2))
+    record = Federation(run).run_rounds(FakeGrid(client_app, run.to_flat(), num_nodes=2, node_config=OPEN_POLICY))
     assert seen == [0.25, 0.25] and record["strategy"] == "fedprox" and record["evaluate"] is None
 
 
@@ -128,11 +128,11 @@ def test_resume_continues_from_the_last_complete_round(synth_root: Path, tmp_pat
     from medfusion_fl.errors import CheckpointError
 
     first = _run(synth_root, **{"rounds.num-server-rounds": 1, "output.run-dir": str(tmp_path / "run")})
-    Federation(first).run_rounds(FakeGrid(client_app, first.to_flat(), num_nodes=3))
+    Federation(first).run_rounds(FakeGrid(client_app, first.to_flat(), num_nodes=3, node_config=OPEN_POLICY))
     after_one = load_checkpoint(RunStore(tmp_path / "run").latest_checkpoint()).weights
     again = _run(synth_root, **{"rounds.num-server-rounds": 3, "output.run-dir": str(tmp_path / "run"),
                                 "output.resume": True})
-    grid = FakeGrid(client_app, again.to_flat(), num_nodes=3)
+    grid = FakeGrid(client_app, again.to_flat(), num_nodes=3, node_config=OPEN_POLICY)
     federation = Federation(again)
     assert all((a == b).all() for a, b in zip(federation.resume()[0].values(), after_one.values(), strict=True))
     federation = Federation(again)

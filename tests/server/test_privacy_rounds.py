@@ -19,12 +19,16 @@ from tests.fakegrid import FakeGrid
 def _dp_run(synth_root: Path, out: Path, rounds: int) -> RunConfig:
     return RunConfig.from_flat(tiny_flat(out, **{
         "data.sites-root": str(synth_root / "data"), "rounds.num-server-rounds": rounds,
-        "privacy.enabled": True, "privacy.noise-multiplier": 1.0, "rounds.fraction-evaluate": 0.0}))
+        "privacy.enabled": True, "privacy.noise-multiplier": 1.0, "rounds.fraction-evaluate": 0.0,
+        "secagg.enabled": False, "rounds.min-sites": 2}))
+
+
+NO_SECAGG = {"require-secure-aggregation": False, "min-sites": 2}  # DP without secure aggregation: the site allows it
 
 
 def test_dp_rounds_report_cumulative_epsilon_and_survive_restart(synth_root: Path, tmp_path: Path) -> None:
     run = _dp_run(synth_root, tmp_path, rounds=2)
-    budget = {"max-epsilon": 100.0}  # tiny sites spend a lot per round; the budget is the site's to set
+    budget = {"max-epsilon": 100.0, **NO_SECAGG}  # tiny sites spend a lot per round; the budget is the site's
     federation = Federation(run)
     federation.export(federation.run_rounds(FakeGrid(client_app, run.to_flat(), num_nodes=2, node_config=budget)))
     lines = RunStore(run.output.run_dir).read_metrics()
@@ -32,8 +36,9 @@ def test_dp_rounds_report_cumulative_epsilon_and_survive_restart(synth_root: Pat
     assert 0 < eps[0] < eps[1] and lines[0]["privacy"]["site-0"]["delta"] == 1e-5
     card = json.loads((Path(run.output.run_dir) / "model_card.json").read_text())
     site = card["privacy"]["differential_privacy"]["sites"]["site-0"]
-    history = [DPStep(**h) for h in site["history"]]
+    history = [DPStep(**{k: v for k, v in h.items() if k != "kind"}) for h in site["training"]["history"]]
     assert len(history) == 2 and site["epsilon"] == pytest.approx(epsilon(history, delta=site["delta"]))
+    assert site["evaluation"]["history"] == [] and site["training"]["epsilon"] == pytest.approx(site["epsilon"])
     ledger_dir = Path(run.output.run_dir) / "site-state" / "site-0"
     assert PrivacyLedger(ledger_dir).epsilon("default", delta=1e-5) == pytest.approx(eps[1])
 
@@ -46,9 +51,9 @@ def test_dp_rounds_report_cumulative_epsilon_and_survive_restart(synth_root: Pat
 def test_sites_decline_past_their_budget_and_the_run_ends_cleanly(synth_root: Path, tmp_path: Path) -> None:
     run = _dp_run(synth_root, tmp_path, rounds=3)
     probe = _dp_run(synth_root, tmp_path / "probe", rounds=1)
-    Federation(probe).run_rounds(FakeGrid(client_app, probe.to_flat(), num_nodes=2))
+    Federation(probe).run_rounds(FakeGrid(client_app, probe.to_flat(), num_nodes=2, node_config=NO_SECAGG))
     one_round = RunStore(probe.output.run_dir).read_metrics()[0]["privacy"]["site-0"]["epsilon"]
-    budget = {"max-epsilon": one_round * 1.2}  # room for one round, not two: set by the SITE
+    budget = {"max-epsilon": one_round * 1.2, **NO_SECAGG}  # room for one round, not two: set by the SITE
     federation = Federation(run)
     federation.export(federation.run_rounds(FakeGrid(client_app, run.to_flat(), num_nodes=2, node_config=budget)))
     lines = RunStore(run.output.run_dir).read_metrics()

@@ -15,10 +15,14 @@ from medfusion_fl.config import RunConfig
 from medfusion_fl.errors import RoundFailed
 from medfusion_fl.runstore import RunStore, load_checkpoint
 from server.federation import Federation
-from tests.conftest import tiny_flat
+from tests.conftest import OPEN_POLICY, PLAIN, tiny_flat
 from tests.fakegrid import FakeGrid
 
-SECURE = {"secagg.enabled": True, "secagg.threshold": 2, "secagg.clip": 0.5, "secagg.bits": 16}
+# secure aggregation without DP noise (so that the model can be compared with plain FedAvg), at sites whose
+# policy allows no DP and sums of two sites (a drop-out leaves two of three)
+SECURE = {"secagg.enabled": True, "secagg.threshold": 2, "secagg.clip": 0.5, "secagg.bits": 16,
+          "privacy.enabled": False, "rounds.min-sites": 2}
+ALLOW = {"require-dp": False, "min-sites": 2}
 
 
 def _federate(root: Path, name: str, num_nodes: int = 3, drop_at: dict[int, str] | None = None,
@@ -26,7 +30,8 @@ def _federate(root: Path, name: str, num_nodes: int = 3, drop_at: dict[int, str]
     flat = tiny_flat(root, **{"rounds.num-server-rounds": 1, "rounds.fraction-evaluate": 0.0,
                               "output.run-dir": str(root / name), **overrides})
     run = RunConfig.from_flat(flat)
-    grid = FakeGrid(client_app, run.to_flat(), num_nodes=num_nodes, drop_at=drop_at)
+    policy = ALLOW if run.secagg.enabled else OPEN_POLICY
+    grid = FakeGrid(client_app, run.to_flat(), num_nodes=num_nodes, drop_at=drop_at, node_config=policy)
     Federation(run).run_rounds(grid)
     checkpoint = load_checkpoint(RunStore(Path(run.output.run_dir)).latest_checkpoint())
     return run, grid, checkpoint.weights
@@ -37,7 +42,7 @@ def _federate(root: Path, name: str, num_nodes: int = 3, drop_at: dict[int, str]
 def test_secure_round_gives_the_plain_model_within_quantisation_error(synth_root: Path, tmp_path: Path,
                                                                        strategy: dict[str, object]) -> None:
     run, _, secure = _federate(synth_root, f"{tmp_path.name}-secure", **SECURE, **strategy)
-    _, _, plain = _federate(synth_root, f"{tmp_path.name}-plain", **strategy)
+    _, _, plain = _federate(synth_root, f"{tmp_path.name}-plain", **PLAIN, **strategy)
     step = 2 * run.secagg.clip / (2**run.secagg.bits - 1)  # one quantisation level; the mean of 3 sites
     worst = max(float(np.abs(secure[k].astype(np.float64) - plain[k]).max()) for k in plain)
     assert worst <= step, f"secure and plain models differ by {worst:.3g} > one level {step:.3g}"

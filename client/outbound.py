@@ -1,0 +1,103 @@
+"""The outbound audit: a ClientApp mod that records every message the site sends, before it is sent.
+
+For each reply it appends one line to `<state-dir>/outbound_audit.jsonl` (medfusion_fl.release.audit):
+run, round, stage, kind, and per array and value its record, key, dtype, shape and byte size, never
+the value. A handler that raises is answered with a generic error whose details stay in the site's log
+(Flower would otherwise send the traceback). `medfusion-fl site audit` verifies the chain.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, Error, Message
+from flwr.clientapp.typing import ClientAppCallable
+
+from medfusion_fl.config import RunConfig
+from medfusion_fl.errors import MedFusionError
+from medfusion_fl.protocol import SITE_ERROR
+from medfusion_fl.release.audit import Item, OutboundAudit
+from medfusion_fl.site_config import SiteConfig
+
+log = logging.getLogger("medfusion_fl.client")
+ROUND = "audit-round"  # context.state record: the server round of the secure round in progress
+
+
+def _value_item(record: str, kind: str, key: str, value: Any) -> Item:
+    if isinstance(value, list):
+        inner = {type(v).__name__ for v in value} or {"empty"}
+        size = sum(_scalar_bytes(v) for v in value)
+        return Item(record, kind, key, f"list[{'|'.join(sorted(inner))}]", (len(value),), size)
+    return Item(record, kind, key, type(value).__name__, (), _scalar_bytes(value))
+
+
+def _scalar_bytes(value: Any) -> int:
+    if isinstance(value, bytes):
+        return len(value)
+    if isinstance(value, str):
+        return len(value.encode("utf-8"))
+    return 1 if isinstance(value, bool) else 8
+
+
+def describe(message: Message) -> tuple[str, list[Item]]:
+    """The kind of an outgoing message and its items, without values."""
+    if message.has_error():
+        reason = message.error.reason or ""
+        return "error", [Item("error", "error", "code", "int", (), 8),
+                         Item("error", "error", "reason", "str", (), len(reason.encode("utf-8")))]
+    content = message.content
+    items = [Item(name, "array", key, str(array.dtype), tuple(array.shape), len(array.data))
+             for name, record in content.array_records.items() for key, array in record.items()]
+    items += [_value_item(name, "config", key, value)
+              for name, record in content.config_records.items() for key, value in record.items()]
+    items += [_value_item(name, "metric", key, value)
+              for name, record in content.metric_records.items() for key, value in record.items()]
+    return "reply", items
+
+
+def _server_round(msg: Message, context: Context) -> int | None:
+    config = msg.content.config_records.get("config")
+    value = config.get("server-round") if config is not None else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        context.state[ROUND] = ConfigRecord({"round": value})  # later secure stages carry no round number
+        return value
+    saved = context.state.config_records.get(ROUND)
+    kept = saved.get("round") if saved is not None else None
+    return kept if isinstance(kept, int) else None
+
+
+def _state_dir(context: Context) -> Path | None:
+    try:
+        return SiteConfig.from_node_config(context.node_config, RunConfig.from_flat(context.run_config)).state_dir
+    except MedFusionError:
+        raw = context.node_config.get("state-dir")
+        return Path(str(raw)) if raw else None
+
+
+def audit_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Run the handler, then record its reply in the site's outbound audit before Flower sends it."""
+    try:
+        reply = call_next(msg, context)
+    except Exception:  # whatever a handler did not turn into a reply: no traceback leaves the site
+        ref = uuid.uuid4().hex[:12]
+        log.exception("unexpected error serving %s (ref %s)", msg.metadata.message_type, ref)
+        reply = Message(error=Error(code=SITE_ERROR, reason=f"site error (ref {ref}); the details stay in the "
+                                                            "site's own log"), reply_to=msg)
+    state_dir = _state_dir(context)
+    server_round = _server_round(msg, context)
+    kind, items = describe(reply)
+    if state_dir is None:
+        log.error("no state-dir known for this site: the %s reply to %s is sent unaudited (fix the node config)",
+                  kind, msg.metadata.message_type)
+        return reply
+    try:
+        OutboundAudit(state_dir).append(run=int(msg.metadata.run_id), server_round=server_round,
+                                        stage=msg.metadata.message_type, kind=kind, items=items)
+    except OSError as exc:  # a message the site cannot record is not sent
+        log.error("outbound audit %s not writable (%s): refusing to send the %s reply", state_dir, exc, kind)
+        return Message(error=Error(code=SITE_ERROR, reason="site error: its outbound audit log is not writable"),
+                       reply_to=msg)
+    return reply

@@ -1,0 +1,116 @@
+"""What a site releases about its validation patients, and how the coordinator reads the pooled sums.
+
+Per validation patient with true class y, class probabilities s and cross-entropy l:
+- binary tasks: one count in cell y * bins + bin(s_1) (score histograms per true class);
+- K > 2 classes: one count in cell y, and one in cell K + y when argmax s = y (counts, correct per class);
+- and min(l, LOSS_CLIP) / LOSS_CLIP in the last entry.
+A site sends the sum over its validation patients, with N(0, (sigma x sensitivity)^2) noise on every
+entry under DP. Adding or removing one patient moves the sum by at most `sensitivity` in L2: sqrt(2)
+for binary tasks (a unit count and a loss <= 1), sqrt(3) otherwise (count, correct, loss). Sums over
+sites keep that form, so the pooled loss, accuracy, AUROC and operating threshold are post-processing.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+
+import numpy as np
+
+LOSS_CLIP = 10.0  # a patient's cross-entropy counts at most this much (e^-10: a confidently wrong score)
+
+
+@dataclass(frozen=True)
+class ReleaseLayout:
+    """The entries of an evaluation release for `num_classes` classes and `bins` score bins."""
+
+    num_classes: int
+    bins: int
+
+    @property
+    def binary(self) -> bool:
+        return self.num_classes == 2
+
+    @property
+    def cells(self) -> int:
+        return 2 * self.bins if self.binary else 2 * self.num_classes
+
+    @property
+    def length(self) -> int:
+        return self.cells + 1
+
+    @property
+    def sensitivity(self) -> float:
+        return math.sqrt(2.0 if self.binary else 3.0)
+
+    def sums(self, labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+        """The release of a set of patients without noise: labels (N,), probabilities (N, K)."""
+        if probs.shape != (len(labels), self.num_classes):
+            raise ValueError(f"probabilities of shape {probs.shape}; expected ({len(labels)}, {self.num_classes})")
+        out = np.zeros(self.length, np.float64)
+        if self.binary:
+            cells = labels * self.bins + np.minimum((probs[:, 1] * self.bins).astype(int), self.bins - 1)
+            out[: self.cells] = np.bincount(cells, minlength=self.cells)
+        else:
+            k = self.num_classes
+            out[:k] = np.bincount(labels, minlength=k)
+            out[k: 2 * k] = np.bincount(labels[probs.argmax(axis=1) == labels], minlength=k)
+        picked = np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0)
+        out[-1] = float(np.minimum(-np.log(picked), LOSS_CLIP).sum()) / LOSS_CLIP
+        return out
+
+    def noised(self, sums: np.ndarray, noise_multiplier: float) -> np.ndarray:
+        """Gaussian mechanism: sums + N(0, (noise_multiplier x sensitivity)^2) per entry, from OS entropy
+        (a seed the coordinator could derive would let it subtract the noise)."""
+        rng = np.random.default_rng(secrets.randbits(128))
+        return sums + rng.normal(0.0, noise_multiplier * self.sensitivity, sums.shape)
+
+
+@dataclass(frozen=True)
+class PooledEvaluation:
+    """What the coordinator reads from the sum of the sites' releases (noisy under DP: counts may be
+    fractional; negative cells are read as 0 in ratios)."""
+
+    num_examples: float
+    loss: float | None
+    accuracy: float | None
+    auroc: float | None  # binary tasks only
+    threshold: float | None  # binary tasks: the Youden threshold of the pooled histograms
+
+    @classmethod
+    def from_sum(cls, layout: ReleaseLayout, total: np.ndarray) -> PooledEvaluation:
+        if total.shape != (layout.length,):
+            raise ValueError(f"an evaluation sum of {total.shape} entries; expected {layout.length}")
+        cells = total[: layout.cells]
+        count = float(cells.sum()) if layout.binary else float(cells[: layout.num_classes].sum())
+        if count < 1.0:  # no patients (or noise larger than them): nothing to read
+            return cls(count, None, None, None, None)
+        loss = max(float(total[-1]), 0.0) * LOSS_CLIP / count
+        if not layout.binary:
+            correct = float(np.clip(cells[layout.num_classes:], 0, None).sum())
+            return cls(count, loss, min(correct / count, 1.0), None, None)
+        neg, pos = np.clip(cells[: layout.bins], 0, None), np.clip(cells[layout.bins:], 0, None)
+        half = layout.bins // 2  # predicted positive when s_1 >= 0.5, the edge of bin bins/2
+        accuracy = (float(pos[half:].sum()) + float(neg[:half].sum())) / max(float(pos.sum() + neg.sum()), 1e-12)
+        return cls(count, loss, accuracy, binned_auroc(pos, neg), youden_threshold(pos, neg))
+
+
+def binned_auroc(pos: np.ndarray, neg: np.ndarray) -> float | None:
+    """P(score of a positive > score of a negative), ties within a bin counted half; None without both."""
+    p, n = float(pos.sum()), float(neg.sum())
+    if p <= 0 or n <= 0:
+        return None
+    below = np.concatenate([[0.0], np.cumsum(neg)[:-1]])  # negatives in lower bins
+    return float((pos * (below + 0.5 * neg)).sum() / (p * n))
+
+
+def youden_threshold(pos: np.ndarray, neg: np.ndarray) -> float | None:
+    """The bin edge k / bins maximising sensitivity + specificity (predict positive when score >= it)."""
+    p, n = float(pos.sum()), float(neg.sum())
+    if p <= 0 or n <= 0:
+        return None
+    bins = len(pos)
+    sensitivity = (p - np.cumsum(pos)[:-1]) / p  # positives at or above edge k, for k = 1 .. bins - 1
+    specificity = np.cumsum(neg)[:-1] / n  # negatives below edge k
+    return float((1 + int(np.argmax(sensitivity + specificity))) / bins)

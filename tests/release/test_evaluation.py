@@ -1,0 +1,77 @@
+"""The evaluation release: its sums, its sensitivity, its noise, and what the coordinator reads from a pooled sum."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from medfusion_fl.release.evaluation import LOSS_CLIP, PooledEvaluation, ReleaseLayout, youden_threshold
+from medfusion_fl.training import score
+
+
+def _binary(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    p1 = np.clip(0.25 + 0.3 * labels + rng.normal(0, 0.15, n), 0.001, 0.999)
+    return labels, np.stack([1 - p1, p1], axis=1)
+
+
+def test_pooled_sums_read_as_the_pooled_patients() -> None:
+    layout = ReleaseLayout(2, 10)
+    sites = [_binary(n, seed) for seed, n in enumerate((30, 45, 25))]
+    total = sum(layout.sums(labels, probs) for labels, probs in sites)
+    pooled = PooledEvaluation.from_sum(layout, total)
+    labels = np.concatenate([s[0] for s in sites])
+    probs = np.concatenate([s[1] for s in sites])
+    exact = score(probs, labels)
+    assert pooled.num_examples == 100 and pooled.accuracy == pytest.approx(exact.accuracy)
+    assert pooled.loss == pytest.approx(exact.loss)  # no patient reaches the clip here
+    binned = np.minimum((probs[:, 1] * 10).astype(int), 9)  # AUROC of the binned scores, ties counted half
+    assert pooled.auroc == pytest.approx(roc_auc_score(labels, binned))
+    assert pooled.threshold is not None and pooled.threshold in {k / 10 for k in range(1, 10)}
+
+
+def test_one_patient_moves_the_release_by_at_most_its_sensitivity() -> None:
+    for layout in (ReleaseLayout(2, 10), ReleaseLayout(4, 10)):
+        labels, probs = _binary(20, 3) if layout.binary else (np.arange(20) % 4, np.full((20, 4), 0.25))
+        worst = np.array([[1e-9, 1 - 1e-9]]) if layout.binary else np.array([[1e-9, 1, 0, 0]])
+        base = layout.sums(labels, probs)
+        more = layout.sums(np.append(labels, 0), np.concatenate([probs, worst]))  # a confidently wrong patient
+        assert np.linalg.norm(more - base) <= layout.sensitivity + 1e-12
+        assert more[-1] - base[-1] == pytest.approx(1.0)  # its loss counts LOSS_CLIP at most
+    assert ReleaseLayout(2, 10).sensitivity == pytest.approx(2**0.5) and LOSS_CLIP > 0
+
+
+def test_noise_has_the_accounted_scale_and_is_fresh() -> None:
+    layout = ReleaseLayout(2, 10)
+    zeros = np.zeros(layout.length)
+    draws = np.stack([layout.noised(zeros, 2.0) for _ in range(400)])
+    assert draws.std() == pytest.approx(2.0 * 2**0.5, rel=0.05)
+    assert not np.array_equal(draws[0], draws[1])
+
+
+def test_multiclass_release_gives_accuracy_but_no_auroc() -> None:
+    layout = ReleaseLayout(3, 10)
+    labels = np.array([0, 1, 2, 2])
+    probs = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.5, 0.2, 0.3], [0.1, 0.1, 0.8]])
+    pooled = PooledEvaluation.from_sum(layout, layout.sums(labels, probs))
+    assert pooled.accuracy == pytest.approx(0.75) and pooled.auroc is None and pooled.threshold is None
+    assert pooled.loss == pytest.approx(score(probs, labels).loss)
+
+
+def test_noise_larger_than_the_patients_reads_as_nothing() -> None:
+    layout = ReleaseLayout(2, 10)
+    empty = np.zeros(layout.length)
+    empty[0] = -3.0
+    assert PooledEvaluation.from_sum(layout, empty) == PooledEvaluation(-3.0, None, None, None, None)
+
+
+def test_youden_threshold_of_histograms() -> None:
+    labels = np.array([1, 1, 1, 0, 0, 0, 0])
+    p1 = np.array([0.35, 0.41, 0.9, 0.05, 0.1, 0.2, 0.33])  # all below 0.5 except one, yet well ranked
+    layout = ReleaseLayout(2, 50)
+    cells = layout.sums(labels, np.stack([1 - p1, p1], axis=1))[: layout.cells]
+    threshold = youden_threshold(cells[50:], cells[:50])
+    assert threshold is not None and 0.33 < threshold <= 0.35  # separates the classes perfectly
+    assert youden_threshold(np.zeros(50), cells[:50]) is None  # one class only: no threshold
