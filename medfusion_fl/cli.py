@@ -1,4 +1,4 @@
-"""The `medfusion-fl` command: synth, site check/status/run, certs, simulate, export, config show."""
+"""The `medfusion-fl` command: synth, site check/status/audit/run/import, certs, simulate, export, config show."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from medfusion_fl.config import RunConfig, all_keys
+from medfusion_fl.config import RunConfig, all_keys, privacy_warnings
 from medfusion_fl.config_sources import flatten, parse_overrides, read_toml_flat
 from medfusion_fl.console import ensure_logging
 from medfusion_fl.errors import ConfigError, MedFusionError
@@ -140,19 +140,46 @@ def _preset(app_dir: Path, name: str) -> dict[str, Any]:
     return tomllib.loads(path.read_text())
 
 
+def _preset_config(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> tuple[RunConfig, dict[str, Any]]:
+    """The run config of a preset (+ --config, --set) and the preset's [simulation] table."""
+    preset = _preset(_find_app(args.app), args.preset)
+    return _run_config(args, {**flatten(preset.get("config", {})), **(extra or {})}), preset.get("simulation", {})
+
+
+def _write_site_policies(root: Path, specs: list[str], num_sites: int) -> None:
+    """--site-policy [SITE=]FILE: the simulated sites' stand-in for site.toml's [policy] (rewritten each run)."""
+    from medfusion_fl.site_config import POLICY_FOLDER, read_policy_file
+
+    folder = root / POLICY_FOLDER
+    for old in folder.glob("*.toml") if folder.is_dir() else []:
+        old.unlink()
+    sites = [f"site-{k}" for k in range(num_sites)]
+    for spec in specs:
+        site, sep, file = spec.rpartition("=")
+        targets = [site] if sep else sites
+        if sep and site not in sites:
+            raise ConfigError(f"--site-policy {spec!r}: no simulated site {site!r}; the sites are {sites}")
+        path = Path(file)
+        if not path.is_file():
+            raise ConfigError(f"--site-policy {spec!r}: {path} does not exist")
+        read_policy_file(path)  # unknown keys refused now, not at the first round
+        folder.mkdir(parents=True, exist_ok=True)
+        for target in targets:
+            (folder / f"{target}.toml").write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
+            log.info("simulated %s: site policy from %s", target, path)
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     os.environ.update(FLOWER_ENV)
     app_dir = _find_app(args.app)
-    preset = _preset(app_dir, args.preset)
-    sim = preset.get("simulation", {})
     out = Path(args.out)
-    defaults = {"output.run-dir": str(out), "data.sites-root": str(out / "data")}
-    run = _run_config(args, {**defaults, **flatten(preset.get("config", {}))})
+    run, sim = _preset_config(args, {"output.run-dir": str(out), "data.sites-root": str(out / "data")})
     num_sites = args.sites or int(sim.get("num-sites", 3))
     if run.data.source == "synthetic":
         from medfusion_fl.data import write_federation
 
         write_federation(Path(run.data.sites_root), run, num_sites)
+    _write_site_policies(Path(run.data.sites_root), args.site_policy or [], num_sites)
     sys.path.insert(0, str(app_dir))
     from simulations.runner import run_app
 
@@ -176,9 +203,33 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
-    flat = _run_config(args).to_flat()
+    """The effective run config: defaults, then the preset, --config and --set, in that order."""
+    run = _preset_config(args)[0] if args.preset else _run_config(args)
+    flat, default = run.to_flat(), RunConfig().to_flat()
     for key in all_keys():
-        sys.stdout.write(f"{key} = {flat[key]!r}\n")
+        note = f"  # default {default[key]!r}" if flat[key] != default[key] else ""
+        sys.stdout.write(f"{key} = {flat[key]!r}{note}\n")
+    for line in privacy_warnings(run):
+        log.warning("%s", line)
+    return 0
+
+
+def cmd_site_audit(args: argparse.Namespace) -> int:
+    from medfusion_fl.release.audit import FILENAME, verify
+
+    target = Path(args.path)
+    check = verify(target / FILENAME if target.is_dir() else target)
+    def order(item: tuple[str, Any]) -> tuple[bool, int]:
+        return item[0] == "None", int(item[0]) if item[0].isdigit() else 0
+
+    for server_round, stages in sorted(check.bytes_by_round.items(), key=order):
+        sys.stdout.write(f"round {server_round}: " + ", ".join(f"{k} {v} B" for k, v in sorted(stages.items()))
+                         + "\n")
+    total = sum(sum(stages.values()) for stages in check.bytes_by_round.values())
+    if not check.ok:
+        sys.stdout.write(f"BROKEN: {check.path} line {check.broken_line}: {check.problem}\n")
+        return 1
+    sys.stdout.write(f"OK: {check.path}: {check.messages} message(s), {total} B, hash chain intact\n")
     return 0
 
 
@@ -206,6 +257,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-epsilon", type=float, default=8.0, help="the site's budget (default 8)")
     p.add_argument("--accountant", choices=["rdp", "prv"], default="rdp")
     p.set_defaults(func=cmd_site_status)
+    p = site.add_parser("audit", help="verify the site's outbound audit log; bytes sent per round and stage")
+    p.add_argument("path", help="the site's state dir, or its outbound_audit.jsonl")
+    p.set_defaults(func=cmd_site_audit)
     p = site.add_parser("run", help="check the site's config and data, then start its Flower SuperNode")
     p.add_argument("--config", type=Path, required=True, help="the site's site.toml (docs/deployment.md)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a run-config key of [run]")
@@ -237,13 +291,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--sites", type=int, help="number of simulated sites (default: the preset's)")
     p.add_argument("--app", default=".", help="the app folder (default: current folder)")
+    p.add_argument("--site-policy", action="append", metavar="[SITE=]FILE",
+                   help="a simulated site's policy: the [policy] table of FILE (a site.toml), for SITE (site-0, ...) "
+                        "or for every site; repeatable")
     p.set_defaults(func=cmd_simulate)
     p = sub.add_parser("export", help="export a checkpoint to model.onnx + model_card.json")
     p.add_argument("checkpoint")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export)
     config = sub.add_parser("config", help="run configuration").add_subparsers(dest="config_command", required=True)
-    p = with_config(config.add_parser("show", help="print every config key with its value"))
+    p = with_config(config.add_parser("show", help="print the effective value of every config key"))
+    p.add_argument("--preset", help="apply a simulation preset first (as `simulate --preset` does)")
+    p.add_argument("--app", default=".", help="the app folder holding simulations/presets (default: current folder)")
     p.set_defaults(func=cmd_config_show)
     return parser
 

@@ -2,7 +2,8 @@
 
 Each node has its own Context (node_config = partition-id, like simulation). A ClientApp that
 raises becomes an error reply, as Flower's runtime does; `silent` nodes never reply (timeouts), and
-`drop_at` nodes go silent from a given message type on (a site lost mid-round).
+`drop_at` nodes go silent from a given message type on (a site lost mid-round); `per_node` adds node-config
+keys to one partition (a site with its own policy).
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from flwr.supercore.task_identity import TaskIdentity
 class FakeGrid:
     def __init__(self, app: ClientApp, run_config: dict[str, Any], num_nodes: int,
                  silent: Iterable[int] = (), node_config: dict[str, Any] | None = None,
-                 drop_at: dict[int, str] | None = None) -> None:
+                 drop_at: dict[int, str] | None = None, per_node: dict[int, dict[str, Any]] | None = None) -> None:
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
         self.app = app
         self.contexts = {
             100 + i: Context(run_id=1, node_id=100 + i,
-                             node_config={"partition-id": i, "num-partitions": num_nodes, **(node_config or {})},
+                             node_config={"partition-id": i, "num-partitions": num_nodes, **(node_config or {}),
+                                          **(per_node or {}).get(i, {})},
                              state=RecordDict(), run_config=dict(run_config))
             for i in range(num_nodes)
         }

@@ -1,5 +1,6 @@
-"""One end-to-end smoke test of `medfusion-fl simulate` on Flower's Ray simulation engine, with DP
-and secure aggregation (the preset's defaults)."""
+"""`medfusion-fl simulate` on Flower's Ray simulation engine with the default config (DP, secure
+aggregation, default site policies): the privacy test reads every site's outbound audit log afterwards.
+Then the same with a fourth site whose own policy refuses the run."""
 
 from __future__ import annotations
 
@@ -8,33 +9,69 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from medfusion_fl.privacy import DPStep, epsilon
 from tests.conftest import REPO
+from tests.release.outbound_checks import check_outbound
+
+SMALL = ["--set", "model.backbone=test_resnet", "--set", "synth.patients-per-site=60", "--set",
+         "synth.test-patients=40", "--set", "train.local-epochs=1"]  # sizes only: every privacy key at its default
+
+
+def _simulate(out: Path, sites: int, *extra: str) -> tuple[list[dict[str, Any]], dict[str, Any], str]:
+    cmd = [sys.executable, "-m", "medfusion_fl.cli", "simulate", "--config", str(REPO / "pyproject.toml"),
+           "--preset", "tiny-cpu", "--out", str(out), "--sites", str(sites), "--set", "rounds.num-server-rounds=2",
+           *SMALL, *extra]
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return lines, json.loads((out / "model_card.json").read_text()), done.stdout + done.stderr
 
 
 @pytest.mark.simulation
-def test_simulate_cli_runs_a_federation_and_exports(tmp_path: Path) -> None:
+def test_a_default_federation_releases_only_what_the_privacy_statement_covers(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    cmd = [sys.executable, "-m", "medfusion_fl.cli", "simulate", "--preset", "tiny-cpu", "--out", str(out),
-           "--sites", "2", "--set", "rounds.num-server-rounds=2", "--set", "model.backbone=test_resnet",
-           "--set", "synth.patients-per-site=40", "--set", "synth.test-patients=40",
-           "--set", "train.local-epochs=1", "--set", "privacy.noise-multiplier=1.5"]
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [line["round"] for line in lines] == [1, 2]
-    assert sorted(lines[-1]["train"]["sites"]) == ["site-0", "site-1"] and lines[-1]["failures"] == []
-    card = json.loads((out / "model_card.json").read_text())
-    assert card["export_check"]["max_abs_diff"] <= 1e-4 and card["rounds"] == 2
-    assert (out / "model.onnx").is_file()
-    eps = [line["privacy"]["site-0"]["epsilon"] for line in lines]  # DP at every site, cumulative
-    assert 0 < eps[0] < eps[1] <= 8.0
-    sites = card["privacy"]["differential_privacy"]["sites"]
-    assert sorted(sites) == ["site-0", "site-1"] and len(sites["site-1"]["history"]) == 2
-    assert "round 2/2" in done.stdout + done.stderr
-    assert all(line["secure_aggregation"]["sites"] == 2 for line in lines)  # the preset's secure aggregation
-    assert card["privacy"]["secure_aggregation"]["threshold"] == 2
+    lines, card, log = _simulate(out, 3)
+    assert [line["round"] for line in lines] == [1, 2] and all(line["failures"] == [] for line in lines)
+    assert all(line["secure_aggregation"]["sites"] == 3 for line in lines)
+    assert all(line["evaluate"]["summed"] == ["site-0", "site-1", "site-2"] for line in lines)
+    assert all(line["train"]["loss"] is None for line in lines)  # not released under DP
+    assert card["export_check"]["max_abs_diff"] <= 1e-4 and (out / "model.onnx").is_file()
+    assert "round 2/2" in log and "not released (DP)" in log
+    privacy = card["privacy"]
+    assert privacy["warnings"] == [] and privacy["sites_sharing_figures_in_clear"] == "none"
+    assert {row["record"] for row in privacy["released"]} == {"secagg", "site", "privacy", "error"}
+    for site, report in privacy["differential_privacy"]["sites"].items():
+        history = report["training"]["history"] + report["evaluation"]["history"]
+        assert len(report["training"]["history"]) == len(report["evaluation"]["history"]) == 2
+        recomputed = epsilon([DPStep(h["noise_multiplier"], h["sample_rate"], h["steps"]) for h in history],
+                             delta=report["delta"])
+        assert report["epsilon"] == pytest.approx(recomputed) and 0 < report["evaluation"]["epsilon"] < recomputed
+        assert lines[-1]["privacy"][site]["epsilon"] == pytest.approx(recomputed) and recomputed <= 8.0
+        audit = check_outbound(out / "site-state" / site)
+        assert [line["stage"].split(".")[0] for line in audit] == ["train"] * 4 + ["evaluate"] * 4 + \
+            ["train"] * 4 + ["evaluate"] * 4  # four secure stages each, nothing else
+
+
+@pytest.mark.simulation
+def test_a_site_whose_policy_refuses_the_run_sends_only_its_refusal(tmp_path: Path) -> None:
+    strict = tmp_path / "strict.toml"
+    strict.write_text("[policy]\nmin-noise-multiplier = 3.0\n")  # this hospital accepts no less noise than 3
+    out = tmp_path / "demo"
+    lines, card, _ = _simulate(out, 4, "--site-policy", f"site-3={strict}", "--set", "rounds.fraction-evaluate=0.75")
+    for line in lines:
+        assert line["status"] == "ok" and sorted(line["train"]["sites"]) == ["site-0", "site-1", "site-2"]
+        refused = [f for f in line["failures"] if f["code"] == 4002]
+        assert refused and all(f["reason"].startswith("site-3 refuses") for f in refused)
+    assert "min-noise-multiplier = 3.0" in next(iter(card["privacy"]["refused_by_site_policy"].values()))
+    audit = check_outbound(out / "site-state" / "site-3")
+    assert {line["kind"] for line in audit} == {"error"} and len(audit) == len(
+        [f for line in lines for f in line["failures"] if f["code"] == 4002])
+    assert not (out / "site-state" / "site-3" / "privacy_ledger.json").exists()
+    for k in range(3):
+        check_outbound(out / "site-state" / f"site-{k}")

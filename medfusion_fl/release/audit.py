@@ -1,9 +1,9 @@
 """The site's outbound record: one JSON line per message it sent (never a value), hash-chained.
 
 Each line holds the run, round, stage (message type) and kind of a message and, for every array and
-value in it, its record, key, dtype, shape and byte size; `prev` is the SHA-256 of the previous line's
-bytes (64 zeros for the first); `outbound_audit.head` holds the count and hash of the last line, so an
-edit of the last line shows too. The file is rewritten atomically under a lock for each line, so no line
+value in it, its record, key, dtype, shape and byte size; `hash` is the SHA-256 of the line without its
+hash, `prev` the hash of the line before (64 zeros for the first), and `outbound_audit.head` the count and
+hash of the last line: an edited line shows at that line, a removed one at the next, a dropped tail at the head. The file is rewritten atomically under a lock for each line, so no line
 is ever half written. `verify` names the first line that breaks the chain and sums the bytes sent per
 round and stage.
 """
@@ -26,7 +26,7 @@ from medfusion_fl.durable import write_bytes_atomic
 FILENAME = "outbound_audit.jsonl"
 HEAD = "outbound_audit.head"
 GENESIS = "0" * 64
-_FIELDS = ("seq", "time", "run", "round", "stage", "kind", "items", "bytes", "prev")
+_FIELDS = ("seq", "time", "run", "round", "stage", "kind", "items", "bytes", "prev", "hash")
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,13 @@ class Item:
                 "shape": list(self.shape), "bytes": self.bytes}
 
 
-def line_hash(line: bytes) -> str:
-    return hashlib.sha256(line).hexdigest()
+def _dumps(entry: dict[str, Any]) -> bytes:
+    return json.dumps(entry, separators=(",", ":")).encode("utf-8")
+
+
+def line_hash(entry: dict[str, Any]) -> str:
+    """The SHA-256 of a line's fields other than `hash`, in their written order."""
+    return hashlib.sha256(_dumps({k: v for k, v in entry.items() if k != "hash"})).hexdigest()
 
 
 @contextmanager
@@ -72,15 +77,15 @@ class OutboundAudit:
         with _locked(self.path):
             old = self.path.read_bytes() if self.path.exists() else b""
             lines = old.splitlines()
-            last = lines[-1] if lines else b""
-            seq = len(lines) + 1
-            entry = {"seq": seq, "time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"), "run": run,
-                     "round": server_round, "stage": stage, "kind": kind, "items": [i.to_json() for i in items],
-                     "bytes": sum(i.bytes for i in items), "prev": line_hash(last) if last else GENESIS}
-            line = json.dumps(entry, separators=(",", ":")).encode("utf-8")
+            prev = json.loads(lines[-1])["hash"] if lines else GENESIS
+            entry: dict[str, Any] = {
+                "seq": len(lines) + 1, "time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
+                "run": run, "round": server_round, "stage": stage, "kind": kind,
+                "items": [i.to_json() for i in items], "bytes": sum(i.bytes for i in items), "prev": prev}
+            entry["hash"] = line_hash(entry)
             body = old if not old or old.endswith(b"\n") else old + b"\n"
-            write_bytes_atomic(self.path, body + line + b"\n", mode=0o600)
-            write_bytes_atomic(self.path.with_name(HEAD), f"{seq} {line_hash(line)}\n".encode(), mode=0o600)
+            write_bytes_atomic(self.path, body + _dumps(entry) + b"\n", mode=0o600)
+            write_bytes_atomic(self.path.with_name(HEAD), f"{entry['seq']} {entry['hash']}\n".encode(), mode=0o600)
         return entry
 
 
@@ -111,7 +116,7 @@ def verify(path: Path) -> AuditCheck:
     if not check.path.is_file():
         check.broken_line, check.problem = 0, f"{check.path} does not exist"
         return check
-    previous, last = GENESIS, b""
+    previous = GENESIS
     summary: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for number, raw in enumerate(check.path.read_bytes().splitlines(), start=1):
         check.lines = number
@@ -122,13 +127,11 @@ def verify(path: Path) -> AuditCheck:
         entry = json.loads(raw)
         summary[str(entry["round"])][f"{entry['stage']} ({entry['kind']})"] += int(entry["bytes"])
         check.messages += 1
-        previous, last = line_hash(raw), raw
-    if check.ok and check.lines:
-        head = check.path.with_name(HEAD)
-        expected = f"{check.lines} {line_hash(last)}"
-        if not head.is_file() or head.read_text().strip() != expected:
-            check.broken_line = check.lines
-            check.problem = f"the last line differs from {head.name} (it was changed, or lines were added or removed)"
+        previous = entry["hash"]
+    head = check.path.with_name(HEAD)
+    if check.ok and check.lines and (not head.is_file() or head.read_text().strip() != f"{check.lines} {previous}"):
+        check.broken_line = check.lines
+        check.problem = f"the log ends differently from {head.name}: lines were removed or added at its end"
     check.bytes_by_round = {r: dict(v) for r, v in summary.items()}
     return check
 
@@ -140,9 +143,10 @@ def _problem(raw: bytes, number: int, previous: str) -> str:
         return "not a JSON line"
     if not isinstance(entry, dict) or set(entry) != set(_FIELDS):
         return f"not an audit line (fields {sorted(entry) if isinstance(entry, dict) else type(entry).__name__})"
+    if entry["hash"] != line_hash(entry):
+        return "its content does not match its hash: this line was changed"
     if entry["prev"] != previous:
-        return (f"its prev hash is not the SHA-256 of line {number - 1}: line {number - 1} or this line was "
-                "changed, or a line was removed")
+        return f"its prev is not the hash of line {number - 1}: a line before it was removed or replaced"
     if entry["seq"] != number:
         return f"sequence number {entry['seq']} where {number} was expected"
     if entry["bytes"] != sum(int(i.get("bytes", 0)) for i in entry["items"]):
