@@ -64,8 +64,8 @@ def cmd_site_status(args: argparse.Namespace) -> int:
         sys.stdout.write(f"federation {federation!r}: epsilon {spent:.4f} of {args.max_epsilon:g} at delta "
                          f"{args.delta:g} ({args.accountant}); remaining {max(args.max_epsilon - spent, 0):.4f}\n")
         for entry in ledger.entries(federation):
-            sys.stdout.write(f"  round {entry.round:>4}  noise {entry.noise_multiplier:g}  sample rate "
-                             f"{entry.sample_rate:.5f}  steps {entry.steps:>6}  at {entry.recorded_at}\n")
+            sys.stdout.write(f"  round {entry.round:>4}  {entry.kind:<8}  noise {entry.noise_multiplier:g}  sample "
+                             f"rate {entry.sample_rate:.5f}  steps {entry.steps:>6}  at {entry.recorded_at}\n")
     return 0
 
 

@@ -59,4 +59,4 @@ def test_site_status_cli_prints_history_and_remaining_budget(tmp_path: Path,
     assert main(["site", "status", str(tmp_path), "--max-epsilon", "10"]) == 0
     out = capsys.readouterr().out
     assert "federation 'fed-a': epsilon 7.3291 of 10" in out and "remaining 2.6709" in out
-    assert "round    1  noise 1.5  sample rate 0.04000  steps   2250" in out
+    assert "round    1  train     noise 1.5  sample rate 0.04000  steps   2250" in out

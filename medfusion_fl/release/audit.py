@@ -2,10 +2,10 @@
 
 Each line holds the run, round, stage (message type) and kind of a message and, for every array and
 value in it, its record, key, dtype, shape and byte size; `hash` is the SHA-256 of the line without its
-hash, `prev` the hash of the line before (64 zeros for the first), and `outbound_audit.head` the count and
-hash of the last line: an edited line shows at that line, a removed one at the next, a dropped tail at the head. The file is rewritten atomically under a lock for each line, so no line
-is ever half written. `verify` names the first line that breaks the chain and sums the bytes sent per
-round and stage.
+hash, `prev` the hash of the line before (64 zeros for the first), and `outbound_audit.head` the count
+and hash of the last line: an edited line shows at that line, a removed one at the next, a dropped tail
+at the head. The file is rewritten atomically under a lock for each line, so no line is ever half
+written. `verify` names the first line that breaks the chain and sums the bytes sent per round and stage.
 """
 
 from __future__ import annotations

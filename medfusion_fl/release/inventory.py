@@ -55,8 +55,8 @@ FIGURES: tuple[Figure, ...] = (
     Figure((SECURE_EVAL[2],), "secagg", ("masked",),
            "masked evaluation release of the validation patients: score histograms per true class (counts "
            "and correct per class for K > 2), clipped loss sum, overflow count",
-           "secure sum; under DP Gaussian noise (evaluation.noise-multiplier x sqrt 2) on every entry, charged "
-           "to the site's ledger", ("secagg",)),
+           "secure sum; under DP Gaussian noise (evaluation.noise-multiplier x sqrt 2, sqrt 3 for K > 2) on every "
+           "entry, charged to the site's ledger", ("secagg",)),
     Figure((SECURE_TRAIN[3], SECURE_EVAL[3]), "secagg", ("round-id", "share-<j>"),
            "one Shamir share per neighbour j: of a survivor's self-mask seed or of a dropped site's mask key, "
            "never both", "protocol: only rebuilds masks over >= secagg.threshold sites", ("secagg",)),
@@ -73,8 +73,8 @@ FIGURES: tuple[Figure, ...] = (
            "public by the site's declaration (implied by its sample rate under DP)", ("plain",)),
     Figure(("evaluate",), "release", ("sums",),
            "evaluation release of the validation patients (as the masked evaluation input, in clear)",
-           "clear to the coordinator; under DP Gaussian noise (evaluation.noise-multiplier x sqrt 2), charged "
-           "to the site's ledger", ("plain",)),
+           "clear to the coordinator; under DP Gaussian noise (evaluation.noise-multiplier x sqrt 2, sqrt 3 for "
+           "K > 2), charged to the site's ledger", ("plain",)),
     Figure(("train", SECURE_TRAIN[0]), "shared", ("train-loss", "train-steps", "train-seconds"),
            "the site's own training loss, steps and time", "clear by site policy (share-metrics); no DP",
            ("share-metrics",)),
