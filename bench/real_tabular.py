@@ -9,7 +9,7 @@ without and with DP-SGD (noise 1.5, clip 1.0, per-patient, epsilon at delta 1e-5
 largest site's). Federated rounds call the same local training and strategy code as the round loop,
 in process (no Flower transport). Prints JSON with test accuracy and AUROC, mean and std over seeds.
 
-  python bench/real_tabular.py --seeds 5 --out bench/results-real-tabular.json
+  python bench/real_tabular.py --seeds 5 --out bench/results/results-real-tabular.json
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ Sites run in parallel in a federation, so a round counts the slowest site's time
 coordinator's. Bytes are what one site sends (payload, without Flower's framing, the same for both).
 Network transfer time is not modelled (the bytes are reported instead).
 
-  python bench/secagg_cost.py --sites 3 10 30 --params 1M 11M --out bench/results-secagg-cpu.json
+  python bench/secagg_cost.py --sites 3 10 30 --params 1M 11M --out bench/results/results-secagg-cpu.json
 """
 
 from __future__ import annotations

@@ -21,10 +21,10 @@ SMALL = ["--set", "model.backbone=test_resnet", "--set", "synth.patients-per-sit
          "synth.test-patients=40", "--set", "train.local-epochs=1"]  # sizes only: every privacy key at its default
 
 
-def _simulate(out: Path, sites: int, *extra: str) -> tuple[list[dict[str, Any]], dict[str, Any], str]:
+def _simulate(out: Path, sites: int, rounds: int, *extra: str) -> tuple[list[dict[str, Any]], dict[str, Any], str]:
     cmd = [sys.executable, "-m", "medfusion_fl.cli", "simulate", "--config", str(REPO / "pyproject.toml"),
-           "--preset", "tiny-cpu", "--out", str(out), "--sites", str(sites), "--set", "rounds.num-server-rounds=2",
-           *SMALL, *extra]
+           "--preset", "tiny-cpu", "--out", str(out), "--sites", str(sites), "--set",
+           f"rounds.num-server-rounds={rounds}", *SMALL, *extra]
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
@@ -36,7 +36,7 @@ def _simulate(out: Path, sites: int, *extra: str) -> tuple[list[dict[str, Any]],
 @pytest.mark.simulation
 def test_a_default_federation_releases_only_what_the_privacy_statement_covers(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    lines, card, log = _simulate(out, 3)
+    lines, card, log = _simulate(out, 3, 2)
     assert [line["round"] for line in lines] == [1, 2] and all(line["failures"] == [] for line in lines)
     assert all(line["secure_aggregation"]["sites"] == 3 for line in lines)
     assert all(line["evaluate"]["summed"] == ["site-0", "site-1", "site-2"] for line in lines)
@@ -63,7 +63,7 @@ def test_a_site_whose_policy_refuses_the_run_sends_only_its_refusal(tmp_path: Pa
     strict = tmp_path / "strict.toml"
     strict.write_text("[policy]\nmin-noise-multiplier = 3.0\n")  # this hospital accepts no less noise than 3
     out = tmp_path / "demo"
-    lines, card, _ = _simulate(out, 4, "--site-policy", f"site-3={strict}", "--set", "rounds.fraction-evaluate=0.75")
+    lines, card, _ = _simulate(out, 4, 1, "--site-policy", f"site-3={strict}")
     for line in lines:
         assert line["status"] == "ok" and sorted(line["train"]["sites"]) == ["site-0", "site-1", "site-2"]
         refused = [f for f in line["failures"] if f["code"] == 4002]

@@ -26,7 +26,7 @@ def test_every_listed_name_is_buildable_by_name() -> None:
 
 
 def test_local_weights_file_is_loaded_and_misfits_are_refused(tmp_path: Path) -> None:
-    flat = {"model.backbone": "test_resnet"}
+    flat = {"model.backbone": "test_resnet", "privacy.enabled": False}  # the model without DP preparation
     source = build_model(RunConfig.from_flat(flat), seed=1)
     path = tmp_path / "backbone.pt"
     torch.save(source.image.backbones[0].state_dict(), path)  # type: ignore[union-attr]

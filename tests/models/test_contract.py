@@ -25,7 +25,8 @@ PAIRS = list(itertools.product(list_aggregations(), list_fusions()))
 
 def _build(**flat: Any) -> MedFusionModel:
     base = {"model.backbone": "test_resnet", "data.image-size": 32, "model.dropout": 0.0,
-            "model.image-dim": 16, "model.fusion-dim": 16, "model.tabular-hidden": 8}
+            "model.image-dim": 16, "model.fusion-dim": 16, "model.tabular-hidden": 8,
+            "privacy.enabled": False}  # the model as built; its DP form: tests/test_dp_sgd.py, test_bookkeeping.py
     return build_model(RunConfig.from_flat({**base, **flat}), seed=0)
 
 

@@ -10,7 +10,7 @@ from medfusion_fl.config import RunConfig
 from medfusion_fl.errors import ConfigError, ModelError
 from medfusion_fl.models import build_model, example_inputs, list_aggregations, list_fusions
 
-SMALL = {"model.backbone": "test_resnet", "data.image-size": 32}
+SMALL = {"model.backbone": "test_resnet", "data.image-size": 32, "privacy.enabled": False}  # the model without DP
 
 
 def _model(**overrides: object) -> nn.Module:

@@ -1,5 +1,5 @@
-"""Each site-policy key refuses what it should, at the site, before the site trains, evaluates or reveals;
-the coordinator records the refusal and goes on with the other sites."""
+"""Each site-policy key refuses what it should, at the site, before the site trains, evaluates or reveals.
+(That the coordinator records a refusal and goes on: tests/release/test_outbound.py and tests/test_simulation.py.)"""
 
 from __future__ import annotations
 
@@ -138,24 +138,6 @@ def test_share_metrics(tiny_run: RunConfig, tmp_path: Path) -> None:
     shared = _reply(tiny_run, "evaluate.secagg_advertise", {"share-metrics": True}, tmp_path / "b")
     figures = shared.content.metric_records["shared"]
     assert {"eval-loss", "eval-accuracy", "eval-patients"} <= set(figures)
-
-
-def test_the_coordinator_records_a_refusal_and_goes_on(synth_root: Path, tmp_path: Path) -> None:
-    run = RunConfig.from_flat(tiny_flat(tmp_path, **{"rounds.num-server-rounds": 1,
-                                                     "data.sites-root": str(synth_root / "data")}))
-    strict = {3: {"min-noise-multiplier": 3.0}}  # site-3 accepts no run with less noise than 3.0
-    grid = FakeGrid(app, run.to_flat(), num_nodes=4, node_config={"max-epsilon": 100.0}, per_node=strict)
-    federation = Federation(run)
-    federation.export(federation.run_rounds(grid))
-    line = RunStore(run.output.run_dir).read_metrics()[-1]
-    assert line["status"] == "ok" and sorted(line["train"]["sites"]) == ["site-0", "site-1", "site-2"]
-    assert line["evaluate"]["summed"] == ["site-0", "site-1", "site-2"]
-    refusals = {(f["node_id"], f["stage"], f["code"]) for f in line["failures"]}
-    assert refusals == {(103, "secagg_advertise", POLICY_REFUSED)}  # refused training, then evaluation
-    assert [f["reason"].split(":")[0] for f in line["failures"]] == ["site-3 refuses train", "site-3 refuses evaluate"]
-    card = json.loads((Path(run.output.run_dir) / "model_card.json").read_text())
-    assert "min-noise-multiplier = 3.0" in card["privacy"]["refused_by_site_policy"]["node 103"]
-    assert not (Path(run.output.run_dir) / "site-state" / "site-3" / "privacy_ledger.json").exists()
 
 
 def test_relaxed_lists_every_weaker_key() -> None:

@@ -3,6 +3,7 @@ federation run with the default config (in-process grid; tests/test_simulation.p
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from medfusion_fl.config import RunConfig
 from medfusion_fl.protocol import POLICY_REFUSED
 from medfusion_fl.release.audit import FILENAME, HEAD, Item, OutboundAudit, read_lines, verify
 from medfusion_fl.release.inventory import markdown_table
+from medfusion_fl.runstore import RunStore
 from server.federation import Federation
 from tests.conftest import REPO, tiny_flat
 from tests.fakegrid import FakeGrid
@@ -70,7 +72,18 @@ def test_what_left_the_sites_of_a_default_federation(synth_root: Path, tmp_path:
                                                      "data.sites-root": str(synth_root / "data")}))
     strict = {3: {"require-dp": True, "min-noise-multiplier": 3.0}}
     grid = FakeGrid(app, run.to_flat(), num_nodes=4, node_config={"max-epsilon": 100.0}, per_node=strict)
-    Federation(run).run_rounds(grid)
+    federation = Federation(run)
+    federation.export(federation.run_rounds(grid))
+    # the coordinator recorded site-3's refusals of training and evaluation and went on with the others
+    line = RunStore(run.output.run_dir).read_metrics()[-1]
+    assert line["status"] == "ok" and sorted(line["train"]["sites"]) == ["site-0", "site-1", "site-2"]
+    assert line["evaluate"]["summed"] == ["site-0", "site-1", "site-2"]
+    assert [(f["node_id"], f["stage"], f["code"]) for f in line["failures"]] == [(103, "secagg_advertise",
+                                                                                 POLICY_REFUSED)] * 2
+    assert [f["reason"].split(":")[0] for f in line["failures"]] == ["site-3 refuses train", "site-3 refuses evaluate"]
+    card = json.loads((Path(run.output.run_dir) / "model_card.json").read_text())
+    assert "min-noise-multiplier = 3.0" in card["privacy"]["refused_by_site_policy"]["node 103"]
+    # and what left each site
     states = Path(run.output.run_dir) / "site-state"
     for k in range(3):
         lines = check_outbound(states / f"site-{k}")
