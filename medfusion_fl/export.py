@@ -135,11 +135,14 @@ def privacy_section(run: RunConfig, sites: dict[str, Any], *, sharing_sites: lis
     from medfusion_fl.config import privacy_warnings
     from medfusion_fl.release.inventory import released
 
+    dp = _dp_statement(run, sites)
+    spent = ({site: {part: report[part]["epsilon"] for part in ("training", "evaluation")}
+              for site, report in dp["sites"].items()} if isinstance(dp, dict) else None)
     section: dict[str, Any] = {
         "warnings": privacy_warnings(run),
-        "differential_privacy": _dp_statement(run, sites),
+        "differential_privacy": dp,
         "secure_aggregation": _secagg_statement(run),
-        "released": released(run, sharing_sites=sharing_sites),
+        "released": released(run, sharing_sites=sharing_sites, epsilon=spent),
         "validation_patients": (
             f"covered: each evaluation release is a Gaussian mechanism (evaluation.noise-multiplier "
             f"{run.evaluation.noise_multiplier:g} x its sensitivity) charged to the site's ledger"
@@ -176,9 +179,10 @@ def _dp_statement(run: RunConfig, sites: dict[str, Any]) -> str | dict[str, Any]
         history = report.get("history", [])
         parts = {}
         for kind, name in (("train", "training"), ("evaluate", "evaluation")):
-            steps = [DPStep(h["noise_multiplier"], h["sample_rate"], h["steps"]) for h in history if h["kind"] == kind]
+            events = [h for h in history if h.get("kind", "train") == kind]  # older reports: training only
+            steps = [DPStep(h["noise_multiplier"], h["sample_rate"], h["steps"]) for h in events]
             parts[name] = {"epsilon": epsilon(steps, delta=report["delta"], accountant=report["accountant"]),
-                           "history": [h for h in history if h["kind"] == kind]}
+                           "history": events}
         per_site[site] = {k: v for k, v in report.items() if k != "history"} | parts
     return {
         "unit": "patient (all views and clinical features of one patient form one sample)",

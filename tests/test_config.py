@@ -130,3 +130,21 @@ def test_simulated_sites_read_their_own_policy_file(tmp_path: Path) -> None:
     (tmp_path / "policies" / "site-1.toml").write_text("[policy]\nmin-site = 2\n")
     with pytest.raises(ConfigError, match=r"site-1.toml: unknown \[policy\] key\(s\) \['min-site'\]"):
         SiteConfig.from_node_config({"partition-id": 1}, run)
+
+
+def test_config_show_prints_the_effective_config(capsys: pytest.CaptureFixture[str],
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from medfusion_fl.cli import main
+
+    logging.getLogger("medfusion_fl").addHandler(caplog.handler)  # the CLI's logger does not propagate
+    try:
+        assert main(["config", "show", "--app", str(REPO), "--preset", "tiny-cpu", "--set", "secagg.enabled=false"]) == 0
+    finally:
+        logging.getLogger("medfusion_fl").removeHandler(caplog.handler)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(all_keys())
+    assert "train.lr = 0.002  # default 0.005" in lines  # from the preset
+    assert "secagg.enabled = False  # default True" in lines and "privacy.enabled = True" in lines
+    assert "secagg.enabled = false: no secure aggregation" in caplog.text

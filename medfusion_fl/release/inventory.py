@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from medfusion_fl.config import RunConfig
 
@@ -29,6 +30,7 @@ class Figure:
     what: str
     protection: str
     when: tuple[str, ...] = ("always",)
+    spends: str = "nothing"  # its epsilon: "training", "evaluation", "nothing" (no patient figure), "uncovered"
 
     def matches(self, message_type: str, record: str, key: str) -> bool:
         return (message_type in self.messages or "*" in self.messages) and record == self.record and any(
@@ -51,12 +53,12 @@ FIGURES: tuple[Figure, ...] = (
            "masked training input: n x q(update), n (the training cohort size), the count of update entries "
            "beyond secagg.clip; without DP also n x q(training loss)",
            "secure sum: only the sum over >= min-sites sites is readable; under DP the update is DP-SGD output "
-           "(privacy.noise-multiplier) and the overflow count is computed from it", ("secagg",)),
+           "(privacy.noise-multiplier) and the overflow count is computed from it", ("secagg",), "training"),
     Figure((SECURE_EVAL[2],), "secagg", ("masked",),
            "masked evaluation release of the validation patients: score histograms per true class (counts "
            "and correct per class for K > 2), clipped loss sum, overflow count",
            "secure sum; under DP Gaussian noise (evaluation.noise-multiplier x sqrt 2, sqrt 3 for K > 2) on every "
-           "entry, charged to the site's ledger", ("secagg",)),
+           "entry, charged to the site's ledger", ("secagg",), "evaluation"),
     Figure((SECURE_TRAIN[3], SECURE_EVAL[3]), "secagg", ("round-id", "share-<j>"),
            "one Shamir share per neighbour j: of a survivor's self-mask seed or of a dropped site's mask key, "
            "never both", "protocol: only rebuilds masks over >= secagg.threshold sites", ("secagg",)),
@@ -68,19 +70,19 @@ FIGURES: tuple[Figure, ...] = (
            "clear: it states the guarantee; the training sample rate gives the cohort size within one batch",
            ("dp",)),
     Figure(("train",), "arrays", ("*",), "the site's locally trained weights",
-           "clear to the coordinator (secagg.enabled = false); DP-SGD output under DP", ("plain",)),
+           "clear to the coordinator (secagg.enabled = false); DP-SGD output under DP", ("plain",), "training"),
     Figure(("train",), "metrics", ("num-examples",), "FedAvg weight: the site's training cohort size",
            "public by the site's declaration (implied by its sample rate under DP)", ("plain",)),
     Figure(("evaluate",), "release", ("sums",),
            "evaluation release of the validation patients (as the masked evaluation input, in clear)",
            "clear to the coordinator; under DP Gaussian noise (evaluation.noise-multiplier x sqrt 2, sqrt 3 for "
-           "K > 2), charged to the site's ledger", ("plain",)),
+           "K > 2), charged to the site's ledger", ("plain",), "evaluation"),
     Figure(("train", SECURE_TRAIN[0]), "shared", ("train-loss", "train-steps", "train-seconds"),
            "the site's own training loss, steps and time", "clear by site policy (share-metrics); no DP",
-           ("share-metrics",)),
+           ("share-metrics",), "uncovered"),
     Figure(("evaluate", SECURE_EVAL[0]), "shared", ("eval-loss", "eval-accuracy", "eval-auroc", "eval-patients"),
            "the site's own validation loss, accuracy, AUROC and patient count",
-           "clear by site policy (share-metrics); no DP", ("share-metrics",)),
+           "clear by site policy (share-metrics); no DP", ("share-metrics",), "uncovered"),
     Figure(("*",), "error", ("code", "reason"), "the error code and reason of a refused message",
            "clear: reasons name config keys, policy keys and protocol faults; a data problem's file and row "
            "only with share-metrics"),
@@ -92,16 +94,26 @@ def figure_of(message_type: str, record: str, key: str) -> Figure | None:
     return next((f for f in FIGURES if f.matches(message_type, record, key)), None)
 
 
-def released(run: RunConfig, *, sharing_sites: list[str]) -> list[dict[str, str]]:
-    """The rows this run's sites may have used, for the model card."""
+def released(run: RunConfig, *, sharing_sites: list[str],
+             epsilon: dict[str, dict[str, float]] | None = None) -> list[dict[str, Any]]:
+    """The rows this run's sites may have used, for the model card; `epsilon`: per site, the epsilon of its
+    "training" and "evaluation" releases alone (what each row cost)."""
     rows = []
     for figure in FIGURES:
-        if figure.applies(run, shares=bool(sharing_sites)):
-            row = {"messages": ", ".join(figure.messages), "record": figure.record, "keys": ", ".join(figure.keys),
-                   "what": figure.what, "protection": _with_values(figure.protection, run)}
-            if "share-metrics" in figure.when:
-                row["sites"] = ", ".join(sharing_sites)
-            rows.append(row)
+        if not figure.applies(run, shares=bool(sharing_sites)):
+            continue
+        row: dict[str, Any] = {"messages": ", ".join(figure.messages), "record": figure.record,
+                               "keys": ", ".join(figure.keys), "what": figure.what,
+                               "protection": _with_values(figure.protection, run)}
+        if figure.spends in ("training", "evaluation"):
+            row["epsilon"] = ({site: parts[figure.spends] for site, parts in sorted(epsilon.items())}
+                              if run.privacy.enabled and epsilon else "no DP guarantee (privacy.enabled = false)")
+        else:
+            row["epsilon"] = {"nothing": "none: it carries no figure of the patients",
+                              "uncovered": "not covered by DP: clear by the site's own policy"}[figure.spends]
+        if "share-metrics" in figure.when:
+            row["sites"] = ", ".join(sharing_sites)
+        rows.append(row)
     return rows
 
 
@@ -114,8 +126,10 @@ def _with_values(text: str, run: RunConfig) -> str:
 
 def markdown_table() -> str:
     """The inventory as the markdown table docs/design.md prints."""
-    lines = ["| messages | record | keys | figure | protection | sent when |", "|---|---|---|---|---|---|"]
+    lines = ["| messages | record | keys | figure | protection | sent when | epsilon charged to |",
+             "|---|---|---|---|---|---|---|"]
     for f in FIGURES:
         lines.append(f"| {', '.join(f'`{m}`' for m in f.messages)} | `{f.record}` | "
-                     f"{', '.join(f'`{k}`' for k in f.keys)} | {f.what} | {f.protection} | {', '.join(f.when)} |")
+                     f"{', '.join(f'`{k}`' for k in f.keys)} | {f.what} | {f.protection} | {', '.join(f.when)} | "
+                     f"{f.spends} |")
     return "\n".join(lines)

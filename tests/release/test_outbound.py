@@ -83,6 +83,12 @@ def test_what_left_the_sites_of_a_default_federation(synth_root: Path, tmp_path:
     assert [f["reason"].split(":")[0] for f in line["failures"]] == ["site-3 refuses train", "site-3 refuses evaluate"]
     card = json.loads((Path(run.output.run_dir) / "model_card.json").read_text())
     assert "min-noise-multiplier = 3.0" in card["privacy"]["refused_by_site_policy"]["node 103"]
+    # the card lists each kind of figure with the epsilon it cost each site, training and evaluation apart
+    sites = card["privacy"]["differential_privacy"]["sites"]
+    spent = {row["messages"]: row["epsilon"] for row in card["privacy"]["released"] if row["keys"] == "masked"}
+    assert spent == {"train.secagg_mask": {s: sites[s]["training"]["epsilon"] for s in sorted(sites)},
+                     "evaluate.secagg_mask": {s: sites[s]["evaluation"]["epsilon"] for s in sorted(sites)}}
+    assert all(0 < spent["evaluate.secagg_mask"][s] < sites[s]["epsilon"] for s in sites)
     # and what left each site
     states = Path(run.output.run_dir) / "site-state"
     for k in range(3):
