@@ -140,7 +140,8 @@ def test_config_show_prints_the_effective_config(capsys: pytest.CaptureFixture[s
 
     logging.getLogger("medfusion_fl").addHandler(caplog.handler)  # the CLI's logger does not propagate
     try:
-        assert main(["config", "show", "--app", str(REPO), "--preset", "tiny-cpu", "--set", "secagg.enabled=false"]) == 0
+        args = ["config", "show", "--app", str(REPO), "--preset", "tiny-cpu", "--set", "secagg.enabled=false"]
+        assert main(args) == 0
     finally:
         logging.getLogger("medfusion_fl").removeHandler(caplog.handler)
     lines = capsys.readouterr().out.splitlines()
