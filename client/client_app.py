@@ -20,6 +20,7 @@ from client.outbound import audit_mod
 from client.replies import event_key, instruction, refuse, site_records, warn_once
 from medfusion_fl.config import RunConfig
 from medfusion_fl.errors import MedFusionError
+from medfusion_fl.policy.enforce import Work
 from medfusion_fl.secagg import SecAggError
 from medfusion_fl.site_config import SiteConfig
 
@@ -32,12 +33,12 @@ app = ClientApp(mods=[audit_mod])
 _ERRORS = (MedFusionError, FloatingPointError)
 
 
-def _runner(context: Context, work: str) -> SiteRunner:
+def _runner(context: Context, work: Work) -> SiteRunner:
     from medfusion_fl.site import SiteRunner  # torch-heavy: only where a site trains or evaluates
 
     runner = SiteRunner.from_configs(context.run_config, context.node_config)
     warn_once(context, runner)
-    runner.check_policy("train" if work == "train" else "evaluate")
+    runner.check_policy(work)
     return runner
 
 

@@ -16,11 +16,9 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Error, Message
 from flwr.clientapp.typing import ClientAppCallable
 
-from medfusion_fl.config import RunConfig
-from medfusion_fl.errors import MedFusionError
+from client.replies import site_config_of
 from medfusion_fl.protocol import SITE_ERROR
 from medfusion_fl.release.audit import Item, OutboundAudit
-from medfusion_fl.site_config import SiteConfig
 
 log = logging.getLogger("medfusion_fl.client")
 ROUND = "audit-round"  # context.state record: the server round of the secure round in progress
@@ -70,11 +68,11 @@ def _server_round(msg: Message, context: Context) -> int | None:
 
 
 def _state_dir(context: Context) -> Path | None:
-    try:
-        return SiteConfig.from_node_config(context.node_config, RunConfig.from_flat(context.run_config)).state_dir
-    except MedFusionError:
-        raw = context.node_config.get("state-dir")
-        return Path(str(raw)) if raw else None
+    site = site_config_of(context)
+    if site is not None:
+        return site.state_dir
+    raw = context.node_config.get("state-dir")  # a config that does not parse may still name the folder
+    return Path(str(raw)) if raw else None
 
 
 def audit_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

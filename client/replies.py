@@ -13,7 +13,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 
 from medfusion_fl.config import RunConfig
-from medfusion_fl.errors import DataError, MedFusionError, PolicyRefused, PrivacyBudgetExhausted
+from medfusion_fl.errors import DataError, MedFusionError, ParameterMismatch, PolicyRefused, PrivacyBudgetExhausted
 from medfusion_fl.protocol import POLICY_REFUSED, PRIVACY_DECLINED, SITE_ERROR
 from medfusion_fl.site_config import SiteConfig
 
@@ -28,8 +28,6 @@ WARNED = "policy-warned"  # context.state record: this run's relaxations were lo
 
 def instruction(msg: Message) -> tuple[Weights, dict[str, float]]:
     """The global weights and the round config of an instruction; malformed ones are refused."""
-    from medfusion_fl.errors import ParameterMismatch
-
     content = msg.content
     if "arrays" not in content.array_records:
         raise ParameterMismatch(f"{msg.metadata.message_type} instruction has no 'arrays' record")
@@ -47,7 +45,8 @@ def event_key(msg: Message, config: dict[str, float], work: str) -> str:
     return f"{msg.metadata.run_id}/{int(config['server-round'])}/{msg.metadata.message_id}/{work}"
 
 
-def _site(context: Context) -> SiteConfig | None:
+def site_config_of(context: Context) -> SiteConfig | None:
+    """The site's own config from its context, or None when the run or node config does not parse."""
     try:
         return SiteConfig.from_node_config(context.node_config, RunConfig.from_flat(context.run_config))
     except MedFusionError:
@@ -56,7 +55,7 @@ def _site(context: Context) -> SiteConfig | None:
 
 def refuse(msg: Message, context: Context, exc: Exception) -> Message:
     """An error reply: the code says why (policy, budget, anything else), the reason what to fix."""
-    site = _site(context)
+    site = site_config_of(context)
     name = site.site_id if site else "site (config not parsed)"
     log.error("%s refused %s: %s", name, msg.metadata.message_type, exc)
     code = (POLICY_REFUSED if isinstance(exc, PolicyRefused) else PRIVACY_DECLINED

@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from medfusion_fl.config import RunConfig
+from medfusion_fl.config import RunConfig, privacy_warnings
 from medfusion_fl.data import SiteDataset, load_test_set
 from medfusion_fl.durable import write_bytes_atomic, write_json_atomic
 from medfusion_fl.errors import ExportError
@@ -132,7 +132,6 @@ def privacy_section(run: RunConfig, sites: dict[str, Any], *, sharing_sites: lis
                     refusals: dict[str, str]) -> dict[str, Any]:
     """The model card's privacy statement: every kind of figure that left the sites with its protection,
     the mechanisms, and per site everything to recompute its epsilon (training and evaluation apart)."""
-    from medfusion_fl.config import privacy_warnings
     from medfusion_fl.release.inventory import released
 
     dp = _dp_statement(run, sites)
