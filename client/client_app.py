@@ -4,7 +4,8 @@ By default (secure aggregation) a site's update and evaluation release leave it 
 four SecAgg+ stages of `train.secagg_*` and `evaluate.secagg_*` (client/secagg_stages.py); the plain
 `train` / `evaluate` handlers serve runs with secagg.enabled = false, for sites whose policy allows it.
 Every handler first checks the run against the site's own policy; every reply passes the outbound
-audit (client/outbound.py). A site that cannot serve a message answers with an error naming the problem.
+audit (client/outbound.py); a simulated site whose policy asks for it checks the app (client/approval.py).
+A site that cannot serve a message answers with an error naming the problem.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from client import secagg_stages
+from client.approval import approval_mod
 from client.outbound import audit_mod
 from client.replies import event_key, instruction, refuse, site_records, warn_once
 from medfusion_fl.config import RunConfig
@@ -29,7 +31,7 @@ if TYPE_CHECKING:  # torch-heavy: imported inside the handlers that train or eva
     from medfusion_fl.site import EvalRelease, LocalUpdate, SiteRunner
 
 Handler = Callable[[Message, Context], Message]
-app = ClientApp(mods=[audit_mod])
+app = ClientApp(mods=[audit_mod, approval_mod])
 _ERRORS = (MedFusionError, FloatingPointError)
 
 

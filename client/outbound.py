@@ -18,7 +18,7 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from client.replies import site_config_of
 from medfusion_fl.protocol import SITE_ERROR
-from medfusion_fl.release.audit import Item, OutboundAudit
+from medfusion_fl.release.audit import Item, OutboundAudit, error_items
 
 log = logging.getLogger("medfusion_fl.client")
 ROUND = "audit-round"  # context.state record: the server round of the secure round in progress
@@ -43,9 +43,7 @@ def _scalar_bytes(value: Any) -> int:
 def describe(message: Message) -> tuple[str, list[Item]]:
     """The kind of an outgoing message and its items, without values."""
     if message.has_error():
-        reason = message.error.reason or ""
-        return "error", [Item("error", "error", "code", "int", (), 8),
-                         Item("error", "error", "reason", "str", (), len(reason.encode("utf-8")))]
+        return "error", error_items(message.error.reason or "")
     content = message.content
     items = [Item(name, "array", key, str(array.dtype), tuple(array.shape), len(array.data))
              for name, record in content.array_records.items() for key, array in record.items()]

@@ -13,7 +13,14 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 
 from medfusion_fl.config import RunConfig
-from medfusion_fl.errors import DataError, MedFusionError, ParameterMismatch, PolicyRefused, PrivacyBudgetExhausted
+from medfusion_fl.errors import (
+    DataError,
+    LedgerTampered,
+    MedFusionError,
+    ParameterMismatch,
+    PolicyRefused,
+    PrivacyBudgetExhausted,
+)
 from medfusion_fl.protocol import POLICY_REFUSED, PRIVACY_DECLINED, SITE_ERROR
 from medfusion_fl.site_config import SiteConfig
 
@@ -61,7 +68,10 @@ def refuse(msg: Message, context: Context, exc: Exception) -> Message:
     code = (POLICY_REFUSED if isinstance(exc, PolicyRefused) else PRIVACY_DECLINED
             if isinstance(exc, PrivacyBudgetExhausted) else SITE_ERROR)
     text = str(exc)
-    if isinstance(exc, DataError) and not (site and site.policy.share_metrics):
+    if isinstance(exc, LedgerTampered):
+        text = ("its privacy ledger failed its integrity check, so its privacy spend is unknown: it releases "
+                "nothing under DP until the site restores the ledger (details in the site's own log)")
+    elif isinstance(exc, DataError) and not (site and site.policy.share_metrics):
         text = ("its data cannot be used for this message; the file, row and problem stay in the site's own log "
                 "(site policy share-metrics = false)")
     reason = text if text.startswith(name) else f"{name}: {text}"

@@ -1,4 +1,5 @@
-"""The `medfusion-fl` command: synth, site check/status/audit/run/import, certs, simulate, export, config show."""
+"""The `medfusion-fl` command: synth, site check/status/audit/run/import/review/approve, certs, simulate, export,
+config show."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from medfusion_fl.approval.cli import add_commands as add_approval_commands
 from medfusion_fl.config import RunConfig, all_keys, privacy_warnings
 from medfusion_fl.config_sources import flatten, parse_overrides, read_toml_flat
 from medfusion_fl.console import ensure_logging
@@ -55,8 +57,8 @@ def cmd_site_check(args: argparse.Namespace) -> int:
 def cmd_site_status(args: argparse.Namespace) -> int:
     from medfusion_fl.privacy import PrivacyLedger
 
-    ledger = PrivacyLedger(Path(args.state_dir))
-    if not ledger.path.exists():
+    ledger = PrivacyLedger(Path(args.state_dir), head=Path(args.ledger_head) if args.ledger_head else None)
+    if not ledger.path.exists() and not ledger.head.exists():
         sys.stdout.write(f"{ledger.path}: no privacy ledger yet (this site has taken no DP steps)\n")
         return 0
     for federation in ledger.federations():
@@ -66,6 +68,7 @@ def cmd_site_status(args: argparse.Namespace) -> int:
         for entry in ledger.entries(federation):
             sys.stdout.write(f"  round {entry.round:>4}  {entry.kind:<8}  noise {entry.noise_multiplier:g}  sample "
                              f"rate {entry.sample_rate:.5f}  steps {entry.steps:>6}  at {entry.recorded_at}\n")
+    sys.stdout.write(f"{ledger.path}: hash chain intact, head {ledger.head}\n")
     return 0
 
 
@@ -79,12 +82,12 @@ def cmd_site_run(args: argparse.Namespace) -> int:
              patients, agent.site.data_path, policy.max_epsilon, policy.delta, agent.site.federation)
     for line in policy.relaxed():
         log.warning("%s: %s", agent.site.site_id, line)
+    agent.check_state()
     if args.dry_run:
         sys.stdout.write(describe(agent) + "\n")
         return 0
     log.info("starting %s", describe(agent))
-    agent.start()
-    return 0  # not reached: start() replaces this process
+    return agent.start()
 
 
 def cmd_site_import_dicom(args: argparse.Namespace) -> int:
@@ -256,6 +259,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--delta", type=float, default=1e-5, help="the site's delta (default 1e-5)")
     p.add_argument("--max-epsilon", type=float, default=8.0, help="the site's budget (default 8)")
     p.add_argument("--accountant", choices=["rdp", "prv"], default="rdp")
+    p.add_argument("--ledger-head", help="the ledger head if not <state-dir>.ledger-head")
     p.set_defaults(func=cmd_site_status)
     p = site.add_parser("audit", help="verify the site's outbound audit log; bytes sent per round and stage")
     p.add_argument("path", help="the site's state dir, or its outbound_audit.jsonl")
@@ -265,6 +269,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a run-config key of [run]")
     p.add_argument("--dry-run", action="store_true", help="check, print the SuperNode command, do not start it")
     p.set_defaults(func=cmd_site_run)
+    add_approval_commands(site)
     p = with_config(site.add_parser("import-dicom", help="a DICOM tree or DICOMDIR into a new site folder"))
     p.add_argument("src", help="a folder of DICOM files, a DICOMDIR file, or a folder holding one")
     p.add_argument("--out", required=True, help="the new site folder (never overwritten)")

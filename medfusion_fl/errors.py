@@ -33,6 +33,19 @@ class PolicyRefused(MedFusionError):
     """A site refuses a run (or a stage of it) that asks for less protection than its own policy requires."""
 
 
+class LedgerTampered(MedFusionError):
+    """A site's privacy ledger (or its head) is missing, edited or truncated: its spend is unknown, so it
+    releases nothing more under DP until the ledger is restored from backup."""
+
+
+class AppNotApproved(MedFusionError):
+    """A site declines an app (FAB) whose SHA-256 is not on its own approval list."""
+
+
+class ApprovalListDamaged(MedFusionError):
+    """A site's app approval list does not parse or fails its hash chain: no app is run until it is restored."""
+
+
 class FeatureNotAvailable(MedFusionError, NotImplementedError):
     """A configured feature is not implemented yet; the message says which setting to change."""
 

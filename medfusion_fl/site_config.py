@@ -18,7 +18,7 @@ from medfusion_fl.config import WHERE, RunConfig, Section, explain_invalid, unkn
 from medfusion_fl.errors import ConfigError
 from medfusion_fl.policy.site_policy import POLICY_KEYS, SitePolicy
 
-_SITE_KEYS = ("site-id", "data-path", "state-dir", "device", "federation")
+_SITE_KEYS = ("site-id", "data-path", "state-dir", "ledger-head", "device", "federation")
 _SIMULATION_KEYS = ("partition-id", "num-partitions")
 POLICY_FOLDER = "policies"
 
@@ -29,10 +29,16 @@ class SiteConfig(Section):
     site_id: str = Field(description="Name of the site in logs and metrics.")
     data_path: Path = Field(description="The site folder (manifest.csv + images).")
     state_dir: Path = Field(description="Where the site keeps its own state (privacy ledger, outbound audit log).")
+    ledger_head: Path | None = Field(None, description="The head of the site's hash-chained privacy ledger, kept "
+                                     "outside state-dir so that folder alone cannot rewrite the ledger; default "
+                                     "<state-dir>.ledger-head, beside it.")
     device: Literal["cpu", "cuda", "auto"] = Field("auto", description="Torch device for local training.")
     federation: str = Field("default", min_length=1, description="Name under which the site's privacy ledger "
                             "accumulates DP steps; the budget holds over all runs of this federation.")
     policy: SitePolicy = Field(SitePolicy(), description="The least protection the site accepts (site policy).")
+
+    def ledger_head_path(self) -> Path:
+        return self.ledger_head or default_ledger_head(self.state_dir)
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any], run: RunConfig) -> SiteConfig:
@@ -60,6 +66,12 @@ class SiteConfig(Section):
             where = "--node-config or site.toml [policy]"
             text = explain_invalid(exc, flat).replace(WHERE, where).replace("run configuration", "site configuration")
             raise ConfigError(text) from None
+
+
+def default_ledger_head(state_dir: Path) -> Path:
+    """Where a site keeps its privacy ledger's head unless it says otherwise: beside its state folder."""
+    state_dir = Path(state_dir).absolute()
+    return state_dir.with_name(state_dir.name + ".ledger-head")
 
 
 def simulated_policy_path(run: RunConfig, site_id: str) -> Path:

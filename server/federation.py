@@ -15,7 +15,7 @@ from medfusion_fl.errors import CheckpointError, RoundFailed
 from medfusion_fl.export import export_model, resolve_test_path
 from medfusion_fl.models import MedFusionModel, build_model
 from medfusion_fl.parameters import Weights, get_weights, set_weights
-from medfusion_fl.protocol import POLICY_REFUSED
+from medfusion_fl.protocol import APP_NOT_APPROVED, POLICY_REFUSED
 from medfusion_fl.runstore import RunStore, load_checkpoint
 from medfusion_fl.training import at_threshold, predict, score
 from server.rounds import SiteDirectory, run_round
@@ -117,7 +117,7 @@ class Federation:
             self.privacy |= result.privacy
             self.shared |= result.shared
             self.refusals |= {f["site"] or f"node {f['node_id']}": f["reason"] for f in record["failures"]
-                              if f["code"] == POLICY_REFUSED}
+                              if f["code"] in (POLICY_REFUSED, APP_NOT_APPROVED)}
             self.rounds_done = server_round
             self.store.append_metrics(record)
             self.store.save_checkpoint(

@@ -72,6 +72,6 @@ def test_a_site_whose_policy_refuses_the_run_sends_only_its_refusal(tmp_path: Pa
     audit = check_outbound(out / "site-state" / "site-3")
     assert {line["kind"] for line in audit} == {"error"} and len(audit) == len(
         [f for line in lines for f in line["failures"] if f["code"] == 4002])
-    assert not (out / "site-state" / "site-3" / "privacy_ledger.json").exists()
+    assert not (out / "site-state" / "site-3" / "privacy_ledger.jsonl").exists()
     for k in range(3):
         check_outbound(out / "site-state" / f"site-{k}")

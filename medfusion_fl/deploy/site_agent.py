@@ -1,5 +1,6 @@
-"""`medfusion-fl site run --config site.toml`: check a hospital's config and data, then start its
-Flower SuperNode with the right flags (and never when the check fails).
+"""`medfusion-fl site run --config site.toml`: check a hospital's config, data, privacy ledger and app
+approval list, then start its Flower SuperNode (never when a check fails) in process isolation and serve
+its ClientApp tasks with the site's own code (medfusion_fl.approval.superexec), which runs only approved apps.
 
 site.toml (paths relative to the file):
 
@@ -62,7 +63,7 @@ class SiteAgent:
         exe = shutil.which("flower-supernode") or "flower-supernode"
         cmd = [exe, "--superlink", str(self.superlink["address"]),
                "--node-config", " ".join(f"{k}={_toml_value(v)}" for k, v in self.node_config.items()),
-               "--port", str(int(self.superlink.get("runtime-port", 9094)))]
+               "--port", str(self.runtime_port), "--isolation", "process"]
         if self.superlink.get("insecure"):
             cmd.append("--insecure")
         else:
@@ -70,6 +71,18 @@ class SiteAgent:
         if "auth-key" in self.superlink:
             cmd += ["--auth-supernode-private-key", str(self.superlink["auth-key"])]
         return cmd
+
+    @property
+    def runtime_port(self) -> int:
+        return int(self.superlink.get("runtime-port", 9094))
+
+    def check_state(self) -> None:
+        """The privacy ledger and the approval list must pass their hash chains before the site joins."""
+        from medfusion_fl.approval.approvals import SiteApps
+        from medfusion_fl.privacy.ledger import PrivacyLedger
+
+        PrivacyLedger(self.site.state_dir, head=self.site.ledger_head_path())
+        SiteApps.of_site_file(self.source).list()
 
     def check(self) -> int:
         """Validate the site folder against the run's schema; raises DataError naming every problem."""
@@ -83,11 +96,13 @@ class SiteAgent:
                             f"{len(problems)} problem(s); the SuperNode was not started:\n  {shown}{more}")
         return len(records)
 
-    def start(self) -> None:
-        """Replace this process by the SuperNode (signals and exit code are the SuperNode's)."""
+    def start(self) -> int:
+        """Run the SuperNode and serve its tasks until it exits; returns its exit code."""
+        from medfusion_fl.approval.superexec import supervise
+
         self.site.state_dir.mkdir(parents=True, exist_ok=True)
-        cmd = self.command()
-        os.execvpe(cmd[0], cmd, {**os.environ, **FLOWER_ENV})
+        return supervise(self.command(), runtime_port=self.runtime_port, site_file=self.source.resolve(),
+                         env={**os.environ, **FLOWER_ENV})
 
 
 def _toml_value(value: Any) -> str:
@@ -135,7 +150,7 @@ def load_agent(path: Path, overrides: dict[str, Any] | None = None) -> SiteAgent
                                              must_exist=True)
     if "auth-key" in link:
         link["auth-key"] = _resolve(base, link["auth-key"], "[superlink] auth-key", must_exist=True)
-    for key in ("data-path", "state-dir"):
+    for key in ("data-path", "state-dir", "ledger-head"):
         if key in site_table:
             site_table[key] = _resolve(base, site_table[key], f"[site] {key}", must_exist=key == "data-path")
     run_table = dict(doc.get("run", {}))

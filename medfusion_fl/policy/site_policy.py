@@ -25,6 +25,10 @@ class SitePolicy(Section):
         "smaller: below 0.5 a single round spends most of a typical budget.")
     min_sites: int = Field(3, ge=2, description="Fewest sites this site's figures may be summed with (itself "
                            "included): a sum over two sites reveals each one's update to the other.")
+    require_approved_app: bool | None = Field(
+        None, description="Run only apps (FABs) whose SHA-256 is on the site's approval list (medfusion-fl site "
+        "approve). Unset: required at a deployed site (site run), not for a simulated one, whose app is the local "
+        "folder; true also checks a simulated site, false turns the check off at a deployed one.")
     share_metrics: bool = Field(False, description="Also send per-site figures in clear (evaluation loss, accuracy "
                                 "and AUROC, training loss, data-error details): they carry no DP guarantee.")
 
@@ -36,6 +40,11 @@ class SitePolicy(Section):
             base = getattr(default, name)
             if name in ("max_epsilon", "delta"):
                 continue  # a budget is the site's to size, neither more nor less private by default
+            if name == "require_approved_app":
+                if value is False:
+                    lines.append("site policy require-approved-app = False: this site runs any app the "
+                                 "coordinator ships, unreviewed")
+                continue
             weaker = value != base if isinstance(base, bool) else value < base  # booleans: any change is weaker
             if weaker:
                 lines.append(f"site policy {name.replace('_', '-')} = {value!r} (default {base!r})")

@@ -56,7 +56,7 @@ class PrivacyGuard:
     def __init__(self, site: SiteConfig, privacy: PrivacyConfig) -> None:
         self.site = site
         self.privacy = privacy
-        self.ledger = PrivacyLedger(site.state_dir)
+        self.ledger = PrivacyLedger(site.state_dir, head=site.ledger_head_path())
 
     def spent(self) -> float:
         return self.ledger.epsilon(self.site.federation, delta=self.site.policy.delta,

@@ -1,32 +1,26 @@
 """The site's outbound record: one JSON line per message it sent (never a value), hash-chained.
 
 Each line holds the run, round, stage (message type) and kind of a message and, for every array and
-value in it, its record, key, dtype, shape and byte size; `hash` is the SHA-256 of the line without its
-hash, `prev` the hash of the line before (64 zeros for the first), and `outbound_audit.head` the count
-and hash of the last line: an edited line shows at that line, a removed one at the next, a dropped tail
-at the head. The file is rewritten atomically under a lock for each line, so no line is ever half
-written. `verify` names the first line that breaks the chain and sums the bytes sent per round and stage.
+value in it, its record, key, dtype, shape and byte size. The lines are hash-chained
+(medfusion_fl.hashchain) with `outbound_audit.head` beside them: an edited line shows at that line, a
+removed one at the next, a dropped tail at the head. `verify` names the first line that breaks the chain
+and sums the bytes sent per round and stage.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import fcntl
-import hashlib
 import json
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medfusion_fl.durable import write_bytes_atomic
+from medfusion_fl.hashchain import ChainedLog
 
 FILENAME = "outbound_audit.jsonl"
 HEAD = "outbound_audit.head"
-GENESIS = "0" * 64
-_FIELDS = ("seq", "time", "run", "round", "stage", "kind", "items", "bytes", "prev", "hash")
+_FIELDS = ("run", "round", "stage", "kind", "items", "bytes")
 
 
 @dataclass(frozen=True)
@@ -45,24 +39,10 @@ class Item:
                 "shape": list(self.shape), "bytes": self.bytes}
 
 
-def _dumps(entry: dict[str, Any]) -> bytes:
-    return json.dumps(entry, separators=(",", ":")).encode("utf-8")
-
-
-def line_hash(entry: dict[str, Any]) -> str:
-    """The SHA-256 of a line's fields other than `hash`, in their written order."""
-    return hashlib.sha256(_dumps({k: v for k, v in entry.items() if k != "hash"})).hexdigest()
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+def error_items(reason: str) -> list[Item]:
+    """The items of an error reply: its code and its reason's length."""
+    return [Item("error", "error", "code", "int", (), 8),
+            Item("error", "error", "reason", "str", (), len(reason.encode("utf-8")))]
 
 
 class OutboundAudit:
@@ -70,23 +50,13 @@ class OutboundAudit:
 
     def __init__(self, state_dir: Path) -> None:
         self.path = Path(state_dir) / FILENAME
+        self.chain = ChainedLog(self.path, self.path.with_name(HEAD), fields=_FIELDS)
 
     def append(self, *, run: int, server_round: int | None, stage: str, kind: str,
                items: Sequence[Item]) -> dict[str, Any]:
         """Record one message before it is sent; returns the line written."""
-        with _locked(self.path):
-            old = self.path.read_bytes() if self.path.exists() else b""
-            lines = old.splitlines()
-            prev = json.loads(lines[-1])["hash"] if lines else GENESIS
-            entry: dict[str, Any] = {
-                "seq": len(lines) + 1, "time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
-                "run": run, "round": server_round, "stage": stage, "kind": kind,
-                "items": [i.to_json() for i in items], "bytes": sum(i.bytes for i in items), "prev": prev}
-            entry["hash"] = line_hash(entry)
-            body = old if not old or old.endswith(b"\n") else old + b"\n"
-            write_bytes_atomic(self.path, body + _dumps(entry) + b"\n", mode=0o600)
-            write_bytes_atomic(self.path.with_name(HEAD), f"{entry['seq']} {entry['hash']}\n".encode(), mode=0o600)
-        return entry
+        return self.chain.append({"run": run, "round": server_round, "stage": stage, "kind": kind,
+                                  "items": [i.to_json() for i in items], "bytes": sum(i.bytes for i in items)})
 
 
 @dataclass
@@ -111,44 +81,20 @@ def read_lines(path: Path) -> list[dict[str, Any]]:
 
 
 def verify(path: Path) -> AuditCheck:
-    """Check the hash chain and sequence of every line; summarise bytes per round and stage/kind."""
-    check = AuditCheck(Path(path))
-    if not check.path.is_file():
-        check.broken_line, check.problem = 0, f"{check.path} does not exist"
-        return check
-    previous = GENESIS
+    """Check the hash chain, sequence and byte totals of every line; summarise bytes per round and stage/kind."""
+    path = Path(path)
+    chain = ChainedLog(path, path.with_name(HEAD), fields=_FIELDS).check()
+    check = AuditCheck(path, lines=len(chain.entries), broken_line=chain.broken_line, problem=chain.problem)
+    if not path.is_file():
+        check.broken_line, check.problem = 0, f"{path} does not exist"
     summary: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    for number, raw in enumerate(check.path.read_bytes().splitlines(), start=1):
-        check.lines = number
-        problem = _problem(raw, number, previous)
-        if problem:
-            check.broken_line, check.problem = number, problem
+    for number, entry in enumerate(chain.entries, start=1):
+        if entry["bytes"] != sum(int(i.get("bytes", 0)) for i in entry["items"]):
+            check.broken_line, check.problem = number, "its byte total differs from the sum of its items"
             break
-        entry = json.loads(raw)
         summary[str(entry["round"])][f"{entry['stage']} ({entry['kind']})"] += int(entry["bytes"])
         check.messages += 1
-        previous = entry["hash"]
-    head = check.path.with_name(HEAD)
-    if check.ok and check.lines and (not head.is_file() or head.read_text().strip() != f"{check.lines} {previous}"):
-        check.broken_line = check.lines
-        check.problem = f"the log ends differently from {head.name}: lines were removed or added at its end"
+    if chain.broken_line:
+        check.lines = chain.broken_line
     check.bytes_by_round = {r: dict(v) for r, v in summary.items()}
     return check
-
-
-def _problem(raw: bytes, number: int, previous: str) -> str:
-    try:
-        entry = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return "not a JSON line"
-    if not isinstance(entry, dict) or set(entry) != set(_FIELDS):
-        return f"not an audit line (fields {sorted(entry) if isinstance(entry, dict) else type(entry).__name__})"
-    if entry["hash"] != line_hash(entry):
-        return "its content does not match its hash: this line was changed"
-    if entry["prev"] != previous:
-        return f"its prev is not the hash of line {number - 1}: a line before it was removed or replaced"
-    if entry["seq"] != number:
-        return f"sequence number {entry['seq']} where {number} was expected"
-    if entry["bytes"] != sum(int(i.get("bytes", 0)) for i in entry["items"]):
-        return "its byte total differs from the sum of its items"
-    return ""

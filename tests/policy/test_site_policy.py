@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +53,8 @@ def _refused(reply: Message, key: str) -> str:
 
 
 def _ledger_events(tmp_path: Path) -> int:
-    path = tmp_path / "privacy_ledger.json"
-    return sum(len(v) for v in json.loads(path.read_text())["federations"].values()) if path.exists() else 0
+    path = tmp_path / "privacy_ledger.jsonl"
+    return len(path.read_bytes().splitlines()) if path.exists() else 0
 
 
 def test_require_secure_aggregation(tiny_run: RunConfig, tmp_path: Path) -> None:

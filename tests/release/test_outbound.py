@@ -102,4 +102,4 @@ def test_what_left_the_sites_of_a_default_federation(synth_root: Path, tmp_path:
     assert [(line["kind"], [i["key"] for i in line["items"]]) for line in refused] == [
         ("error", ["code", "reason"])] * 2  # its refusals of training and evaluation, nothing else
     assert {m.error.code for m in grid.received if m.metadata.src_node_id == 103} == {POLICY_REFUSED}
-    assert not (states / "site-3" / FILENAME).with_name("privacy_ledger.json").exists()
+    assert not (states / "site-3" / FILENAME).with_name("privacy_ledger.jsonl").exists()
