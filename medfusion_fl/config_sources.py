@@ -23,15 +23,20 @@ def flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def read_toml_flat(path: Path) -> dict[str, Any]:
-    """Read a TOML file into flat keys; a pyproject contributes its [tool.flwr.app.config]."""
+def read_toml(path: Path, what: str = "Config file") -> dict[str, Any]:
+    """A TOML file as a dict; a missing or invalid file is a ConfigError naming `what` and the path."""
     path = Path(path)
     try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"Config file {path} does not exist.") from None
+        raise ConfigError(f"{what} {path} does not exist.") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"Config file {path} is not valid TOML: {exc}") from None
+        raise ConfigError(f"{what} {path} is not valid TOML: {exc}") from None
+
+
+def read_toml_flat(path: Path) -> dict[str, Any]:
+    """Read a TOML file into flat keys; a pyproject contributes its [tool.flwr.app.config]."""
+    doc = read_toml(path)
     table = doc.get("tool", {}).get("flwr", {}).get("app", {}).get("config", doc)
     return flatten(table)
 

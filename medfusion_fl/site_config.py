@@ -7,7 +7,6 @@ written by `medfusion-fl site run` from site.toml). Simulated ones get only `par
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -15,6 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError
 
 from medfusion_fl.config import WHERE, RunConfig, Section, explain_invalid, unknown_key
+from medfusion_fl.config_sources import read_toml
 from medfusion_fl.errors import ConfigError
 from medfusion_fl.policy.site_policy import POLICY_KEYS, SitePolicy
 
@@ -83,10 +83,7 @@ def read_policy_file(path: Path) -> dict[str, Any]:
     """The [policy] table of a site.toml-like file ({} when the file does not exist); unknown keys refused."""
     if not path.is_file():
         return {}
-    try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"site policy file {path} is not valid TOML: {exc}") from None
+    doc = read_toml(path, "site policy file")
     table = doc.get("policy", {})
     if not isinstance(table, dict):
         raise ConfigError(f"{path}: [policy] must be a table of keys {list(POLICY_KEYS)}")

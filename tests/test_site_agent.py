@@ -80,3 +80,25 @@ def test_site_config_errors_name_the_key(synth_root: Path, tmp_path: Path) -> No
     path.write_text('[site]\ndata-path = "x"\n[policy]\nmin-site = 2\n[superlink]\naddress = "a:1"\ninsecure = true\n')
     with pytest.raises(ConfigError, match=r"unknown \[policy\] key\(s\) \['min-site'\]"):
         load_agent(path)
+
+
+def test_a_site_with_a_tampered_ledger_or_approval_list_is_not_started(
+        synth_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from medfusion_fl.privacy import DPStep, PrivacyLedger
+
+    path = _site_toml(tmp_path, synth_root / "data" / "site-0")
+    ledger = PrivacyLedger(tmp_path / "state" / "h1")
+    for k in (1, 2, 3):
+        ledger.record("test-federation", key=f"r{k}", round=k, step=DPStep(1.0, 0.1, 20))
+    assert main(["site", "run", "--config", str(path), "--dry-run"]) == 0
+    capsys.readouterr()
+    ledger.path.write_bytes(ledger.path.read_bytes().splitlines(keepends=True)[0])  # rounds 2-3 removed
+    assert main(["site", "run", "--config", str(path), "--dry-run"]) == 1
+    out = capsys.readouterr()
+    assert "flower-supernode" not in out.out and "failed its integrity check" in out.err
+    ledger.path.unlink()
+    (tmp_path / "state" / "h1.ledger-head").unlink()  # both gone: a site with no history
+    (tmp_path / "site.approvals.jsonl").write_text("{not json\n")
+    assert main(["site", "run", "--config", str(path), "--dry-run"]) == 1
+    err = capsys.readouterr().err
+    assert "app approval list" in err and "failed its integrity check" in err

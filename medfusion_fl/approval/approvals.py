@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import getpass
 import logging
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from medfusion_fl.approval.fab import FabInfo, read_fab
+from medfusion_fl.config_sources import read_toml
 from medfusion_fl.durable import write_bytes_atomic
 from medfusion_fl.errors import AppNotApproved, ApprovalListDamaged, ConfigError
 from medfusion_fl.hashchain import ChainedLog
@@ -38,13 +38,7 @@ class SiteApps:
     @classmethod
     def of_site_file(cls, path: Path) -> SiteApps:
         path = Path(path)
-        try:
-            doc = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"site config {path} does not exist; pass --config site.toml") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"site config {path} is not valid TOML: {exc}") from None
-        site = doc.get("site", {})
+        site = read_toml(path, "site config (--config)").get("site", {})
         base = path.parent.resolve()
         site_id = str(site.get("site-id", path.stem))
         state = site.get("state-dir")

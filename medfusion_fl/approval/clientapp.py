@@ -90,23 +90,23 @@ def run_task(*, runtime_api_address: str, token: str, site_file: Path, parent_pi
     status, details, code = SubStatus.FAILED, "the site's ClientApp process failed", 1
     try:
         message, context, run, fab = pull_task_input(client)
-        site: SiteConfig | None = None
         try:
             site = load_agent(site_file).site
-            admit(site, SiteApps.of_site_file(site_file), fab)
-        except (AppNotApproved, ApprovalListDamaged) as exc:
-            reason = str(exc) if isinstance(exc, AppNotApproved) else (
-                f"site {site.site_id if site else '?'}: its app approval list failed its integrity check; it runs "
-                "no app until the site restores it")
-            log.error("%s", exc)
-            push_message(client, _reply_error(message, context, site, APP_NOT_APPROVED, reason), context)
-            status, details, code = SubStatus.COMPLETED, "app refused by the site", 0
-            return code
         except MedFusionError as exc:
             log.error("%s", exc)
             reason = "site error: its own configuration does not load; the details stay in the site's log"
-            push_message(client, _reply_error(message, context, site, SITE_ERROR, reason), context)
+            push_message(client, _reply_error(message, context, None, SITE_ERROR, reason), context)
             status, details, code = SubStatus.COMPLETED, "site configuration error", 0
+            return code
+        try:
+            admit(site, SiteApps.of_site_file(site_file), fab)
+        except (AppNotApproved, ApprovalListDamaged) as exc:
+            reason = str(exc) if isinstance(exc, AppNotApproved) else (
+                f"site {site.site_id}: its app approval list failed its integrity check; it runs no app until the "
+                "site restores it")
+            log.error("%s", exc)
+            push_message(client, _reply_error(message, context, site, APP_NOT_APPROVED, reason), context)
+            status, details, code = SubStatus.COMPLETED, "app refused by the site", 0
             return code
         try:
             install_from_fab(fab.content, skip_prompt=True)
@@ -115,7 +115,7 @@ def run_task(*, runtime_api_address: str, token: str, site_file: Path, parent_pi
             reply = app(message=message, context=context)
         except Exception:  # install or load failed (the app's own handlers answer their errors themselves)
             ref = uuid.uuid4().hex[:12]
-            log.exception("%s: the approved app failed to install or load (ref %s)", site.site_id, ref)  # type: ignore[union-attr]
+            log.exception("%s: the approved app failed to install or load (ref %s)", site.site_id, ref)
             reply = _reply_error(message, context, site, SITE_ERROR,
                                  f"site error (ref {ref}); the details stay in the site's own log")
         push_message(client, reply, context)

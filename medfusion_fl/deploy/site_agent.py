@@ -34,13 +34,12 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from medfusion_fl.config import RunConfig
-from medfusion_fl.config_sources import read_toml_flat
+from medfusion_fl.config_sources import read_toml, read_toml_flat
 from medfusion_fl.errors import ConfigError, DataError
 from medfusion_fl.policy import POLICY_KEYS
 from medfusion_fl.site_config import SiteConfig
@@ -119,12 +118,7 @@ def _resolve(base: Path, value: Any, what: str, *, must_exist: bool) -> str:
 def load_agent(path: Path, overrides: dict[str, Any] | None = None) -> SiteAgent:
     """Parse and check site.toml (every path resolved against its folder)."""
     path = Path(path)
-    try:
-        doc = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"site config {path} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"site config {path} is not valid TOML: {exc}") from None
+    doc = read_toml(path, "site config")
     unknown = set(doc) - {"site", "superlink", "run", "policy"}
     if unknown:
         raise ConfigError(f"{path}: unknown table(s) {sorted(unknown)}; expected [site], [policy], [superlink], [run]")

@@ -84,8 +84,8 @@ FIGURES: tuple[Figure, ...] = (
            "the site's own validation loss, accuracy, AUROC and patient count",
            "clear by site policy (share-metrics); no DP", ("share-metrics",), "uncovered"),
     Figure(("*",), "error", ("code", "reason"), "the error code and reason of a refused message",
-           "clear: reasons name config keys, policy keys and protocol faults; a data problem's file and row "
-           "only with share-metrics"),
+           "clear: reasons name config keys, policy keys, protocol faults and an unapproved app's hash; a data "
+           "problem's file and row only with share-metrics"),
 )
 
 

@@ -1,7 +1,9 @@
 """A real federation on 127.0.0.1, step by step as docs/deployment.md: a TLS SuperLink with SuperNode
 authentication and a state database, three hospitals started with `medfusion-fl site run`, an
-unregistered hospital refused, DP + secure aggregation, the coordinator killed after round 1 and
-resumed, a hospital killed during round 2. Every process is stopped at the end, also on failure.
+unregistered hospital refused, DP + secure aggregation, a hospital that has not approved the app
+refusing round 1 and joining the resumed run after `site approve`, the coordinator killed after round 1
+and resumed, a hospital killed during round 3, and a tampered privacy ledger refused. Every process is
+stopped at the end, also on failure.
 """
 
 from __future__ import annotations
@@ -62,13 +64,26 @@ class Processes:
         path = self.logs / f"{name}.log"
         return path.read_text(errors="replace").count(text) if path.exists() else 0
 
+    def received(self, name: str, run_id: str, text: str) -> int:
+        """How often `text` was logged for run `run_id` (a restarted SuperNode also logs stale messages of the
+        run that was stopped, which it ignores)."""
+        current, count = "", 0
+        for line in self.tail(name, limit=None).splitlines():
+            found = re.search(r"\[RUN (\d+)\]", line)
+            if found:
+                current = found.group(1)
+            elif text in line and current == run_id:
+                count += 1
+        return count
+
     def stop_all(self) -> None:
         for name in list(self.running):
             self.stop(name)
 
-    def tail(self, name: str) -> str:
+    def tail(self, name: str, limit: int | None = 3000) -> str:
         path = self.logs / f"{name}.log"
-        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+        text = path.read_text(errors="replace") if path.exists() else ""
+        return text[-limit:] if limit else text
 
 
 def _free_port() -> int:
@@ -110,10 +125,14 @@ def test_loopback_federation_with_tls_auth_loss_and_resume(tmp_path: Path) -> No
     # deployed SuperNode 6-10 s (polling, a process per message), so its four stages would add ~150 s to CI;
     # the secure evaluation runs on Ray in tests/test_simulation.py and in-process in tests/release/.
     config = ('data.source="folders" data.test-path="{test}" output.run-dir="{run}" model.backbone="test_resnet" '
-              'rounds.num-server-rounds=3 rounds.min-sites=2 rounds.wait-for-sites=60 rounds.reply-timeout=40 '
+              'rounds.num-server-rounds=3 rounds.min-sites=2 rounds.wait-for-sites=60 rounds.reply-timeout=75 '
               'train.local-epochs=1 rounds.fraction-evaluate=0'
               ).format(test=data / "test", run=run_dir)
     try:
+        # 0. the app as the coordinator will ship it (`flwr run` builds the same bytes)
+        from flwr.cli.build import build_fab_from_disk
+
+        (tmp_path / "app.fab").write_bytes(build_fab_from_disk(REPO))
         # 1. key material and three synthetic hospitals (a fourth key is never registered)
         run(str(BIN / "medfusion-fl"), "certs", "--out", str(certs), "--host", "127.0.0.1", "--host", "localhost",
             *[a for s in (*SITES, "H4") for a in ("--site", s)])
@@ -139,6 +158,9 @@ def test_loopback_federation_with_tls_auth_loss_and_resume(tmp_path: Path) -> No
                 f'[superlink]\naddress = "127.0.0.1:{port}"\nroot-certificates = "certs/ca.pem"\n'
                 f'auth-key = "certs/sites/{site}/auth_key"\nruntime-port = {_free_port()}\n\n'
                 f'[run]\nconfig = "{REPO / "pyproject.toml"}"\n')
+            if site != "H3":  # H1 and H2 reviewed and approved the app; H3 has not yet
+                run(str(BIN / "medfusion-fl"), "site", "approve", "app.fab", "--config", f"{site}.toml",
+                    "--note", "reviewed")
             procs.start(site, [str(BIN / "medfusion-fl"), "site", "run", "--config", str(tmp_path / f"{site}.toml")])
         # an unregistered key is refused by the SuperLink
         stranger = procs.start("H4", [
@@ -148,21 +170,32 @@ def test_loopback_federation_with_tls_auth_loss_and_resume(tmp_path: Path) -> No
         _wait("the unregistered SuperNode to give up", lambda: stranger.poll() is not None, 120, procs, "H4")
         assert stranger.returncode != 0 and procs.count("H4", "Failed to activate SuperNode") == 1
         procs.stop("H4")  # its helper processes
-        # 5. the researcher starts 3 rounds; the coordinator dies after round 1
+        # 5. the researcher starts 3 rounds; H3 refuses the unapproved app; the coordinator dies after round 1
         procs.start("run-1", [str(BIN / "flwr"), "run", str(REPO), "coordinator", "--stream", "--run-config", config])
         first = run_dir / "checkpoints" / "round-0001.pt"
         _wait("round 1's checkpoint", first.exists, 420, procs, "run-1")
         procs.stop("superlink")
         procs.stop("run-1")
         assert not (run_dir / "checkpoints" / "round-0002.pt").exists()
-        # 6. the coordinator restarts on the same database; the run resumes; H3 dies during round 2
+        # 6. H3's IT reviews the app by the hash in its refusal (the site kept the FAB, unopened) and approves it
+        refusal = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])["failures"]
+        sha = re.search(r"app sha256:([0-9a-f]{12})\.\.\. is not approved at site H3", refusal[0]["reason"])
+        assert sha and [f["code"] for f in refusal] == [4003], refusal
+        kept = next((tmp_path / "state" / "H3" / "apps").glob(f"{sha.group(1)}*.fab"))
+        review = run(str(BIN / "medfusion-fl"), "site", "review", kept.stem, "--config", "H3.toml").stdout
+        assert "not approved at H3" in review and "client/client_app.py" in review, review
+        run(str(BIN / "medfusion-fl"), "site", "approve", kept.stem, "--config", "H3.toml")
+        # 7. the coordinator restarts on the same database; the run resumes with H3; H3 dies during round 3
         procs.start("superlink", superlink)
         _wait("the restarted SuperLink", lambda: _port_open(port), 60, procs, "superlink")
-        received = procs.count("H3", "Receiving: train.secagg_advertise")
         resumed = procs.start("run-2", [str(BIN / "flwr"), "run", str(REPO), "coordinator", "--stream",
                                          "--run-config", config + " output.resume=true"])
-        _wait("H3 to receive round 2", lambda: procs.count("H3", "Receiving: train.secagg_advertise") > received,
-              240, procs, "H3")
+        started = re.compile(r"Successfully started run (\d+)")
+        _wait("the resumed run's id", lambda: bool(started.search(procs.tail("run-2", limit=None))), 120, procs,
+              "run-2")
+        run_id = started.search(procs.tail("run-2", limit=None)).group(1)  # type: ignore[union-attr]
+        _wait("H3 to receive round 3", lambda: procs.received(
+            "H3", run_id, "Receiving: train.secagg_advertise") >= 2, 400, procs, "H3")
         procs.crash("H3")
         _wait("the resumed run to finish", lambda: resumed.poll() is not None, 600, procs, "run-2")
         assert resumed.returncode == 0, procs.tail("run-2")
@@ -170,16 +203,23 @@ def test_loopback_federation_with_tls_auth_loss_and_resume(tmp_path: Path) -> No
         procs.stop_all()
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["round"] for line in lines] == [1, 2, 3] and all(line["status"] == "ok" for line in lines)
-    assert sorted(lines[0]["train"]["sites"]) == list(SITES)
-    assert sorted(lines[1]["train"]["sites"]) == ["H1", "H2"]  # round 2 completed without H3
-    lost = lines[1]["failures"]  # H3's death is recorded under its own node id, at the stage it was lost
+    assert [sorted(line["train"]["sites"]) for line in lines] == [["H1", "H2"], list(SITES), ["H1", "H2"]]
+    lost = lines[2]["failures"]  # H3's death is recorded under its own node id, at the stage it was lost
     assert {f["node_id"] for f in lost} == {node_ids["H3"]} and "secagg_advertise" in {f["stage"] for f in lost}
     assert all(line["secure_aggregation"]["sites"] >= 2 for line in lines)
     card = json.loads((run_dir / "model_card.json").read_text())
     assert card["rounds"] == 3 and card["export_check"]["max_abs_diff"] <= 1e-4
+    refusals = card["privacy"]["refused_by_site_policy"]  # keyed by node id: an app refusal carries no site record
+    assert [reason for reason in refusals.values() if "not approved at site H3" in reason], refusals
     assert (run_dir / "model.onnx").stat().st_size > 0
     assert "resuming from" in procs.tail("run-2")
     for site in ("H1", "H2"):  # every message a hospital sent is in its audit log, the chain intact
         audit = subprocess.run([str(BIN / "medfusion-fl"), "site", "audit", str(tmp_path / "state" / site)],
                                capture_output=True, text=True, timeout=60)
         assert audit.returncode == 0 and "hash chain intact" in audit.stdout, audit.stdout + audit.stderr
+    # 8. a hospital's ledger loses the entries of rounds 2-3: the site refuses to start, its spend is not reset
+    ledger = tmp_path / "state" / "H1" / "privacy_ledger.jsonl"
+    ledger.write_bytes(ledger.read_bytes().splitlines(keepends=True)[0])
+    refused = subprocess.run([str(BIN / "medfusion-fl"), "site", "run", "--config", str(tmp_path / "H1.toml"),
+                              "--dry-run"], capture_output=True, text=True, timeout=120, env=env)
+    assert refused.returncode == 1 and "failed its integrity check" in refused.stderr, refused.stderr
