@@ -2,7 +2,9 @@
 
 Every view aggregation x fusion pair, and every tested backbone family (2D and 3D, shared and
 per-view backbones): output shapes, backward, masking of missing views, patients without views,
-gradient checkpointing giving the same gradients, ONNX export with onnxruntime parity.
+gradient checkpointing giving the same gradients, ONNX export with onnxruntime parity. The export (8-15 s
+each on 2 cores) runs for every family and for a set of pairs that holds every aggregation and every
+fusion once; aggregation and fusion are separate modules, the one's output the other's input.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from medfusion_fl.models import MedFusionModel, build_model, example_inputs, lis
 from medfusion_fl.models.backbone import FAMILIES
 
 PAIRS = list(itertools.product(list_aggregations(), list_fusions()))
+EXPORTED = set(zip(list_aggregations(), list_fusions(), strict=True))  # each aggregation and fusion once
 
 
 def _build(**flat: Any) -> MedFusionModel:
@@ -69,7 +72,8 @@ def check_onnx(model: MedFusionModel) -> None:
 def test_every_aggregation_and_fusion(aggregation: str, fusion: str) -> None:
     model = _build(**{"model.view-aggregation": aggregation, "model.fusion": fusion})
     check_contract(model)
-    check_onnx(model)
+    if (aggregation, fusion) in EXPORTED:
+        check_onnx(model)
 
 
 def _family_config(family: str, **extra: Any) -> dict[str, Any]:
