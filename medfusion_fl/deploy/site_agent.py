@@ -18,6 +18,7 @@ site.toml (paths relative to the file):
     min-noise-multiplier = 0.5
     min-sites = 3
     share-metrics = false
+    # require-approved-app = false  # unset: run only apps on <stem>.approvals.jsonl (medfusion-fl site approve)
 
     [superlink]                # where and how to connect
     address = "coord.example.org:9092"
