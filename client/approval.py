@@ -17,7 +17,7 @@ from flwr.app import Context, Error, Message
 from flwr.clientapp.typing import ClientAppCallable
 
 from client.replies import site_config_of
-from medfusion_fl.approval.approvals import SiteApps, check_app
+from medfusion_fl.approval.approvals import SiteApps, check_app, refusal_reason
 from medfusion_fl.approval.fab import build_app
 from medfusion_fl.config import RunConfig
 from medfusion_fl.errors import AppNotApproved, ApprovalListDamaged
@@ -41,6 +41,5 @@ def approval_mod(msg: Message, context: Context, call_next: ClientAppCallable) -
     try:
         check_app(apps, app_hash())
     except (AppNotApproved, ApprovalListDamaged) as exc:
-        reason = str(exc) if isinstance(exc, AppNotApproved) else f"{site.site_id}: its approval list is damaged"
-        return Message(error=Error(code=APP_NOT_APPROVED, reason=reason), reply_to=msg)
+        return Message(error=Error(code=APP_NOT_APPROVED, reason=refusal_reason(exc, site.site_id)), reply_to=msg)
     return call_next(msg, context)

@@ -10,7 +10,6 @@ approval.
 from __future__ import annotations
 
 import getpass
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,6 @@ from medfusion_fl.errors import AppNotApproved, ApprovalListDamaged, ConfigError
 from medfusion_fl.hashchain import ChainedLog
 
 _FIELDS = ("action", "sha256", "app", "version", "note", "by")
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -48,9 +46,6 @@ class SiteApps:
         else:
             head, store = base / f"{path.stem}.approvals.head", base / f"{path.stem}.apps"
         return cls(site_id, base / f"{path.stem}.approvals.jsonl", head, store, path)
-
-    def list(self) -> ApprovalList:
-        return ApprovalList(self)
 
     def keep(self, content: bytes) -> Path:
         """Keep a FAB's bytes in the app store (for review and later diffs); its hash names it."""
@@ -117,6 +112,15 @@ class ApprovalList:
 
 def check_app(apps: SiteApps, sha256: str) -> None:
     """Raise AppNotApproved (the reason the coordinator reads) unless the site approved this hash."""
-    if not apps.list().is_approved(sha256):
+    if not ApprovalList(apps).is_approved(sha256):
         raise AppNotApproved(f"app sha256:{sha256[:12]}... is not approved at site {apps.site_id} "
                              "(medfusion-fl site review / approve)")
+
+
+def refusal_reason(exc: AppNotApproved | ApprovalListDamaged, site_id: str) -> str:
+    """What the coordinator reads of a refusal: the hash for an unapproved app; for a damaged list only that
+    (its paths and the broken line stay in the site's log)."""
+    if isinstance(exc, AppNotApproved):
+        return str(exc)
+    return f"site {site_id}: its app approval list failed its integrity check; it runs no app until the site " \
+           "restores it"

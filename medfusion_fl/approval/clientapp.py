@@ -31,7 +31,7 @@ from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
-from medfusion_fl.approval.approvals import SiteApps, check_app
+from medfusion_fl.approval.approvals import SiteApps, check_app, refusal_reason
 from medfusion_fl.console import ensure_logging
 from medfusion_fl.deploy.site_agent import load_agent
 from medfusion_fl.errors import AppNotApproved, ApprovalListDamaged, ConfigError, MedFusionError
@@ -101,11 +101,9 @@ def run_task(*, runtime_api_address: str, token: str, site_file: Path, parent_pi
         try:
             admit(site, SiteApps.of_site_file(site_file), fab)
         except (AppNotApproved, ApprovalListDamaged) as exc:
-            reason = str(exc) if isinstance(exc, AppNotApproved) else (
-                f"site {site.site_id}: its app approval list failed its integrity check; it runs no app until the "
-                "site restores it")
             log.error("%s", exc)
-            push_message(client, _reply_error(message, context, site, APP_NOT_APPROVED, reason), context)
+            push_message(client, _reply_error(message, context, site, APP_NOT_APPROVED,
+                                              refusal_reason(exc, site.site_id)), context)
             status, details, code = SubStatus.COMPLETED, "app refused by the site", 0
             return code
         try:

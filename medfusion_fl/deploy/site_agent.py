@@ -78,11 +78,11 @@ class SiteAgent:
 
     def check_state(self) -> None:
         """The privacy ledger and the approval list must pass their hash chains before the site joins."""
-        from medfusion_fl.approval.approvals import SiteApps
+        from medfusion_fl.approval.approvals import ApprovalList, SiteApps
         from medfusion_fl.privacy.ledger import PrivacyLedger
 
         PrivacyLedger(self.site.state_dir, head=self.site.ledger_head_path())
-        SiteApps.of_site_file(self.source).list()
+        ApprovalList(SiteApps.of_site_file(self.source))
 
     def check(self) -> int:
         """Validate the site folder against the run's schema; raises DataError naming every problem."""
