@@ -26,8 +26,8 @@ def _kebab(name: str) -> str:
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid", alias_generator=_kebab, populate_by_name=True, frozen=True
+    model_config = ConfigDict(  # allow_inf_nan=False: 'nan' or 'inf' is refused as "should be a finite number"
+        extra="forbid", alias_generator=_kebab, populate_by_name=True, frozen=True, allow_inf_nan=False
     )
 
 
@@ -67,6 +67,9 @@ class DataConfig(Section):
     channels: int = Field(1, ge=1, le=4, description="Channels per image (1 = grayscale, 3 = RGB).")
     depth: int = Field(0, ge=0, le=1024, description="0 = 2D images; D > 0 = 3D volumes (CT/MR) resized to "
                        "depth x image-size x image-size, for a 3D backbone (list_backbones()).")
+    max_source_side: int = Field(0, ge=0, description="Largest side (pixels, or slices of a volume) a source image "
+                                 "may have; larger files are refused from their header, before decoding (a 60000 px "
+                                 "PNG would decode to gigabytes). 0 = 16 x max(image-size, depth), at least 4096.")
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="Share of each site's patients held for "
                                 "federated evaluation, chosen by a hash of the patient id (stable).")
 
@@ -93,6 +96,10 @@ class DataConfig(Section):
         return self
 
     @property
+    def source_side_limit(self) -> int:
+        return self.max_source_side or default_source_side(self.image_size, self.depth)
+
+    @property
     def views(self) -> tuple[str, ...]:
         return _split_list(self.view_names)
 
@@ -103,6 +110,11 @@ class DataConfig(Section):
     @property
     def class_names(self) -> tuple[str, ...]:
         return _split_list(self.classes)
+
+
+def default_source_side(size: int, depth: int) -> int:
+    """data.max-source-side = 0: 16 x the largest side the run needs, at least 4096 (a full-size radiograph)."""
+    return max(16 * max(size, depth), 4096)
 
 
 def _parse_columns(spec: str) -> tuple[TabularColumn, ...]:
@@ -340,6 +352,13 @@ def explain_invalid(exc: ValidationError, flat: Mapping[str, Any]) -> str:
 
 
 def _refuse_unavailable(config: RunConfig) -> None:
+    for key, value in (("privacy.noise-multiplier", config.privacy.noise_multiplier),
+                       ("evaluation.noise-multiplier", config.evaluation.noise_multiplier)):
+        if config.privacy.enabled and value == 0:
+            raise ConfigError(f"{key} = 0 with privacy.enabled = true: no noise means no differential privacy "
+                              "(epsilon is infinite), though the run would claim it. Set a noise multiplier > 0 "
+                              "(the default is 1.0 for training, 2.0 for evaluation), or privacy.enabled = false "
+                              "to run without DP openly (warned and stated in the model card).")
     if config.privacy.enabled and config.train.precision == "fp16":
         raise ConfigError("train.precision = 'fp16' with privacy.enabled: the gradient scaler multiplies every "
                           "per-patient gradient, so Opacus would clip at max-grad-norm / scale. Use 'bf16' or 'fp32'.")

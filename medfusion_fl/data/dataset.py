@@ -28,7 +28,8 @@ def check_site(folder: Path, data: DataConfig) -> tuple[list[PatientRecord], lis
             if path is None:
                 continue
             try:
-                load_view(path, channels=data.channels, size=data.image_size, depth=data.depth)
+                load_view(path, channels=data.channels, size=data.image_size, depth=data.depth,
+                          max_side=data.source_side_limit)
             except DataError as exc:
                 problems.append(Problem(record.row, name, str(exc)))
                 bad = True
@@ -61,7 +62,8 @@ class SiteDataset(Dataset[Sample]):
         mask = np.zeros(len(data.views), np.float32)
         for v, path in enumerate(record.views):
             if path is not None:
-                views[v] = load_view(path, channels=data.channels, size=data.image_size, depth=data.depth)
+                views[v] = load_view(path, channels=data.channels, size=data.image_size, depth=data.depth,
+                                     max_side=data.source_side_limit)
                 mask[v] = 1.0
         return {
             "views": torch.from_numpy(views),  # (V, C, H, W) or (V, C, D, H, W)

@@ -59,11 +59,19 @@ def _parse_value(raw: str, column: TabularColumn) -> tuple[float | None, str | N
 
 
 def _header_problems(header: list[str], data: DataConfig) -> list[Problem]:
+    problems = []
+    positions: dict[str, list[int]] = {}
+    for position, name in enumerate(header, start=1):
+        positions.setdefault(name, []).append(position)
+    for name, where in positions.items():
+        if len(where) > 1:  # csv.DictReader would silently keep the last one
+            problems.append(Problem(1, "header", f"column {name!r} appears {len(where)} times (positions "
+                                    f"{', '.join(map(str, where))}); keep one and rename or remove the others"))
     required = [ID_COLUMN, data.label_column, *(c.name for c in data.columns), *data.views]
-    missing = [name for name in required if name not in header]
-    if not missing:
-        return []
-    return [Problem(1, "header", f"missing column(s) {missing}; the run's schema needs {required}")]
+    missing = [name for name in required if name not in positions]
+    if missing:
+        problems.append(Problem(1, "header", f"missing column(s) {missing}; the run's schema needs {required}"))
+    return problems
 
 
 def _parse_row(number: int, row: dict[str, str], data: DataConfig, folder: Path,
@@ -108,25 +116,30 @@ def read_manifest(folder: Path, data: DataConfig) -> tuple[list[PatientRecord], 
                         "`medfusion-fl synth --sites N --out DIR`) and point data-path at it.")
     if not path.is_file():
         raise DataError(f"{path} is missing: a site folder needs a manifest.csv (one row per patient).")
-    try:
-        with path.open(newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            header = list(reader.fieldnames or [])
+    reader = None
+    try:  # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark, which is not part of the first name
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle)
+            header = [name.strip() for name in next(reader, [])]
             problems = _header_problems(header, data)
             if problems:
                 return [], problems
             records, seen = [], set[str]()
-            for number, row in enumerate(reader, start=2):
-                if None in row:  # DictReader puts surplus fields under the key None
-                    surplus = len(row[None])  # type: ignore[index]
-                    problems.append(Problem(number, "row", f"{len(header) + surplus} fields, header has {len(header)}"))
+            for number, fields in enumerate(reader, start=2):
+                if not fields:  # a blank line
                     continue
-                record, row_problems = _parse_row(number, row, data, folder, seen)
+                if len(fields) != len(header):  # short rows too: a missing field is not a missing view
+                    problems.append(Problem(number, "row", f"{len(fields)} field(s), the header has {len(header)}; "
+                                            "every row needs one field per column (empty fields are allowed)"))
+                    continue
+                record, row_problems = _parse_row(number, dict(zip(header, fields, strict=True)), data, folder, seen)
                 problems.extend(row_problems)
                 if record is not None:
                     records.append(record)
     except (UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"{path}: not a readable UTF-8 CSV ({exc}).") from None
+        near = f" near line {reader.line_num}" if reader is not None else ""
+        raise DataError(f"{path}: not a readable UTF-8 CSV{near} ({exc}). Save it as UTF-8 CSV "
+                        "(with or without a byte-order mark).") from None
     if not records and not problems:
         problems.append(Problem(1, "manifest", "no patient rows"))
     return records, problems
