@@ -178,6 +178,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     run, sim = _preset_config(args, {"output.run-dir": str(out), "data.sites-root": str(out / "data")})
     num_sites = args.sites or int(sim.get("num-sites", 3))
+    from medfusion_fl.runfolder import RunFolder
+
+    RunFolder(run).open()  # a folder of another run or a damaged checkpoint is refused before Ray starts
     if run.data.source == "synthetic":
         from medfusion_fl.data import write_federation
 

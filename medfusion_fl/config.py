@@ -47,7 +47,13 @@ class OutputConfig(Section):
     run_dir: str = Field("runs/flwr-run", description="Folder for checkpoints, metrics and the exported model.")
     keep_checkpoints: int = Field(3, ge=1, description="Round checkpoints kept on disk (older ones are pruned).")
     resume: bool = Field(False, description="Continue from the newest checkpoint in run-dir (weights, round, "
-                         "strategy state, sites) instead of starting over; the model and data config must match.")
+                         "strategy state, sites) instead of starting over; the model and data config must match "
+                         "(the data's folder may have moved). A fresh run refuses a run-dir that already holds a run.")
+    resume_from: str = Field("", description="With resume: the checkpoint to continue from (e.g. round-0002.pt in "
+                             "run-dir/checkpoints); '' = the newest, which must be intact. Newer checkpoints and "
+                             "metrics lines are moved aside, never deleted.")
+    overwrite: bool = Field(False, description="A fresh run into a run-dir that holds a run moves that run aside to "
+                            "<run-dir>.replaced-<UTC time> (false: refuse, naming what is there).")
 
 
 class DataConfig(Section):

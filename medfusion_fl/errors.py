@@ -64,4 +64,4 @@ class ExportError(MedFusionError):
 
 
 class CheckpointError(MedFusionError):
-    """A checkpoint file is missing, unreadable or not a MedFusion-FL checkpoint."""
+    """A run folder's checkpoint (or metrics file) is missing, unreadable, damaged or from another run."""

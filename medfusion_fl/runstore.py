@@ -33,6 +33,16 @@ class Checkpoint:
     metrics: dict[str, Any]
     privacy: dict[str, Any]  # per site: its latest privacy report (epsilon, delta, DP history)
     release: dict[str, Any]  # "sharing_sites": sites that shared figures in clear; "refusals": site -> reason
+    run_id: str = ""  # the run (run.json) that wrote it; "" in checkpoints written before run ids
+    path: Path = Path()
+
+
+def checkpoint_round(path: Path) -> int:
+    """The round of a checkpoint file name round-NNNN.pt."""
+    match = _NAME.match(Path(path).name)
+    if match is None:
+        raise CheckpointError(f"{path} is not named round-NNNN.pt")
+    return int(match.group(1))
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
@@ -40,22 +50,30 @@ def load_checkpoint(path: Path) -> Checkpoint:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"Checkpoint {path} does not exist.")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"Checkpoint {path} is empty (0 bytes): its write never completed, or the disk "
+                              "lost it.")
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for damaged files
-        raise CheckpointError(f"Checkpoint {path} is unreadable ({exc}).") from exc
+        raise CheckpointError(f"Checkpoint {path} is unreadable ({type(exc).__name__}: {exc}).") from exc
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a MedFusion-FL checkpoint (format {FORMAT}).")
-    return Checkpoint(
-        round=int(raw["round"]),
-        weights={k: v.numpy() for k, v in raw["state_dict"].items()},
-        config=RunConfig.from_flat(raw["config"]),
-        strategy_state=dict(raw["strategy_state"]),
-        sites=list(raw["sites"]),
-        metrics=json.loads(raw["metrics"]),
-        privacy=json.loads(raw.get("privacy", "{}")),
-        release=json.loads(raw.get("release", "{}")),
-    )
+    try:
+        return Checkpoint(
+            round=int(raw["round"]),
+            weights={k: v.numpy() for k, v in raw["state_dict"].items()},
+            config=RunConfig.from_flat(raw["config"]),
+            strategy_state=dict(raw["strategy_state"]),
+            sites=list(raw["sites"]),
+            metrics=json.loads(raw["metrics"]),
+            privacy=json.loads(raw.get("privacy", "{}")),
+            release=json.loads(raw.get("release", "{}")),
+            run_id=str(raw.get("run_id", "")),
+            path=path,
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # ConfigError is a ValueError too
+        raise CheckpointError(f"Checkpoint {path} is damaged: {type(exc).__name__}: {exc}") from None
 
 
 class RunStore:
@@ -69,7 +87,7 @@ class RunStore:
     def save_checkpoint(self, *, round: int, weights: Weights, config: RunConfig,
                         strategy_state: dict[str, Any], sites: list[str],
                         metrics: dict[str, Any], keep: int, privacy: dict[str, Any] | None = None,
-                        release: dict[str, Any] | None = None) -> Path:
+                        release: dict[str, Any] | None = None, run_id: str = "") -> Path:
         """Write the round's checkpoint atomically, then prune all but the newest `keep`."""
         payload = {
             "format": FORMAT,
@@ -81,6 +99,7 @@ class RunStore:
             "metrics": json.dumps(metrics),
             "privacy": json.dumps(privacy or {}),
             "release": json.dumps(release or {}),
+            "run_id": run_id,
         }
         buffer = io.BytesIO()
         torch.save(payload, buffer)
@@ -107,5 +126,13 @@ class RunStore:
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.is_file():
             return []
-        lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
+        records = []
+        for number, line in enumerate(self.metrics_path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except ValueError as exc:
+                raise CheckpointError(f"{self.metrics_path} line {number} is not JSON ({exc}); restore the file "
+                                      "from a backup or remove that line.") from None
+        return records

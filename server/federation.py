@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 from flwr.serverapp import Grid
 
 from medfusion_fl.config import RunConfig, privacy_warnings
 from medfusion_fl.data import SiteDataset, load_test_set, write_test_set
-from medfusion_fl.errors import CheckpointError, RoundFailed
+from medfusion_fl.errors import RoundFailed
 from medfusion_fl.export import export_model, resolve_test_path
 from medfusion_fl.models import MedFusionModel, build_model
 from medfusion_fl.parameters import Weights, get_weights, set_weights
 from medfusion_fl.protocol import APP_NOT_APPROVED, POLICY_REFUSED
-from medfusion_fl.runstore import RunStore, load_checkpoint
+from medfusion_fl.runfolder import RunFolder
 from medfusion_fl.training import at_threshold, predict, score
 from server.rounds import SiteDirectory, run_round
 from strategies import build_strategy
@@ -33,7 +32,9 @@ class Federation:
 
     def __init__(self, run: RunConfig) -> None:
         self.run = run
-        self.store = RunStore(Path(run.output.run_dir))
+        self.folder = RunFolder(run)  # refuses a folder of another run, a damaged checkpoint: before anything
+        self.resume_point = self.folder.open()
+        self.store = self.folder.store
         self.strategy = build_strategy(run.strategy)
         self.model: MedFusionModel = build_model(run, seed=run.train.seed)
         self.held_out = self._load_held_out()
@@ -75,22 +76,16 @@ class Federation:
     def resume(self) -> tuple[Weights, dict[str, Any]]:
         """The weights and last metrics line to start from: the newest checkpoint under
         output.resume (its model and data config must match this run's), else the fresh model."""
-        latest = self.store.latest_checkpoint() if self.run.output.resume else None
-        if latest is None:
-            if self.run.output.resume:
-                log.info("output.resume: no checkpoint in %s yet; starting at round 1", self.store.root)
+        checkpoint = self.resume_point
+        if checkpoint is None:
             return get_weights(self.model), {}
-        checkpoint = load_checkpoint(latest)
-        for section in ("model", "data", "strategy"):
-            if getattr(checkpoint.config, section) != getattr(self.run, section):
-                raise CheckpointError(f"{latest} was trained with another {section} config; resume it with the "
-                                      f"same {section}.* keys, or set output.resume = false to start over")
         self.strategy.load_state_dict(checkpoint.strategy_state)
         self.sites, self.privacy = set(checkpoint.sites), dict(checkpoint.privacy)
         self.shared = set(checkpoint.release.get("sharing_sites", []))
         self.refusals = dict(checkpoint.release.get("refusals", {}))
         self.rounds_done = checkpoint.round
-        log.info("resuming from %s: round %d of %d done", latest, checkpoint.round, self.run.rounds.num_server_rounds)
+        log.info("resuming from %s: round %d of %d done", checkpoint.path, checkpoint.round,
+                 self.run.rounds.num_server_rounds)
         return checkpoint.weights, checkpoint.metrics
 
     def run_rounds(self, grid: Grid) -> dict[str, Any]:
@@ -124,7 +119,8 @@ class Federation:
                 round=server_round, weights=weights, config=self.run,
                 strategy_state=self.strategy.state_dict(), sites=sorted(self.sites),
                 metrics=record, keep=self.run.output.keep_checkpoints, privacy=self.privacy,
-                release={"sharing_sites": sorted(self.shared), "refusals": self.refusals})
+                release={"sharing_sites": sorted(self.shared), "refusals": self.refusals},
+                run_id=self.folder.run_id() or "")
             self._log_round(record, total)
         set_weights(self.model, weights)
         log.info("%d round(s) done in %.1f s", self.rounds_done, time.monotonic() - start)

@@ -64,7 +64,7 @@ def test_too_few_valid_updates_fail_loudly_and_keep_earlier_results(broken_site2
     Federation(good).run_rounds(FakeGrid(client_app, good.to_flat(), num_nodes=3, node_config=OPEN_POLICY))
     store = RunStore(good.output.run_dir)
     before = store.metrics_path.read_bytes()
-    strict = _run(broken_site2, **{"rounds.min-sites": 3})
+    strict = _run(broken_site2, **{"rounds.min-sites": 3, "output.resume": True})  # round 2, site-2 broken now
     with pytest.raises(RoundFailed, match="2 valid update.*min-sites = 3.*global model is unchanged"):
         Federation(strict).run_rounds(FakeGrid(client_app, strict.to_flat(), num_nodes=3, node_config=OPEN_POLICY))
     after = store.metrics_path.read_bytes()
@@ -143,7 +143,7 @@ def test_resume_continues_from_the_last_complete_round(synth_root: Path, tmp_pat
     assert load_checkpoint(store.latest_checkpoint()).round == 3
     other = _run(synth_root, **{"output.run-dir": str(tmp_path / "run"), "output.resume": True,
                                 "model.fusion": "gated"})
-    with pytest.raises(CheckpointError, match="another model config"):
+    with pytest.raises(CheckpointError, match=r"another model \(model.fusion\) config"):
         Federation(other).resume()
 
 

@@ -42,10 +42,11 @@ def test_dp_rounds_report_cumulative_epsilon_and_survive_restart(synth_root: Pat
     ledger_dir = Path(run.output.run_dir) / "site-state" / "site-0"
     assert PrivacyLedger(ledger_dir).epsilon("default", delta=1e-5) == pytest.approx(eps[1])
 
-    again = Federation(run)  # a coordinator restart: the sites' ledgers continue, never reset
-    again.run_rounds(FakeGrid(client_app, run.to_flat(), num_nodes=2, node_config=budget))
+    resumed = RunConfig.from_flat({**_dp_run(synth_root, tmp_path, rounds=3).to_flat(), "output.resume": True})
+    again = Federation(resumed)  # a coordinator restart: the sites' ledgers continue, never reset
+    again.run_rounds(FakeGrid(client_app, resumed.to_flat(), num_nodes=2, node_config=budget))
     assert RunStore(run.output.run_dir).read_metrics()[-1]["privacy"]["site-0"]["epsilon"] > eps[1]
-    assert len(PrivacyLedger(ledger_dir).entries("default")) == 4
+    assert len(PrivacyLedger(ledger_dir).entries("default")) == 3
 
 
 def test_sites_decline_past_their_budget_and_the_run_ends_cleanly(synth_root: Path, tmp_path: Path) -> None:
