@@ -21,7 +21,7 @@ from medfusion_fl.parameters import Weights, get_weights, set_weights
 from medfusion_fl.policy import check_run
 from medfusion_fl.policy.enforce import Work
 from medfusion_fl.release.evaluation import ReleaseLayout
-from medfusion_fl.site_config import SiteConfig
+from medfusion_fl.site_config import SiteConfig, partition_id
 from medfusion_fl.training import EvalResult, TrainResult, predict, resolve_device, score, train_local
 
 if TYPE_CHECKING:  # opacus is imported only when a run uses DP
@@ -63,8 +63,7 @@ class SiteRunner:
         """Parse Flower's flat run_config and node_config once, at the top of a handler."""
         run = RunConfig.from_flat(run_config)
         site = SiteConfig.from_node_config(node_config, run)
-        partition = node_config.get("partition-id")
-        return cls(run, site, partition=int(partition) if partition is not None else None)
+        return cls(run, site, partition=partition_id(node_config))
 
     def check_policy(self, work: Work) -> None:
         """Refuse (PolicyRefused) a run that asks for less protection than the site's policy requires."""

@@ -53,7 +53,7 @@ class SiteConfig(Section):
             if "partition-id" not in node_config:
                 raise ConfigError("node_config has no 'data-path': start the SuperNode with "
                                   "--node-config 'data-path=\"/path/to/site\"'.")
-            site = f"site-{int(node_config['partition-id'])}"
+            site = f"site-{partition_id(node_config)}"
             values["data-path"] = str(Path(run.data.sites_root) / site)
             values.setdefault("site-id", site)
             policy = {**read_policy_file(simulated_policy_path(run, str(values["site-id"]))), **policy}
@@ -66,6 +66,18 @@ class SiteConfig(Section):
             where = "--node-config or site.toml [policy]"
             text = explain_invalid(exc, flat).replace(WHERE, where).replace("run configuration", "site configuration")
             raise ConfigError(text) from None
+
+
+def partition_id(node_config: Mapping[str, Any]) -> int | None:
+    """A simulated node's partition-id (None for a real SuperNode); anything but an integer >= 0 is refused."""
+    value = node_config.get("partition-id")
+    if value is None:
+        return None
+    text = str(value)
+    if isinstance(value, bool) or not isinstance(value, int | str) or not (text.isascii() and text.isdigit()):
+        raise ConfigError(f"node config partition-id = {value!r} must be an integer >= 0 (Flower sets it in "
+                          "simulation; a real SuperNode passes data-path instead).")
+    return int(value)
 
 
 def default_ledger_head(state_dir: Path) -> Path:

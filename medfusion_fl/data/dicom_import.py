@@ -79,6 +79,15 @@ def _matching_view(header: Any, rules: dict[str, dict[str, list[re.Pattern[str]]
     return None
 
 
+def _sides(header: Any) -> tuple[int, int] | None:
+    """Rows and Columns from a header read without pixels (None when either is not a positive integer)."""
+    try:
+        rows, columns = int(header.get("Rows")), int(header.get("Columns"))
+    except (TypeError, ValueError):
+        return None
+    return (rows, columns) if rows > 0 and columns > 0 else None
+
+
 def _dicom_files(src: Path) -> Iterator[Path]:
     """The files of a DICOMDIR file-set, or every file under a folder."""
     import pydicom
@@ -188,6 +197,11 @@ def import_dicom(src: Path, out: Path, data: DataConfig, *, rules_path: Path, cl
             header = members[0][1]
             if "Rows" not in header:  # headers are read without pixels: an image has Rows
                 problems.append(ImportProblem(str(members[0][0]), "series without images (no Rows)"))
+                continue
+            sides = _sides(header)
+            if sides is None or max(sides) > data.source_side_limit:
+                problems.append(ImportProblem(str(members[0][0]), f"Rows x Columns {sides or 'unreadable'} is not "
+                                              f"an image of at most data.max-source-side = {data.source_side_limit}"))
                 continue
             view = _matching_view(header, rules)
             if view is None:

@@ -97,7 +97,10 @@ def _parse_row(number: int, row: dict[str, str], data: DataConfig, folder: Path,
     for view in data.views:
         rel = (row.get(view) or "").strip()
         path = (folder / rel) if rel else None
-        if path is not None and not path.resolve().is_relative_to(folder.resolve()):
+        if path is not None and "\x00" in rel:  # the OS cannot open it; pathlib raises on it
+            problems.append(Problem(number, view, f"path {rel!r} contains a NUL byte"))
+            path = None
+        elif path is not None and not path.resolve().is_relative_to(folder.resolve()):
             problems.append(Problem(number, view, f"path {rel!r} points outside the site folder"))
             path = None
         views.append(path)

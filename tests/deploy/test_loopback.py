@@ -9,6 +9,7 @@ and a tampered privacy ledger refused. Every process is stopped at the end, also
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -100,6 +101,18 @@ def _wait(what: str, ready: Callable[[], bool], timeout: float, procs: Processes
         time.sleep(1.0)
 
 
+def _cold_start(env: dict[str, str]) -> float:
+    """Seconds this machine takes now to start one ClientApp process (Python, torch, flwr, the site's code):
+    the unit of every secure stage at a deployed site (a process per message), measured, not assumed."""
+    code = "import flwr.clientapp, torch, medfusion_fl.site, client.client_app"
+    times = []
+    for _ in range(2):  # the second start has a warm page cache, like the SuperNodes' later messages
+        start = time.monotonic()
+        subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True, timeout=300)
+        times.append(time.monotonic() - start)
+    return max(times)
+
+
 def _port_open(port: int) -> bool:
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) == 0
@@ -124,10 +137,18 @@ def test_loopback_federation_with_tls_auth_loss_and_resume(tmp_path: Path) -> No
     # DP and secure aggregation are the defaults. Federated evaluation is off here: each secure stage costs a
     # deployed SuperNode 6-10 s (polling, a process per message), so its four stages would add ~150 s to CI;
     # the secure evaluation runs on Ray in tests/test_simulation.py and in-process in tests/release/.
+    # The reply timeout decides only when the coordinator gives up on H3 (killed mid-round): it must outlast
+    # every honest stage, about a dozen process starts on the slowest (train: start, load, DP-SGD, encode),
+    # so it is derived from this machine's measured start-up; the other waits scale with it.
+    startup = _cold_start(env)
+    reply_timeout = max(60, round(12 * startup))
+    slow = reply_timeout / 60
+    logging.getLogger(__name__).info("ClientApp cold start %.1f s: rounds.reply-timeout = %d s", startup,
+                                     reply_timeout)
     config = ('data.source="folders" data.test-path="{test}" output.run-dir="{run}" model.backbone="test_resnet" '
-              'rounds.num-server-rounds=2 rounds.min-sites=2 rounds.wait-for-sites=60 rounds.reply-timeout=75 '
-              'train.local-epochs=1 rounds.fraction-evaluate=0'
-              ).format(test=data / "test", run=run_dir)
+              'rounds.num-server-rounds=2 rounds.min-sites=2 rounds.wait-for-sites={wait} '
+              'rounds.reply-timeout={reply} train.local-epochs=1 rounds.fraction-evaluate=0'
+              ).format(test=data / "test", run=run_dir, wait=round(60 * slow), reply=reply_timeout)
     try:
         # 0. the app as the coordinator will ship it (`flwr run` builds the same bytes)
         from flwr.cli.build import build_fab_from_disk
@@ -173,7 +194,7 @@ def test_loopback_federation_with_tls_auth_loss_and_resume(tmp_path: Path) -> No
         # 5. the researcher starts 2 rounds; H3 refuses the unapproved app; the coordinator dies after round 1
         procs.start("run-1", [str(BIN / "flwr"), "run", str(REPO), "coordinator", "--stream", "--run-config", config])
         first = run_dir / "checkpoints" / "round-0001.pt"
-        _wait("round 1's checkpoint", first.exists, 420, procs, "run-1")
+        _wait("round 1's checkpoint", first.exists, 420 * slow, procs, "run-1")
         procs.stop("superlink")
         procs.stop("run-1")
         assert not (run_dir / "checkpoints" / "round-0002.pt").exists()
@@ -196,9 +217,9 @@ def test_loopback_federation_with_tls_auth_loss_and_resume(tmp_path: Path) -> No
               "run-2")
         run_id = started.search(procs.tail("run-2", limit=None)).group(1)  # type: ignore[union-attr]
         _wait("H3 to receive round 2's key sharing", lambda: procs.received(
-            "H3", run_id, "Receiving: train.secagg_share") >= 1, 400, procs, "H3")
+            "H3", run_id, "Receiving: train.secagg_share") >= 1, 400 * slow, procs, "H3")
         procs.crash("H3")
-        _wait("the resumed run to finish", lambda: resumed.poll() is not None, 600, procs, "run-2")
+        _wait("the resumed run to finish", lambda: resumed.poll() is not None, 600 * slow, procs, "run-2")
         assert resumed.returncode == 0, procs.tail("run-2")
     finally:
         procs.stop_all()

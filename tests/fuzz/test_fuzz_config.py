@@ -1,0 +1,77 @@
+"""Fuzz configuration as people type it: `--set KEY=VALUE` strings, TOML files, a site's node config.
+
+The property: a valid config or a ConfigError that names the key (and the value), never another exception;
+whatever is accepted keeps the run's invariants (finite numbers, noise under DP)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from medfusion_fl.config import RunConfig, all_keys
+from medfusion_fl.config_sources import parse_overrides, read_toml_flat
+from medfusion_fl.errors import ConfigError
+from medfusion_fl.site_config import SiteConfig
+
+KEYS = all_keys()
+VALUES = st.one_of(
+    st.sampled_from(["0", "-1", "1e400", "nan", "inf", "-inf", "true", "\"\"", "\"a,b,a\"", "[1, 2]", "{x = 1}",
+                     "0.0", "3", "\"fedyogi\"", "\"x:1:0\"", "1_000", "0x10", "'single'", "\"\\u0000\"", "="]),
+    st.text(max_size=15),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.integers(-(2**70), 2**70).map(str),
+)
+KEY = st.one_of(st.sampled_from(KEYS), st.sampled_from(KEYS).map(lambda k: k.replace("-", "_")), st.text(max_size=12))
+
+
+def _accepted_is_sane(run: RunConfig) -> None:
+    for section in run.model_dump().values():
+        for value in section.values():
+            assert not isinstance(value, float) or math.isfinite(value)
+    if run.privacy.enabled:
+        assert run.privacy.noise_multiplier > 0 and run.evaluation.noise_multiplier > 0
+
+
+@given(items=st.lists(st.tuples(KEY, VALUES).map(lambda kv: f"{kv[0]}={kv[1]}") | st.text(max_size=20),
+                      max_size=5))
+def test_any_set_overrides_give_a_config_or_a_config_error(items: list[str]) -> None:
+    try:
+        run = RunConfig.from_flat(parse_overrides(items))
+    except ConfigError as exc:
+        assert str(exc)
+        return
+    _accepted_is_sane(run)
+
+
+@given(lines=st.lists(st.tuples(KEY, VALUES).map(lambda kv: f"\"{kv[0]}\" = {kv[1]}") | st.text(max_size=25),
+                      max_size=5), table=st.sampled_from(["", "[tool.flwr.app.config]\n", "[train]\n"]))
+def test_any_toml_file_gives_a_config_or_a_config_error(tmp_path: Path, lines: list[str], table: str) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text(table + "\n".join(lines) + "\n", encoding="utf-8")
+    try:
+        run = RunConfig.from_flat(read_toml_flat(path))
+    except ConfigError as exc:
+        assert str(path) in str(exc) or "config key" in str(exc).lower() or "override" in str(exc).lower()
+        return
+    _accepted_is_sane(run)
+
+
+NODE_KEYS = ["site-id", "data-path", "state-dir", "ledger-head", "device", "federation", "partition-id",
+             "max-epsilon", "delta", "min-sites", "require-dp", "require-secure-aggregation", "share-metrics",
+             "min-noise-multiplier", "require-approved-app", "unknown-key"]
+NODE_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 10**12), st.floats(allow_nan=True),
+                        st.text(max_size=10), st.sampled_from(["cuda:7", "cpu", "/tmp", "", "../x"]))
+
+
+@given(node=st.dictionaries(st.sampled_from(NODE_KEYS), NODE_VALUES, max_size=6))
+def test_any_node_config_gives_a_site_or_a_config_error(node: dict[str, object]) -> None:
+    try:
+        site = SiteConfig.from_node_config({k: v for k, v in node.items() if v is not None}, RunConfig())
+    except ConfigError as exc:
+        assert str(exc)
+        return
+    policy = site.policy
+    assert math.isfinite(policy.max_epsilon) and policy.max_epsilon > 0 and 0 < policy.delta < 1
