@@ -141,18 +141,40 @@ def _parse_train_reply(msg: Message, template: Weights) -> SiteReply:
     return reply
 
 
+def _finite(record: Any, key: str, low: float, high: float) -> float:
+    value = record[key]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high \
+            or not math.isfinite(value):
+        raise ValueError(f"{key} = {value!r} is not a number in [{low:g}, {high:g}]")
+    return float(value)
+
+
+def _dp_step(step: Any) -> bool:
+    if not isinstance(step, dict) or set(step) != {"kind", "noise_multiplier", "sample_rate", "steps"}:
+        return False
+    noise, rate, steps = step["noise_multiplier"], step["sample_rate"], step["steps"]
+    numbers = all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in (noise, rate))
+    return (step["kind"] in ("train", "evaluate") and numbers and noise > 0 and 0 < rate <= 1
+            and isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1)
+
+
 def parse_privacy(record: Any, site: str) -> dict[str, Any]:
+    """A site's privacy report (cumulative epsilon and the DP history it is recomputed from), checked field by
+    field: it goes into the metrics and the model card, so nothing non-finite or malformed is kept."""
     try:
-        report = {"federation": str(record["federation"]), "delta": float(record["delta"]),
-                  "epsilon": float(record["epsilon"]), "max-epsilon": float(record["max-epsilon"]),
-                  "accountant": str(record["accountant"]), "history": json.loads(str(record["history"]))}
-    except (KeyError, TypeError, ValueError) as exc:
+        history_text = record["history"]
+        if not isinstance(history_text, str) or len(history_text) > 1_000_000:
+            raise ValueError("history must be a JSON string (at most 1 MB)")
+        report = {"federation": str(record["federation"]), "delta": _finite(record, "delta", 1e-300, 0.999999),
+                  "epsilon": _finite(record, "epsilon", 0.0, 1e9), "max-epsilon": _finite(record, "max-epsilon",
+                                                                                          1e-300, 1e9),
+                  "accountant": str(record["accountant"]), "history": json.loads(history_text)}
+    except (KeyError, TypeError, ValueError, RecursionError) as exc:  # RecursionError: "[[[[..." JSON
         raise ParameterMismatch(f"privacy record of {site} is malformed ({exc})") from None
     history = report["history"]
-    if not isinstance(history, list) or not all(
-            isinstance(h, dict) and set(h) == {"kind", "noise_multiplier", "sample_rate", "steps"} for h in history):
-        raise ParameterMismatch(f"privacy record of {site}: history is not a list of "
-                                "{kind, noise_multiplier, sample_rate, steps}")
+    if not isinstance(history, list) or not all(_dp_step(h) for h in history):
+        raise ParameterMismatch(f"privacy record of {site}: history is not a list of {{kind (train or evaluate), "
+                                "noise_multiplier > 0, sample_rate in (0, 1], steps >= 1}")
     return report
 
 
