@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, NoReturn
 
@@ -75,11 +75,14 @@ class _Stages:
         self.seconds: dict[str, float] = {}
         self.needed = max(run.secagg.threshold, run.rounds.min_sites)
 
-    def send(self, stage: str, contents: dict[int, RecordDict]) -> dict[int, Message]:
+    def send(self, stage: str, contents: dict[int, RecordDict],
+             parse: Callable[[Message], Any] | None = None) -> dict[int, Any]:
+        """Send one stage; returns parse(reply) per node that answered well-formed (default: its reply)."""
         start = time.monotonic()
         messages = [Message(content=c, dst_node_id=node, message_type=f"{self.kind}.{stage}")
                     for node, c in contents.items()]
-        replies, failures = collect(self.grid, messages, stage, self.run.rounds.reply_timeout, _has_secagg_record)
+        replies, failures = collect(self.grid, messages, stage, self.run.rounds.reply_timeout,
+                                    parse or _has_secagg_record)
         self.failures += failures
         self.seconds[stage] = round(time.monotonic() - start, 3)
         if len(replies) < self.needed:
@@ -99,13 +102,45 @@ class _Stages:
 
 
 def _has_secagg_record(msg: Message) -> Message:
-    if "secagg" not in msg.content.config_records and "secagg" not in msg.content.array_records:
-        raise ParameterMismatch("no 'secagg' record")
+    _record(msg)
     return msg
 
 
 def _record(msg: Message) -> ConfigRecord:
-    return msg.content.config_records["secagg"]
+    record = msg.content.config_records.get("secagg")
+    if record is None:
+        raise ParameterMismatch("no 'secagg' config record")
+    return record
+
+
+def _indexed(prefix: str, parties: int) -> Callable[[Message], dict[int, bytes]]:
+    """Parse `<prefix><party>: bytes` fields (sealed shares, revealed shares); any other such field is refused."""
+
+    def parse(msg: Message) -> dict[int, bytes]:
+        out = {}
+        for key, value in _record(msg).items():
+            if not key.startswith(prefix):
+                continue
+            index = key[len(prefix):]
+            if not (index.isascii() and index.isdigit() and 1 <= int(index) <= parties):
+                raise ParameterMismatch(f"field {key!r}: not {prefix}<party 1..{parties}>")
+            if not isinstance(value, bytes) or len(value) > 4096:
+                raise ParameterMismatch(f"field {key!r} must be bytes (at most 4096)")
+            out[int(index)] = value
+        return out
+
+    return parse
+
+
+def _masked(setup: Setup) -> Callable[[Message], np.ndarray]:
+    def parse(msg: Message) -> np.ndarray:
+        array = msg.content.array_records.get("secagg")
+        y = array["masked"].numpy() if array is not None and "masked" in array else None
+        if y is None or y.shape != (setup.length,) or y.dtype != setup.dtype:
+            raise ParameterMismatch("masked input of wrong shape or type")
+        return y
+
+    return parse
 
 
 def secure_sum(grid: Grid | SiteDirectory, run: RunConfig, server_round: int, chosen: Iterable[int], *, kind: Kind,
@@ -155,30 +190,20 @@ def _mask_and_unmask(stages: _Stages, setup: Setup, party: dict[int, int],
     """Stages 2-4: route shares, collect masked inputs, collect the shares that unmask their sum."""
     by_party = {p: node for node, p in party.items()}
     key_record = {f"key-{kind}-{p}": k for p, (c, s) in keys.items() for kind, k in (("c", c), ("s", s))}
-    shared = stages.send("secagg_share", {by_party[p]: RecordDict({"secagg": ConfigRecord(
-        {"round-id": setup.round_id, **key_record})}) for p in keys})
-    holders = sorted(party[node] for node in shared)
-    boxes = {party[node]: {int(k[7:]): v for k, v in _record(msg).items() if k.startswith("sealed-")}
-             for node, msg in shared.items()}
-    masked_replies = stages.send("secagg_mask", {by_party[p]: RecordDict({"secagg": ConfigRecord(
+    n = len(setup.parties)
+    boxes = stages.send("secagg_share", {by_party[p]: RecordDict({"secagg": ConfigRecord(
+        {"round-id": setup.round_id, **key_record})}) for p in keys}, parse=_indexed("sealed-", n))
+    boxes = {party[node]: box for node, box in boxes.items()}
+    holders = sorted(boxes)
+    replies = stages.send("secagg_mask", {by_party[p]: RecordDict({"secagg": ConfigRecord(
         {"round-id": setup.round_id, **{f"sealed-from-{src}": box[p] for src, box in boxes.items() if p in box}})})
-        for p in holders})
-    masked = {}
-    for node, msg in masked_replies.items():
-        array = msg.content.array_records.get("secagg")
-        y = array["masked"].numpy() if array is not None and "masked" in array else None
-        if y is None or y.shape != (setup.length,) or y.dtype != setup.dtype:
-            stages.failures.append(failure(stages.grid, node, "secagg_mask", "malformed reply: masked input of "
-                                           "wrong shape or type"))
-            continue
-        masked[party[node]] = y
-    if len(masked) < stages.needed:
-        stages.fail(f"{len(masked)} site(s) sent a valid masked input")
+        for p in holders}, parse=_masked(setup))
+    masked = {party[node]: y for node, y in replies.items()}
     survivors, dropped = sorted(masked), sorted(set(holders) - set(masked))
-    revealed_msgs = stages.send("secagg_unmask", {by_party[p]: RecordDict({"secagg": ConfigRecord(
-        {"round-id": setup.round_id, "survivors": survivors, "dropped": dropped})}) for p in survivors})
-    revealed = {party[node]: {int(k[6:]): v for k, v in _record(msg).items() if k.startswith("share-")
-                              and isinstance(v, bytes)} for node, msg in revealed_msgs.items()}
+    revealed = stages.send("secagg_unmask", {by_party[p]: RecordDict({"secagg": ConfigRecord(
+        {"round-id": setup.round_id, "survivors": survivors, "dropped": dropped})}) for p in survivors},
+        parse=_indexed("share-", n))
+    revealed = {party[node]: shares for node, shares in revealed.items()}
     try:
         return unmask(setup, keys, holders, masked, revealed), survivors
     except SecAggError as exc:

@@ -200,9 +200,9 @@ class TamperingGrid(FakeGrid):
         messages = list(messages)
         replies = super().send_and_receive(messages, timeout=timeout)
         out = []
-        for reply in replies:
-            sent = next(m for m in messages if m.metadata.message_id == reply.metadata.reply_to_message_id)
-            if sent.metadata.dst_node_id == 100 and sent.metadata.message_type == f"train.{self.stage}":
+        for reply in replies:  # a reply's source is the node its instruction went to
+            sent = next(m for m in messages if m.metadata.dst_node_id == reply.metadata.src_node_id)
+            if reply.metadata.src_node_id == 100 and sent.metadata.message_type == f"train.{self.stage}":
                 reply = self._tampered(reply, sent)
             out.append(reply)
         return out
@@ -249,7 +249,7 @@ def test_the_coordinator_survives_any_tampered_secure_reply(tmp_path_factory: py
     except RoundFailed as exc:
         assert "secure train of round 1" in str(exc)
         return
-    parties = {f"site-{p - 1}": p for p in VECTORS}
-    expected = sum((VECTORS[parties[s]].astype(np.uint64) for s in summed.included), np.zeros(LENGTH, np.uint64))
+    parties = {**{f"site-{p - 1}": p for p in VECTORS}, **{f"node-{99 + p}": p for p in VECTORS}}  # unnamed: node
+    expected = sum((VECTORS[parties[s]].astype(np.uint64) for s in summed.sites), np.zeros(LENGTH, np.uint64))
     np.testing.assert_array_equal(summed.total, (expected % 2**32).astype(np.uint32))  # never a wrong sum
-    assert len(summed.included) >= 3
+    assert len(summed.sites) >= 3
