@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, settings
 
 # Fuzz and property tests: "ci" keeps the whole fuzz tier under about two minutes on 2 cores;
 # HYPOTHESIS_PROFILE=thorough runs 25x the examples for a longer hunt.
-settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True,
+settings.register_profile("ci", max_examples=100, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 settings.register_profile("thorough", max_examples=1000, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
