@@ -53,6 +53,12 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
+def write_jsonl_atomic(path: Path, objs: list[Any]) -> None:
+    """Atomically replace `path` with one JSON line per object (NaN refused)."""
+    text = "".join(json.dumps(obj, sort_keys=False, allow_nan=False) + "\n" for obj in objs)
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
 def append_jsonl_atomic(path: Path, obj: Any) -> None:
     """Append one JSON line; the file is rewritten atomically so no line is ever half written."""
     path = Path(path)

@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 
 from medfusion_fl.config import RunConfig
-from medfusion_fl.durable import write_bytes_atomic, write_json_atomic
+from medfusion_fl.durable import append_jsonl_atomic, write_json_atomic, write_jsonl_atomic
 from medfusion_fl.errors import CheckpointError, ConfigError
 from medfusion_fl.runstore import Checkpoint, RunStore, checkpoint_round, load_checkpoint
 
@@ -52,6 +52,7 @@ class RunFolder:
         self.store = RunStore(Path(run.output.run_dir))
         self.root = self.store.root
         self.run_file = self.root / RUN_FILE
+        self.id = ""  # this run's id, known after open()
 
     def run_id(self) -> str | None:
         if not self.run_file.is_file():
@@ -84,13 +85,13 @@ class RunFolder:
         self._ensure_run_id()
         return None
 
-    def _ensure_run_id(self, run_id: str | None = None) -> str:
+    def _ensure_run_id(self, run_id: str | None = None) -> None:
         current = self.run_id()
         if current is None:
             current = run_id or uuid.uuid4().hex
             write_json_atomic(self.run_file, {"format": RUN_FORMAT, "run_id": current,
                                               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-        return current
+        self.id = current
 
     def _move_aside(self) -> None:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -137,9 +138,8 @@ class RunFolder:
             except CheckpointError as exc:  # damaged: name the newest intact one (another run's or config's: not)
                 raise CheckpointError(f"{exc}\n{self._intact_hint(found[:-1], run_id)}") from None
             checkpoint = self._check(found[-1], run_id, loaded)
-        if checkpoint.run_id:
-            self._ensure_run_id(checkpoint.run_id)
-        else:
+        self._ensure_run_id(checkpoint.run_id or None)
+        if not checkpoint.run_id:
             log.warning("%s carries no run id (written before run ids); resuming it as this folder's run",
                         checkpoint.path)
         self._supersede(checkpoint.round)
@@ -173,9 +173,7 @@ class RunFolder:
         redo = [line for line in lines if line.get("round", 0) > resumed and line.get("status") == "ok"]
         if redo:
             old = self.root / "metrics.superseded.jsonl"
-            previous = old.read_bytes() if old.exists() else b""
-            moved = "".join(json.dumps(line) + "\n" for line in redo).encode("utf-8")
-            write_bytes_atomic(old, previous + moved)  # first keep them, then drop them from metrics.jsonl
-            kept = "".join(json.dumps(line) + "\n" for line in lines if line not in redo).encode("utf-8")
-            write_bytes_atomic(self.store.metrics_path, kept)
+            for line in redo:  # first keep them, then drop them from metrics.jsonl
+                append_jsonl_atomic(old, line)
+            write_jsonl_atomic(self.store.metrics_path, [line for line in lines if line not in redo])
             log.warning("resuming from round %d: %d later metrics line(s) moved to %s", resumed, len(redo), old)

@@ -120,7 +120,7 @@ class Federation:
                 strategy_state=self.strategy.state_dict(), sites=sorted(self.sites),
                 metrics=record, keep=self.run.output.keep_checkpoints, privacy=self.privacy,
                 release={"sharing_sites": sorted(self.shared), "refusals": self.refusals},
-                run_id=self.folder.run_id() or "")
+                run_id=self.folder.id)
             self._log_round(record, total)
         set_weights(self.model, weights)
         log.info("%d round(s) done in %.1f s", self.rounds_done, time.monotonic() - start)
