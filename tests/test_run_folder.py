@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -135,11 +134,10 @@ def test_simulate_refuses_a_damaged_resume_before_starting_anything(tmp_path: Pa
     run = RunConfig.from_flat({**flatten(preset), "output.run-dir": str(out), "data.sites-root": str(out / "data")})
     store = _rounds(run, 2)
     (store.checkpoints / "round-0002.pt").write_bytes(b"")
-    start = time.monotonic()
     code = main(["simulate", "--app", str(REPO), "--out", str(out), "--set", "output.resume=true"])
-    assert code == 1 and time.monotonic() - start < 20  # no Ray start, no site folders written
+    assert code == 1
     err = capsys.readouterr().err  # the CLI logs to stderr (its logger does not propagate)
     assert "round-0002.pt is empty" in err and "output.resume-from=round-0001.pt" in err
-    assert not (out / "data").exists()
+    assert not (out / "data").exists()  # refused before the site folders are written, so before Ray starts
     assert main(["simulate", "--app", str(REPO), "--out", str(out)]) == 1
     assert "already holds a run" in capsys.readouterr().err
