@@ -25,7 +25,7 @@ from medfusion_fl.runstore import Checkpoint, RunStore, checkpoint_round, load_c
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 RUN_FORMAT = "medfusion-fl-run/1"
-OUTPUTS = ("metrics.jsonl", "checkpoints", "model.onnx", "model_card.json", "site-state", RUN_FILE)
+OUTPUTS = ("metrics.jsonl", "checkpoints", "model.onnx", "model_card.json", "site-state", "tensorboard", RUN_FILE)
 LOCATION_KEYS = ("sites_root", "test_path")  # where the data is, not what it is: a moved run folder resumes
 
 

@@ -16,6 +16,7 @@ from medfusion_fl.models import MedFusionModel, build_model
 from medfusion_fl.parameters import Weights, get_weights, set_weights
 from medfusion_fl.protocol import APP_NOT_APPROVED, POLICY_REFUSED
 from medfusion_fl.runfolder import RunFolder
+from medfusion_fl.tracking import RunTracker
 from medfusion_fl.training import at_threshold, predict, score
 from server.rounds import SiteDirectory, run_round
 from strategies import build_strategy
@@ -35,6 +36,7 @@ class Federation:
         self.folder = RunFolder(run)  # refuses a folder of another run, a damaged checkpoint: before anything
         self.resume_point = self.folder.open()
         self.store = self.folder.store
+        self.tracker = RunTracker(self.store.root)  # <run-dir>/tensorboard: the metrics lines as curves
         self.strategy = build_strategy(run.strategy)
         self.model: MedFusionModel = build_model(run, seed=run.train.seed)
         self.held_out = self._load_held_out()
@@ -101,6 +103,7 @@ class Federation:
             except RoundFailed as exc:
                 if exc.record is not None:
                     self.store.append_metrics(exc.record)
+                    self.tracker.log_round(exc.record)
                 if exc.budget_exhausted and self.rounds_done:
                     self.stop_reason = f"stopped before round {server_round}: the sites' privacy budgets are spent"
                     log.warning("%s (%s)", self.stop_reason, exc)
@@ -115,6 +118,7 @@ class Federation:
                               if f["code"] in (POLICY_REFUSED, APP_NOT_APPROVED)}
             self.rounds_done = server_round
             self.store.append_metrics(record)
+            self.tracker.log_round(record)
             self.store.save_checkpoint(
                 round=server_round, weights=weights, config=self.run,
                 strategy_state=self.strategy.state_dict(), sites=sorted(self.sites),
@@ -156,4 +160,8 @@ class Federation:
                 "value": threshold, "class": self.run.data.class_names[1],
                 "chosen_by": "maximum sensitivity + specificity (Youden) on the sites' pooled validation "
                              "score histograms of the last round"}
+        if self.held_out is not None and len(self.run.data.class_names) == 2:
+            probs, labels = predict(self.model, self.held_out, batch_size=64, device=self.model_device())
+            self.tracker.log_pr_curve("held_out/pr-curve", labels, probs[:, 1], self.rounds_done)
+        self.tracker.close()
         export_model(self.model, self.run, self.store.root, held_out=self.held_out, card=card)

@@ -43,6 +43,13 @@ def test_a_default_federation_releases_only_what_the_privacy_statement_covers(tm
     assert all(line["train"]["loss"] is None for line in lines)  # not released under DP
     assert card["export_check"]["max_abs_diff"] <= 1e-4 and (out / "model.onnx").is_file()
     assert "round 2/2" in log and "not released (DP)" in log
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {f"privacy/site-{k}/epsilon" for k in range(3)} <= tags and "secagg/overflow" in tags
+    assert "train/loss" not in tags  # not released under DP
     privacy = card["privacy"]
     assert privacy["warnings"] == [] and privacy["sites_sharing_figures_in_clear"] == "none"
     assert {row["record"] for row in privacy["released"]} == {"secagg", "site", "privacy", "error"}
