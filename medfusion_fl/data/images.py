@@ -42,26 +42,26 @@ def _read_pil(path: Path, max_side: int) -> np.ndarray:
         raise DataError(f"{path}: not a readable image ({exc}). Re-export the file or remove the view.") from None
 
 
-def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype[Any], int]:
-    """Shape, dtype and data offset from a .npy header, without reading the array."""
+def _npy_header(path: Path) -> tuple[tuple[int, ...], bool, np.dtype[Any], int]:
+    """Shape, Fortran order, dtype and data offset from a .npy header, without reading the array."""
     fmt = np.lib.format
     try:
         with path.open("rb") as handle:
             version = fmt.read_magic(handle)
             if version == (1, 0):
-                shape, _, dtype = fmt.read_array_header_1_0(handle)
+                shape, fortran, dtype = fmt.read_array_header_1_0(handle)
             elif version in ((2, 0), (3, 0)):
-                shape, _, dtype = fmt.read_array_header_2_0(handle)
+                shape, fortran, dtype = fmt.read_array_header_2_0(handle)
             else:
                 raise ValueError(f"unsupported .npy version {version}")
-            return tuple(int(n) for n in shape), dtype, handle.tell()
+            return tuple(int(n) for n in shape), bool(fortran), dtype, handle.tell()
     except Exception as exc:  # numpy parses the header with Python's tokenizer: many error types for bad bytes
         raise DataError(f"{path}: not a readable .npy array ({exc}).") from None
 
 
 def _read_npy(path: Path, max_side: int, *, volume: bool) -> np.ndarray:
     """Check the header against the run (dtype, rank, sides, file length), then memory-map and convert."""
-    shape, dtype, offset = _npy_header(path)
+    shape, fortran, dtype, offset = _npy_header(path)
     if dtype.hasobject or not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)
                                or dtype == np.bool_):
         raise DataError(f"{path}: dtype {dtype} is not a real number type; save it as float32 or an integer type.")
@@ -80,10 +80,10 @@ def _read_npy(path: Path, max_side: int, *, volume: bool) -> np.ndarray:
     if size != expected:
         raise DataError(f"{path}: the header says {dtype}{list(shape)} ({expected} bytes with the header) but the "
                         f"file has {size} bytes; it is truncated or its header is wrong. Re-export it.")
-    try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    try:  # the header already parsed and checked: map the data it describes (no second parse)
+        array = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
         return np.array(array, dtype=np.float32)  # a copy: the mapping is read-only and closes with the file
-    except (ValueError, OSError, EOFError) as exc:
+    except (ValueError, OSError) as exc:
         raise DataError(f"{path}: not a readable .npy array ({exc}).") from None
 
 
