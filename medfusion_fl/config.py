@@ -12,23 +12,12 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from medfusion_fl.config_base import WHERE, Scalar, Section, kebab
 from medfusion_fl.config_sources import read_toml_flat
 from medfusion_fl.errors import ConfigError
-
-Scalar = bool | int | float | str
-WHERE = "pyproject.toml [tool.flwr.app.config], a --config TOML file or --set KEY=VALUE"
-
-
-def _kebab(name: str) -> str:
-    return name.replace("_", "-")
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(  # allow_inf_nan=False: 'nan' or 'inf' is refused as "should be a finite number"
-        extra="forbid", alias_generator=_kebab, populate_by_name=True, frozen=True, allow_inf_nan=False
-    )
+from medfusion_fl.report.config import ReportConfig
 
 
 def _split_list(value: str) -> tuple[str, ...]:
@@ -246,6 +235,9 @@ class EvaluationConfig(Section):
                       "operating threshold is chosen among 1/bins, 2/bins, ...; fewer bins, less noise per "
                       "threshold under DP (10 bins kept the demo's accuracy at the threshold within 0.03 of "
                       "noiseless 50-bin histograms in a 24-patients-per-site simulation).")
+    calibrate: bool = Field(True, description="Binary tasks: fit a temperature to the last round's pooled score "
+                            "histograms (post-processing of the release: no extra privacy cost); model.onnx divides "
+                            "its logits by it and the model card states it. false: temperature 1.")
 
     @field_validator("bins")
     @classmethod
@@ -281,7 +273,7 @@ class RoundsConfig(Section):
 _SECTIONS: dict[str, type[Section]] = {
     "output": OutputConfig, "data": DataConfig, "synth": SynthConfig, "model": ModelConfig,
     "train": TrainConfig, "privacy": PrivacyConfig, "secagg": SecAggConfig,
-    "evaluation": EvaluationConfig, "strategy": StrategyConfig, "rounds": RoundsConfig,
+    "evaluation": EvaluationConfig, "strategy": StrategyConfig, "rounds": RoundsConfig, "report": ReportConfig,
 }
 
 
@@ -298,6 +290,7 @@ class RunConfig(Section):
     evaluation: EvaluationConfig = EvaluationConfig()
     strategy: StrategyConfig = StrategyConfig()
     rounds: RoundsConfig = RoundsConfig()
+    report: ReportConfig = ReportConfig()
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> RunConfig:
@@ -333,12 +326,12 @@ class RunConfig(Section):
 
 def all_keys() -> list[str]:
     """Every valid flat key, e.g. 'train.lr'."""
-    return [f"{s}.{_kebab(f)}" for s, model in _SECTIONS.items() for f in model.model_fields]
+    return [f"{s}.{kebab(f)}" for s, model in _SECTIONS.items() for f in model.model_fields]
 
 
 def _field_name(model: type[Section], key: str) -> str | None:
     name = key.replace("-", "_")
-    return name if name in model.model_fields and _kebab(name) == key else None
+    return name if name in model.model_fields and kebab(name) == key else None
 
 
 def unknown_key(key: str, valid: Iterable[str], value: Any) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import torch
+from torch import nn
 
 from medfusion_fl.config import RunConfig, privacy_warnings
 from medfusion_fl.data import SiteDataset, load_test_set
@@ -20,7 +21,8 @@ from medfusion_fl.errors import ExportError
 from medfusion_fl.models import MedFusionModel, build_model, example_inputs
 from medfusion_fl.models.medfusion import view_shape
 from medfusion_fl.parameters import set_weights
-from medfusion_fl.runstore import load_checkpoint
+from medfusion_fl.report.calibration import Temperature, from_evaluation, scale_threshold
+from medfusion_fl.runstore import RunStore, load_checkpoint
 
 log = logging.getLogger(__name__)
 INPUTS = ("views", "view_mask", "tabular")
@@ -40,7 +42,38 @@ class ExportCheck:
     opset: int
 
 
-def _to_onnx_bytes(model: MedFusionModel) -> bytes:
+class TemperatureScaled(nn.Module):
+    """The model as exported: the global model's logits divided by the calibration temperature."""
+
+    def __init__(self, model: MedFusionModel, temperature: float) -> None:
+        super().__init__()
+        self.model, self.spec = model, model.spec
+        self.temperature: torch.Tensor
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
+
+    def forward(self, views: torch.Tensor, view_mask: torch.Tensor, tabular: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = self.model(views, view_mask, tabular)
+        return logits / self.temperature
+
+
+Exported = MedFusionModel | TemperatureScaled
+
+
+def calibration_card(final: dict[str, Any], run: RunConfig, temperature: Temperature) -> dict[str, Any]:
+    """The card's calibration entry and the operating threshold on the calibrated scale."""
+    out: dict[str, Any] = {"calibration": {**temperature.card(), "applied_in": "model.onnx: logits = the global "
+                                           "model's logits / temperature (softmax gives calibrated probabilities)"}}
+    threshold = (final.get("evaluate") or {}).get("threshold")
+    if threshold is not None:  # class 1 when its calibrated probability >= value
+        out["operating_threshold"] = {
+            "value": scale_threshold(threshold, temperature.value), "before_calibration": threshold,
+            "class": run.data.class_names[1],
+            "chosen_by": "maximum sensitivity + specificity (Youden) on the sites' pooled validation score "
+                         "histograms of the last round, mapped through the temperature"}
+    return out
+
+
+def _to_onnx_bytes(model: Exported) -> bytes:
     args = example_inputs(model.spec, batch=2)
     batch = torch.export.Dim("batch")
     try:
@@ -58,7 +91,7 @@ def _to_onnx_bytes(model: MedFusionModel) -> bytes:
     return bytes(program.model_proto.SerializeToString())
 
 
-def _check_inputs(model: MedFusionModel, held_out: SiteDataset | None,
+def _check_inputs(model: Exported, held_out: SiteDataset | None,
                   seed: int) -> tuple[dict[str, np.ndarray], str]:
     spec = model.spec
     if held_out is not None and len(held_out) > 0:
@@ -73,7 +106,7 @@ def _check_inputs(model: MedFusionModel, held_out: SiteDataset | None,
     return {"views": views, "view_mask": mask, "tabular": tabular}, "random inputs (no held-out folder)"
 
 
-def check_parity(model: MedFusionModel, onnx_bytes: bytes, inputs: dict[str, np.ndarray]) -> float:
+def check_parity(model: Exported, onnx_bytes: bytes, inputs: dict[str, np.ndarray]) -> float:
     """Max |onnxruntime - PyTorch| over the logits of the given inputs."""
     session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
     (onnx_logits,) = session.run(["logits"], inputs)
@@ -83,14 +116,16 @@ def check_parity(model: MedFusionModel, onnx_bytes: bytes, inputs: dict[str, np.
     return float(np.abs(onnx_logits - torch_logits).max())
 
 
-def export_model(model: MedFusionModel, run: RunConfig, out_dir: Path, *,
-                 held_out: SiteDataset | None, card: dict[str, Any]) -> ExportCheck:
-    """Write `model.onnx` and `model_card.json` to out_dir; refuse an export that fails parity."""
+def export_model(model: MedFusionModel, run: RunConfig, out_dir: Path, *, held_out: SiteDataset | None,
+                 card: dict[str, Any], temperature: float = 1.0) -> ExportCheck:
+    """Write `model.onnx` (logits / temperature) and `model_card.json` to out_dir; refuse an export that
+    fails parity."""
     out_dir = Path(out_dir)
-    model = model.cpu().eval()
-    onnx_bytes = _to_onnx_bytes(model)
-    inputs, source = _check_inputs(model, held_out, seed=run.train.seed)
-    diff = check_parity(model, onnx_bytes, inputs)
+    base = model.cpu().eval()
+    exported: Exported = TemperatureScaled(base, temperature).eval() if temperature != 1.0 else base
+    onnx_bytes = _to_onnx_bytes(exported)
+    inputs, source = _check_inputs(exported, held_out, seed=run.train.seed)
+    diff = check_parity(exported, onnx_bytes, inputs)
     import onnx  # local: only needed to read the opset back
 
     opset = int(next(o.version for o in onnx.load_from_string(onnx_bytes).opset_import if o.domain == ""))
@@ -99,7 +134,7 @@ def export_model(model: MedFusionModel, run: RunConfig, out_dir: Path, *,
         raise ExportError(f"onnxruntime differs from PyTorch by {diff:.3g} (> {TOLERANCE}); "
                           "model.onnx was not written.")
     write_bytes_atomic(out_dir / "model.onnx", onnx_bytes)
-    write_json_atomic(out_dir / "model_card.json", build_card(run, model, check, card))
+    write_json_atomic(out_dir / "model_card.json", build_card(run, base, check, card))
     log.info("exported %s (onnxruntime max |diff| %.2e on %s)", out_dir / "model.onnx", diff, source)
     return check
 
@@ -119,7 +154,8 @@ def build_card(run: RunConfig, model: MedFusionModel, check: ExportCheck,
             "tabular": f"float32 [batch, {spec.num_tabular}], columns {[c.name for c in data.columns]}, "
                        "ranged columns scaled to [-1, 1]",
         },
-        "outputs": {"logits": f"float32 [batch, {spec.num_classes}], classes {list(data.class_names)}"},
+        "outputs": {"logits": f"float32 [batch, {spec.num_classes}], classes {list(data.class_names)}; divided by "
+                              "calibration.temperature (softmax of them: the calibrated probabilities)"},
         "privacy": privacy_section(run, extra.pop("privacy_sites", {}), sharing_sites=extra.pop("sharing_sites", []),
                                    refusals=extra.pop("refused_by_site_policy", {})),
         **extra,
@@ -198,18 +234,28 @@ def _dp_statement(run: RunConfig, sites: dict[str, Any]) -> str | dict[str, Any]
 
 
 def export_checkpoint(checkpoint: Path, out_dir: Path) -> ExportCheck:
-    """Redo the export of a run from one of its checkpoints (`medfusion-fl export`)."""
+    """Redo the export of a run from one of its checkpoints (`medfusion-fl export`), with its report."""
+    from medfusion_fl.report.run import report_for_model
+
     ckpt = load_checkpoint(checkpoint)
     run = ckpt.config
     model = build_model(run)
     set_weights(model, ckpt.weights)
     test_path = resolve_test_path(run)
     held_out = load_test_set(test_path, run.data) if test_path is not None else None
+    temperature = from_evaluation(ckpt.metrics, enabled=run.evaluation.calibrate)
     card = {"rounds": ckpt.round, "sites": ckpt.sites, "final_metrics": ckpt.metrics,
             "source_checkpoint": str(checkpoint), "privacy_sites": ckpt.privacy,
             "sharing_sites": ckpt.release.get("sharing_sites", []),
-            "refused_by_site_policy": ckpt.release.get("refusals", {})}
-    return export_model(model, run, out_dir, held_out=held_out, card=card)
+            "refused_by_site_policy": ckpt.release.get("refusals", {}),
+            **calibration_card(ckpt.metrics, run, temperature)}
+    lines = [line for line in RunStore(Path(checkpoint).parent.parent).read_metrics() if line["round"] <= ckpt.round]
+    outcome = report_for_model(model, run, Path(out_dir), held_out=held_out, data=str(test_path),
+                               temperature=temperature,
+                               threshold=(ckpt.metrics.get("evaluate") or {}).get("threshold"), lines=lines,
+                               label=f"checkpoint {checkpoint} (round {ckpt.round})")
+    card["report"] = outcome.card()
+    return export_model(model, run, out_dir, held_out=held_out, card=card, temperature=temperature.value)
 
 
 def resolve_test_path(run: RunConfig) -> Path | None:

@@ -13,7 +13,8 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
-from medfusion_fl.config import WHERE, RunConfig, Section, explain_invalid, unknown_key
+from medfusion_fl.config import RunConfig, explain_invalid, unknown_key
+from medfusion_fl.config_base import WHERE, Section
 from medfusion_fl.config_sources import read_toml
 from medfusion_fl.errors import ConfigError
 from medfusion_fl.policy.site_policy import POLICY_KEYS, SitePolicy

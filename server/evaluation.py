@@ -96,6 +96,9 @@ def federated_evaluation(grid: Grid | SiteDirectory, run: RunConfig, weights: We
     evaluation.record = {**{k.replace("_", "-"): _finite(v) for k, v in asdict(pooled).items()}, "status": "ok",
                          "summed": sites,
                          "released": how + noise, "overflow": overflow, "sites": dict(sorted(shared.items()))}
+    if layout.binary:  # the pooled histograms themselves: the temperature of the export is fitted on them
+        cells = [round(float(c), 4) for c in total[: layout.cells]]
+        evaluation.record["score-histogram"] = {"negative": cells[: layout.bins], "positive": cells[layout.bins:]}
     return evaluation
 
 

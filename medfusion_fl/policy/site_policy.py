@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from medfusion_fl.config import Section
+from medfusion_fl.config_base import Section
 
 
 class SitePolicy(Section):

@@ -16,7 +16,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 FOLDER = "tensorboard"
-_HELD_OUT = ("loss", "accuracy", "auroc", "sensitivity", "specificity", "accuracy-at-threshold", "threshold")
+_HELD_OUT = ("loss", "accuracy", "auroc", "auprc", "sensitivity", "specificity", "accuracy-at-threshold", "threshold")
 _FEDERATED = ("loss", "accuracy", "auroc", "threshold")
 
 
@@ -64,6 +64,16 @@ class RunTracker:
     def log_pr_curve(self, tag: str, labels: np.ndarray, scores: np.ndarray, step: int) -> None:
         """A precision-recall curve of binary labels against class-1 scores (held-out patients)."""
         self.writer.add_pr_curve(tag, np.asarray(labels) == 1, np.asarray(scores, dtype=np.float32), step)
+        self.writer.flush()
+
+    def log_png(self, tag: str, image: bytes, step: int) -> None:
+        """A figure (PNG bytes) as an image, e.g. the explanation maps of the report."""
+        import io
+
+        from PIL import Image
+
+        pixels = np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))
+        self.writer.add_image(tag, pixels, step, dataformats="HWC")
         self.writer.flush()
 
     def close(self) -> None:

@@ -11,6 +11,7 @@ import pytest
 from client.client_app import app as client_app
 from medfusion_fl.config import RunConfig
 from medfusion_fl.errors import RoundFailed
+from medfusion_fl.report.calibration import scale_threshold
 from medfusion_fl.runstore import RunStore, load_checkpoint
 from server.federation import Federation
 from server.rounds import SiteDirectory, sample, wait_for_sites
@@ -54,7 +55,10 @@ def test_bad_site_is_recorded_and_the_federation_goes_on(broken_site2: Path) -> 
     assert checkpoint.round == 2 and checkpoint.sites == ["site-0", "site-1"]
     card = json.loads((store.root / "model_card.json").read_text())
     assert card["sites"] == ["site-0", "site-1"] and card["export_check"]["max_abs_diff"] <= 1e-4
-    assert card["operating_threshold"]["value"] == lines[-1]["evaluate"]["threshold"]
+    operating, temperature = card["operating_threshold"], card["calibration"]["value"]
+    assert operating["before_calibration"] == lines[-1]["evaluate"]["threshold"]  # mapped through the temperature:
+    assert operating["value"] == pytest.approx(scale_threshold(operating["before_calibration"], temperature))
+    assert card["report"]["page"] == "report/report.html" and (store.root / "report" / "report.html").is_file()
     assert (store.root / "model.onnx").stat().st_size > 0
 
 

@@ -1,0 +1,140 @@
+"""Grad-CAM of each view of a patient, computed by captum's LayerGradCam on a backbone stage.
+
+Every tested 2D family is a timm model whose `feature_info` names its stages. The stage is the deepest
+one whose map has at least `min_side` cells on a side (the last stage of a 32 px model is 1 x 1). Its
+output is given to captum as an (N, C, h, w) map whatever the family's layout: CNNs and MaxViT are NCHW
+already; Swin's NHWC map is permuted; a ViT's patch tokens are laid out on their grid, the class token
+passing beside the map (Grad-CAM on a transformer's last tokens, as its users compute it). The rest of
+the model runs unchanged, so the map explains the whole multi-view, multimodal prediction.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from medfusion_fl.errors import FeatureNotAvailable
+from medfusion_fl.models import MedFusionModel
+
+
+class _Grid(nn.Identity):
+    """The module captum hooks: its output is the stage's map as (N, C, h, w)."""
+
+
+class _Tapped(nn.Module):
+    """A backbone stage whose output passes through a _Grid as an NCHW map and back to its own layout."""
+
+    def __init__(self, stage: nn.Module, layout: str, prefix: int) -> None:
+        super().__init__()
+        self.stage, self.layout, self.prefix, self.grid = stage, layout, prefix, _Grid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y: torch.Tensor = self.stage(x)
+        if self.layout == "nchw":
+            return self.grid(y)  # type: ignore[no-any-return]
+        if self.layout == "nhwc":
+            return self.grid(y.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # type: ignore[no-any-return]
+        head, patches = y[:, : self.prefix], y[:, self.prefix:]  # tokens (N, prefix + h*w, C)
+        n, count, channels = patches.shape
+        side = math.isqrt(count)
+        grid = self.grid(patches.transpose(1, 2).reshape(n, channels, side, side))
+        return torch.cat([head, grid.flatten(2).transpose(1, 2)], dim=1)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # the module's dotted name inside the backbone
+    layout: str  # nchw, nhwc or tokens
+    side: int  # cells on a side of its map
+
+
+def _stages(backbone: nn.Module, example: torch.Tensor) -> list[Stage]:
+    info = getattr(backbone, "feature_info", None)
+    if not info:
+        raise FeatureNotAvailable(f"{type(backbone).__name__} names no stages (timm feature_info), so there is no "
+                                  "layer to compute Grad-CAM on; explanation maps cover the tested 2D families.")
+    modules = dict(backbone.named_modules())
+    shapes: dict[str, tuple[int, ...]] = {}
+    hooks = [modules[item["module"]].register_forward_hook(
+        lambda _m, _a, out, name=item["module"]: shapes.__setitem__(name, tuple(out.shape))) for item in info]
+    try:
+        with torch.no_grad():
+            backbone.eval()(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    prefix = int(getattr(backbone, "num_prefix_tokens", 0))
+    found = []
+    for item in info:
+        shape, channels = shapes[item["module"]], int(item["num_chs"])
+        if len(shape) == 4 and shape[1] == channels:
+            found.append(Stage(item["module"], "nchw", min(shape[2:])))
+        elif len(shape) == 4 and shape[3] == channels:
+            found.append(Stage(item["module"], "nhwc", min(shape[1:3])))
+        elif len(shape) == 3 and math.isqrt(shape[1] - prefix) ** 2 == shape[1] - prefix:
+            found.append(Stage(item["module"], "tokens", math.isqrt(shape[1] - prefix)))
+    if not found:
+        raise FeatureNotAvailable(f"no stage of {type(backbone).__name__} gives a spatial map (shapes {shapes})")
+    return found
+
+
+def pick_stage(backbone: nn.Module, example: torch.Tensor, min_side: int) -> Stage:
+    """The deepest stage with a map of at least min_side cells a side, else the finest one."""
+    stages = _stages(backbone, example)
+    wide = [s for s in stages if s.side >= min_side]
+    return wide[-1] if wide else max(stages, key=lambda s: s.side)
+
+
+def _install(backbone: nn.Module, stage: Stage) -> _Grid:
+    parent_name, _, child = stage.name.rpartition(".")
+    parent = backbone.get_submodule(parent_name) if parent_name else backbone
+    tapped = _Tapped(getattr(parent, child), stage.layout, int(getattr(backbone, "num_prefix_tokens", 0)))
+    setattr(parent, child, tapped)
+    return tapped.grid
+
+
+class ViewCam:
+    """Grad-CAM maps of every view of one patient at a time, on a private copy of the model."""
+
+    def __init__(self, model: MedFusionModel, *, min_side: int) -> None:
+        from captum.attr import LayerGradCam  # a dependency, imported where maps are drawn
+
+        if model.spec.depth:
+            raise FeatureNotAvailable("explanation maps cover 2D views; this model reads 3D volumes "
+                                      f"(data.depth = {model.spec.depth})")
+        self.model = copy.deepcopy(model).cpu().eval()
+        branch = self.model.image
+        if branch is None:
+            raise FeatureNotAvailable("this model has no image views: there is nothing to draw a map on")
+        branch.fold_views = True  # one call per backbone per forward: captum hooks each grid once
+        example = torch.zeros(1, model.spec.channels, model.spec.image_size, model.spec.image_size)
+        self.stage = pick_stage(branch.backbones[0], example, min_side)
+        self.grids = [_install(b, self.stage) for b in branch.backbones]
+        self.cams = [LayerGradCam(self.model, grid) for grid in self.grids]
+
+    def maps(self, views: torch.Tensor, mask: torch.Tensor, tabular: torch.Tensor, target: int) -> torch.Tensor:
+        """(V, H, W) maps in [0, 1] (0 where a view is missing) for one patient's views (V, C, H, W)."""
+        from captum.attr import LayerAttribution
+
+        v, size = views.shape[0], views.shape[-2:]
+        args = (mask[None], tabular[None])
+        out = torch.zeros(v, *size)
+        with torch.enable_grad():
+            if len(self.cams) == 1:  # shared backbone: the grid sees the V views folded into its batch
+                attr = self.cams[0].attribute(views[None], target=target, additional_forward_args=args,
+                                              relu_attributions=True)
+                per_view = list(attr.reshape(v, 1, *attr.shape[-2:]))
+            else:
+                per_view = [cam.attribute(views[None], target=target, additional_forward_args=args,
+                                          relu_attributions=True)[0] for cam in self.cams]
+        for i, attr_i in enumerate(per_view):
+            if mask[i] <= 0:
+                continue
+            up = LayerAttribution.interpolate(attr_i[None].detach(), tuple(size), interpolate_mode="bilinear")[0, 0]
+            top = float(up.max())
+            out[i] = up / top if top > 0 else up
+        return out

@@ -1,0 +1,24 @@
+"""The `report.*` keys of a run: what the evaluation report holds and how long it may take."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from medfusion_fl.config_base import Section
+
+
+class ReportConfig(Section):
+    """The evaluation report written beside model.onnx (report.html, evaluation.json, PNGs)."""
+
+    enabled: bool = Field(True, description="Write the report at the end of a run and on `medfusion-fl export` "
+                          "(it scores the held-out folder; without one it says so and keeps the per-round curves).")
+    bootstrap: int = Field(1000, ge=0, le=100_000, description="Bootstrap resamples of the held-out patients for "
+                           "the 95% intervals of AUROC and AUPRC (0 = no intervals); 1000 takes well under a second "
+                           "for 300 patients.")
+    explain_patients: int = Field(8, ge=0, le=256, description="Held-out patients whose views get Grad-CAM maps in "
+                                  "the report and TensorBoard (0 = none): positives first, then negatives.")
+    cam_min_side: int = Field(7, ge=1, le=64, description="Grad-CAM uses the deepest backbone stage whose feature "
+                              "map is at least this many cells on a side (the last stage of a 32 px model is 1x1, "
+                              "which localises nothing); 1 = always the last stage.")
+    reliability_bins: int = Field(10, ge=2, le=50, description="Equal-width confidence bins of the reliability "
+                                  "diagram and of the expected calibration error (ECE).")
