@@ -1,5 +1,5 @@
 """The `medfusion-fl` command: synth, site check/status/audit/run/import/review/approve, certs, simulate, export,
-config show."""
+evaluate, explain, config show."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from medfusion_fl.config import RunConfig, all_keys, privacy_warnings
 from medfusion_fl.config_sources import flatten, parse_overrides, read_toml_flat
 from medfusion_fl.console import ensure_logging
 from medfusion_fl.errors import ConfigError, MedFusionError
+from medfusion_fl.report.cli import add_commands as add_report_commands
 
 log = logging.getLogger("medfusion_fl.cli")
 FLOWER_ENV = {
@@ -307,6 +308,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export)
+    add_report_commands(sub)
     config = sub.add_parser("config", help="run configuration").add_subparsers(dest="config_command", required=True)
     p = with_config(config.add_parser("show", help="print the effective value of every config key"))
     p.add_argument("--preset", help="apply a simulation preset first (as `simulate --preset` does)")

@@ -103,12 +103,12 @@ def _round_row(line: dict[str, Any]) -> dict[str, Any]:
             "epsilon": {s: r.get("epsilon") for s, r in (line.get("privacy") or {}).items()}}
 
 
-def write_report(out_dir: Path, inputs: ReportInputs, cfg: ReportConfig, *,
+def write_report(folder: Path, inputs: ReportInputs, cfg: ReportConfig, *,
                  seed: int = 0) -> tuple[Path, dict[str, Any]]:
-    """Write evaluation.json, the PNGs and report.html into out_dir/report/; returns report.html's path and
-    the numbers."""
+    """Write evaluation.json, the PNGs and report.html into `folder`; returns report.html's path and the
+    numbers."""
     start = time.monotonic()
-    folder = Path(out_dir) / "report"
+    folder = Path(folder)
     numbers, probs, (before, after) = evaluation_numbers(inputs, cfg, seed=seed)
     k = len(inputs.classes)
     drawn = curves(inputs.labels, probs)

@@ -15,6 +15,7 @@ from medfusion_fl.report.calibration import Temperature
 from medfusion_fl.training import predict
 
 log = logging.getLogger(__name__)
+FOLDER = "report"  # <run-dir>/report/, beside model.onnx
 
 
 @dataclass
@@ -56,7 +57,7 @@ def report_for_model(model: MedFusionModel, run: RunConfig, out_dir: Path, *, he
         inputs = ReportInputs(model=label, data=data, classes=run.data.class_names, labels=labels,
                               probs=probs, temperature=temperature, threshold=threshold, lines=lines, images=images,
                               notes=notes)
-        page, numbers = write_report(out_dir, inputs, run.report, seed=run.train.seed)
+        page, numbers = write_report(Path(out_dir) / FOLDER, inputs, run.report, seed=run.train.seed)
     except (MedFusionError, ValueError, RuntimeError, OSError) as exc:
         log.error("evaluation report not written: %s", exc)
         return ReportOutcome(None, str(exc))
