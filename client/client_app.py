@@ -21,7 +21,7 @@ from client.approval import approval_mod
 from client.outbound import audit_mod
 from client.replies import event_key, instruction, refuse, site_records, warn_once
 from medfusion_fl.config import RunConfig
-from medfusion_fl.errors import MedFusionError
+from medfusion_fl.errors import MedFusionError, ParameterMismatch
 from medfusion_fl.policy.enforce import Work
 from medfusion_fl.secagg import SecAggError
 from medfusion_fl.site_config import SiteConfig
@@ -77,7 +77,8 @@ def evaluate(msg: Message, context: Context) -> Message:
             raise SecAggError("secagg.enabled: this site sends its evaluation only through secure aggregation")
         global_weights, config = instruction(msg)
         release = runner.release_evaluation(global_weights, server_round=int(config["server-round"]),
-                                            event_key=event_key(msg, config, "evaluate"))
+                                            event_key=event_key(msg, config, "evaluate"),
+                                            threshold=_threshold(config))
     except _ERRORS as exc:
         return refuse(msg, context, exc)
     content = site_records(runner, release.privacy, _eval_figures(release))
@@ -88,7 +89,15 @@ def evaluate(msg: Message, context: Context) -> Message:
 def _eval_figures(release: EvalRelease) -> dict[str, float]:
     local = release.local
     figures = {"eval-loss": local.loss, "eval-accuracy": local.accuracy, "eval-patients": local.num_examples}
-    return figures | ({"eval-auroc": local.auroc} if local.auroc is not None else {})
+    return figures | ({"eval-auroc": local.auroc} if local.auroc is not None else {}) | release.shared_figures
+
+
+def _threshold(config: dict[str, float]) -> float:
+    """The coordinator's operating threshold of the previous round (0.5 before one exists)."""
+    value = config.get("threshold", 0.5)
+    if not 0.0 < value < 1.0:
+        raise ParameterMismatch(f"evaluate instruction: threshold = {value!r} is not a probability in (0, 1)")
+    return value
 
 
 @app.train("secagg_advertise")
@@ -131,7 +140,8 @@ def secagg_evaluate_advertise(msg: Message, context: Context) -> Message:
             msg.content, context.state, run, length=layout.length + 2, modulus=secagg_stages.release_modulus(run),
             policy=runner.site.policy, site_id=runner.site.site_id, work="evaluate")
         release = runner.release_evaluation(global_weights, server_round=int(config["server-round"]),
-                                            event_key=event_key(msg, config, "evaluate"))
+                                            event_key=event_key(msg, config, "evaluate"),
+                                            threshold=_threshold(config))
         keys = secagg_stages.start(context.state, setup, party, secagg_stages.release_input(run, setup, release.sums))
     except _ERRORS as exc:
         return refuse(msg, context, exc)

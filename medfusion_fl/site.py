@@ -7,7 +7,7 @@ import logging
 import uuid
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -22,7 +22,7 @@ from medfusion_fl.policy import check_run
 from medfusion_fl.policy.enforce import Work
 from medfusion_fl.release.evaluation import ReleaseLayout
 from medfusion_fl.site_config import SiteConfig, partition_id
-from medfusion_fl.training import EvalResult, TrainResult, predict, resolve_device, score, train_local
+from medfusion_fl.training import EvalResult, TrainResult, at_threshold, predict, resolve_device, score, train_local
 
 if TYPE_CHECKING:  # opacus is imported only when a run uses DP
     from medfusion_fl.privacy.guard import PrivacyReport
@@ -47,6 +47,7 @@ class EvalRelease:
     sums: np.ndarray  # ReleaseLayout entries, float64
     local: EvalResult  # never leaves unless the site's policy shares metrics
     privacy: PrivacyReport | None
+    shared_figures: dict[str, float] = field(default_factory=dict)  # binary: at the threshold, and the ECE
 
 
 class SiteRunner:
@@ -121,9 +122,12 @@ class SiteRunner:
         key = event_key or f"{self.site.site_id}/round-{server_round}/{uuid.uuid4()}"  # a real training: always counts
         return result, guard.record(step, key=key, server_round=server_round)
 
-    def release_evaluation(self, global_weights: Weights, *, server_round: int, event_key: str = "") -> EvalRelease:
+    def release_evaluation(self, global_weights: Weights, *, server_round: int, event_key: str = "",
+                           threshold: float = 0.5) -> EvalRelease:
         """Score the global model on the site's validation patients; the release is their sums
-        (ReleaseLayout), with Gaussian noise charged to the site's ledger under privacy.enabled."""
+        (ReleaseLayout), with Gaussian noise charged to the site's ledger under privacy.enabled. The site's
+        own figures (kept unless its policy shares them) include, for binary tasks, sensitivity and
+        specificity at the coordinator's threshold and the ECE."""
         data = self.load_data()
         if len(data.val) == 0:
             raise DataError(f"{self.site.site_id}: no validation patients (data.val-fraction = "
@@ -147,6 +151,14 @@ class SiteRunner:
             key = event_key or f"{self.site.site_id}/evaluate-{server_round}/{uuid.uuid4()}"
             report = guard.record(step, key=key, server_round=server_round, work="evaluate")
         local = score(probs, labels)
+        extra: dict[str, float] = {}
+        if probs.shape[1] == 2:
+            from medfusion_fl.report.metrics import reliability
+
+            figures = at_threshold(probs, labels, threshold)
+            extra = {"eval-threshold": threshold, "eval-sensitivity": figures["sensitivity"],
+                     "eval-specificity": figures["specificity"],
+                     "eval-ece": reliability(labels, probs, self.run.report.reliability_bins).ece}
         log.info("%s round %d: evaluated %d validation patients, loss %.4f%s", self.site.site_id, server_round,
                  local.num_examples, local.loss, f", epsilon {report.epsilon:.3f}" if report else "")
-        return EvalRelease(sums, local, report)
+        return EvalRelease(sums, local, report, extra)

@@ -63,12 +63,15 @@ def _parse_release(msg: Message, length: int) -> _Release:
 
 
 def federated_evaluation(grid: Grid | SiteDirectory, run: RunConfig, weights: Weights, server_round: int,
-                         nodes: list[int], rng: random.Random) -> Evaluation:
-    """Sample sites, collect and sum their releases, read the pooled figures."""
+                         nodes: list[int], rng: random.Random, threshold: float | None = None) -> Evaluation:
+    """Sample sites, collect and sum their releases, read the pooled figures. `threshold` (the previous
+    round's operating threshold, 0.5 before one) is where sharing sites report their sensitivity and
+    specificity."""
     layout = ReleaseLayout(len(run.data.class_names), run.evaluation.bins)
     needed = max(run.secagg.threshold, run.rounds.min_sites) if run.secagg.enabled else 1
     chosen = sample(nodes, run.rounds.fraction_evaluate, needed, rng)
-    content = RecordDict({"arrays": weights_record(weights), "config": ConfigRecord({"server-round": server_round})})
+    config = ConfigRecord({"server-round": server_round, "threshold": 0.5 if threshold is None else float(threshold)})
+    content = RecordDict({"arrays": weights_record(weights), "config": config})
     if run.secagg.enabled:
         try:
             total, overflow, summed = secure_release(grid, run, content, server_round, chosen, layout.length)

@@ -103,7 +103,8 @@ class Federation:
         start = time.monotonic()
         for server_round in range(self.rounds_done + 1, total + 1):
             try:
-                result = run_round(sites, self.run, self.strategy, weights, server_round, self.held_out_eval)
+                result = run_round(sites, self.run, self.strategy, weights, server_round, self.held_out_eval,
+                                   threshold=(record.get("evaluate") or {}).get("threshold"))
             except RoundFailed as exc:
                 if exc.record is not None:
                     self.store.append_metrics(exc.record)

@@ -251,9 +251,10 @@ def _plain_train(grid: Grid | SiteDirectory, run: RunConfig, strategy: FedAvg, w
 
 
 def run_round(grid: Grid | SiteDirectory, run: RunConfig, strategy: FedAvg, weights: Weights, server_round: int,
-              held_out_eval: Callable[[Weights, float | None], dict[str, Any] | None]) -> RoundResult:
+              held_out_eval: Callable[[Weights, float | None], dict[str, Any] | None],
+              threshold: float | None = None) -> RoundResult:
     """One full round; raises RoundFailed (carrying the round's metrics line) when fewer than
-    rounds.min-sites valid updates arrive."""
+    rounds.min-sites valid updates arrive. `threshold`: the previous round's operating threshold."""
     from server.evaluation import federated_evaluation  # here: evaluation imports this module
     from server.secure_round import secure_train
 
@@ -280,7 +281,7 @@ def run_round(grid: Grid | SiteDirectory, run: RunConfig, strategy: FedAvg, weig
         shared, trained_sites = {r.site for r in trained if r.shared}, {r.site for r in trained}
     record["evaluate"] = None
     if cfg.fraction_evaluate > 0:
-        evaluation = federated_evaluation(grid, run, new_weights, server_round, nodes, rng)
+        evaluation = federated_evaluation(grid, run, new_weights, server_round, nodes, rng, threshold)
         record["evaluate"] = evaluation.record
         failures += evaluation.failures
         privacy |= evaluation.privacy  # the later report: training and evaluation of this round

@@ -80,8 +80,11 @@ FIGURES: tuple[Figure, ...] = (
     Figure(("train", SECURE_TRAIN[0]), "shared", ("train-loss", "train-steps", "train-seconds"),
            "the site's own training loss, steps and time", "clear by site policy (share-metrics); no DP",
            ("share-metrics",), "uncovered"),
-    Figure(("evaluate", SECURE_EVAL[0]), "shared", ("eval-loss", "eval-accuracy", "eval-auroc", "eval-patients"),
-           "the site's own validation loss, accuracy, AUROC and patient count",
+    Figure(("evaluate", SECURE_EVAL[0]), "shared", ("eval-loss", "eval-accuracy", "eval-auroc", "eval-patients",
+                                                    "eval-threshold", "eval-sensitivity", "eval-specificity",
+                                                    "eval-ece"),
+           "the site's own validation loss, accuracy, AUROC, patient count and (binary tasks) sensitivity and "
+           "specificity at the coordinator's threshold, and ECE",
            "clear by site policy (share-metrics); no DP", ("share-metrics",), "uncovered"),
     Figure(("*",), "error", ("code", "reason"), "the error code and reason of a refused message",
            "clear: reasons name config keys, policy keys, protocol faults and an unapproved app's hash; a data "

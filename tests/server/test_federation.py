@@ -59,6 +59,12 @@ def test_bad_site_is_recorded_and_the_federation_goes_on(broken_site2: Path) -> 
     assert operating["before_calibration"] == lines[-1]["evaluate"]["threshold"]  # mapped through the temperature:
     assert operating["value"] == pytest.approx(scale_threshold(operating["before_calibration"], temperature))
     assert card["report"]["page"] == "report/report.html" and (store.root / "report" / "report.html").is_file()
+    shared = lines[-1]["evaluate"]["sites"]  # share-metrics: each site's figures at the previous round's threshold
+    assert set(shared) == {"site-0", "site-1"}
+    assert all(f["eval-threshold"] == lines[0]["evaluate"]["threshold"] and 0 <= f["eval-ece"] <= 1
+               and 0 <= f["eval-sensitivity"] <= 1 for f in shared.values())
+    table = json.loads((store.root / "report" / "evaluation.json").read_text())["sites"]
+    assert table["round"] == 2 and set(table["shared"]) == {"site-0", "site-1"} and table["not_shared"] == []
     assert (store.root / "model.onnx").stat().st_size > 0
 
 
