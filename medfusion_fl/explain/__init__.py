@@ -1,4 +1,5 @@
-"""Explanation maps of a model: Grad-CAM per view (captum) and the fusion's view and modality weights.
+"""Explanation maps of a model: class-activation maps per view (captum: HiResCAM or Grad-CAM) and the
+fusion's view and modality weights.
 
 `explanation_figures` draws them for a few patients of a folder (the report, TensorBoard);
 `medfusion-fl explain MODEL --data FOLDER --out DIR` does it for any site folder.

@@ -1,4 +1,4 @@
-"""Explanations of chosen patients, and their figures: each view with its Grad-CAM overlaid."""
+"""Explanations of chosen patients, and their figures: each view with its class-activation map overlaid."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ class Explanation:
     target: int  # the class the maps explain
     probability: float  # the model's probability of that class (uncalibrated)
     images: np.ndarray  # (V, H, W) the views for display, in [0, 1]
-    maps: np.ndarray  # (V, H, W) Grad-CAM in [0, 1]
+    maps: np.ndarray  # (V, H, W) class-activation maps in [0, 1]
     present: list[bool]
     weights: dict[str, dict[str, float]]
 
@@ -57,9 +57,9 @@ def _display(view: torch.Tensor) -> np.ndarray:
 
 
 def explain_patients(model: MedFusionModel, dataset: SiteDataset, indices: list[int], *, min_side: int,
-                     view_names: list[str]) -> tuple[list[Explanation], str]:
-    """Grad-CAM maps and fusion weights of the given patients; returns them and the stage used."""
-    cam = ViewCam(model, min_side=min_side)
+                     view_names: list[str], method: str = "hirescam") -> tuple[list[Explanation], str]:
+    """Class-activation maps and fusion weights of the given patients; returns them and what made the maps."""
+    cam = ViewCam(model, min_side=min_side, method=method)
     binary = model.spec.num_classes == 2
     out = []
     for index in indices:
@@ -73,7 +73,8 @@ def explain_patients(model: MedFusionModel, dataset: SiteDataset, indices: list[
                                float(probs[target]), np.stack([_display(v) for v in views]), maps.numpy(),
                                [bool(m > 0) for m in mask], fusion_weights(cam.model, views, mask, tabular,
                                                                            view_names)))
-    return out, f"{cam.stage.name} ({cam.stage.side}x{cam.stage.side} map)"
+    name = {"hirescam": "HiResCAM", "gradcam": "Grad-CAM"}[method]
+    return out, f"{name} on {cam.stage.name} ({cam.stage.side}x{cam.stage.side} map)"
 
 
 def figure(explanations: list[Explanation], view_names: list[str], classes: list[str], stage: str) -> bytes:
@@ -100,7 +101,7 @@ def figure(explanations: list[Explanation], view_names: list[str], classes: list
                 extra = f"\nimage {modal['image']:.2f} / clinical {modal['clinical']:.2f}" if modal else ""
                 ax.set_ylabel(f"{e.patient_id}\ntrue {classes[e.label]}\nP({classes[e.target]}) "
                               f"{e.probability:.2f}{extra}", fontsize=7)
-    fig.suptitle(f"Grad-CAM of class '{classes[explanations[0].target]}' on {stage}", fontsize=9)
+    fig.suptitle(f"{stage}, explaining class '{classes[explanations[0].target]}'", fontsize=9)
     return png(fig)
 
 
@@ -113,7 +114,7 @@ def explanation_figures(model: MedFusionModel, dataset: SiteDataset, run: RunCon
     indices = choose_patients(labels, count)
     try:
         explanations, stage = explain_patients(model, dataset, indices, min_side=run.report.cam_min_side,
-                                               view_names=list(run.data.views))
+                                               view_names=list(run.data.views), method=run.report.cam_method)
     except FeatureNotAvailable as exc:
         log.warning("explanation maps not drawn: %s", exc)
         return {}, [f"explanation maps: not drawn: {exc}"]

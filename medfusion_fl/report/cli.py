@@ -64,15 +64,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
     indices = choose_patients(np.array(dataset.labels()), count)
     views, classes = list(saved.run.data.views), list(saved.run.data.class_names)
     explanations, stage = explain_patients(model, dataset, indices, min_side=saved.run.report.cam_min_side,
-                                           view_names=views)
+                                           view_names=views, method=saved.run.report.cam_method)
     out = Path(args.out)
     for start in range(0, len(explanations), PER_FIGURE):
         write_bytes_atomic(out / f"explain-{start // PER_FIGURE + 1}.png",
                            figure(explanations[start: start + PER_FIGURE], views, classes, stage))
     write_json_atomic(out / "explanations.json", {"model": saved.label, "data": str(args.data), "stage": stage,
-                                                  "method": "Grad-CAM (captum LayerGradCam), ReLU, bilinear upsampling",
+                                                  "method": f"{saved.run.report.cam_method} (captum), ReLU, bilinear "
+                                                            "upsampling",
                                                   "patients": [e.summary() for e in explanations]})
-    sys.stdout.write(f"{out}: Grad-CAM of {len(explanations)} patient(s) on {stage}; explanations.json\n")
+    sys.stdout.write(f"{out}: {stage}, {len(explanations)} patient(s); explanations.json\n")
     return 0
 
 
@@ -84,7 +85,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--out", default="evaluation", help="folder for report.html, evaluation.json and the PNGs")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a report.* key, e.g. report.bootstrap=0")
     p.set_defaults(func=cmd_evaluate)
-    p = sub.add_parser("explain", help="Grad-CAM maps and fusion weights of a checkpoint on a folder's patients")
+    p = sub.add_parser("explain", help="class-activation maps and fusion weights of a checkpoint on a folder")
     p.add_argument("model", help="a checkpoint (<run-dir>/checkpoints/round-NNNN.pt)")
     p.add_argument("--data", required=True, help="a site folder (manifest.csv + images)")
     p.add_argument("--out", required=True, help="folder for explain-N.png and explanations.json")

@@ -131,6 +131,7 @@ def load_folder(folder: Path, run: RunConfig) -> SiteDataset:
 
 def require_torch(saved: SavedModel) -> MedFusionModel:
     if saved.torch_model is None:
-        raise FeatureNotAvailable(f"{saved.label}: Grad-CAM needs the model's gradients, which an ONNX file does not "
-                                  "carry; pass the run's checkpoint (<run-dir>/checkpoints/round-NNNN.pt).")
+        raise FeatureNotAvailable(f"{saved.label}: class-activation maps need the model's gradients, which an "
+                                  "ONNX file does not carry; pass the run's checkpoint "
+                                  "(<run-dir>/checkpoints/round-NNNN.pt)")
     return saved.torch_model

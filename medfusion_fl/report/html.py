@@ -118,8 +118,9 @@ def render(n: dict[str, Any], images: dict[str, bytes], classes: Sequence[str]) 
         "<h2>Per-site results</h2>", _sites(n["sites"]),
     ]
     if explain:
-        parts += ["<h2>Explanation maps</h2><p>Grad-CAM of the class named above each map, on the backbone stage "
-                  "named in the figure, overlaid on the view; missing views are blank.</p>",
+        parts += ["<h2>Explanation maps</h2><p>Class-activation maps (the method and backbone stage are named above "
+                  "each figure; report.cam-method), overlaid on the view; missing views are blank. View and "
+                  "modality weights are shown where the model's aggregation or fusion has them.</p>",
                   *(_img(images, name, name) for name in explain)]
     parts.append(f"<p class='meta'>classes: {_e(', '.join(classes))}. Numbers: evaluation.json beside this page."
                  "</p></body></html>")
