@@ -21,7 +21,7 @@ from medfusion_fl.errors import ExportError
 from medfusion_fl.models import MedFusionModel, build_model, example_inputs
 from medfusion_fl.models.medfusion import view_shape
 from medfusion_fl.parameters import set_weights
-from medfusion_fl.report.calibration import Temperature, from_evaluation, scale_threshold
+from medfusion_fl.report.calibration import Temperature, run_temperature, scale_threshold
 from medfusion_fl.runstore import RunStore, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -243,7 +243,7 @@ def export_checkpoint(checkpoint: Path, out_dir: Path) -> ExportCheck:
     set_weights(model, ckpt.weights)
     test_path = resolve_test_path(run)
     held_out = load_test_set(test_path, run.data) if test_path is not None else None
-    temperature = from_evaluation(ckpt.metrics, enabled=run.evaluation.calibrate)
+    temperature = run_temperature(ckpt.metrics, run)
     card = {"rounds": ckpt.round, "sites": ckpt.sites, "final_metrics": ckpt.metrics,
             "source_checkpoint": str(checkpoint), "privacy_sites": ckpt.privacy,
             "sharing_sites": ckpt.release.get("sharing_sites", []),

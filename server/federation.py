@@ -15,7 +15,7 @@ from medfusion_fl.export import calibration_card, export_model, resolve_test_pat
 from medfusion_fl.models import MedFusionModel, build_model
 from medfusion_fl.parameters import Weights, get_weights, set_weights
 from medfusion_fl.protocol import APP_NOT_APPROVED, POLICY_REFUSED
-from medfusion_fl.report.calibration import from_evaluation
+from medfusion_fl.report.calibration import run_temperature
 from medfusion_fl.report.metrics import areas_with_intervals
 from medfusion_fl.report.run import report_for_model
 from medfusion_fl.runfolder import RunFolder
@@ -159,7 +159,7 @@ class Federation:
             card["refused_by_site_policy"] = dict(sorted(self.refusals.items()))
         if self.stop_reason:
             card["stop_reason"] = self.stop_reason
-        temperature = from_evaluation(final, enabled=self.run.evaluation.calibrate)
+        temperature = run_temperature(final, self.run)
         card |= calibration_card(final, self.run, temperature)
         if self.held_out is not None and len(self.run.data.class_names) == 2:
             probs, labels = predict(self.model, self.held_out, batch_size=64, device=self.model_device())

@@ -41,10 +41,15 @@ def test_a_run_writes_event_files_with_the_round_curves(synth_root: Path, tmp_pa
     federation = Federation(run)
     grid = FakeGrid(client_app, run.to_flat(), num_nodes=2, node_config={**OPEN_POLICY, "share-metrics": True})
     federation.export(federation.run_rounds(grid))  # the sites share their training loss: it has a curve
-    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"),
+                              size_guidance={"scalars": 0, "tensors": 0, "images": 0})
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"train/loss", "held_out/loss", "held_out/auroc", "held_out/sensitivity", "held_out/specificity",
+    assert {"train/loss", "held_out/loss", "held_out/auroc", "held_out/auprc", "held_out/sensitivity",
+            "held_out/specificity", "held_out/accuracy",
             "federated/loss", "federated/auroc", "round/wall-time-s", "round/failures"} <= tags
     assert [e.step for e in events.Scalars("held_out/auroc")] == [1, 2]
     assert "held_out/pr-curve" in events.Tags()["tensors"]
+    assert {"explanations/explain-1", "explanations/explain-2"} <= set(events.Tags()["images"])  # 8 patients, 4 each
+    image = events.Images("explanations/explain-1")[0]
+    assert image.step == 2 and image.width > 200 and image.height > 200

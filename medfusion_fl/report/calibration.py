@@ -20,6 +20,9 @@ from typing import Any
 import numpy as np
 from scipy.optimize import minimize_scalar
 
+from medfusion_fl.config import RunConfig
+from medfusion_fl.release.evaluation import ReleaseLayout
+
 LOWEST, HIGHEST = 0.05, 100.0  # the temperatures searched (T -> infinity flattens every score to 0.5)
 MIN_PATIENTS = 10.0  # fewer pooled (noisy) patients than this: no fit
 
@@ -42,12 +45,19 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return np.asarray(1.0 / (1.0 + np.exp(-x)))
 
 
-def fit_temperature(negative: list[float], positive: list[float]) -> Temperature:
-    """The temperature of pooled class-1 score histograms of negatives and positives (equal bins)."""
-    neg, pos = np.clip(np.asarray(negative, float), 0, None), np.clip(np.asarray(positive, float), 0, None)
+def fit_temperature(negative: list[float], positive: list[float], *, noise_sd: float = 0.0) -> Temperature:
+    """The temperature of pooled class-1 score histograms of negatives and positives (equal bins).
+
+    `noise_sd`: the standard deviation of the DP noise on each pooled count (0 without DP). The counts are
+    used as they are, negative ones too: the noise then adds zero on average to the cross-entropy at every T
+    (clipping at 0 would add mass to the empty outer bins and bias T upward). A T whose improvement of the
+    pooled cross-entropy over T = 1 is within two standard deviations of what the noise alone moves it by is
+    not applied: on a calibrated model a noisy fit would only make things worse.
+    """
+    neg, pos = np.asarray(negative, float), np.asarray(positive, float)
     if neg.shape != pos.shape or len(neg) < 2:
         return Temperature(1.0, False, f"not fitted: histograms of {len(neg)} and {len(pos)} bins")
-    total = float(neg.sum() + pos.sum())
+    total = float(np.clip(neg, 0, None).sum() + np.clip(pos, 0, None).sum())
     if total < MIN_PATIENTS or pos.sum() <= 0 or neg.sum() <= 0:
         return Temperature(1.0, False, f"not fitted: the pooled histograms hold {total:.1f} patient(s) "
                            f"({float(pos.sum()):.1f} positive); at least {MIN_PATIENTS:g} of both classes needed",
@@ -56,20 +66,32 @@ def fit_temperature(negative: list[float], positive: list[float]) -> Temperature
     centre = (np.arange(bins) + 0.5) / bins
     logit = np.log(centre / (1 - centre))
 
+    def log_probs(t: float) -> tuple[np.ndarray, np.ndarray]:
+        p = np.clip(_sigmoid(logit / t), 1e-12, 1 - 1e-12)
+        return np.log(p), np.log(1 - p)
+
     def nll(log_t: float) -> float:
-        p = np.clip(_sigmoid(logit / math.exp(log_t)), 1e-12, 1 - 1e-12)
-        return float(-(pos * np.log(p) + neg * np.log(1 - p)).sum())
+        lp, lq = log_probs(math.exp(log_t))
+        return float(-(pos * lp + neg * lq).sum())
 
     best = minimize_scalar(nll, bounds=(math.log(LOWEST), math.log(HIGHEST)), method="bounded",
                            options={"xatol": 1e-4})
     value = float(math.exp(best.x))
+    gain = nll(0.0) - nll(best.x)
+    (lp, lq), (lp1, lq1) = log_probs(value), log_probs(1.0)
+    noise = noise_sd * math.sqrt(float(((lp - lp1) ** 2).sum() + ((lq - lq1) ** 2).sum()))
+    how = f"the last round's pooled validation score histograms ({bins} bins, read at bin centres)"
+    if gain <= 2 * noise:
+        return Temperature(1.0, False, f"not applied: T = {value:.3g} from {how} lowers their cross-entropy by "
+                           f"{gain:.3g}, within twice the {noise:.3g} the DP noise alone moves it by", total)
     edge = " (at the edge of the searched range)" if value < LOWEST * 1.01 or value > HIGHEST * 0.99 else ""
-    return Temperature(value, True, f"cross-entropy of the last round's pooled validation score histograms "
-                       f"({bins} bins, read at bin centres) over T in [{LOWEST:g}, {HIGHEST:g}]{edge}", total)
+    return Temperature(value, True, f"cross-entropy of {how} over T in [{LOWEST:g}, {HIGHEST:g}]{edge}; it lowers "
+                       f"it by {gain:.3g} (DP noise: sd {noise:.3g})", total)
 
 
-def from_evaluation(record: dict[str, Any] | None, *, enabled: bool) -> Temperature:
-    """The temperature of a run's last metrics line (its 'evaluate' entry)."""
+def from_evaluation(record: dict[str, Any] | None, *, enabled: bool, noise_per_site: float = 0.0) -> Temperature:
+    """The temperature of a run's last metrics line (its 'evaluate' entry); `noise_per_site`: the DP noise
+    standard deviation on each count of one site's release (0 without DP)."""
     if not enabled:
         return NOT_FITTED
     evaluation = (record or {}).get("evaluate") or {}
@@ -78,7 +100,16 @@ def from_evaluation(record: dict[str, Any] | None, *, enabled: bool) -> Temperat
         reason = ("the last round has no pooled score histogram (K > 2 classes release counts only, or its "
                   "federated evaluation failed or was off)")
         return Temperature(1.0, False, f"not fitted: {reason}")
-    return fit_temperature(histogram.get("negative", []), histogram.get("positive", []))
+    sites = max(len(evaluation.get("summed") or []), 1)
+    return fit_temperature(histogram.get("negative", []), histogram.get("positive", []),
+                           noise_sd=noise_per_site * math.sqrt(sites))
+
+
+def run_temperature(record: dict[str, Any] | None, run: RunConfig) -> Temperature:
+    """The temperature of a run's last metrics line under its config (evaluation.calibrate, its DP noise)."""
+    sensitivity = ReleaseLayout(len(run.data.class_names), run.evaluation.bins).sensitivity
+    noise = run.evaluation.noise_multiplier * sensitivity if run.privacy.enabled else 0.0
+    return from_evaluation(record, enabled=run.evaluation.calibrate, noise_per_site=noise)
 
 
 def scale_threshold(threshold: float, temperature: float) -> float:

@@ -22,7 +22,7 @@ from medfusion_fl.errors import ConfigError, DataError, FeatureNotAvailable, Mod
 from medfusion_fl.models import MedFusionModel, build_model
 from medfusion_fl.models.medfusion import spec_from_config, view_shape
 from medfusion_fl.parameters import set_weights
-from medfusion_fl.report.calibration import Temperature, from_evaluation
+from medfusion_fl.report.calibration import Temperature, run_temperature
 from medfusion_fl.runstore import RunStore, load_checkpoint
 from medfusion_fl.training import predict
 
@@ -84,7 +84,7 @@ def load_saved(path: Path, overrides: dict[str, Any]) -> SavedModel:
     set_weights(model, ckpt.weights)
     lines = [line for line in RunStore(path.parent.parent).read_metrics() if line.get("round", 0) <= ckpt.round]
     return SavedModel(f"checkpoint {path} (round {ckpt.round})", run,
-                      from_evaluation(ckpt.metrics, enabled=run.evaluation.calibrate),
+                      run_temperature(ckpt.metrics, run),
                       (ckpt.metrics.get("evaluate") or {}).get("threshold"), lines, torch_model=model)
 
 
