@@ -1,0 +1,51 @@
+"""report.html as a person opens it: headless Chromium (Debian's `chromium`, driven by Playwright's Python
+API), every request recorded, every figure rendered, a screenshot kept beside the report."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_report_html_refers_to_nothing_outside_itself(exported_run: Path) -> None:
+    page = (exported_run / "exported" / "report" / "report.html").read_text()
+    text = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", page)  # base64 may hold '//'
+    assert "http" not in text.replace("http-equiv", "") and "//" not in text
+    sources = re.findall(r"""(?:src|href)\s*=\s*["']([^"']*)""", page)
+    assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert "<script" not in page and "@import" not in page and "url(" not in page
+
+
+def test_report_renders_in_headless_chromium(exported_run: Path) -> None:
+    if CHROMIUM is None:
+        if os.environ.get("MEDFUSION_REQUIRE_BROWSER") == "1":  # .ci/run installs chromium and sets this
+            pytest.fail("MEDFUSION_REQUIRE_BROWSER=1 but no chromium on PATH (apt-get install chromium)")
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run does)")
+    from playwright.sync_api import sync_playwright
+
+    report = exported_run / "exported" / "report" / "report.html"
+    requests: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1250, "height": 900})
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto(report.as_uri())
+            assert page.title() == "MedFusion-FL evaluation report"
+            headings = page.locator("h2").all_inner_texts()
+            assert headings[:4] == ["Summary", "Discrimination", "Confusion matrices", "Calibration"]
+            assert "Explanation maps" in headings and "Per-site results" in headings
+            widths = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.naturalWidth)")
+            assert len(widths) >= 6 and all(w > 100 for w in widths)  # every figure decoded and drawn
+            assert "AUROC [95% CI]" in page.inner_text("body")
+            page.screenshot(path=str(report.parent / "report-screenshot.png"), full_page=True)
+        finally:
+            browser.close()
+    assert all(url.startswith(("file://", "data:")) for url in requests), requests
+    assert (report.parent / "report-screenshot.png").stat().st_size > 50_000
