@@ -50,6 +50,10 @@ def test_a_default_federation_releases_only_what_the_privacy_statement_covers(tm
     tags = set(events.Tags()["scalars"])
     assert {f"privacy/site-{k}/epsilon" for k in range(3)} <= tags and "secagg/overflow" in tags
     assert "train/loss" not in tags  # not released under DP
+    assert {"held_out/auprc", "held_out/sensitivity", "secagg/dropped", "round/wall-time-s"} <= tags
+    assert "explanations/explain-1" in events.Tags()["images"]
+    assert card["report"]["page"] == "report/report.html" and (out / "report" / "report.html").is_file()
+    assert "calibration" in card and "held_out_ece" in card["report"]  # fitted or not, the card says which
     privacy = card["privacy"]
     assert privacy["warnings"] == [] and privacy["sites_sharing_figures_in_clear"] == "none"
     assert {row["record"] for row in privacy["released"]} == {"secagg", "site", "privacy", "error"}
