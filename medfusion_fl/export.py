@@ -22,6 +22,7 @@ from medfusion_fl.models import MedFusionModel, build_model, example_inputs
 from medfusion_fl.models.medfusion import view_shape
 from medfusion_fl.parameters import set_weights
 from medfusion_fl.report.calibration import Temperature, run_temperature, scale_threshold
+from medfusion_fl.report.run import ReportOutcome
 from medfusion_fl.runstore import RunStore, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -233,29 +234,38 @@ def _dp_statement(run: RunConfig, sites: dict[str, Any]) -> str | dict[str, Any]
     }
 
 
-def export_checkpoint(checkpoint: Path, out_dir: Path) -> ExportCheck:
-    """Redo the export of a run from one of its checkpoints (`medfusion-fl export`), with its report."""
+def export_run(model: MedFusionModel, run: RunConfig, out_dir: Path, *, held_out: SiteDataset | None,
+               final: dict[str, Any], lines: list[dict[str, Any]], card: dict[str, Any], label: str,
+               predictions: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[ExportCheck, ReportOutcome]:
+    """The end of a run: the temperature of its last metrics line, the evaluation report, then model.onnx
+    and the card (with the calibration, the operating threshold and the report's place)."""
     from medfusion_fl.report.run import report_for_model
 
+    temperature = run_temperature(final, run)
+    card = {**card, **calibration_card(final, run, temperature)}
+    outcome = report_for_model(model, run, Path(out_dir), held_out=held_out, data=str(resolve_test_path(run)),
+                               temperature=temperature, threshold=(final.get("evaluate") or {}).get("threshold"),
+                               lines=lines, label=label, predictions=predictions)
+    card["report"] = outcome.card()
+    return export_model(model, run, out_dir, held_out=held_out, card=card, temperature=temperature.value), outcome
+
+
+def export_checkpoint(checkpoint: Path, out_dir: Path) -> ExportCheck:
+    """Redo the export of a run from one of its checkpoints (`medfusion-fl export`), with its report."""
     ckpt = load_checkpoint(checkpoint)
     run = ckpt.config
     model = build_model(run)
     set_weights(model, ckpt.weights)
     test_path = resolve_test_path(run)
     held_out = load_test_set(test_path, run.data) if test_path is not None else None
-    temperature = run_temperature(ckpt.metrics, run)
     card = {"rounds": ckpt.round, "sites": ckpt.sites, "final_metrics": ckpt.metrics,
             "source_checkpoint": str(checkpoint), "privacy_sites": ckpt.privacy,
             "sharing_sites": ckpt.release.get("sharing_sites", []),
-            "refused_by_site_policy": ckpt.release.get("refusals", {}),
-            **calibration_card(ckpt.metrics, run, temperature)}
-    lines = [line for line in RunStore(Path(checkpoint).parent.parent).read_metrics() if line["round"] <= ckpt.round]
-    outcome = report_for_model(model, run, Path(out_dir), held_out=held_out, data=str(test_path),
-                               temperature=temperature,
-                               threshold=(ckpt.metrics.get("evaluate") or {}).get("threshold"), lines=lines,
-                               label=f"checkpoint {checkpoint} (round {ckpt.round})")
-    card["report"] = outcome.card()
-    return export_model(model, run, out_dir, held_out=held_out, card=card, temperature=temperature.value)
+            "refused_by_site_policy": ckpt.release.get("refusals", {})}
+    check, _ = export_run(model, run, out_dir, held_out=held_out, final=ckpt.metrics, card=card,
+                          lines=RunStore(Path(checkpoint).parent.parent).metrics_until(ckpt.round),
+                          label=f"checkpoint {checkpoint} (round {ckpt.round})")
+    return check
 
 
 def resolve_test_path(run: RunConfig) -> Path | None:

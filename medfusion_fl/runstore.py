@@ -123,6 +123,10 @@ class RunStore:
     def append_metrics(self, record: dict[str, Any]) -> None:
         append_jsonl_atomic(self.metrics_path, record)
 
+    def metrics_until(self, last_round: int) -> list[dict[str, Any]]:
+        """The metrics lines of rounds 1 .. last_round (a checkpoint's history; none if the file is absent)."""
+        return [line for line in self.read_metrics() if int(line.get("round", 0)) <= last_round]
+
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.is_file():
             return []

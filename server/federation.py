@@ -11,13 +11,11 @@ from flwr.serverapp import Grid
 from medfusion_fl.config import RunConfig, privacy_warnings
 from medfusion_fl.data import SiteDataset, load_test_set, write_test_set
 from medfusion_fl.errors import RoundFailed
-from medfusion_fl.export import calibration_card, export_model, resolve_test_path
+from medfusion_fl.export import export_run, resolve_test_path
 from medfusion_fl.models import MedFusionModel, build_model
 from medfusion_fl.parameters import Weights, get_weights, set_weights
 from medfusion_fl.protocol import APP_NOT_APPROVED, POLICY_REFUSED
-from medfusion_fl.report.calibration import run_temperature
 from medfusion_fl.report.metrics import areas_with_intervals
-from medfusion_fl.report.run import report_for_model
 from medfusion_fl.runfolder import RunFolder
 from medfusion_fl.tracking import RunTracker
 from medfusion_fl.training import at_threshold, predict, score
@@ -159,19 +157,14 @@ class Federation:
             card["refused_by_site_policy"] = dict(sorted(self.refusals.items()))
         if self.stop_reason:
             card["stop_reason"] = self.stop_reason
-        temperature = run_temperature(final, self.run)
-        card |= calibration_card(final, self.run, temperature)
-        if self.held_out is not None and len(self.run.data.class_names) == 2:
-            probs, labels = predict(self.model, self.held_out, batch_size=64, device=self.model_device())
-            self.tracker.log_pr_curve("held_out/pr-curve", labels, probs[:, 1], self.rounds_done)
-        test_path = resolve_test_path(self.run)
-        outcome = report_for_model(self.model, self.run, self.store.root, held_out=self.held_out,
-                                   data=str(test_path), temperature=temperature,
-                                   threshold=(final.get("evaluate") or {}).get("threshold"),
-                                   lines=self.store.read_metrics(), label=f"the global model of {self.store.root}")
-        card["report"] = outcome.card()
+        predictions = None
+        if self.held_out is not None:
+            predictions = predict(self.model, self.held_out, batch_size=64, device=self.model_device())
+            if len(self.run.data.class_names) == 2:
+                self.tracker.log_pr_curve("held_out/pr-curve", predictions[1], predictions[0][:, 1], self.rounds_done)
+        _, outcome = export_run(self.model, self.run, self.store.root, held_out=self.held_out, final=final, card=card,
+                                lines=self.store.read_metrics(), label=f"the global model of {self.store.root}",
+                                predictions=predictions)
         for name, image in outcome.images.items():
             self.tracker.log_png(f"explanations/{name.removesuffix('.png')}", image, self.rounds_done)
         self.tracker.close()
-        export_model(self.model, self.run, self.store.root, held_out=self.held_out, card=card,
-                     temperature=temperature.value)

@@ -82,7 +82,7 @@ def load_saved(path: Path, overrides: dict[str, Any]) -> SavedModel:
     run = _with_report_keys(ckpt.config, overrides)
     model = build_model(run)
     set_weights(model, ckpt.weights)
-    lines = [line for line in RunStore(path.parent.parent).read_metrics() if line.get("round", 0) <= ckpt.round]
+    lines = RunStore(path.parent.parent).metrics_until(ckpt.round)
     return SavedModel(f"checkpoint {path} (round {ckpt.round})", run,
                       run_temperature(ckpt.metrics, run),
                       (ckpt.metrics.get("evaluate") or {}).get("threshold"), lines, torch_model=model)

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from medfusion_fl.config import RunConfig
 from medfusion_fl.data import SiteDataset
 from medfusion_fl.errors import MedFusionError
@@ -37,9 +39,10 @@ class ReportOutcome:
 
 def report_for_model(model: MedFusionModel, run: RunConfig, out_dir: Path, *, held_out: SiteDataset | None,
                      data: str, temperature: Temperature, threshold: float | None, lines: list[dict[str, Any]],
-                     label: str) -> ReportOutcome:
-    """Score the held-out folder, draw the explanation maps and write `<out_dir>/report/`. A report that
-    cannot be written is logged as an error and named in the card; the export goes on."""
+                     label: str, predictions: tuple[np.ndarray, np.ndarray] | None = None) -> ReportOutcome:
+    """Score the held-out folder (unless its `predictions`, probabilities and labels, are given), draw the
+    explanation maps and write `<out_dir>/report/`. A report that cannot be written is logged as an error
+    and named in the card; the export goes on."""
     if not run.report.enabled:
         return ReportOutcome(None, "report.enabled = false")
     if held_out is None or len(held_out) == 0:
@@ -51,8 +54,7 @@ def report_for_model(model: MedFusionModel, run: RunConfig, out_dir: Path, *, he
     from medfusion_fl.report.build import ReportInputs, write_report  # matplotlib: only when a report is written
 
     try:
-        device = next(model.parameters()).device
-        probs, labels = predict(model, held_out, batch_size=64, device=device)
+        probs, labels = predictions or predict(model, held_out, batch_size=64, device=next(model.parameters()).device)
         images, notes = explanation_figures(model, held_out, run, labels=labels)
         inputs = ReportInputs(model=label, data=data, classes=run.data.class_names, labels=labels,
                               probs=probs, temperature=temperature, threshold=threshold, lines=lines, images=images,
