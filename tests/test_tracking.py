@@ -47,7 +47,8 @@ def test_a_run_writes_event_files_with_the_round_curves(synth_root: Path, tmp_pa
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "held_out/loss", "held_out/auroc", "held_out/auprc", "held_out/sensitivity",
             "held_out/specificity", "held_out/accuracy",
-            "federated/loss", "federated/auroc", "round/wall-time-s", "round/failures"} <= tags
+            "federated/loss", "federated/auroc", "federated/auprc", "federated/sensitivity", "federated/specificity",
+            "round/wall-time-s", "round/failures"} <= tags
     assert [e.step for e in events.Scalars("held_out/auroc")] == [1, 2]
     assert "held_out/pr-curve" in events.Tags()["tensors"]
     assert {"explanations/explain-1", "explanations/explain-2"} <= set(events.Tags()["images"])  # 8 patients, 4 each

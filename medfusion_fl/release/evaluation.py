@@ -7,7 +7,8 @@ Per validation patient with true class y, class probabilities s and cross-entrop
 A site sends the sum over its validation patients, with N(0, (sigma x sensitivity)^2) noise on every
 entry under DP. Adding or removing one patient moves the sum by at most `sensitivity` in L2: sqrt(2)
 for binary tasks (a unit count and a loss <= 1), sqrt(3) otherwise (count, correct, loss). Sums over
-sites keep that form, so the pooled loss, accuracy, AUROC and operating threshold are post-processing.
+sites keep that form, so the pooled loss, accuracy, AUROC, AUPRC, operating threshold and the sensitivity and
+specificity at it are post-processing.
 """
 
 from __future__ import annotations
@@ -77,6 +78,9 @@ class PooledEvaluation:
     accuracy: float | None
     auroc: float | None  # binary tasks only
     threshold: float | None  # binary tasks: the Youden threshold of the pooled histograms
+    auprc: float | None = None  # binary tasks: average precision with the bin edges as thresholds
+    sensitivity: float | None = None  # binary tasks: at the threshold
+    specificity: float | None = None
 
     @classmethod
     def from_sum(cls, layout: ReleaseLayout, total: np.ndarray) -> PooledEvaluation:
@@ -93,7 +97,12 @@ class PooledEvaluation:
         neg, pos = np.clip(cells[: layout.bins], 0, None), np.clip(cells[layout.bins:], 0, None)
         half = layout.bins // 2  # predicted positive when s_1 >= 0.5, the edge of bin bins/2
         accuracy = (float(pos[half:].sum()) + float(neg[:half].sum())) / max(float(pos.sum() + neg.sum()), 1e-12)
-        return cls(count, loss, accuracy, binned_auroc(pos, neg), youden_threshold(pos, neg))
+        threshold = youden_threshold(pos, neg)
+        at: tuple[float | None, float | None] = (None, None)
+        if threshold is not None:
+            edge = round(threshold * layout.bins)
+            at = (float(pos[edge:].sum() / pos.sum()), float(neg[:edge].sum() / neg.sum()))
+        return cls(count, loss, accuracy, binned_auroc(pos, neg), threshold, binned_auprc(pos, neg), *at)
 
 
 def binned_auroc(pos: np.ndarray, neg: np.ndarray) -> float | None:
@@ -103,6 +112,16 @@ def binned_auroc(pos: np.ndarray, neg: np.ndarray) -> float | None:
         return None
     below = np.concatenate([[0.0], np.cumsum(neg)[:-1]])  # negatives in lower bins
     return float((pos * (below + 0.5 * neg)).sum() / (p * n))
+
+
+def binned_auprc(pos: np.ndarray, neg: np.ndarray) -> float | None:
+    """Average precision of histograms: each bin one score, thresholds from the top bin down."""
+    p = float(pos.sum())
+    if p <= 0 or float(neg.sum()) <= 0:
+        return None
+    tp, fp = np.cumsum(pos[::-1]), np.cumsum(neg[::-1])
+    precision = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1e-12), 0.0)
+    return float((pos[::-1] * precision).sum() / p)
 
 
 def youden_threshold(pos: np.ndarray, neg: np.ndarray) -> float | None:

@@ -17,7 +17,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 FOLDER = "tensorboard"
 _HELD_OUT = ("loss", "accuracy", "auroc", "auprc", "sensitivity", "specificity", "accuracy-at-threshold", "threshold")
-_FEDERATED = ("loss", "accuracy", "auroc", "threshold")
+_FEDERATED = ("loss", "accuracy", "auroc", "auprc", "sensitivity", "specificity", "threshold")
 
 
 def _number(value: Any) -> float | None:

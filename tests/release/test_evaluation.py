@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 from medfusion_fl.release.evaluation import LOSS_CLIP, PooledEvaluation, ReleaseLayout, youden_threshold
-from medfusion_fl.training import score
+from medfusion_fl.training import at_threshold, score
 
 
 def _binary(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -29,7 +29,11 @@ def test_pooled_sums_read_as_the_pooled_patients() -> None:
     assert pooled.loss == pytest.approx(exact.loss)  # no patient reaches the clip here
     binned = np.minimum((probs[:, 1] * 10).astype(int), 9)  # AUROC of the binned scores, ties counted half
     assert pooled.auroc == pytest.approx(roc_auc_score(labels, binned))
+    assert pooled.auprc == pytest.approx(average_precision_score(labels, binned))
     assert pooled.threshold is not None and pooled.threshold in {k / 10 for k in range(1, 10)}
+    at = at_threshold(probs, labels, pooled.threshold)
+    assert pooled.sensitivity == pytest.approx(at["sensitivity"]) and pooled.specificity == pytest.approx(
+        at["specificity"])
 
 
 def test_one_patient_moves_the_release_by_at_most_its_sensitivity() -> None:
@@ -64,7 +68,7 @@ def test_noise_larger_than_the_patients_reads_as_nothing() -> None:
     layout = ReleaseLayout(2, 10)
     empty = np.zeros(layout.length)
     empty[0] = -3.0
-    assert PooledEvaluation.from_sum(layout, empty) == PooledEvaluation(-3.0, None, None, None, None)
+    assert PooledEvaluation.from_sum(layout, empty) == PooledEvaluation(-3.0, None, None, None, None, None, None, None)
 
 
 def test_youden_threshold_of_histograms() -> None:
