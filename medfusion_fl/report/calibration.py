@@ -25,6 +25,7 @@ from medfusion_fl.release.evaluation import ReleaseLayout
 
 LOWEST, HIGHEST = 0.05, 100.0  # the temperatures searched (T -> infinity flattens every score to 0.5)
 MIN_PATIENTS = 10.0  # fewer pooled (noisy) patients than this: no fit
+LR_95 = 3.841  # chi-square(1) 95% point: 2 x the log-likelihood gain a one-parameter fit needs to count
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,9 @@ def fit_temperature(negative: list[float], positive: list[float], *, noise_sd: f
     used as they are, negative ones too: the noise then adds zero on average to the cross-entropy at every T
     (clipping at 0 would add mass to the empty outer bins and bias T upward). A T whose improvement of the
     pooled cross-entropy over T = 1 is within two standard deviations of what the noise alone moves it by is
-    not applied: on a calibrated model a noisy fit would only make things worse.
+    not applied: on a calibrated model a noisy fit would only make things worse. Nor is one whose gain a
+    likelihood-ratio test of T = 1 (2 x gain against chi-square(1), 95%) would not reject: with a few dozen
+    validation patients, sampling alone moves T that far.
     """
     neg, pos = np.asarray(negative, float), np.asarray(positive, float)
     if neg.shape != pos.shape or len(neg) < 2:
@@ -84,6 +87,9 @@ def fit_temperature(negative: list[float], positive: list[float], *, noise_sd: f
     if gain <= 2 * noise:
         return Temperature(1.0, False, f"not applied: T = {value:.3g} from {how} lowers their cross-entropy by "
                            f"{gain:.3g}, within twice the {noise:.3g} the DP noise alone moves it by", total)
+    if 2 * gain <= LR_95:
+        return Temperature(1.0, False, f"not applied: T = {value:.3g} from {how} lowers their cross-entropy by "
+                           f"{gain:.3g}; a likelihood-ratio test does not reject T = 1 (2 x gain <= {LR_95})", total)
     edge = " (at the edge of the searched range)" if value < LOWEST * 1.01 or value > HIGHEST * 0.99 else ""
     return Temperature(value, True, f"cross-entropy of {how} over T in [{LOWEST:g}, {HIGHEST:g}]{edge}; it lowers "
                        f"it by {gain:.3g} (DP noise: sd {noise:.3g})", total)

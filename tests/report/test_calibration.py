@@ -69,6 +69,13 @@ def test_under_dp_noise_a_temperature_is_applied_only_when_it_stands_out(factor:
     assert fitted >= 8 if factor == 4.0 else fitted <= 2 if factor == 1.0 else True
 
 
+def test_a_calibrated_model_keeps_temperature_1_without_noise() -> None:
+    """Sampling alone: 300 validation patients of a calibrated model do not reject T = 1."""
+    labels, probs = _overconfident(300, seed=1, factor=1.0)
+    temperature = fit_temperature(**_pooled(labels, probs, noise_sd=0.0, seed=0))
+    assert not temperature.fitted and temperature.value == 1.0 and "likelihood-ratio" in temperature.method
+
+
 def test_too_few_pooled_patients_are_not_fitted() -> None:
     temperature = fit_temperature([1.0, 0.5] + [0.0] * 8, [0.0] * 9 + [2.0])
     assert not temperature.fitted and temperature.value == 1.0 and "at least 10" in temperature.method
