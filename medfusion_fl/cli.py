@@ -1,5 +1,5 @@
 """The `medfusion-fl` command: synth, site check/status/audit/run/import/review/approve, certs, simulate, export,
-evaluate, explain, config show."""
+evaluate, explain, console, config show."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from medfusion_fl.config_sources import flatten, parse_overrides, read_toml_flat
 from medfusion_fl.console import ensure_logging
 from medfusion_fl.errors import ConfigError, MedFusionError
 from medfusion_fl.report.cli import add_commands as add_report_commands
+from medfusion_fl.webconsole.cli import add_commands as add_console_commands
 
 log = logging.getLogger("medfusion_fl.cli")
 FLOWER_ENV = {
@@ -309,6 +310,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export)
     add_report_commands(sub)
+    add_console_commands(sub)
     config = sub.add_parser("config", help="run configuration").add_subparsers(dest="config_command", required=True)
     p = with_config(config.add_parser("show", help="print the effective value of every config key"))
     p.add_argument("--preset", help="apply a simulation preset first (as `simulate --preset` does)")

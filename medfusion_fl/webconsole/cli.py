@@ -1,0 +1,80 @@
+"""`medfusion-fl console [--runs DIR] [--host 127.0.0.1] [--port 8080] [--tls-cert F --tls-key F]` and
+`medfusion-fl console add-user NAME --role ROLE`."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from medfusion_fl.errors import ConfigError
+
+log = logging.getLogger("medfusion_fl.cli")
+
+
+def _database(args: argparse.Namespace) -> str:
+    from medfusion_fl.webconsole.app import default_database
+
+    if not Path(args.runs).is_dir():
+        raise ConfigError(f"--runs {args.runs}: not a folder; pass the folder holding the run folders (runs/)")
+    return str(args.database or default_database(Path(args.runs)))
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    if args.console_command == "add-user":
+        return cmd_add_user(args)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together; pass both (or neither for plain HTTP on 127.0.0.1)")
+    import uvicorn
+
+    from medfusion_fl.webconsole.app import create_app
+
+    app = create_app(runs_dir=Path(args.runs), database=_database(args), secure_cookies=bool(args.tls_cert))
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.tls_cert:
+        log.warning("console on %s without TLS: passwords and session cookies cross the network in clear; "
+                    "pass --tls-cert and --tls-key", args.host)
+    log.info("console on %s://%s:%d, indexing %s", "https" if args.tls_cert else "http", args.host, args.port,
+             args.runs)
+    uvicorn.run(app, host=args.host, port=args.port, ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key,
+                log_level="warning")
+    return 0
+
+
+def cmd_add_user(args: argparse.Namespace) -> int:
+    from medfusion_fl.webconsole.auth import add_user
+    from medfusion_fl.webconsole.db import Audit, open_database
+
+    database = _database(args)  # a wrong --runs is refused before the password is asked for
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = getpass.getpass(f"password for {args.name}: ")
+        if getpass.getpass("again: ") != password:
+            raise ConfigError("the two passwords differ; nothing was stored")
+    with open_database(database)() as session:
+        add_user(session, args.name, args.role, password)
+        session.add(Audit(who="cli", action="add-user", detail=f"{args.name} ({args.role})"))
+        session.commit()
+    sys.stdout.write(f"user {args.name} ({args.role}) added\n")
+    return 0
+
+
+def add_commands(sub: Any) -> None:
+    p = sub.add_parser("console", help="the coordinator's web console (and add-user)")
+    p.add_argument("--runs", default="runs", help="the folder holding run folders (default: runs)")
+    p.add_argument("--database", help="SQLAlchemy URL (default: sqlite:///<runs>/console.db)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--tls-cert", help="PEM certificate (with --tls-key): HTTPS and Secure cookies")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.set_defaults(func=cmd_console, console_command=None)
+    users = p.add_subparsers(dest="console_command")
+    q = users.add_parser("add-user", help="create a console user (the password is prompted for)")
+    q.add_argument("name")
+    q.add_argument("--role", required=True, choices=["viewer", "operator", "admin"])
+    q.add_argument("--runs", default=argparse.SUPPRESS, help="as for console (either place)")
+    q.add_argument("--database", default=argparse.SUPPRESS, help="as for console (either place)")
+    q.add_argument("--password-stdin", action="store_true", help="read the password from stdin (scripts)")

@@ -1,0 +1,61 @@
+"""POST /api/login, POST /api/logout, GET /api/me."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, HTTPException, Request, Response
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+
+from medfusion_fl.webconsole.auth import COOKIE, SESSION_HOURS, check_password, close_session, open_session
+from medfusion_fl.webconsole.db import Audit, User
+from medfusion_fl.webconsole.deps import DB, LoggedIn, Viewer
+
+router = APIRouter(prefix="/api", tags=["session"])
+
+
+class Credentials(BaseModel):
+    name: str = Field(min_length=1, max_length=64)
+    password: str = Field(min_length=1, max_length=1024)
+
+
+class Me(BaseModel):
+    name: str
+    role: str
+    csrf: str  # echo it in X-CSRF-Token on every POST
+
+
+@router.post("/login")
+def post_login(body: Credentials, request: Request, response: Response, db: DB) -> Me:
+    # a JSON body only (FastAPI refuses form posts here): a cross-site form cannot log a browser in
+    throttle = request.app.state.throttle
+    wait = throttle.blocked_for(body.name)
+    if wait > 0:
+        raise HTTPException(429, f"too many failed logins for {body.name!r}; try again in {wait:.0f} s",
+                            headers={"Retry-After": str(int(wait) + 1)})
+    user = db.scalar(select(User).where(User.name == body.name))
+    if user is None or not check_password(user, body.password):
+        throttle.failed(body.name)
+        db.add(Audit(who=body.name, action="login-failed", detail=request.client.host if request.client else ""))
+        db.commit()
+        raise HTTPException(401, "wrong user name or password")
+    throttle.succeeded(body.name)
+    token, csrf = open_session(db, user)
+    db.add(Audit(who=user.name, action="login"))
+    db.commit()
+    response.set_cookie(COOKIE, token, max_age=SESSION_HOURS * 3600, httponly=True, samesite="strict",
+                        secure=request.app.state.secure_cookies, path="/")
+    return Me(name=user.name, role=user.role, csrf=csrf)
+
+
+@router.post("/logout")
+def post_logout(response: Response, current: Viewer, db: DB) -> dict[str, str]:
+    close_session(db, current.token)
+    db.add(Audit(who=current.user.name, action="logout"))
+    db.commit()
+    response.delete_cookie(COOKIE, path="/")
+    return {"status": "logged out"}
+
+
+@router.get("/me")
+def get_me(current: LoggedIn) -> Me:
+    return Me(name=current.user.name, role=current.user.role, csrf=current.session.csrf)
