@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
+from fastapi.staticfiles import StaticFiles
 
 from medfusion_fl.webconsole.auth import LoginThrottle
 from medfusion_fl.webconsole.db import open_database
-from medfusion_fl.webconsole.routers import runs, session
+from medfusion_fl.webconsole.routers import live, pages, runs, session
+from medfusion_fl.webconsole.routers.pages import STATIC
+
+# every page, script and style comes from this origin; nothing may load from elsewhere
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+       "frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
 
 
 def default_database(runs_dir: Path) -> str:
@@ -23,4 +30,16 @@ def create_app(*, runs_dir: Path, database: str | None = None, secure_cookies: b
     app.state.secure_cookies = secure_cookies
     app.include_router(session.router)
     app.include_router(runs.router)
+    app.include_router(live.router)
+    app.include_router(pages.router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.middleware("http")
+    async def headers(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        response = await call_next(request)
+        response.headers["Content-Security-Policy"] = CSP
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Referrer-Policy"] = "no-referrer"
+        return response
+
     return app

@@ -41,8 +41,11 @@ def list_runs(request: Request, _: Viewer, db: DB) -> list[RunSummary]:
 
 
 @router.get("/{run_id}")
-def get_run(run_id: str, _: Viewer, db: DB) -> RunDetail:
+def get_run(run_id: str, request: Request, _: Viewer, db: DB) -> RunDetail:
     row = db.get(RunRow, run_id)
+    if row is None:  # a run made since the last listing
+        index_runs(db, request.app.state.runs_dir)
+        row = db.get(RunRow, run_id)
     if row is None:
         raise HTTPException(404, f"no run {run_id!r}; GET /api/runs lists them")
     rounds = db.scalars(select(RoundRow).where(RoundRow.run_id == run_id).order_by(RoundRow.round))

@@ -1,0 +1,31 @@
+"""The HTML pages (login, runs, a run) and their static files, all served by the package itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter
+from fastapi.responses import FileResponse, Response
+
+STATIC = Path(__file__).resolve().parent.parent / "static"
+router = APIRouter(tags=["pages"])
+
+
+@router.get("/", include_in_schema=False)
+def runs_page() -> FileResponse:
+    return FileResponse(STATIC / "runs.html")
+
+
+@router.get("/login", include_in_schema=False)
+def login_page() -> FileResponse:
+    return FileResponse(STATIC / "login.html")
+
+
+@router.get("/runs/{run_id}", include_in_schema=False)
+def run_page(run_id: str) -> FileResponse:  # the page reads its run id from the address
+    return FileResponse(STATIC / "run.html")
+
+
+@router.get("/favicon.ico", include_in_schema=False)
+def favicon() -> Response:  # browsers ask for one; there is none
+    return Response(status_code=204)

@@ -1,0 +1,106 @@
+"""The console as a person uses it: headless Chromium (Debian's package, driven by Playwright) logs in, opens a
+run, and sees a new round appear without reloading; every request stays on the console's origin."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import uvicorn
+
+from medfusion_fl.webconsole.app import create_app, default_database
+from medfusion_fl.webconsole.auth import add_user
+from medfusion_fl.webconsole.db import open_database
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+PASSWORD = "correct horse battery"
+
+
+def _line(number: int) -> str:
+    return json.dumps({
+        "round": number, "status": "ok", "wall_time_s": 5.0 + number,
+        "train": {"loss": None, "sites": {"site-0": {}, "site-1": {}, "site-2": {}}},
+        "evaluate": {"status": "ok", "auroc": 0.6 + number / 20, "loss": 0.7},
+        "held_out": {"auroc": 0.8 + number / 50, "loss": 0.6, "sensitivity": 0.7, "specificity": 0.8},
+        "privacy": {f"site-{k}": {"epsilon": 2.0 * number + k / 4, "max-epsilon": 8.0} for k in range(3)},
+        "failures": [{"site": "site-3", "node_id": 104, "stage": "train", "reason": "privacy budget spent"}]
+        if number == 2 else []})
+
+
+@pytest.fixture
+def console(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    runs = tmp_path / "runs"
+    (runs / "demo").mkdir(parents=True)
+    (runs / "demo" / "run.json").write_text(json.dumps({"format": 1, "run_id": "r1"}))
+    (runs / "demo" / "metrics.jsonl").write_text(_line(1) + "\n" + _line(2) + "\n")
+    with open_database(default_database(runs))() as session:
+        add_user(session, "vera", "viewer", PASSWORD)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(runs_dir=runs), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started, "the console did not start within 20 s"
+    try:
+        yield f"http://127.0.0.1:{port}", runs
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_log_in_open_a_run_and_see_a_round_arrive_live(console: tuple[str, Path], tmp_path: Path) -> None:
+    if CHROMIUM is None:
+        if os.environ.get("MEDFUSION_REQUIRE_BROWSER") == "1":
+            pytest.fail("MEDFUSION_REQUIRE_BROWSER=1 but no chromium on PATH (apt-get install chromium)")
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run does)")
+    from playwright.sync_api import expect, sync_playwright
+
+    base, runs = console
+    requests: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.on("request", lambda r: requests.append(r.url))
+            errors: list[str] = []
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.goto(base + "/runs/r1")  # not logged in: sent to the login page, and back after it
+            page.wait_for_url("**/login?next=*")
+            page.fill("#name", "vera")
+            page.fill("#password", "wrong password")
+            page.click("button[type=submit]")
+            expect(page.locator("#error")).to_have_text("wrong user name or password")
+            page.fill("#password", PASSWORD)
+            page.click("button[type=submit]")
+            page.wait_for_url("**/runs/r1")
+            expect(page.locator("#round-2")).to_contain_text("privacy budget spent")
+            expect(page.locator("#who")).to_have_text("vera (viewer)")
+            page.screenshot(path=str(tmp_path / "run-before.png"), full_page=True)
+            with (runs / "demo" / "metrics.jsonl").open("a") as handle:  # the coordinator finishes round 3
+                handle.write(_line(3) + "\n")
+            written = time.monotonic()
+            expect(page.locator("#round-3")).to_be_visible(timeout=2000)  # within 2 s, without reload
+            lag = time.monotonic() - written
+            expect(page.locator("#state")).to_contain_text("live: 3 round(s)")
+            assert page.locator(".chart svg polyline").count() >= 6  # AUROC x2, loss x2, sens/spec, 3 epsilons
+            page.screenshot(path=str(tmp_path / "run-live.png"), full_page=True)
+            page.goto(base + "/")
+            expect(page.locator("#runs tbody tr")).to_have_count(1)
+            page.screenshot(path=str(tmp_path / "runs.png"), full_page=True)
+        finally:
+            browser.close()
+    assert lag < 2.0  # measured 0.2 s (2026-12-02, 2 cores)
+    assert not [e for e in errors if "status of 401" not in e], errors  # 401s: before login, the wrong password
+    assert requests and all(url.startswith(base) or url.startswith("ws://127.0.0.1") for url in requests), requests
