@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request, Response
 from fastapi.staticfiles import StaticFiles
 
 from medfusion_fl.webconsole.auth import LoginThrottle
+from medfusion_fl.webconsole.control import Jobs
 from medfusion_fl.webconsole.db import open_database
-from medfusion_fl.webconsole.routers import live, pages, runs, session
+from medfusion_fl.webconsole.routers import control, live, pages, runs, session
 from medfusion_fl.webconsole.routers.pages import STATIC
 
 # every page, script and style comes from this origin; nothing may load from elsewhere
@@ -22,14 +24,26 @@ def default_database(runs_dir: Path) -> str:
     return f"sqlite:///{Path(runs_dir).resolve() / 'console.db'}"
 
 
-def create_app(*, runs_dir: Path, database: str | None = None, secure_cookies: bool = False) -> FastAPI:
-    app = FastAPI(title="MedFusion-FL console", docs_url=None, redoc_url=None)  # the docs pages load CDN assets
+def create_app(*, runs_dir: Path, database: str | None = None, secure_cookies: bool = False,
+               app_dir: Path = Path(".")) -> FastAPI:
+    """`app_dir`: the Flower app folder whose presets the console starts simulations from."""
+    jobs = Jobs(Path(runs_dir), Path(app_dir).resolve())
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        jobs.stop_all()  # no simulation outlives its console
+
+    app = FastAPI(title="MedFusion-FL console", docs_url=None, redoc_url=None,  # the docs pages load CDN assets
+                  lifespan=lifespan)
     app.state.runs_dir = Path(runs_dir)
     app.state.sessions = open_database(database or default_database(runs_dir))
     app.state.throttle = LoginThrottle()
     app.state.secure_cookies = secure_cookies
+    app.state.jobs = jobs
     app.include_router(session.router)
     app.include_router(runs.router)
+    app.include_router(control.router)
     app.include_router(live.router)
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

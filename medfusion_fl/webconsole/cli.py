@@ -32,7 +32,8 @@ def cmd_console(args: argparse.Namespace) -> int:
 
     from medfusion_fl.webconsole.app import create_app
 
-    app = create_app(runs_dir=Path(args.runs), database=_database(args), secure_cookies=bool(args.tls_cert))
+    app = create_app(runs_dir=Path(args.runs), database=_database(args), secure_cookies=bool(args.tls_cert),
+                     app_dir=Path(args.app))
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.tls_cert:
         log.warning("console on %s without TLS: passwords and session cookies cross the network in clear; "
                     "pass --tls-cert and --tls-key", args.host)
@@ -68,6 +69,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--database", help="SQLAlchemy URL (default: sqlite:///<runs>/console.db)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--app", default=".", help="the app folder whose presets runs start from (default: current)")
     p.add_argument("--tls-cert", help="PEM certificate (with --tls-key): HTTPS and Secure cookies")
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")
     p.set_defaults(func=cmd_console, console_command=None)

@@ -1,0 +1,147 @@
+"""Starting and stopping simulations from the console: the config form's schema, per-key validation, the
+`medfusion-fl simulate` processes the console started.
+
+A run starts as its own process group (`medfusion-fl simulate --preset P --out <runs>/<name> --set ...`),
+so stopping it stops Ray's workers too. Runs the console did not start are stopped where they were
+started (`flwr stop` for a deployment).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from medfusion_fl.config import RunConfig, all_keys
+from medfusion_fl.config_base import kebab
+from medfusion_fl.config_sources import flatten
+from medfusion_fl.errors import ConfigError
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+FIXED = ("output.run-dir", "data.sites-root")  # the console places every run under its --runs folder
+STOP_GRACE_S = 15.0
+
+
+def presets(app_dir: Path) -> dict[str, dict[str, Any]]:
+    """Each preset's flat config keys, by name."""
+    folder = Path(app_dir) / "simulations" / "presets"
+    return {p.stem: flatten(tomllib.loads(p.read_text()).get("config", {})) for p in sorted(folder.glob("*.toml"))}
+
+
+def schema() -> list[dict[str, Any]]:
+    """Every run-config key with its default, type and description: what the start form is made of."""
+    defaults = RunConfig().to_flat()
+    out = []
+    for section, model in RunConfig.model_fields.items():
+        sub = model.annotation
+        for name, field in sub.model_fields.items():  # type: ignore[union-attr]
+            key = f"{section}.{kebab(name)}"
+            out.append({"key": key, "default": defaults[key], "type": type(defaults[key]).__name__,
+                        "description": field.description or "", "fixed": key in FIXED})
+    return out
+
+
+def field_errors(flat: dict[str, Any]) -> dict[str, str]:
+    """Per key, what is wrong with it ('' for errors across keys); empty when the config is valid."""
+    known = set(all_keys())
+    errors = {key: f"unknown key (value {value!r})" for key, value in flat.items() if key not in known}
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        if key in known:
+            section, _, name = key.partition(".")
+            nested.setdefault(section, {})[name] = value
+    try:
+        RunConfig.model_validate(nested)
+    except ValidationError as exc:
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"][:2])
+            errors[key] = f"{err['msg']} (value {flat.get(key, err.get('input'))!r})"
+        return errors
+    if not errors:
+        try:
+            RunConfig.from_flat(flat)  # the checks across keys (e.g. DP noise 0, fp16 with DP)
+        except ConfigError as exc:
+            errors[""] = str(exc)
+    return errors
+
+
+@dataclass
+class Job:
+    name: str
+    folder: Path
+    process: subprocess.Popen[bytes]
+    started_by: str
+
+    @property
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+
+class Jobs:
+    """The simulations this console started, by run folder name."""
+
+    def __init__(self, runs_dir: Path, app_dir: Path) -> None:
+        self.runs_dir, self.app_dir = Path(runs_dir), Path(app_dir)
+        self.jobs: dict[str, Job] = {}
+        self.lock = threading.Lock()
+
+    def start(self, name: str, preset: str, settings: dict[str, Any], who: str) -> Job:
+        if not NAME.match(name):
+            raise ConfigError(f"run name {name!r}: 1-64 letters, digits, '.', '_' or '-', starting with one of the "
+                              "first two")
+        folder = self.runs_dir / name
+        if folder.exists():
+            raise ConfigError(f"run {name!r} exists already in {self.runs_dir}; pick another name")
+        known = presets(self.app_dir)
+        if preset not in known:
+            raise ConfigError(f"preset {preset!r} unknown; the presets are {sorted(known)}")
+        fixed = [k for k in settings if k in FIXED]
+        if fixed:
+            raise ConfigError(f"{', '.join(fixed)} are set by the console (the run lives in {folder})")
+        command = [sys.executable, "-m", "medfusion_fl.cli", "simulate", "--app", str(self.app_dir),
+                   "--preset", preset, "--out", str(folder)]
+        for key, value in settings.items():
+            command += ["--set", f"{key}={str(value).lower() if isinstance(value, bool) else value}"]
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        log = (self.runs_dir / f".{name}.console.log").open("wb")
+        env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+               "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+        process = subprocess.Popen(command, cwd=self.app_dir, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                   start_new_session=True)
+        job = Job(name, folder, process, who)
+        with self.lock:
+            self.jobs[name] = job
+        return job
+
+    def stop(self, name: str) -> Job:
+        """SIGTERM to the run's process group, SIGKILL after STOP_GRACE_S if it is still there."""
+        job = self.jobs.get(name)
+        if job is None:
+            raise ConfigError(f"run {name!r} was not started by this console; stop it where it was started "
+                              "(`flwr stop RUN_ID` for a deployment)")
+        if job.running:
+            os.killpg(job.process.pid, signal.SIGTERM)
+
+            def finish() -> None:
+                try:
+                    job.process.wait(timeout=STOP_GRACE_S)
+                except subprocess.TimeoutExpired:
+                    os.killpg(job.process.pid, signal.SIGKILL)
+                    job.process.wait()
+
+            threading.Thread(target=finish, daemon=True).start()
+        return job
+
+    def stop_all(self) -> None:
+        for name, job in list(self.jobs.items()):
+            if job.running:
+                self.stop(name)

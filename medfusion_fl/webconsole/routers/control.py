@@ -1,0 +1,77 @@
+"""GET /api/config (the start form), POST /api/runs (start), POST /api/jobs/{name}/stop, GET /api/jobs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Request
+from pydantic import BaseModel, Field
+
+from medfusion_fl.errors import ConfigError
+from medfusion_fl.webconsole.control import field_errors, presets, schema
+from medfusion_fl.webconsole.db import Audit
+from medfusion_fl.webconsole.deps import DB, Operator, Viewer
+
+router = APIRouter(prefix="/api", tags=["control"])
+Scalar = bool | int | float | str
+
+
+class StartRequest(BaseModel):
+    name: str = Field(min_length=1, max_length=64, description="the run folder's name under --runs")
+    preset: str = Field("tiny-cpu", description="a simulation preset (simulations/presets/*.toml)")
+    settings: dict[str, Scalar] = Field(default_factory=dict, description="run-config keys changed from the preset")
+
+
+class JobState(BaseModel):
+    name: str
+    pid: int
+    running: bool
+    returncode: int | None
+    started_by: str
+
+
+@router.get("/config")
+def get_config(request: Request, _: Viewer) -> dict[str, Any]:
+    return {"presets": presets(request.app.state.jobs.app_dir), "keys": schema()}
+
+
+@router.post("/runs", status_code=201)
+def start_run(body: StartRequest, request: Request, current: Operator, db: DB) -> JobState:
+    jobs = request.app.state.jobs
+    known = presets(jobs.app_dir)
+    if body.preset not in known:
+        raise HTTPException(422, {"errors": {"preset": f"unknown preset {body.preset!r}; one of {sorted(known)}"}})
+    folder = jobs.runs_dir / body.name
+    flat = {**known[body.preset], **body.settings, "output.run-dir": str(folder),
+            "data.sites-root": str(folder / "data")}
+    errors = field_errors(flat)
+    if errors:
+        raise HTTPException(422, {"errors": errors})
+    try:
+        job = jobs.start(body.name, body.preset, body.settings, current.user.name)
+    except ConfigError as exc:
+        raise HTTPException(422, {"errors": {"name": str(exc)}}) from None
+    db.add(Audit(who=current.user.name, action="start", detail=f"{body.name}: preset {body.preset}, {body.settings}"))
+    db.commit()
+    return _state(job)
+
+
+@router.post("/jobs/{name}/stop")
+def stop_run(name: str, request: Request, current: Operator, db: DB) -> JobState:
+    try:
+        job = request.app.state.jobs.stop(name)
+    except ConfigError as exc:
+        raise HTTPException(409, str(exc)) from None
+    db.add(Audit(who=current.user.name, action="stop", detail=name))
+    db.commit()
+    return _state(job)
+
+
+@router.get("/jobs")
+def list_jobs(request: Request, _: Viewer) -> list[JobState]:
+    return [_state(job) for job in request.app.state.jobs.jobs.values()]
+
+
+def _state(job: Any) -> JobState:
+    return JobState(name=job.name, pid=job.process.pid, running=job.running, returncode=job.process.returncode,
+                    started_by=job.started_by)

@@ -1,0 +1,93 @@
+"""Starting and stopping simulations through the API: the form's schema, per-key errors, roles, a real run."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from medfusion_fl.config import all_keys
+from medfusion_fl.webconsole.app import create_app, default_database
+from medfusion_fl.webconsole.auth import add_user
+from medfusion_fl.webconsole.control import field_errors
+from medfusion_fl.webconsole.db import Audit, open_database
+from tests.conftest import REPO
+
+PASSWORD = "correct horse battery"
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> TestClient:
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    with open_database(default_database(runs))() as session:
+        add_user(session, "vera", "viewer", PASSWORD)
+        add_user(session, "otto", "operator", PASSWORD)
+    return TestClient(create_app(runs_dir=runs, app_dir=REPO))
+
+
+def _login(client: TestClient, name: str) -> dict[str, str]:
+    response = client.post("/api/login", json={"name": name, "password": PASSWORD})
+    return {"X-CSRF-Token": response.json()["csrf"]}
+
+
+def test_the_form_schema_has_every_key_with_its_description(client: TestClient) -> None:
+    _login(client, "vera")
+    config = client.get("/api/config").json()
+    keys = {k["key"]: k for k in config["keys"]}
+    assert set(keys) == set(all_keys()) and "tiny-cpu" in config["presets"]
+    assert keys["train.lr"]["type"] == "float" and keys["privacy.enabled"]["default"] is True
+    assert "noise" in keys["evaluation.noise-multiplier"]["description"] and keys["output.run-dir"]["fixed"]
+
+
+def test_invalid_settings_come_back_per_key(client: TestClient) -> None:
+    headers = _login(client, "otto")
+    response = client.post("/api/runs", headers=headers, json={
+        "name": "bad", "settings": {"train.lr": -1, "train.lrr": 0.1, "rounds.min-sites": "three"}})
+    assert response.status_code == 422
+    errors = response.json()["detail"]["errors"]
+    assert set(errors) == {"train.lr", "train.lrr", "rounds.min-sites"}
+    assert "greater than 0" in errors["train.lr"] and "unknown key" in errors["train.lrr"]
+    cross = field_errors({"privacy.enabled": True, "privacy.noise-multiplier": 0.0})
+    assert list(cross) == [""] and "no noise means no differential privacy" in cross[""]
+    for body, key in (({"name": "../x"}, "name"), ({"name": "ok", "preset": "huge"}, "preset"),
+                      ({"name": "ok", "settings": {"output.run-dir": "/etc"}}, "name")):
+        response = client.post("/api/runs", headers=headers, json=body)
+        assert response.status_code == 422 and key in response.json()["detail"]["errors"], body
+    started = [p.name for p in Path(client.app.state.jobs.runs_dir).iterdir() if not p.name.startswith("console.db")]
+    assert started == []  # nothing was started
+
+
+def test_a_viewer_cannot_start_or_stop_and_a_post_needs_csrf(client: TestClient) -> None:
+    headers = _login(client, "vera")
+    response = client.post("/api/runs", headers=headers, json={"name": "x"})
+    assert response.status_code == 403 and "needs the operator role" in response.json()["detail"]
+    assert client.post("/api/jobs/x/stop", headers=headers).status_code == 403
+    client.post("/api/logout", headers=headers)
+    _login(client, "otto")
+    assert client.post("/api/runs", json={"name": "x"}).status_code == 403  # no X-CSRF-Token
+    response = client.post("/api/jobs/elsewhere/stop", headers=_login(client, "otto"))
+    assert response.status_code == 409 and "flwr stop" in response.json()["detail"]
+
+
+@pytest.mark.simulation
+def test_start_a_demo_and_stop_it(client: TestClient) -> None:
+    headers = _login(client, "otto")
+    response = client.post("/api/runs", headers=headers, json={"name": "demo", "settings": {
+        "rounds.num-server-rounds": 20}})
+    assert response.status_code == 201, response.text
+    runs = Path(client.app.state.jobs.runs_dir)
+    deadline = time.monotonic() + 240
+    while not (runs / "demo" / "metrics.jsonl").is_file() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert (runs / "demo" / "metrics.jsonl").is_file(), (runs / ".demo.console.log").read_text()[-2000:]
+    listed = {r["name"]: r for r in client.get("/api/runs").json()}
+    assert listed["demo"]["rounds"] >= 1
+    assert client.post("/api/jobs/demo/stop", headers=headers).json()["name"] == "demo"
+    job = client.app.state.jobs.jobs["demo"]
+    job.process.wait(timeout=30)
+    assert job.process.returncode != 0 and not (runs / "demo" / "model.onnx").exists()  # stopped before the end
+    with client.app.state.sessions() as session:
+        assert [a.action for a in session.query(Audit).filter_by(who="otto")][-2:] == ["start", "stop"]
