@@ -195,6 +195,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     run_app(app_dir, run.to_flat(), num_sites=num_sites,
             cpus_per_site=float(sim.get("cpus-per-site", 1.0)),
             gpus_per_site=float(sim.get("gpus-per-site", 0.0)))
+    from medfusion_fl import runcontrol
+
+    paused = runcontrol.read(out).get("paused_after_round")
+    if paused is not None:
+        log.info("simulation paused after round %s: %s; continue it with --set output.resume=true", paused, out)
+        return 0
     if not (out / "model.onnx").is_file():
         raise MedFusionError(f"the simulation ended without {out / 'model.onnx'}; see the log above.")
     log.info("simulation finished in %.1f s: %s, %s", time.monotonic() - start,

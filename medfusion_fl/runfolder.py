@@ -74,6 +74,9 @@ class RunFolder:
     def open(self) -> Checkpoint | None:
         """Check the folder for this run; returns the checkpoint to resume from (None: start at round 1)."""
         if self.run.output.resume:
+            from medfusion_fl import runcontrol
+
+            runcontrol.clear(self.root)  # a resume ends a pause
             return self._resume()
         held = self.outputs()
         if held:

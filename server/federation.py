@@ -8,6 +8,7 @@ from typing import Any
 
 from flwr.serverapp import Grid
 
+from medfusion_fl import runcontrol
 from medfusion_fl.config import RunConfig, privacy_warnings
 from medfusion_fl.data import SiteDataset, load_test_set, write_test_set
 from medfusion_fl.errors import RoundFailed
@@ -47,6 +48,7 @@ class Federation:
         self.refusals: dict[str, str] = {}  # site -> the latest reason its policy refused this run
         self.rounds_done = 0
         self.stop_reason = ""
+        self.paused = False  # a pause request (runcontrol) stopped the run after a round: no export
         for line in privacy_warnings(run):
             log.warning("%s", line)
 
@@ -129,6 +131,12 @@ class Federation:
                 release={"sharing_sites": sorted(self.shared), "refusals": self.refusals},
                 run_id=self.folder.id)
             self._log_round(record, total)
+            if server_round < total and runcontrol.pause_requested(self.store.root):
+                runcontrol.mark_paused(self.store.root, server_round)
+                self.paused = True
+                log.warning("paused after round %d of %d (%s); resume with output.resume = true", server_round,
+                            total, self.store.root / runcontrol.FILE)
+                break
         set_weights(self.model, weights)
         log.info("%d round(s) done in %.1f s", self.rounds_done, time.monotonic() - start)
         return record

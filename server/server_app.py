@@ -26,5 +26,7 @@ def main(grid: Grid, context: Context) -> None:
     federation = Federation(run)
     # 3. rounds: train -> aggregate -> evaluate -> checkpoint -> metrics
     final = federation.run_rounds(grid)
+    if federation.paused:  # paused after a round: resumed later with output.resume = true
+        return
     # 4. export model.onnx + model_card.json next to the metrics
     federation.export(final)

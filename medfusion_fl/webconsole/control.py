@@ -21,10 +21,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from medfusion_fl import runcontrol
 from medfusion_fl.config import RunConfig, all_keys
 from medfusion_fl.config_base import kebab
 from medfusion_fl.config_sources import flatten
 from medfusion_fl.errors import ConfigError
+from medfusion_fl.runstore import RunStore, load_checkpoint
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 FIXED = ("output.run-dir", "data.sites-root")  # the console places every run under its --runs folder
@@ -111,16 +113,43 @@ class Jobs:
                    "--preset", preset, "--out", str(folder)]
         for key, value in settings.items():
             command += ["--set", f"{key}={str(value).lower() if isinstance(value, bool) else value}"]
+        return self._launch(name, command, who)
+
+    def _launch(self, name: str, command: list[str], who: str) -> Job:
         self.runs_dir.mkdir(parents=True, exist_ok=True)
-        log = (self.runs_dir / f".{name}.console.log").open("wb")
+        log = (self.runs_dir / f".{name}.console.log").open("ab")
         env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
         process = subprocess.Popen(command, cwd=self.app_dir, stdout=log, stderr=subprocess.STDOUT, env=env,
                                    start_new_session=True)
-        job = Job(name, folder, process, who)
+        job = Job(name, self.runs_dir / name, process, who)
         with self.lock:
             self.jobs[name] = job
         return job
+
+    def pause(self, name: str, who: str) -> None:
+        """Ask the run to stop after its current round (runcontrol); any run under --runs, whoever started it."""
+        folder = self.runs_dir / name
+        if not (folder / "metrics.jsonl").is_file() and name not in self.jobs:
+            raise ConfigError(f"no run {name!r} under {self.runs_dir}")
+        runcontrol.request_pause(folder, by=who)
+
+    def resume(self, name: str, who: str) -> Job:
+        """Continue a stopped or paused run from its newest checkpoint, with that checkpoint's own config."""
+        running = self.jobs.get(name)
+        if running is not None and running.running:
+            raise ConfigError(f"run {name!r} is still running; pause or stop it first")
+        latest = RunStore(self.runs_dir / name).latest_checkpoint()
+        if latest is None:
+            raise ConfigError(f"run {name!r} has no checkpoint to resume from; start it again instead")
+        checkpoint = load_checkpoint(latest)
+        flat = {**checkpoint.config.to_flat(), "output.resume": True}
+        command = [sys.executable, "-m", "medfusion_fl.cli", "simulate", "--app", str(self.app_dir),
+                   "--out", str(self.runs_dir / name), "--sites", str(max(len(checkpoint.sites), 1))]
+        for key, value in flat.items():
+            if key not in FIXED:
+                command += ["--set", f"{key}={str(value).lower() if isinstance(value, bool) else value}"]
+        return self._launch(name, command, who)
 
     def stop(self, name: str) -> Job:
         """SIGTERM to the run's process group, SIGKILL after STOP_GRACE_S if it is still there."""

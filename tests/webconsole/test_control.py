@@ -91,3 +91,26 @@ def test_start_a_demo_and_stop_it(client: TestClient) -> None:
     assert job.process.returncode != 0 and not (runs / "demo" / "model.onnx").exists()  # stopped before the end
     with client.app.state.sessions() as session:
         assert [a.action for a in session.query(Audit).filter_by(who="otto")][-2:] == ["start", "stop"]
+
+
+@pytest.mark.simulation
+def test_pause_after_a_round_then_resume_to_the_end(client: TestClient) -> None:
+    headers = _login(client, "otto")
+    assert client.post("/api/runs", headers=headers, json={"name": "p", "settings": {
+        "rounds.num-server-rounds": 2}}).status_code == 201
+    assert client.post("/api/jobs/p/pause", headers=headers).status_code == 200  # honoured after round 1
+    job = client.app.state.jobs.jobs["p"]
+    job.process.wait(timeout=300)
+    runs = Path(client.app.state.jobs.runs_dir)
+    log = (runs / ".p.console.log").read_text()
+    assert job.process.returncode == 0 and "paused after round 1" in log, log[-2000:]
+    assert not (runs / "p" / "model.onnx").exists()
+    assert client.post("/api/jobs/p/resume", headers=headers).status_code == 200
+    resumed = client.app.state.jobs.jobs["p"]
+    resumed.process.wait(timeout=300)
+    log = (runs / ".p.console.log").read_text()
+    assert resumed.process.returncode == 0 and (runs / "p" / "model.onnx").is_file(), log[-2000:]
+    detail = client.get("/api/runs").json()
+    assert {r["name"]: r["rounds"] for r in detail}["p"] == 2
+    assert client.post("/api/jobs/nope/pause", headers=headers).status_code == 404
+    assert client.post("/api/jobs/nope/resume", headers=headers).status_code == 409

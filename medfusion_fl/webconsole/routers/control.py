@@ -1,4 +1,5 @@
-"""GET /api/config (the start form), POST /api/runs (start), POST /api/jobs/{name}/stop, GET /api/jobs."""
+"""GET /api/config (the start form), POST /api/runs (start), POST /api/jobs/{name}/stop | pause | resume,
+GET /api/jobs."""
 
 from __future__ import annotations
 
@@ -63,6 +64,28 @@ def stop_run(name: str, request: Request, current: Operator, db: DB) -> JobState
     except ConfigError as exc:
         raise HTTPException(409, str(exc)) from None
     db.add(Audit(who=current.user.name, action="stop", detail=name))
+    db.commit()
+    return _state(job)
+
+
+@router.post("/jobs/{name}/pause")
+def pause_run(name: str, request: Request, current: Operator, db: DB) -> dict[str, str]:
+    try:
+        request.app.state.jobs.pause(name, current.user.name)
+    except ConfigError as exc:
+        raise HTTPException(404, str(exc)) from None
+    db.add(Audit(who=current.user.name, action="pause", detail=name))
+    db.commit()
+    return {"name": name, "status": "pause requested: the run stops after its current round"}
+
+
+@router.post("/jobs/{name}/resume")
+def resume_run(name: str, request: Request, current: Operator, db: DB) -> JobState:
+    try:
+        job = request.app.state.jobs.resume(name, current.user.name)
+    except ConfigError as exc:
+        raise HTTPException(409, str(exc)) from None
+    db.add(Audit(who=current.user.name, action="resume", detail=name))
     db.commit()
     return _state(job)
 
