@@ -46,7 +46,7 @@ def cmd_console(args: argparse.Namespace) -> int:
 
 def cmd_add_user(args: argparse.Namespace) -> int:
     from medfusion_fl.webconsole.auth import add_user
-    from medfusion_fl.webconsole.db import Audit, open_database
+    from medfusion_fl.webconsole.db import audit, open_database
 
     database = _database(args)  # a wrong --runs is refused before the password is asked for
     if args.password_stdin:
@@ -57,8 +57,7 @@ def cmd_add_user(args: argparse.Namespace) -> int:
             raise ConfigError("the two passwords differ; nothing was stored")
     with open_database(database)() as session:
         add_user(session, args.name, args.role, password)
-        session.add(Audit(who="cli", action="add-user", detail=f"{args.name} ({args.role})"))
-        session.commit()
+        audit(session, "cli", "add-user", f"{args.name} ({args.role})")
     sys.stdout.write(f"user {args.name} ({args.role}) added\n")
     return 0
 

@@ -76,6 +76,14 @@ def field_errors(flat: dict[str, Any]) -> dict[str, str]:
     return errors
 
 
+def _set_args(settings: dict[str, Any]) -> list[str]:
+    """`--set KEY=VALUE` arguments of `simulate` (booleans as TOML writes them)."""
+    out = []
+    for key, value in settings.items():
+        out += ["--set", f"{key}={str(value).lower() if isinstance(value, bool) else value}"]
+    return out
+
+
 @dataclass
 class Job:
     name: str
@@ -111,9 +119,7 @@ class Jobs:
             raise ConfigError(f"{', '.join(fixed)} are set by the console (the run lives in {folder})")
         command = [sys.executable, "-m", "medfusion_fl.cli", "simulate", "--app", str(self.app_dir),
                    "--preset", preset, "--out", str(folder)]
-        for key, value in settings.items():
-            command += ["--set", f"{key}={str(value).lower() if isinstance(value, bool) else value}"]
-        return self._launch(name, command, who)
+        return self._launch(name, command + _set_args(settings), who)
 
     def _launch(self, name: str, command: list[str], who: str) -> Job:
         self.runs_dir.mkdir(parents=True, exist_ok=True)
@@ -146,10 +152,7 @@ class Jobs:
         flat = {**checkpoint.config.to_flat(), "output.resume": True}
         command = [sys.executable, "-m", "medfusion_fl.cli", "simulate", "--app", str(self.app_dir),
                    "--out", str(self.runs_dir / name), "--sites", str(max(len(checkpoint.sites), 1))]
-        for key, value in flat.items():
-            if key not in FIXED:
-                command += ["--set", f"{key}={str(value).lower() if isinstance(value, bool) else value}"]
-        return self._launch(name, command, who)
+        return self._launch(name, command + _set_args({k: v for k, v in flat.items() if k not in FIXED}), who)
 
     def stop(self, name: str) -> Job:
         """SIGTERM to the run's process group, SIGKILL after STOP_GRACE_S if it is still there."""

@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, create_engine, event
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 
 def now() -> dt.datetime:
@@ -67,6 +67,12 @@ class Audit(Base):
     who: Mapped[str] = mapped_column(String(64))
     action: Mapped[str] = mapped_column(String(64))
     detail: Mapped[str] = mapped_column(Text, default="")
+
+
+def audit(session: Session, who: str, action: str, detail: str = "") -> None:
+    """Record who did what in the audit table (committed at once: an action is never left unrecorded)."""
+    session.add(Audit(who=who, action=action, detail=detail))
+    session.commit()
 
 
 def _sqlite_wal(dbapi_connection: Any, _record: Any) -> None:

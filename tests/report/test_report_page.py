@@ -3,14 +3,10 @@ API), every request recorded, every figure rendered, a screenshot kept beside th
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 from pathlib import Path
 
-import pytest
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+from tests.browser import chromium
 
 
 def test_report_html_refers_to_nothing_outside_itself(exported_run: Path) -> None:
@@ -23,16 +19,13 @@ def test_report_html_refers_to_nothing_outside_itself(exported_run: Path) -> Non
 
 
 def test_report_renders_in_headless_chromium(exported_run: Path) -> None:
-    if CHROMIUM is None:
-        if os.environ.get("MEDFUSION_REQUIRE_BROWSER") == "1":  # .ci/run installs chromium and sets this
-            pytest.fail("MEDFUSION_REQUIRE_BROWSER=1 but no chromium on PATH (apt-get install chromium)")
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run does)")
+    executable = chromium()
     from playwright.sync_api import sync_playwright
 
     report = exported_run / "exported" / "report" / "report.html"
     requests: list[str] = []
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
         try:
             page = browser.new_page(viewport={"width": 1250, "height": 900})
             page.on("request", lambda r: requests.append(r.url))

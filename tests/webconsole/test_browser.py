@@ -4,8 +4,6 @@ run, and sees a new round appear without reloading; every request stays on the c
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import socket
 import threading
 import time
@@ -18,8 +16,8 @@ import uvicorn
 from medfusion_fl.webconsole.app import create_app, default_database
 from medfusion_fl.webconsole.auth import add_user
 from medfusion_fl.webconsole.db import open_database
+from tests.browser import chromium
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 PASSWORD = "correct horse battery"
 
 
@@ -61,16 +59,13 @@ def console(tmp_path: Path) -> Iterator[tuple[str, Path]]:
 
 
 def test_log_in_open_a_run_and_see_a_round_arrive_live(console: tuple[str, Path], tmp_path: Path) -> None:
-    if CHROMIUM is None:
-        if os.environ.get("MEDFUSION_REQUIRE_BROWSER") == "1":
-            pytest.fail("MEDFUSION_REQUIRE_BROWSER=1 but no chromium on PATH (apt-get install chromium)")
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run does)")
+    executable = chromium()
     from playwright.sync_api import expect, sync_playwright
 
     base, runs = console
     requests: list[str] = []
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.on("request", lambda r: requests.append(r.url))

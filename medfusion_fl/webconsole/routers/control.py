@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 
 from medfusion_fl.errors import ConfigError
 from medfusion_fl.webconsole.control import field_errors, presets, schema
-from medfusion_fl.webconsole.db import Audit
+from medfusion_fl.webconsole.db import audit
 from medfusion_fl.webconsole.deps import DB, Operator, Viewer
 
 router = APIRouter(prefix="/api", tags=["control"])
@@ -52,8 +52,7 @@ def start_run(body: StartRequest, request: Request, current: Operator, db: DB) -
         job = jobs.start(body.name, body.preset, body.settings, current.user.name)
     except ConfigError as exc:
         raise HTTPException(422, {"errors": {"name": str(exc)}}) from None
-    db.add(Audit(who=current.user.name, action="start", detail=f"{body.name}: preset {body.preset}, {body.settings}"))
-    db.commit()
+    audit(db, current.user.name, "start", f"{body.name}: preset {body.preset}, {body.settings}")
     return _state(job)
 
 
@@ -63,8 +62,7 @@ def stop_run(name: str, request: Request, current: Operator, db: DB) -> JobState
         job = request.app.state.jobs.stop(name)
     except ConfigError as exc:
         raise HTTPException(409, str(exc)) from None
-    db.add(Audit(who=current.user.name, action="stop", detail=name))
-    db.commit()
+    audit(db, current.user.name, "stop", name)
     return _state(job)
 
 
@@ -74,8 +72,7 @@ def pause_run(name: str, request: Request, current: Operator, db: DB) -> dict[st
         request.app.state.jobs.pause(name, current.user.name)
     except ConfigError as exc:
         raise HTTPException(404, str(exc)) from None
-    db.add(Audit(who=current.user.name, action="pause", detail=name))
-    db.commit()
+    audit(db, current.user.name, "pause", name)
     return {"name": name, "status": "pause requested: the run stops after its current round"}
 
 
@@ -85,8 +82,7 @@ def resume_run(name: str, request: Request, current: Operator, db: DB) -> JobSta
         job = request.app.state.jobs.resume(name, current.user.name)
     except ConfigError as exc:
         raise HTTPException(409, str(exc)) from None
-    db.add(Audit(who=current.user.name, action="resume", detail=name))
-    db.commit()
+    audit(db, current.user.name, "resume", name)
     return _state(job)
 
 

@@ -59,6 +59,11 @@ async def live(websocket: WebSocket, run_id: str) -> None:
                 elif len(lines) > sent:
                     await websocket.send_json({"type": "lines", "lines": lines[sent:], "problems": problems})
                     sent = len(lines)
-            await asyncio.sleep(POLL_S)
+            try:  # wait for the next poll, noticing a page that went away (its socket task must end)
+                message = await asyncio.wait_for(websocket.receive(), timeout=POLL_S)
+            except TimeoutError:
+                continue
+            if message["type"] == "websocket.disconnect":
+                return
     except WebSocketDisconnect:
         return

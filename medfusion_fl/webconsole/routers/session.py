@@ -7,7 +7,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 
 from medfusion_fl.webconsole.auth import COOKIE, SESSION_HOURS, check_password, close_session, open_session
-from medfusion_fl.webconsole.db import Audit, User
+from medfusion_fl.webconsole.db import User, audit
 from medfusion_fl.webconsole.deps import DB, LoggedIn, Viewer
 
 router = APIRouter(prefix="/api", tags=["session"])
@@ -35,13 +35,11 @@ def post_login(body: Credentials, request: Request, response: Response, db: DB) 
     user = db.scalar(select(User).where(User.name == body.name))
     if user is None or not check_password(user, body.password):
         throttle.failed(body.name)
-        db.add(Audit(who=body.name, action="login-failed", detail=request.client.host if request.client else ""))
-        db.commit()
+        audit(db, body.name, "login-failed", request.client.host if request.client else "")
         raise HTTPException(401, "wrong user name or password")
     throttle.succeeded(body.name)
     token, csrf = open_session(db, user)
-    db.add(Audit(who=user.name, action="login"))
-    db.commit()
+    audit(db, user.name, "login")
     response.set_cookie(COOKIE, token, max_age=SESSION_HOURS * 3600, httponly=True, samesite="strict",
                         secure=request.app.state.secure_cookies, path="/")
     return Me(name=user.name, role=user.role, csrf=csrf)
@@ -50,8 +48,7 @@ def post_login(body: Credentials, request: Request, response: Response, db: DB) 
 @router.post("/logout")
 def post_logout(response: Response, current: Viewer, db: DB) -> dict[str, str]:
     close_session(db, current.token)
-    db.add(Audit(who=current.user.name, action="logout"))
-    db.commit()
+    audit(db, current.user.name, "logout")
     response.delete_cookie(COOKIE, path="/")
     return {"status": "logged out"}
 
