@@ -118,9 +118,12 @@ def explanation_figures(model: MedFusionModel, dataset: SiteDataset, run: RunCon
     except FeatureNotAvailable as exc:
         log.warning("explanation maps not drawn: %s", exc)
         return {}, [f"explanation maps: not drawn: {exc}"]
-    images = {}
-    for start in range(0, len(explanations), PER_FIGURE):
-        chunk = explanations[start: start + PER_FIGURE]
-        images[f"explain-{start // PER_FIGURE + 1}.png"] = figure(chunk, list(run.data.views),
-                                                                  list(run.data.class_names), stage)
-    return images, []
+    return figures(explanations, list(run.data.views), list(run.data.class_names), stage), []
+
+
+def figures(explanations: list[Explanation], view_names: list[str], classes: list[str],
+            stage: str) -> dict[str, bytes]:
+    """explain-1.png, explain-2.png, ...: PER_FIGURE patients each."""
+    return {f"explain-{start // PER_FIGURE + 1}.png": figure(explanations[start: start + PER_FIGURE], view_names,
+                                                            classes, stage)
+            for start in range(0, len(explanations), PER_FIGURE)}

@@ -10,6 +10,7 @@ from typing import Any
 
 from medfusion_fl.config_sources import parse_overrides
 from medfusion_fl.durable import write_bytes_atomic, write_json_atomic
+from medfusion_fl.report.metrics import format_interval
 
 log = logging.getLogger("medfusion_fl.cli")
 
@@ -33,24 +34,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                           probs=probs, temperature=saved.temperature, threshold=saved.threshold, lines=saved.lines,
                           images=images, notes=notes)
     page, numbers = write_report(Path(args.out), inputs, saved.run.report, seed=saved.run.train.seed)
-    auroc = numbers["auroc"]
-    sys.stdout.write(f"{page}: {len(labels)} patients, AUROC {_interval(auroc)}, AUPRC {_interval(numbers['auprc'])}, "
+    sys.stdout.write(f"{page}: {len(labels)} patients, AUROC {format_interval(numbers['auroc'])}, "
+                     f"AUPRC {format_interval(numbers['auprc'])}, "
                      f"ECE {numbers['calibration']['before']['ece']:.3f} before / "
                      f"{numbers['calibration']['after']['ece']:.3f} after calibration\n")
     return 0
 
 
-def _interval(entry: dict[str, Any]) -> str:
-    if entry["value"] is None:
-        return "n/a"
-    low, high = entry["ci95-low"], entry["ci95-high"]
-    return f"{entry['value']:.3f}" + (f" [{low:.3f}, {high:.3f}]" if low is not None else "")
-
-
 def cmd_explain(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from medfusion_fl.explain.draw import PER_FIGURE, choose_patients, explain_patients, figure
+    from medfusion_fl.explain.draw import choose_patients, explain_patients, figures
     from medfusion_fl.report.evaluate import load_folder, load_saved, require_torch
 
     saved = load_saved(Path(args.model), parse_overrides(args.set or []))
@@ -66,9 +60,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     explanations, stage = explain_patients(model, dataset, indices, min_side=saved.run.report.cam_min_side,
                                            view_names=views, method=saved.run.report.cam_method)
     out = Path(args.out)
-    for start in range(0, len(explanations), PER_FIGURE):
-        write_bytes_atomic(out / f"explain-{start // PER_FIGURE + 1}.png",
-                           figure(explanations[start: start + PER_FIGURE], views, classes, stage))
+    for name, image in figures(explanations, views, classes, stage).items():
+        write_bytes_atomic(out / name, image)
     write_json_atomic(out / "explanations.json", {"model": saved.label, "data": str(args.data), "stage": stage,
                                                   "method": f"{saved.run.report.cam_method} (captum), ReLU, bilinear "
                                                             "upsampling",

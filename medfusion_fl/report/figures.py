@@ -9,7 +9,7 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from medfusion_fl.report.metrics import Reliability
+from medfusion_fl.report.metrics import Reliability, format_interval
 
 DPI = 110
 
@@ -32,7 +32,7 @@ def roc_figure(curves: dict[str, Any], auroc: dict[str, Any], classes: Sequence[
         ax.plot(curve["fpr"], curve["tpr"], lw=1.8, label=f"{_label(classes, key)} vs rest")
     ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="grey")
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.01),
-           title=f"ROC, AUROC {_interval(auroc)}")
+           title=f"ROC, AUROC {format_interval(auroc)}")
     ax.legend(loc="lower right", fontsize=8)
     return png(fig)
 
@@ -44,16 +44,9 @@ def pr_figure(curves: dict[str, Any], auprc: dict[str, Any], classes: Sequence[s
         line = ax.step(curve["recall"], curve["precision"], where="post", lw=1.8, label=_label(classes, key))[0]
         ax.axhline(curve["prevalence"], ls=":", lw=0.8, color=line.get_color())
     ax.set(xlabel="recall (sensitivity)", ylabel="precision", xlim=(0, 1), ylim=(0, 1.01),
-           title=f"Precision-recall, AUPRC {_interval(auprc)}")
+           title=f"Precision-recall, AUPRC {format_interval(auprc)}")
     ax.legend(loc="lower left", fontsize=8)
     return png(fig)
-
-
-def _interval(entry: dict[str, Any]) -> str:
-    value, low, high = entry.get("value"), entry.get("ci95-low"), entry.get("ci95-high")
-    if value is None:
-        return "n/a"
-    return f"{value:.3f}" + (f" [{low:.3f}, {high:.3f}]" if low is not None and high is not None else "")
 
 
 def confusion_figure(matrices: dict[str, list[list[int]]], classes: Sequence[str]) -> bytes:

@@ -7,6 +7,8 @@ import html
 from collections.abc import Sequence
 from typing import Any
 
+from medfusion_fl.report.metrics import format_interval
+
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:24px auto;max-width:1180px;color:#1d2330}
 h1{font-size:1.5em;margin-bottom:4px}h2{font-size:1.15em;border-bottom:1px solid #d5d9e0;padding-bottom:3px;
@@ -42,16 +44,10 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _interval(entry: dict[str, Any]) -> str:
-    if entry.get("value") is None:
-        return "n/a"
-    low, high = entry.get("ci95-low"), entry.get("ci95-high")
-    return f"{entry['value']:.3f}" + (f" [{low:.3f}, {high:.3f}]" if low is not None and high is not None else "")
-
-
 def _summary(n: dict[str, Any]) -> str:
     cal = n["calibration"]
-    rows: list[list[Any]] = [["AUROC [95% CI]", _interval(n["auroc"])], ["AUPRC [95% CI]", _interval(n["auprc"])]]
+    rows: list[list[Any]] = [["AUROC [95% CI]", format_interval(n["auroc"])],
+                             ["AUPRC [95% CI]", format_interval(n["auprc"])]]
     for key, label in (("at_operating_threshold", "operating threshold"), ("at_0.5", "threshold 0.5"),
                        ("at_argmax", "argmax")):
         at = n.get(key)

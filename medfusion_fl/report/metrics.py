@@ -29,6 +29,14 @@ class Interval:
         return {"value": self.value, "ci95-low": self.low, "ci95-high": self.high}
 
 
+def format_interval(entry: dict[str, float | None]) -> str:
+    """'0.940 [0.907, 0.967]' from an Interval.as_dict() entry of evaluation.json ('n/a' without a value)."""
+    value, low, high = entry.get("value"), entry.get("ci95-low"), entry.get("ci95-high")
+    if value is None:
+        return "n/a"
+    return f"{value:.3f}" + (f" [{low:.3f}, {high:.3f}]" if low is not None and high is not None else "")
+
+
 def _groups(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sort order of the scores (ascending) and the group index of each sorted score (ties share one)."""
     order = np.argsort(scores, kind="stable")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from tests.browser import chromium
+from tests.browser import open_page
 
 
 def test_report_html_refers_to_nothing_outside_itself(exported_run: Path) -> None:
@@ -19,26 +19,17 @@ def test_report_html_refers_to_nothing_outside_itself(exported_run: Path) -> Non
 
 
 def test_report_renders_in_headless_chromium(exported_run: Path) -> None:
-    executable = chromium()
-    from playwright.sync_api import sync_playwright
-
     report = exported_run / "exported" / "report" / "report.html"
-    requests: list[str] = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
-        try:
-            page = browser.new_page(viewport={"width": 1250, "height": 900})
-            page.on("request", lambda r: requests.append(r.url))
-            page.goto(report.as_uri())
-            assert page.title() == "MedFusion-FL evaluation report"
-            headings = page.locator("h2").all_inner_texts()
-            assert headings[:4] == ["Summary", "Discrimination", "Confusion matrices", "Calibration"]
-            assert "Explanation maps" in headings and "Per-site results" in headings
-            widths = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.naturalWidth)")
-            assert len(widths) >= 6 and all(w > 100 for w in widths)  # every figure decoded and drawn
-            assert "AUROC [95% CI]" in page.inner_text("body")
-            page.screenshot(path=str(report.parent / "report-screenshot.png"), full_page=True)
-        finally:
-            browser.close()
-    assert all(url.startswith(("file://", "data:")) for url in requests), requests
+    with open_page(width=1250) as browser:
+        page = browser.page
+        page.goto(report.as_uri())
+        assert page.title() == "MedFusion-FL evaluation report"
+        headings = page.locator("h2").all_inner_texts()
+        assert headings[:4] == ["Summary", "Discrimination", "Confusion matrices", "Calibration"]
+        assert "Explanation maps" in headings and "Per-site results" in headings
+        widths = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.naturalWidth)")
+        assert len(widths) >= 6 and all(w > 100 for w in widths)  # every figure decoded and drawn
+        assert "AUROC [95% CI]" in page.inner_text("body")
+        page.screenshot(path=str(report.parent / "report-screenshot.png"), full_page=True)
+    assert all(url.startswith(("file://", "data:")) for url in browser.requests), browser.requests
     assert (report.parent / "report-screenshot.png").stat().st_size > 50_000

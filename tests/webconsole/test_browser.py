@@ -16,7 +16,7 @@ import uvicorn
 from medfusion_fl.webconsole.app import create_app, default_database
 from medfusion_fl.webconsole.auth import add_user
 from medfusion_fl.webconsole.db import open_database
-from tests.browser import chromium
+from tests.browser import open_page
 
 PASSWORD = "correct horse battery"
 
@@ -59,43 +59,36 @@ def console(tmp_path: Path) -> Iterator[tuple[str, Path]]:
 
 
 def test_log_in_open_a_run_and_see_a_round_arrive_live(console: tuple[str, Path], tmp_path: Path) -> None:
-    executable = chromium()
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     base, runs = console
-    requests: list[str] = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.on("request", lambda r: requests.append(r.url))
-            errors: list[str] = []
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.goto(base + "/runs/r1")  # not logged in: sent to the login page, and back after it
-            page.wait_for_url("**/login?next=*")
-            page.fill("#name", "vera")
-            page.fill("#password", "wrong password")
-            page.click("button[type=submit]")
-            expect(page.locator("#error")).to_have_text("wrong user name or password")
-            page.fill("#password", PASSWORD)
-            page.click("button[type=submit]")
-            page.wait_for_url("**/runs/r1")
-            expect(page.locator("#round-2")).to_contain_text("privacy budget spent")
-            expect(page.locator("#who")).to_have_text("vera (viewer)")
-            page.screenshot(path=str(tmp_path / "run-before.png"), full_page=True)
-            with (runs / "demo" / "metrics.jsonl").open("a") as handle:  # the coordinator finishes round 3
-                handle.write(_line(3) + "\n")
-            written = time.monotonic()
-            expect(page.locator("#round-3")).to_be_visible(timeout=2000)  # within 2 s, without reload
-            lag = time.monotonic() - written
-            expect(page.locator("#state")).to_contain_text("live: 3 round(s)")
-            assert page.locator(".chart svg polyline").count() >= 6  # AUROC x2, loss x2, sens/spec, 3 epsilons
-            page.screenshot(path=str(tmp_path / "run-live.png"), full_page=True)
-            page.goto(base + "/")
-            expect(page.locator("#runs tbody tr")).to_have_count(1)
-            page.screenshot(path=str(tmp_path / "runs.png"), full_page=True)
-        finally:
-            browser.close()
+    with open_page() as browser:
+        page = browser.page
+        page.goto(base + "/runs/r1")  # not logged in: sent to the login page, and back after it
+        page.wait_for_url("**/login?next=*")
+        page.fill("#name", "vera")
+        page.fill("#password", "wrong password")
+        page.click("button[type=submit]")
+        expect(page.locator("#error")).to_have_text("wrong user name or password")
+        page.fill("#password", PASSWORD)
+        page.click("button[type=submit]")
+        page.wait_for_url("**/runs/r1")
+        expect(page.locator("#round-2")).to_contain_text("privacy budget spent")
+        expect(page.locator("#who")).to_have_text("vera (viewer)")
+        page.screenshot(path=str(tmp_path / "run-before.png"), full_page=True)
+        with (runs / "demo" / "metrics.jsonl").open("a") as handle:  # the coordinator finishes round 3
+            handle.write(_line(3) + "\n")
+        written = time.monotonic()
+        expect(page.locator("#round-3")).to_be_visible(timeout=2000)  # within 2 s, without reload
+        lag = time.monotonic() - written
+        expect(page.locator("#state")).to_contain_text("live: 3 round(s)")
+        assert page.locator(".chart svg polyline").count() >= 6  # AUROC x2, loss x2, sens/spec, 3 epsilons
+        page.screenshot(path=str(tmp_path / "run-live.png"), full_page=True)
+        page.goto(base + "/")
+        expect(page.locator("#runs tbody tr")).to_have_count(1)
+        page.screenshot(path=str(tmp_path / "runs.png"), full_page=True)
     assert lag < 2.0  # measured 0.2 s (2026-12-02, 2 cores)
-    assert not [e for e in errors if "status of 401" not in e], errors  # 401s: before login, the wrong password
+    unexpected = [e for e in browser.errors if "status of 401" not in e]  # 401s: before login, the wrong password
+    assert not unexpected, browser.errors
+    requests = browser.requests
     assert requests and all(url.startswith(base) or url.startswith("ws://127.0.0.1") for url in requests), requests
