@@ -12,8 +12,9 @@ from fastapi.staticfiles import StaticFiles
 from medfusion_fl.webconsole.auth import LoginThrottle
 from medfusion_fl.webconsole.control import Jobs
 from medfusion_fl.webconsole.db import open_database
-from medfusion_fl.webconsole.routers import control, live, pages, runs, session
+from medfusion_fl.webconsole.routers import control, live, models, pages, runs, session
 from medfusion_fl.webconsole.routers.pages import STATIC
+from medfusion_fl.webconsole.tails import Tails
 
 # every page, script and style comes from this origin; nothing may load from elsewhere
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
@@ -41,9 +42,11 @@ def create_app(*, runs_dir: Path, database: str | None = None, secure_cookies: b
     app.state.throttle = LoginThrottle()
     app.state.secure_cookies = secure_cookies
     app.state.jobs = jobs
+    app.state.tails = Tails()
     app.include_router(session.router)
     app.include_router(runs.router)
     app.include_router(control.router)
+    app.include_router(models.router)
     app.include_router(live.router)
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -51,7 +54,8 @@ def create_app(*, runs_dir: Path, database: str | None = None, secure_cookies: b
     @app.middleware("http")
     async def headers(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         response = await call_next(request)
-        response.headers["Content-Security-Policy"] = CSP
+        if "content-security-policy" not in response.headers:  # the report download sets its own
+            response.headers["Content-Security-Policy"] = CSP
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["Referrer-Policy"] = "no-referrer"
         return response

@@ -154,6 +154,18 @@ class Jobs:
                    "--out", str(self.runs_dir / name), "--sites", str(max(len(checkpoint.sites), 1))]
         return self._launch(name, command + _set_args({k: v for k, v in flat.items() if k not in FIXED}), who)
 
+    def export(self, run: str, checkpoint: Path, who: str) -> Job:
+        """`medfusion-fl export CHECKPOINT --out <run>/exports/<round-NNNN>` as a job named export-<run>-<round>."""
+        out = self.runs_dir / run / "exports" / checkpoint.stem
+        if out.exists():
+            raise ConfigError(f"{out} exists already: version exports/{checkpoint.stem} is that export")
+        name = f"export-{run}-{checkpoint.stem}"
+        running = self.jobs.get(name)
+        if running is not None and running.running:
+            raise ConfigError(f"the export of {checkpoint.name} is running already (job {name})")
+        command = [sys.executable, "-m", "medfusion_fl.cli", "export", str(checkpoint), "--out", str(out)]
+        return self._launch(name, command, who)
+
     def stop(self, name: str) -> Job:
         """SIGTERM to the run's process group, SIGKILL after STOP_GRACE_S if it is still there."""
         job = self.jobs.get(name)

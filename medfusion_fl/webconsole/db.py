@@ -1,17 +1,24 @@
-"""The console's database (SQLAlchemy): users, sessions, runs, rounds and the audit table.
+"""The console's database (SQLAlchemy): users, sessions and the audit table, and the index of the run folders
+(runs, rounds, per-site results with their privacy spend, model versions).
 
-SQLite (WAL mode, so readers do not block the indexer) by default; any SQLAlchemy URL, e.g.
-postgresql://..., with `--database`.
+SQLite (WAL mode, so readers do not block the indexer; a 30 s busy timeout, so two consoles on one file
+wait for each other) by default; any SQLAlchemy URL, e.g. postgresql://..., with `--database`. The index
+tables are a cache of the folders: when their layout changes (INDEX_SCHEMA) they are rebuilt from the
+folders, and the users, sessions and audit rows are kept.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, create_engine, event
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event, inspect
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+log = logging.getLogger(__name__)
 
 
 def now() -> dt.datetime:
@@ -50,6 +57,12 @@ class RunRow(Base):
     has_model: Mapped[int] = mapped_column(Integer, default=0)
     problems: Mapped[list[str]] = mapped_column(JSON, default=list)  # lines that could not be read, and why
     indexed: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=now)
+    # how far metrics.jsonl has been read: a file whose bytes before `offset` still hash to `tail_hash` is
+    # read from `offset` on, any other (a resume moved lines aside) from the start
+    offset: Mapped[int] = mapped_column(Integer, default=0)
+    tail_hash: Mapped[str] = mapped_column(String(32), default="")
+    line_count: Mapped[int] = mapped_column(Integer, default=0)
+    versions_key: Mapped[str] = mapped_column(String(64), default="")  # the checkpoints' and exports' stat
 
 
 class RoundRow(Base):
@@ -58,6 +71,37 @@ class RoundRow(Base):
     round: Mapped[int] = mapped_column(Integer, primary_key=True)
     status: Mapped[str] = mapped_column(String(32))
     record: Mapped[dict[str, Any]] = mapped_column(JSON)  # the metrics line itself
+
+
+class SiteRoundRow(Base):
+    __tablename__ = "site_rounds"
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), primary_key=True)
+    round: Mapped[int] = mapped_column(Integer, primary_key=True)
+    site: Mapped[str] = mapped_column(String(128), primary_key=True)
+    status: Mapped[str] = mapped_column(String(64))  # trained, failed (stage), dropped from secure aggregation
+    reason: Mapped[str] = mapped_column(Text, default="")
+    epsilon: Mapped[float | None] = mapped_column(Float, nullable=True)  # cumulative, as the site reported it
+    budget: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class VersionRow(Base):
+    __tablename__ = "versions"
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)  # round-0003, model.onnx, exports/round-0002
+    kind: Mapped[str] = mapped_column(String(16))  # checkpoint or export
+    round: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    path: Mapped[str] = mapped_column(Text)
+    created: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Meta(Base):
+    __tablename__ = "meta"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+INDEX_SCHEMA = "2"  # bump when a column of the index tables changes
+INDEX_TABLES = (VersionRow, SiteRoundRow, RoundRow, RunRow)
 
 
 class Audit(Base):
@@ -84,8 +128,39 @@ def _sqlite_wal(dbapi_connection: Any, _record: Any) -> None:
 
 def open_database(url: str) -> sessionmaker:  # type: ignore[type-arg]
     """An engine for `url` with every table created; SQLite files get WAL mode."""
-    engine: Engine = create_engine(url)
+    sqlite = url.startswith("sqlite")
+    engine: Engine = create_engine(url, connect_args={"timeout": 30} if sqlite else {})
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_wal)
-    Base.metadata.create_all(engine)
+    _rebuild_stale_index(engine)
+    try:
+        Base.metadata.create_all(engine)
+    except OperationalError:  # a second console on the same database created the tables meanwhile
+        Base.metadata.create_all(engine)
+    with Session(engine) as session:
+        try:
+            session.merge(Meta(key="index-schema", value=INDEX_SCHEMA))
+            session.commit()
+        except IntegrityError:  # a second console opening the same database wrote it first
+            session.rollback()
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def _rebuild_stale_index(engine: Engine) -> None:
+    """Drop the index tables when an older console laid them out differently (they are refilled from the
+    folders); users, sessions and the audit table stay."""
+    tables = set(inspect(engine).get_table_names())
+    if "runs" not in tables:
+        return
+    version = None
+    if "meta" in tables:
+        with Session(engine) as session:
+            row = session.get(Meta, "index-schema")
+            version = row.value if row is not None else None
+    if version == INDEX_SCHEMA:
+        return
+    log.warning("the console database's run index was made by an older console; rebuilding it from the run "
+                "folders (users and the audit table are kept)")
+    for table in INDEX_TABLES:
+        table.__table__.drop(engine, checkfirst=True)  # type: ignore[attr-defined]
+

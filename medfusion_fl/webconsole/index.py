@@ -1,23 +1,90 @@
 """Index run folders into the database: every folder under the runs root holding a run, whoever made it.
 
-A metrics line that is not JSON (a half-written line, a hand edit) is listed in the run's problems and
-skipped; every other line is kept, and nothing in the folder is ever written by the console.
+A metrics line that is not JSON (a hand edit, a foreign tool) is listed in the run's problems and skipped;
+every other line is kept. Indexing is incremental: metrics.jsonl is read from where the last scan stopped
+when the bytes just before that point are unchanged (the coordinator rewrites the file atomically on each
+round, so only its content can say it grew), and from the start when not (a resume moved lines aside). The
+indexer never writes into a run folder.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 import json
 import logging
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete
+from sqlalchemy import delete, insert
 from sqlalchemy.orm import Session
 
-from medfusion_fl.webconsole.db import RoundRow, RunRow, now
+from medfusion_fl.webconsole.db import RoundRow, RunRow, SiteRoundRow, VersionRow, now
+from medfusion_fl.webconsole.views import detail
 
 log = logging.getLogger(__name__)
 METRICS, RUN_FILE = "metrics.jsonl", "run.json"
+TAIL = 256  # bytes before the read offset whose hash says the file only grew
+CHECKPOINT = re.compile(r"^round-(\d+)\.pt$")
+
+
+@dataclass
+class Chunk:
+    """The lines read from `start` on: complete lines only (a line without its newline waits for it)."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    offset: int = 0  # where the next read starts
+    line_count: int = 0
+    tail_hash: str = ""
+    reset: bool = False  # the file was not a continuation of what was read before: start again
+
+
+def _tail_hash(data: bytes) -> str:
+    return hashlib.sha256(data[-TAIL:]).hexdigest()[:32]
+
+
+def read_from(path: Path, offset: int = 0, line_count: int = 0, tail_hash: str = "") -> Chunk:
+    """Read `path` from `offset` when the bytes before it still hash to `tail_hash`, else from the start."""
+    try:
+        with path.open("rb") as handle:
+            reset = offset == 0
+            if offset:
+                handle.seek(max(offset - TAIL, 0))
+                before = handle.read(offset - max(offset - TAIL, 0))
+                reset = len(before) != min(offset, TAIL) or _tail_hash(before) != tail_hash
+            if reset:
+                handle.seek(0)
+                offset, line_count = 0, 0
+            data = handle.read()
+    except FileNotFoundError:
+        return Chunk(reset=offset > 0)
+    chunk = Chunk(offset=offset, line_count=line_count, tail_hash=tail_hash if offset else "", reset=reset)
+    end = data.rfind(b"\n")
+    if end < 0:
+        return chunk
+    for raw in data[:end].split(b"\n"):
+        chunk.line_count += 1
+        if not raw.strip():
+            continue
+        where = f"{path} line {chunk.line_count}"
+        try:
+            record = json.loads(raw.decode("utf-8", errors="replace"))
+        except ValueError as exc:
+            chunk.problems.append(f"{where}: not JSON ({exc}); skipped")
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("round"), int):
+            chunk.problems.append(f"{where}: no integer 'round'; skipped")
+            continue
+        chunk.records.append(record)
+    consumed = data[:end + 1]
+    chunk.offset += len(consumed)
+    with path.open("rb") as handle:  # the hash of the TAIL bytes before the new offset
+        handle.seek(max(chunk.offset - TAIL, 0))
+        chunk.tail_hash = _tail_hash(handle.read(chunk.offset - max(chunk.offset - TAIL, 0)))
+    return chunk
 
 
 def _run_id(folder: Path) -> str:
@@ -28,46 +95,97 @@ def _run_id(folder: Path) -> str:
         return f"folder:{folder.name}"
 
 
-def read_lines(folder: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """The metrics lines of a run folder and, for each line that cannot be read, why."""
-    path = folder / METRICS
-    if not path.is_file():
-        return [], []
-    lines, problems = [], []
-    for number, text in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
-        if not text.strip():
-            continue
-        try:
-            record = json.loads(text)
-        except ValueError as exc:
-            problems.append(f"{path} line {number}: not JSON ({exc}); skipped")
-            continue
-        if not isinstance(record, dict) or not isinstance(record.get("round"), int):
-            problems.append(f"{path} line {number}: no integer 'round'; skipped")
-            continue
-        lines.append(record)
-    return lines, problems
-
-
 def is_run(folder: Path) -> bool:
     return folder.is_dir() and ((folder / METRICS).is_file() or (folder / RUN_FILE).is_file())
 
 
-def index_folder(session: Session, folder: Path) -> RunRow:
-    """(Re)index one run folder: its row and its rounds (the last line of a round wins, as on resume)."""
-    lines, problems = read_lines(folder)
-    run_id = _run_id(folder)
-    row = session.get(RunRow, run_id) or RunRow(id=run_id, folder=str(folder.resolve()))
-    rounds = {line["round"]: line for line in lines}
-    row.name, row.rounds, row.problems, row.indexed = folder.name, len(rounds), problems, now()
-    row.last_round = max(rounds) if rounds else None
-    row.status = str(rounds[max(rounds)].get("status", "unknown")) if rounds else "empty"
+def _site_rows(run_id: str, record: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"run_id": run_id, "round": record["round"], "site": site, "status": info["status"],
+             "reason": info.get("reason", ""), "epsilon": info.get("epsilon"), "budget": info.get("budget")}
+            for site, info in detail(record)["sites"].items()]
+
+
+def _index_metrics(session: Session, folder: Path, row: RunRow) -> None:
+    chunk = read_from(folder / METRICS, row.offset or 0, row.line_count or 0, row.tail_hash or "")
+    if chunk.reset or not row.offset:
+        session.execute(delete(SiteRoundRow).where(SiteRoundRow.run_id == row.id))
+        session.execute(delete(RoundRow).where(RoundRow.run_id == row.id))
+        row.problems, row.last_round, row.status = [], None, "empty"
+    rounds = {r["round"]: r for r in chunk.records}  # the last line of a round wins, as on resume
+    if rounds:
+        session.execute(delete(SiteRoundRow).where(SiteRoundRow.run_id == row.id,
+                                                   SiteRoundRow.round.in_(list(rounds))))
+        session.execute(delete(RoundRow).where(RoundRow.run_id == row.id, RoundRow.round.in_(list(rounds))))
+        session.execute(insert(RoundRow), [{"run_id": row.id, "round": n, "status": str(r.get("status", "unknown")),
+                                            "record": r} for n, r in sorted(rounds.items())])
+        sites = [s for r in rounds.values() for s in _site_rows(row.id, r)]
+        if sites:
+            session.execute(insert(SiteRoundRow), sites)
+        newest = max(rounds)
+        if row.last_round is None or newest >= row.last_round:
+            row.last_round, row.status = newest, str(rounds[newest].get("status", "unknown"))
+    row.problems = list(row.problems or []) + chunk.problems
+    row.offset, row.line_count, row.tail_hash = chunk.offset, chunk.line_count, chunk.tail_hash
+    row.rounds = session.query(RoundRow).filter(RoundRow.run_id == row.id).count()
+
+
+def _versions(folder: Path) -> list[tuple[str, str, int | None, Path]]:
+    """(name, kind, round, path) of every checkpoint and export of a run folder."""
+    found: list[tuple[str, str, int | None, Path]] = []
+    for path in sorted((folder / "checkpoints").glob("round-*.pt")):
+        match = CHECKPOINT.match(path.name)
+        if match:
+            found.append((path.stem, "checkpoint", int(match.group(1)), path))
+    exports = [folder, *sorted(p for p in (folder / "exports").glob("*") if p.is_dir())]
+    for place in exports:
+        onnx = place / "model.onnx"
+        if onnx.is_file():
+            try:
+                card_round = json.loads((place / "model_card.json").read_text(encoding="utf-8")).get("rounds")
+            except (OSError, ValueError, AttributeError):
+                card_round = None
+            name = "model.onnx" if place == folder else f"exports/{place.name}"
+            found.append((name, "export", card_round if isinstance(card_round, int) else None, onnx))
+    return found
+
+
+def _index_versions(session: Session, folder: Path, row: RunRow) -> None:
+    found = _versions(folder)
+    stamps = []
+    for _, _, _, path in found:
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            continue
+        stamps.append(f"{path}:{stat.st_mtime_ns}:{stat.st_size}")
+    key = hashlib.sha256("\n".join(stamps).encode()).hexdigest()[:32]
+    if key == row.versions_key:
+        return
+    session.execute(delete(VersionRow).where(VersionRow.run_id == row.id))
+    for name, kind, number, path in found:
+        try:
+            created = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC)
+        except FileNotFoundError:
+            continue
+        session.add(VersionRow(run_id=row.id, name=name, kind=kind, round=number, path=str(path), created=created))
+    row.versions_key = key
     row.has_model = int((folder / "model.onnx").is_file())
-    session.merge(row)
-    session.execute(delete(RoundRow).where(RoundRow.run_id == run_id))
-    for number, record in sorted(rounds.items()):
-        session.add(RoundRow(run_id=run_id, round=number, status=str(record.get("status", "unknown")),
-                             record=record))
+
+
+def index_folder(session: Session, folder: Path) -> RunRow:
+    """(Re)index one run folder: what its metrics file gained since the last scan, and its versions."""
+    run_id = _run_id(folder)
+    row = session.get(RunRow, run_id)
+    if row is None:
+        row = RunRow(id=run_id, folder=str(folder.resolve()), name=folder.name, rounds=0, status="empty",
+                     problems=[], offset=0, line_count=0, tail_hash="", versions_key="")
+        session.add(row)
+        session.flush()
+    if row.status == "missing":  # back again: read it whole
+        row.offset, row.line_count, row.tail_hash, row.versions_key = 0, 0, "", ""
+    _index_metrics(session, folder, row)
+    _index_versions(session, folder, row)
+    row.name, row.indexed = folder.name, now()
     return row
 
 

@@ -67,8 +67,9 @@ def test_login_sets_a_strict_httponly_cookie_and_the_index_lists_every_run(runs:
     assert listed["demo"]["id"] == "abc123" and listed["demo"]["rounds"] == 2 and listed["demo"]["problems"] == []
     broken = listed["broken"]
     assert broken["rounds"] == 2 and broken["last_round"] == 3 and "line 2: not JSON" in broken["problems"][0]
-    detail = client.get("/api/runs/abc123").json()
-    assert [line["round"] for line in detail["lines"]] == [1, 2] and detail["lines"][1]["held_out"]["auroc"] == 0.7
+    lines = client.get("/api/runs/abc123/rounds").json()
+    assert [line["round"] for line in lines] == [1, 2] and lines[1]["held_out"]["auroc"] == 0.7
+    assert [line["round"] for line in client.get("/api/runs/abc123/rounds?since=1").json()] == [2]
     assert client.get("/api/runs/nope").status_code == 404
     _run_folder(runs, "later", [_line(1)])  # a run made after the console started, by someone else
     assert "later" in {r["name"] for r in client.get("/api/runs").json()}

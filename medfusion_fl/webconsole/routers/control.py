@@ -53,7 +53,7 @@ def start_run(body: StartRequest, request: Request, current: Operator, db: DB) -
     except ConfigError as exc:
         raise HTTPException(422, {"errors": {"name": str(exc)}}) from None
     audit(db, current.user.name, "start", f"{body.name}: preset {body.preset}, {body.settings}")
-    return _state(job)
+    return job_state(job)
 
 
 @router.post("/jobs/{name}/stop")
@@ -63,7 +63,7 @@ def stop_run(name: str, request: Request, current: Operator, db: DB) -> JobState
     except ConfigError as exc:
         raise HTTPException(409, str(exc)) from None
     audit(db, current.user.name, "stop", name)
-    return _state(job)
+    return job_state(job)
 
 
 @router.post("/jobs/{name}/pause")
@@ -83,14 +83,14 @@ def resume_run(name: str, request: Request, current: Operator, db: DB) -> JobSta
     except ConfigError as exc:
         raise HTTPException(409, str(exc)) from None
     audit(db, current.user.name, "resume", name)
-    return _state(job)
+    return job_state(job)
 
 
 @router.get("/jobs")
 def list_jobs(request: Request, _: Viewer) -> list[JobState]:
-    return [_state(job) for job in request.app.state.jobs.jobs.values()]
+    return [job_state(job) for job in request.app.state.jobs.jobs.values()]
 
 
-def _state(job: Any) -> JobState:
+def job_state(job: Any) -> JobState:
     return JobState(name=job.name, pid=job.process.pid, running=job.running, returncode=job.process.returncode,
                     started_by=job.started_by)

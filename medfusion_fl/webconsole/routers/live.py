@@ -1,10 +1,12 @@
-"""WS /api/runs/{run_id}/live: a run's metrics lines, all of them first, then each new one as it is written.
+"""WS /api/runs/{run_id}/live: a run's rounds, all of them first, then each new one as it is written.
 
-The socket polls the run's metrics.jsonl (every 0.25 s: a finished round reaches an open page well within
-2 s) and sends `{"type": "lines", "lines": [...]}` with the new lines; if the file shrank (a resume moved
-lines aside) it sends `{"type": "reset", ...}` with all of them; a folder that disappears gives
-`{"type": "missing"}` and the socket keeps watching. Authentication is the session cookie; the Origin must
-be the console's own (no cross-site socket rides the cookie).
+The socket asks the run's shared Tail (tails.py) for news every POLL_S (a finished round reaches an open
+page well within 2 s). The first message is `{"type": "reset", "summaries": [...], "details": [...]}`:
+every round's curve points and the newest rounds' per-site details (views.py); then
+`{"type": "lines", ...}` with each new round; a reset again when the file was rewritten (a resume moved
+lines aside); a folder that disappears gives `{"type": "missing"}` and the socket keeps watching.
+Authentication is the session cookie; the Origin must be the console's own (no cross-site socket rides the
+cookie).
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from medfusion_fl.webconsole.auth import COOKIE, find_session
 from medfusion_fl.webconsole.db import RunRow
-from medfusion_fl.webconsole.index import read_lines
 
 router = APIRouter(tags=["live"])
 POLL_S = 0.25
@@ -42,23 +43,24 @@ async def live(websocket: WebSocket, run_id: str) -> None:
         await websocket.close(code=4401, reason="log in first, from the console's own pages, to a known run")
         return
     await websocket.accept()
-    sent, missing = -1, False
+    tail = websocket.app.state.tails.get(folder)
+    version, count, missing = -1, 0, False
     try:
         while True:
-            path = Path(folder)
-            if not path.is_dir():
+            if not Path(folder).is_dir():
                 if not missing:
                     await websocket.send_json({"type": "missing", "folder": folder})
                 missing = True
             else:
                 missing = False
-                lines, problems = await asyncio.to_thread(read_lines, path)
-                if sent < 0 or len(lines) < sent:
-                    await websocket.send_json({"type": "reset", "lines": lines, "problems": problems})
-                    sent = len(lines)
-                elif len(lines) > sent:
-                    await websocket.send_json({"type": "lines", "lines": lines[sent:], "problems": problems})
-                    sent = len(lines)
+                await asyncio.to_thread(tail.refresh)
+                news = tail.since(version, count) if version >= 0 else None
+                if news is None:
+                    version, count, text = tail.reset_message()
+                    await websocket.send_text(text)
+                elif news["summaries"]:
+                    await websocket.send_json(news)
+                    count += len(news["summaries"])
             try:  # wait for the next poll, noticing a page that went away (its socket task must end)
                 message = await asyncio.wait_for(websocket.receive(), timeout=POLL_S)
             except TimeoutError:

@@ -1,14 +1,16 @@
-"""GET /api/runs and GET /api/runs/{run_id}: the indexed run folders and their rounds."""
+"""GET /api/runs, GET /api/runs/{run_id}, .../rounds and .../sites: the indexed run folders, their metrics
+lines and each site's results."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import BaseModel
-from sqlalchemy import select
+from sqlalchemy import func, select
 
-from medfusion_fl.webconsole.db import RoundRow, RunRow
+from medfusion_fl.webconsole.db import RoundRow, RunRow, SiteRoundRow
 from medfusion_fl.webconsole.deps import DB, Viewer
 from medfusion_fl.webconsole.index import index_runs
 
@@ -25,8 +27,19 @@ class RunSummary(BaseModel):
     problems: list[str]
 
 
+class SiteState(BaseModel):
+    site: str
+    round: int  # the last round the site appears in
+    status: str
+    reason: str
+    epsilon: float | None
+    budget: float | None
+
+
 class RunDetail(RunSummary):
-    lines: list[dict[str, Any]]  # the metrics lines, one per round
+    folder: str
+    tensorboard: str | None  # the run's TensorBoard folder: `tensorboard --logdir` it
+    sites: list[SiteState]  # each site's latest status and epsilon against its budget
 
 
 def _summary(row: RunRow) -> dict[str, Any]:
@@ -40,13 +53,36 @@ def list_runs(request: Request, _: Viewer, db: DB) -> list[RunSummary]:
     return [RunSummary(**_summary(r)) for r in db.scalars(select(RunRow).order_by(RunRow.name))]
 
 
-@router.get("/{run_id}")
-def get_run(run_id: str, request: Request, _: Viewer, db: DB) -> RunDetail:
+def _row(db: DB, request: Request, run_id: str) -> RunRow:
     row = db.get(RunRow, run_id)
     if row is None:  # a run made since the last listing
         index_runs(db, request.app.state.runs_dir)
         row = db.get(RunRow, run_id)
     if row is None:
         raise HTTPException(404, f"no run {run_id!r}; GET /api/runs lists them")
-    rounds = db.scalars(select(RoundRow).where(RoundRow.run_id == run_id).order_by(RoundRow.round))
-    return RunDetail(**_summary(row), lines=[r.record for r in rounds])
+    return row
+
+
+@router.get("/{run_id}")
+def get_run(run_id: str, request: Request, _: Viewer, db: DB) -> RunDetail:
+    row = _row(db, request, run_id)
+    latest = (select(SiteRoundRow.site, func.max(SiteRoundRow.round).label("round"))
+              .where(SiteRoundRow.run_id == run_id).group_by(SiteRoundRow.site).subquery())
+    sites = db.scalars(select(SiteRoundRow).join(latest, (SiteRoundRow.site == latest.c.site)
+                                                 & (SiteRoundRow.round == latest.c.round))
+                       .where(SiteRoundRow.run_id == run_id).order_by(SiteRoundRow.site))
+    board = Path(row.folder) / "tensorboard"
+    return RunDetail(**_summary(row), folder=row.folder, tensorboard=str(board) if board.is_dir() else None,
+                     sites=[SiteState(site=s.site, round=s.round, status=s.status, reason=s.reason,
+                                      epsilon=s.epsilon, budget=s.budget) for s in sites])
+
+
+@router.get("/{run_id}/rounds")
+def get_rounds(run_id: str, request: Request, _: Viewer, db: DB,
+               since: int = Query(0, ge=0, description="only rounds after this one"),
+               limit: int = Query(100, ge=1, le=1000, description="at most this many rounds")) -> list[dict[str, Any]]:
+    """The metrics lines themselves, in round order."""
+    _row(db, request, run_id)
+    rounds = db.scalars(select(RoundRow).where(RoundRow.run_id == run_id, RoundRow.round > since)
+                        .order_by(RoundRow.round).limit(limit))
+    return [r.record for r in rounds]
