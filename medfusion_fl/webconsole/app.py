@@ -12,7 +12,7 @@ from fastapi.staticfiles import StaticFiles
 from medfusion_fl.webconsole.auth import LoginThrottle
 from medfusion_fl.webconsole.control import Jobs
 from medfusion_fl.webconsole.db import open_database
-from medfusion_fl.webconsole.routers import control, live, models, pages, runs, session
+from medfusion_fl.webconsole.routers import control, live, models, pages, runs, session, users
 from medfusion_fl.webconsole.routers.pages import STATIC
 from medfusion_fl.webconsole.tails import Tails
 
@@ -47,6 +47,7 @@ def create_app(*, runs_dir: Path, database: str | None = None, secure_cookies: b
     app.include_router(runs.router)
     app.include_router(control.router)
     app.include_router(models.router)
+    app.include_router(users.router)
     app.include_router(live.router)
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

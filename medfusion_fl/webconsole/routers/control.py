@@ -47,6 +47,7 @@ def start_run(body: StartRequest, request: Request, current: Operator, db: DB) -
             "data.sites-root": str(folder / "data")}
     errors = field_errors(flat)
     if errors:
+        audit(db, current.user.name, "start-refused", f"{body.name}: {errors}")
         raise HTTPException(422, {"errors": errors})
     try:
         job = jobs.start(body.name, body.preset, body.settings, current.user.name)

@@ -1,4 +1,4 @@
-"""The HTML pages (login, runs, a run) and their static files, all served by the package itself."""
+"""The HTML pages (login, runs, a run, start, compare, users) and their static files, all served by the package itself."""
 
 from __future__ import annotations
 
@@ -24,6 +24,21 @@ def login_page() -> FileResponse:
 @router.get("/runs/{run_id}", include_in_schema=False)
 def run_page(run_id: str) -> FileResponse:  # the page reads its run id from the address
     return FileResponse(STATIC / "run.html")
+
+
+@router.get("/start", include_in_schema=False)
+def start_page() -> FileResponse:
+    return FileResponse(STATIC / "start.html")
+
+
+@router.get("/compare", include_in_schema=False)
+def compare_page() -> FileResponse:  # the page reads the two versions from its query
+    return FileResponse(STATIC / "compare.html")
+
+
+@router.get("/users", include_in_schema=False)
+def users_page() -> FileResponse:
+    return FileResponse(STATIC / "users.html")
 
 
 @router.get("/favicon.ico", include_in_schema=False)

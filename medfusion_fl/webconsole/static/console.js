@@ -11,7 +11,11 @@ async function api(path, options = {}) {
     throw new Error("not logged in");
   }
   const body = await response.json();
-  if (!response.ok) throw new Error(body.detail || response.statusText);
+  if (!response.ok) {
+    const error = new Error(typeof body.detail === "string" ? body.detail : response.statusText);
+    error.detail = body.detail;  // {errors: {key: message}} for a form
+    throw error;
+  }
   return body;
 }
 
@@ -24,10 +28,34 @@ function cell(row, text, cls) {
 
 function fmt(x) { return typeof x === "number" ? x.toFixed(3) : "n/a"; }
 
+const ROLES = ["viewer", "operator", "admin"];
+function can(me, role) { return ROLES.indexOf(me.role) >= ROLES.indexOf(role); }
+
 async function showUser() {
   const me = await api("/api/me");
   document.getElementById("who").textContent = me.name + " (" + me.role + ")";
+  window.CSRF = me.csrf;
+  const nav = document.getElementById("nav");
+  if (nav) {
+    const links = [["/", "runs"]].concat(can(me, "operator") ? [["/start", "start a run"]] : [])
+      .concat(can(me, "admin") ? [["/users", "users"]] : []);
+    nav.replaceChildren(...links.map(([href, text]) => {
+      const a = document.createElement("a"); a.href = href; a.textContent = text; return a; }));
+  }
   return me;
+}
+
+// A state-changing request: JSON body, the session's CSRF token.
+function post(path, body, method = "POST") {
+  return api(path, {method, headers: {"Content-Type": "application/json", "X-CSRF-Token": window.CSRF},
+                    body: body === undefined ? undefined : JSON.stringify(body)});
+}
+
+function el(tag, text, attrs = {}) {
+  const node = document.createElement(tag);
+  if (text !== undefined && text !== null) node.textContent = text;
+  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+  return node;
 }
 
 function loginPage() {
@@ -60,6 +88,15 @@ async function runsPage() {
     cell(row, run.has_model ? "model.onnx" : "");
     cell(row, run.problems.join("; "));
   }
+}
+
+async function startedRun(name) {  // the run id of a folder, once its run.json is written
+  for (let i = 0; i < 120; i++) {
+    const found = (await api("/api/runs")).find(r => r.name === name);
+    if (found) return found.id;
+    await new Promise(r => setTimeout(r, 500));
+  }
+  throw new Error("run " + name + " did not appear within 60 s; see the runs page");
 }
 
 // One line chart: series = {label: [[x, y], ...]}; a dashed horizontal line per value of `marks`.
@@ -112,59 +149,8 @@ function chart(title, series, marks = []) {
   return box;
 }
 
-function drawRun(lines) {
-  const done = lines.filter(l => l.status === "ok");
-  const pick = (source, key) => done.map(l => [l.round, (l[source] || {})[key]]);
-  const charts = document.getElementById("charts");
-  charts.replaceChildren(
-    chart("AUROC", {"held-out": pick("held_out", "auroc"), "sites, pooled": pick("evaluate", "auroc")}),
-    chart("loss", {"held-out": pick("held_out", "loss"), "sites, pooled": pick("evaluate", "loss"),
-                   "training": done.map(l => [l.round, (l.train || {}).loss])}),
-    chart("sensitivity / specificity (held-out)", {"sensitivity": pick("held_out", "sensitivity"),
-                                                   "specificity": pick("held_out", "specificity")}));
-  const sites = [...new Set(done.flatMap(l => Object.keys(l.privacy || {})))].sort();
-  const budgets = [...new Set(done.flatMap(l => Object.values(l.privacy || {}).map(p => p["max-epsilon"])))];
-  const epsilon = {};
-  for (const site of sites) epsilon[site] = done.map(l => [l.round, ((l.privacy || {})[site] || {}).epsilon]);
-  charts.appendChild(chart("epsilon per site (dashed: budget)", epsilon, budgets.filter(b => typeof b === "number")));
-  const body = document.querySelector("#rounds tbody");
-  body.replaceChildren();
-  for (const l of lines) {
-    const row = body.insertRow();
-    row.id = "round-" + l.round;
-    cell(row, l.round);
-    cell(row, l.status, l.status);
-    cell(row, Object.keys((l.train || {}).sites || {}).sort().join(", ") || "n/a");
-    cell(row, (l.failures || []).map(f => (f.site || "node " + f.node_id) + " (" + f.stage + "): " + f.reason)
-      .join("; ") || "none");
-    cell(row, fmt((l.held_out || {}).auroc));
-    cell(row, fmt((l.evaluate || {}).auroc));
-    cell(row, l.wall_time_s);
-  }
-}
-
-async function runPage() {
-  await showUser();
-  const runId = decodeURIComponent(location.pathname.split("/").pop());
-  const run = await api("/api/runs/" + encodeURIComponent(runId));
-  document.getElementById("title").textContent = "Run " + run.name;
-  const state = document.getElementById("state");
-  let lines = [];
-  const socket = new WebSocket((location.protocol === "https:" ? "wss://" : "ws://") + location.host +
-                               "/api/runs/" + encodeURIComponent(runId) + "/live");
-  socket.onmessage = (event) => {
-    const message = JSON.parse(event.data);
-    if (message.type === "missing") { state.textContent = "the run folder is gone: " + message.folder; return; }
-    lines = message.type === "reset" ? message.lines : lines.concat(message.lines);
-    const last = lines.length ? lines[lines.length - 1] : null;
-    state.textContent = "live: " + lines.length + " round(s)" + (last ? ", last round " + last.round + " " +
-      last.status : "") + ((message.problems || []).length ? "; " + message.problems.join("; ") : "");
-    drawRun(lines);
-  };
-  socket.onclose = (event) => { state.textContent = "not live (" + (event.reason || "connection closed") + ")"; };
-}
-
-const PAGES = {login: loginPage, runs: runsPage, run: runPage};
+// the page scripts (run.js, start.js, compare.js, users.js) add theirs
+const PAGES = {login: loginPage, runs: runsPage};
 document.addEventListener("DOMContentLoaded", () => {
   PAGES[document.body.dataset.page]().catch(e => { if (e.message !== "not logged in") console.error(e); });
 });

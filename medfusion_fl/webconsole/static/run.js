@@ -1,0 +1,153 @@
+// The run page: live curves, the sites' table, the round timeline, the controls and the model versions.
+"use strict";
+
+function runCharts(summaries) {
+  const done = summaries.filter(s => s.status === "ok");
+  const pick = (source, key) => done.map(s => [s.round, (s[source] || {})[key]]);
+  const sites = [...new Set(done.flatMap(s => Object.keys(s.epsilon || {})))].sort();
+  const epsilon = {};
+  for (const site of sites) epsilon[site] = done.map(s => [s.round, (s.epsilon || {})[site]]);
+  const budgets = [...new Set(done.flatMap(s => s.budgets || []))];
+  return [
+    chart("AUROC", {"held-out": pick("held_out", "auroc"), "sites, pooled": pick("evaluate", "auroc")}),
+    chart("loss", {"held-out": pick("held_out", "loss"), "sites, pooled": pick("evaluate", "loss"),
+                   "training": done.map(s => [s.round, s.train_loss])}),
+    chart("accuracy", {"held-out": pick("held_out", "accuracy"), "sites, pooled": pick("evaluate", "accuracy")}),
+    chart("sensitivity / specificity", {"held-out sens.": pick("held_out", "sensitivity"),
+      "held-out spec.": pick("held_out", "specificity"), "pooled sens.": pick("evaluate", "sensitivity"),
+      "pooled spec.": pick("evaluate", "specificity")}),
+    chart("epsilon per site (dashed: budget)", epsilon, budgets)];
+}
+
+function drawSites(details) {
+  const latest = {};
+  for (const d of details) for (const [site, info] of Object.entries(d.sites)) latest[site] = {...info, round: d.round};
+  const body = document.querySelector("#sites tbody");
+  body.replaceChildren();
+  for (const site of Object.keys(latest).sort()) {
+    const info = latest[site];
+    const row = body.insertRow();
+    row.id = "site-" + site;
+    cell(row, site);
+    cell(row, info.round);
+    cell(row, info.status, info.status === "trained" ? "ok" : "failed");
+    cell(row, info.reason || "");
+    cell(row, typeof info.epsilon === "number" ? fmt(info.epsilon) + " of " + info.budget : "n/a");
+  }
+}
+
+function drawTimeline(details) {
+  const body = document.querySelector("#rounds tbody");
+  body.replaceChildren();
+  for (const d of details.slice().reverse()) {
+    const row = body.insertRow();
+    row.id = "round-" + d.round;
+    cell(row, d.round);
+    cell(row, d.status + (d.reason ? ": " + d.reason : ""), d.status);
+    const chips = row.insertCell();
+    for (const [site, info] of Object.entries(d.sites)) {
+      const chip = el("span", site, {class: "chip " + (info.status === "trained" ? "ok" : "failed"),
+                                     title: info.status + (info.reason ? ": " + info.reason : "")});
+      chips.appendChild(chip);
+    }
+    cell(row, Object.entries(d.sites).filter(([, i]) => i.reason).map(([s, i]) => s + " (" + i.status + "): " +
+      i.reason).join("; ") || "none");
+    cell(row, fmt(d.held_out.auroc));
+    cell(row, fmt(d.evaluate.auroc));
+    cell(row, d.wall_time_s);
+  }
+}
+
+async function drawVersions(me, run) {
+  const versions = await api("/api/runs/" + encodeURIComponent(run.id) + "/versions");
+  const body = document.querySelector("#versions tbody");
+  body.replaceChildren();
+  for (const v of versions) {
+    const row = body.insertRow();
+    row.id = "version-" + v.name.replace(/[^A-Za-z0-9-]/g, "_");
+    const pickCell = row.insertCell();
+    const box = el("input", null, {type: "checkbox", class: "pick", "data-run": run.id, "data-version": v.name});
+    pickCell.appendChild(box);
+    cell(row, v.name);
+    cell(row, v.kind);
+    cell(row, v.round);
+    cell(row, new Date(v.created).toLocaleString());
+    const files = row.insertCell();
+    for (const f of v.files) {
+      const link = el("a", f.split("/").pop(), {href: "/api/runs/" + encodeURIComponent(run.id) + "/files/" + f});
+      if (!f.endsWith(".html")) link.setAttribute("download", "");
+      files.appendChild(link);
+      files.appendChild(document.createTextNode(" "));
+    }
+    if (v.kind === "checkpoint" && can(me, "operator")) {
+      const button = el("button", "export to ONNX", {class: "export"});
+      button.addEventListener("click", () => act("export of " + v.name, () =>
+        post("/api/runs/" + encodeURIComponent(run.id) + "/versions/" + encodeURIComponent(v.name) + "/export")));
+      files.appendChild(button);
+    }
+  }
+  // compare: two ticked versions, here or remembered from another run's page
+  document.getElementById("compare").onclick = () => {
+    const ticked = [...document.querySelectorAll(".pick:checked")].map(b => [b.dataset.run, b.dataset.version]);
+    const kept = JSON.parse(sessionStorage.getItem("compare") || "null");
+    const pair = ticked.length >= 2 ? ticked.slice(0, 2) : ticked.length === 1 && kept ? [kept, ticked[0]] : null;
+    if (!pair) {
+      if (ticked.length === 1) sessionStorage.setItem("compare", JSON.stringify(ticked[0]));
+      document.getElementById("action").textContent = ticked.length === 1 ?
+        "kept " + ticked[0][1] + ": tick another version (on this or another run's page) and compare" :
+        "tick two versions to compare";
+      return;
+    }
+    sessionStorage.removeItem("compare");
+    location.href = "/compare?" + new URLSearchParams({a: pair[0][0], av: pair[0][1], b: pair[1][0], bv: pair[1][1]});
+  };
+}
+
+async function act(what, call) {
+  const note = document.getElementById("action");
+  note.textContent = what + "...";
+  try {
+    const answer = await call();
+    note.textContent = what + ": " + (answer.status || (answer.running ? "running (pid " + answer.pid + ")" : "done"));
+  } catch (e) { note.textContent = what + " refused: " + e.message; }
+}
+
+async function runPage() {
+  const me = await showUser();
+  const runId = decodeURIComponent(location.pathname.split("/").pop());
+  const run = await api("/api/runs/" + encodeURIComponent(runId));
+  document.getElementById("title").textContent = "Run " + run.name;
+  document.getElementById("tensorboard").textContent = run.tensorboard ?
+    "TensorBoard: tensorboard --logdir " + run.tensorboard : "no TensorBoard folder (yet)";
+  if (can(me, "operator")) {
+    document.getElementById("controls").hidden = false;
+    const job = "/api/jobs/" + encodeURIComponent(run.name);
+    for (const verb of ["pause", "resume", "stop"]) {
+      document.getElementById(verb).addEventListener("click", () => act(verb, () => post(job + "/" + verb)));
+    }
+  }
+  drawVersions(me, run).catch(e => { document.getElementById("action").textContent = e.message; });
+  const state = document.getElementById("state");
+  let summaries = [], details = [], versionsAt = 0;
+  const socket = new WebSocket((location.protocol === "https:" ? "wss://" : "ws://") + location.host +
+                               "/api/runs/" + encodeURIComponent(runId) + "/live");
+  socket.onmessage = (event) => {
+    const message = JSON.parse(event.data);
+    if (message.type === "missing") { state.textContent = "the run folder is gone: " + message.folder; return; }
+    summaries = message.type === "reset" ? message.summaries : summaries.concat(message.summaries);
+    details = (message.type === "reset" ? message.details : details.concat(message.details)).slice(-30);
+    const last = summaries.length ? summaries[summaries.length - 1] : null;
+    state.textContent = "live: " + summaries.length + " round(s)" + (last ? ", last round " + last.round + " " +
+      last.status : "") + ((message.problems || []).length ? "; " + message.problems.join("; ") : "");
+    document.getElementById("charts").replaceChildren(...runCharts(summaries));
+    drawSites(details);
+    drawTimeline(details);
+    if (summaries.length !== versionsAt) {  // a round ends with a checkpoint: a new version
+      versionsAt = summaries.length;
+      drawVersions(me, run).catch(() => {});
+    }
+  };
+  socket.onclose = (event) => { state.textContent = "not live (" + (event.reason || "connection closed") + ")"; };
+}
+
+PAGES.run = runPage;
