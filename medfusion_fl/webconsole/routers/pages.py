@@ -1,4 +1,4 @@
-"""The HTML pages (login, runs, a run, start, compare, users) and their static files, all served by the package itself."""
+"""The HTML pages (login, runs, a run, start, compare, users) and their static files, served by the package."""
 
 from __future__ import annotations
 
