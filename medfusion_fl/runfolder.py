@@ -96,6 +96,12 @@ class RunFolder:
                                               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         self.id = current
 
+    def record_flower_run(self, flower_run_id: int) -> None:
+        """Note Flower's own id of the run now writing this folder (a resume adds its own): what `flwr stop`
+        takes, so the console can stop a deployment run it did not start."""
+        doc = json.loads(self.run_file.read_text(encoding="utf-8"))
+        write_json_atomic(self.run_file, {**doc, "flower_run_id": int(flower_run_id)})
+
     def _move_aside(self) -> None:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         target = self.root.with_name(f"{self.root.name}.replaced-{stamp}")

@@ -24,6 +24,7 @@ def main(grid: Grid, context: Context) -> None:
              run.rounds.num_server_rounds, run.model.backbone)
     # 2. build the global model and the held-out set
     federation = Federation(run)
+    federation.folder.record_flower_run(context.run_id)  # `flwr stop <id>` stops it (the console uses that)
     # 3. rounds: train -> aggregate -> evaluate -> checkpoint -> metrics
     final = federation.run_rounds(grid)
     if federation.paused:  # paused after a round: resumed later with output.resume = true

@@ -26,9 +26,10 @@ def default_database(runs_dir: Path) -> str:
 
 
 def create_app(*, runs_dir: Path, database: str | None = None, secure_cookies: bool = False,
-               app_dir: Path = Path(".")) -> FastAPI:
-    """`app_dir`: the Flower app folder whose presets the console starts simulations from."""
-    jobs = Jobs(Path(runs_dir), Path(app_dir).resolve())
+               app_dir: Path = Path("."), superlink: str | None = None) -> FastAPI:
+    """`app_dir`: the Flower app folder whose presets the console starts simulations from; `superlink`: the
+    `flwr` connection name that `flwr stop` uses for deployment runs."""
+    jobs = Jobs(Path(runs_dir), Path(app_dir).resolve(), superlink)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

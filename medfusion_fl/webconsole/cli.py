@@ -33,7 +33,7 @@ def cmd_console(args: argparse.Namespace) -> int:
     from medfusion_fl.webconsole.app import create_app
 
     app = create_app(runs_dir=Path(args.runs), database=_database(args), secure_cookies=bool(args.tls_cert),
-                     app_dir=Path(args.app))
+                     app_dir=Path(args.app), superlink=args.superlink)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.tls_cert:
         log.warning("console on %s without TLS: passwords and session cookies cross the network in clear; "
                     "pass --tls-cert and --tls-key", args.host)
@@ -69,6 +69,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--app", default=".", help="the app folder whose presets runs start from (default: current)")
+    p.add_argument("--superlink", help="the flwr connection name of the SuperLink that deployment runs use "
+                   "(their stop button calls `flwr stop ID NAME`)")
     p.add_argument("--tls-cert", help="PEM certificate (with --tls-key): HTTPS and Secure cookies")
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")
     p.set_defaults(func=cmd_console, console_command=None)

@@ -2,14 +2,17 @@
 `medfusion-fl simulate` processes the console started.
 
 A run starts as its own process group (`medfusion-fl simulate --preset P --out <runs>/<name> --set ...`),
-so stopping it stops Ray's workers too. Runs the console did not start are stopped where they were
-started (`flwr stop` for a deployment).
+so stopping it stops Ray's workers too. A deployment run (`flwr run` against a SuperLink, its run folder
+under --runs) is stopped through Flower's own `flwr stop <flower-run-id> <superlink>`: the ServerApp
+notes its Flower run id in run.json, the console is told the connection name with --superlink.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,6 +34,8 @@ from medfusion_fl.runstore import RunStore, load_checkpoint
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 FIXED = ("output.run-dir", "data.sites-root")  # the console places every run under its --runs folder
 STOP_GRACE_S = 15.0
+FLWR_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
 
 
 def presets(app_dir: Path) -> dict[str, dict[str, Any]]:
@@ -99,8 +104,9 @@ class Job:
 class Jobs:
     """The simulations this console started, by run folder name."""
 
-    def __init__(self, runs_dir: Path, app_dir: Path) -> None:
+    def __init__(self, runs_dir: Path, app_dir: Path, superlink: str | None = None) -> None:
         self.runs_dir, self.app_dir = Path(runs_dir), Path(app_dir)
+        self.superlink = superlink  # the `flwr` connection name of the SuperLink deployment runs go through
         self.jobs: dict[str, Job] = {}
         self.lock = threading.Lock()
 
@@ -124,8 +130,7 @@ class Jobs:
     def _launch(self, name: str, command: list[str], who: str) -> Job:
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         log = (self.runs_dir / f".{name}.console.log").open("ab")
-        env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-               "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+        env = {**os.environ, **FLWR_ENV}
         process = subprocess.Popen(command, cwd=self.app_dir, stdout=log, stderr=subprocess.STDOUT, env=env,
                                    start_new_session=True)
         job = Job(name, self.runs_dir / name, process, who)
@@ -166,12 +171,12 @@ class Jobs:
         command = [sys.executable, "-m", "medfusion_fl.cli", "export", str(checkpoint), "--out", str(out)]
         return self._launch(name, command, who)
 
-    def stop(self, name: str) -> Job:
-        """SIGTERM to the run's process group, SIGKILL after STOP_GRACE_S if it is still there."""
+    def stop(self, name: str) -> Job | str:
+        """A run this console started: SIGTERM to its process group, SIGKILL after STOP_GRACE_S. A deployment
+        run (run.json names its Flower run id): `flwr stop ID SUPERLINK`; returns what flwr said."""
         job = self.jobs.get(name)
         if job is None:
-            raise ConfigError(f"run {name!r} was not started by this console; stop it where it was started "
-                              "(`flwr stop RUN_ID` for a deployment)")
+            return self._flwr_stop(name)
         if job.running:
             os.killpg(job.process.pid, signal.SIGTERM)
 
@@ -184,6 +189,27 @@ class Jobs:
 
             threading.Thread(target=finish, daemon=True).start()
         return job
+
+    def _flwr_stop(self, name: str) -> str:
+        try:
+            doc = json.loads((self.runs_dir / name / "run.json").read_text(encoding="utf-8"))
+            flower_id = int(doc["flower_run_id"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise ConfigError(f"run {name!r} was not started by this console and its run.json names no Flower run "
+                              "id; stop it where it was started") from None
+        if self.superlink is None:
+            raise ConfigError(f"run {name!r} is Flower run {flower_id}: start the console with --superlink NAME (the "
+                              f"flwr connection of its SuperLink), or run `flwr stop {flower_id} NAME` yourself")
+        flwr = shutil.which("flwr")
+        if flwr is None:
+            raise ConfigError("the `flwr` command is not on the console's PATH; install flwr where the console runs")
+        done = subprocess.run([flwr, "stop", str(flower_id), self.superlink, "--format", "json"], capture_output=True,
+                              text=True, timeout=60, env={**os.environ, **FLWR_ENV}, check=False)
+        said = (done.stdout + done.stderr).strip()
+        if done.returncode != 0:
+            raise ConfigError(f"`flwr stop {flower_id} {self.superlink}` failed (exit {done.returncode}): "
+                              f"{said[-800:]}")
+        return said
 
     def stop_all(self) -> None:
         for name, job in list(self.jobs.items()):

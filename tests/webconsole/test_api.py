@@ -139,3 +139,30 @@ def test_two_consoles_on_one_database(runs: Path) -> None:
     _login(first)
     _login(second)
     assert first.get("/api/runs").json() == second.get("/api/runs").json()
+
+
+def test_only_an_admin_manages_users_and_every_change_is_audited(runs: Path) -> None:
+    with open_database(default_database(runs))() as session:
+        add_user(session, "ada", "admin", PASSWORD)
+    client = TestClient(create_app(runs_dir=runs))
+    operator = _login(client, "otto")
+    assert client.get("/api/users").status_code == 403
+    assert client.post("/api/users", headers={"X-CSRF-Token": operator},
+                       json={"name": "eve", "role": "admin", "password": PASSWORD}).status_code == 403
+    csrf = _login(client, "ada")
+    headers = {"X-CSRF-Token": csrf}
+    assert client.post("/api/users", json={"name": "eve", "role": "viewer", "password": PASSWORD}).status_code == 403
+    short = client.post("/api/users", headers=headers, json={"name": "eve", "role": "viewer", "password": "short"})
+    assert short.status_code == 422 and "at least 10" in short.json()["detail"]["errors"]["password"]
+    assert client.post("/api/users", headers=headers,
+                       json={"name": "eve", "role": "viewer", "password": PASSWORD}).status_code == 201
+    assert client.patch("/api/users/eve", headers=headers, json={"role": "root"}).status_code == 422
+    assert client.patch("/api/users/eve", headers=headers, json={"role": "operator"}).json()["role"] == "operator"
+    assert client.patch("/api/users/ada", headers=headers, json={"role": "viewer"}).status_code == 409
+    assert client.delete("/api/users/ada", headers=headers).status_code == 409  # never locks itself out
+    eve = TestClient(create_app(runs_dir=runs))
+    _login(eve, "eve")
+    assert client.delete("/api/users/eve", headers=headers).status_code == 200
+    assert eve.get("/api/runs").status_code == 401  # removed: logged out at once
+    actions = [(a["who"], a["action"]) for a in client.get("/api/audit").json() if a["who"] == "ada"]
+    assert actions[:4] == [("ada", "remove-user"), ("ada", "change-role"), ("ada", "add-user"), ("ada", "login")]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from pathlib import Path
 
@@ -69,7 +71,7 @@ def test_a_viewer_cannot_start_or_stop_and_a_post_needs_csrf(client: TestClient)
     _login(client, "otto")
     assert client.post("/api/runs", json={"name": "x"}).status_code == 403  # no X-CSRF-Token
     response = client.post("/api/jobs/elsewhere/stop", headers=_login(client, "otto"))
-    assert response.status_code == 409 and "flwr stop" in response.json()["detail"]
+    assert response.status_code == 409 and "names no Flower run id" in response.json()["detail"]
 
 
 @pytest.mark.simulation
@@ -93,24 +95,35 @@ def test_start_a_demo_and_stop_it(client: TestClient) -> None:
         assert [a.action for a in session.query(Audit).filter_by(who="otto")][-2:] == ["start", "stop"]
 
 
-@pytest.mark.simulation
-def test_pause_after_a_round_then_resume_to_the_end(client: TestClient) -> None:
+def test_pause_and_resume_name_what_is_missing(client: TestClient) -> None:
+    # a real pause and resume, from the run page's buttons: tests/webconsole/test_browser_flow.py
     headers = _login(client, "otto")
-    assert client.post("/api/runs", headers=headers, json={"name": "p", "settings": {
-        "rounds.num-server-rounds": 2}}).status_code == 201
-    assert client.post("/api/jobs/p/pause", headers=headers).status_code == 200  # honoured after round 1
-    job = client.app.state.jobs.jobs["p"]
-    job.process.wait(timeout=300)
-    runs = Path(client.app.state.jobs.runs_dir)
-    log = (runs / ".p.console.log").read_text()
-    assert job.process.returncode == 0 and "paused after round 1" in log, log[-2000:]
-    assert not (runs / "p" / "model.onnx").exists()
-    assert client.post("/api/jobs/p/resume", headers=headers).status_code == 200
-    resumed = client.app.state.jobs.jobs["p"]
-    resumed.process.wait(timeout=300)
-    log = (runs / ".p.console.log").read_text()
-    assert resumed.process.returncode == 0 and (runs / "p" / "model.onnx").is_file(), log[-2000:]
-    detail = client.get("/api/runs").json()
-    assert {r["name"]: r["rounds"] for r in detail}["p"] == 2
     assert client.post("/api/jobs/nope/pause", headers=headers).status_code == 404
-    assert client.post("/api/jobs/nope/resume", headers=headers).status_code == 409
+    resume = client.post("/api/jobs/nope/resume", headers=headers)
+    assert resume.status_code == 409 and "no checkpoint" in resume.json()["detail"]
+
+
+def test_a_deployment_run_is_stopped_through_flwr_stop(client: TestClient, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    runs = Path(client.app.state.jobs.runs_dir)
+    (runs / "fed").mkdir()
+    (runs / "fed" / "run.json").write_text(json.dumps({"format": "medfusion-fl-run/1", "run_id": "f1",
+                                                       "flower_run_id": 8146}))
+    headers = _login(client, "otto")
+    refused = client.post("/api/jobs/fed/stop", headers=headers)
+    assert refused.status_code == 409 and "--superlink" in refused.json()["detail"]  # which SuperLink?
+    said = tmp_path / "flwr-args"
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "flwr").write_text(f"#!/bin/sh\necho \"$@\" > {said}\necho '{{\"success\": true}}'\n")
+    (fake / "flwr").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    client.app.state.jobs.superlink = "hospital-net"
+    stopped = client.post("/api/jobs/fed/stop", headers=headers)
+    assert stopped.status_code == 200 and "flwr stop" in stopped.json()["status"], stopped.text
+    assert said.read_text().split() == ["stop", "8146", "hospital-net", "--format", "json"]
+    (fake / "flwr").write_text("#!/bin/sh\necho 'run 8146 not found' >&2\nexit 1\n")
+    failed = client.post("/api/jobs/fed/stop", headers=headers)
+    assert failed.status_code == 409 and "run 8146 not found" in failed.json()["detail"]
+    with client.app.state.sessions() as session:
+        assert [a.action for a in session.query(Audit).filter_by(who="otto")][-1] == "flwr-stop"

@@ -58,11 +58,14 @@ def start_run(body: StartRequest, request: Request, current: Operator, db: DB) -
 
 
 @router.post("/jobs/{name}/stop")
-def stop_run(name: str, request: Request, current: Operator, db: DB) -> JobState:
+def stop_run(name: str, request: Request, current: Operator, db: DB) -> JobState | dict[str, str]:
     try:
         job = request.app.state.jobs.stop(name)
     except ConfigError as exc:
         raise HTTPException(409, str(exc)) from None
+    if isinstance(job, str):  # a deployment run, stopped through `flwr stop`
+        audit(db, current.user.name, "flwr-stop", f"{name}: {job[:500]}")
+        return {"name": name, "status": "stop sent through flwr stop: " + job[-300:]}
     audit(db, current.user.name, "stop", name)
     return job_state(job)
 

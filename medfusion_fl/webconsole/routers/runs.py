@@ -10,9 +10,11 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import BaseModel
 from sqlalchemy import func, select
 
+from medfusion_fl import runcontrol
 from medfusion_fl.webconsole.db import RoundRow, RunRow, SiteRoundRow
 from medfusion_fl.webconsole.deps import DB, Viewer
 from medfusion_fl.webconsole.index import index_runs
+from medfusion_fl.webconsole.routers.control import JobState, job_state
 
 router = APIRouter(prefix="/api/runs", tags=["runs"])
 
@@ -40,6 +42,8 @@ class RunDetail(RunSummary):
     folder: str
     tensorboard: str | None  # the run's TensorBoard folder: `tensorboard --logdir` it
     sites: list[SiteState]  # each site's latest status and epsilon against its budget
+    control: dict[str, Any]  # the pause request and where it was honoured (runcontrol), {} when none
+    job: JobState | None  # the simulation process, when this console started it
 
 
 def _summary(row: RunRow) -> dict[str, Any]:
@@ -72,7 +76,9 @@ def get_run(run_id: str, request: Request, _: Viewer, db: DB) -> RunDetail:
                                                  & (SiteRoundRow.round == latest.c.round))
                        .where(SiteRoundRow.run_id == run_id).order_by(SiteRoundRow.site))
     board = Path(row.folder) / "tensorboard"
+    job = request.app.state.jobs.jobs.get(row.name)
     return RunDetail(**_summary(row), folder=row.folder, tensorboard=str(board) if board.is_dir() else None,
+                     control=runcontrol.read(Path(row.folder)), job=job_state(job) if job else None,
                      sites=[SiteState(site=s.site, round=s.round, status=s.status, reason=s.reason,
                                       epsilon=s.epsilon, budget=s.budget) for s in sites])
 

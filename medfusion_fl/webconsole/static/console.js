@@ -91,12 +91,12 @@ async function runsPage() {
 }
 
 async function startedRun(name) {  // the run id of a folder, once its run.json is written
-  for (let i = 0; i < 120; i++) {
+  for (let i = 0; i < 360; i++) {
     const found = (await api("/api/runs")).find(r => r.name === name);
     if (found) return found.id;
     await new Promise(r => setTimeout(r, 500));
   }
-  throw new Error("run " + name + " did not appear within 60 s; see the runs page");
+  throw new Error("run " + name + " did not appear within 3 minutes; see the runs page");
 }
 
 // One line chart: series = {label: [[x, y], ...]}; a dashed horizontal line per value of `marks`.

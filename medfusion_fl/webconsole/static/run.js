@@ -60,13 +60,23 @@ function drawTimeline(details) {
 
 async function drawVersions(me, run) {
   const versions = await api("/api/runs/" + encodeURIComponent(run.id) + "/versions");
+  const exported = versions.filter(v => v.name.startsWith("exports/")).length;
+  if (window.exportsPending && exported > (window.exportsSeen || 0)) {
+    window.exportsPending -= 1;
+    document.getElementById("action").textContent = "exported: " +
+      versions.filter(v => v.name.startsWith("exports/")).map(v => v.name).join(", ");
+  }
+  window.exportsSeen = exported;
   const body = document.querySelector("#versions tbody");
+  const ticked = new Set([...body.querySelectorAll(".pick:checked")].map(b => b.dataset.version));
   body.replaceChildren();
   for (const v of versions) {
     const row = body.insertRow();
     row.id = "version-" + v.name.replace(/[^A-Za-z0-9-]/g, "_");
     const pickCell = row.insertCell();
-    const box = el("input", null, {type: "checkbox", class: "pick", "data-run": run.id, "data-version": v.name});
+    const box = el("input", null, {type: "checkbox", class: "pick", "data-run": run.id, "data-version": v.name,
+                                   "aria-label": "compare " + v.name});
+    box.checked = ticked.has(v.name);
     pickCell.appendChild(box);
     cell(row, v.name);
     cell(row, v.kind);
@@ -81,8 +91,12 @@ async function drawVersions(me, run) {
     }
     if (v.kind === "checkpoint" && can(me, "operator")) {
       const button = el("button", "export to ONNX", {class: "export"});
-      button.addEventListener("click", () => act("export of " + v.name, () =>
-        post("/api/runs/" + encodeURIComponent(run.id) + "/versions/" + encodeURIComponent(v.name) + "/export")));
+      button.addEventListener("click", () => act("export of " + v.name, async () => {
+        const job = await post("/api/runs/" + encodeURIComponent(run.id) + "/versions/" + encodeURIComponent(v.name) +
+                               "/export");
+        window.exportsPending = (window.exportsPending || 0) + 1;
+        return job;
+      }));
       files.appendChild(button);
     }
   }
@@ -112,13 +126,32 @@ async function act(what, call) {
   } catch (e) { note.textContent = what + " refused: " + e.message; }
 }
 
+function showState(run) {  // the process and pause line, which buttons apply, the TensorBoard folder
+  document.getElementById("tensorboard").textContent = run.tensorboard ?
+    "TensorBoard: tensorboard --logdir " + run.tensorboard : "no TensorBoard folder (yet)";
+  const running = run.job ? run.job.running : null;  // null: not started here (a deployment, another shell)
+  document.getElementById("pause").disabled = running === false || run.has_model;
+  document.getElementById("resume").disabled = running === true || run.has_model;
+  document.getElementById("stop").disabled = running === false;
+  document.getElementById("job").textContent = jobText(run);
+}
+
+function jobText(run) {
+  const control = run.control || {}, job = run.job;
+  const parts = [];
+  if (job) parts.push(job.running ? "running (pid " + job.pid + ", started by " + job.started_by + ")" :
+                      "process ended (exit code " + job.returncode + ")");
+  if (control.paused_after_round) parts.push("paused after round " + control.paused_after_round);
+  else if (control.pause) parts.push("pause requested by " + control.by + ": stops after its current round");
+  if (run.has_model) parts.push("finished: model.onnx exported");
+  return parts.join("; ") || "not started by this console";
+}
+
 async function runPage() {
   const me = await showUser();
   const runId = decodeURIComponent(location.pathname.split("/").pop());
   const run = await api("/api/runs/" + encodeURIComponent(runId));
   document.getElementById("title").textContent = "Run " + run.name;
-  document.getElementById("tensorboard").textContent = run.tensorboard ?
-    "TensorBoard: tensorboard --logdir " + run.tensorboard : "no TensorBoard folder (yet)";
   if (can(me, "operator")) {
     document.getElementById("controls").hidden = false;
     const job = "/api/jobs/" + encodeURIComponent(run.name);
@@ -127,6 +160,17 @@ async function runPage() {
     }
   }
   drawVersions(me, run).catch(e => { document.getElementById("action").textContent = e.message; });
+  const jobLine = document.getElementById("job");
+  showState(run);
+  let lastState = jobLine.textContent;
+  const refresh = async () => {  // the process and pause state; the versions again when either changed
+    showState(await api("/api/runs/" + encodeURIComponent(runId)));
+    if (jobLine.textContent !== lastState || window.exportsPending) {
+      lastState = jobLine.textContent;
+      await drawVersions(me, run);
+    }
+  };
+  setInterval(() => refresh().catch(() => {}), 2000);
   const state = document.getElementById("state");
   let summaries = [], details = [], versionsAt = 0;
   const socket = new WebSocket((location.protocol === "https:" ? "wss://" : "ws://") + location.host +
