@@ -84,6 +84,19 @@ class SiteRoundRow(Base):
     budget: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
+class SiteLatestRow(Base):
+    """Each site's latest round row (what a run page shows first), kept by the indexer."""
+
+    __tablename__ = "site_latest"
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), primary_key=True)
+    site: Mapped[str] = mapped_column(String(128), primary_key=True)
+    round: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    epsilon: Mapped[float | None] = mapped_column(Float, nullable=True)
+    budget: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
 class VersionRow(Base):
     __tablename__ = "versions"
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), primary_key=True)
@@ -100,8 +113,11 @@ class Meta(Base):
     value: Mapped[str] = mapped_column(Text)
 
 
-INDEX_SCHEMA = "2"  # bump when a column of the index tables changes
-INDEX_TABLES = (VersionRow, SiteRoundRow, RoundRow, RunRow)
+INDEX_SCHEMA = "3"  # bump when a column of the index tables changes
+INDEX_TABLES = (VersionRow, SiteLatestRow, SiteRoundRow, RoundRow, RunRow)
+# more connections than the ASGI thread pool's 40 threads: a request holding a connection while it waits
+# for a thread would otherwise starve the requests holding threads while they wait for a connection
+POOL = {"pool_size": 48, "max_overflow": 16}
 
 
 class Audit(Base):
@@ -129,7 +145,7 @@ def _sqlite_wal(dbapi_connection: Any, _record: Any) -> None:
 def open_database(url: str) -> sessionmaker:  # type: ignore[type-arg]
     """An engine for `url` with every table created; SQLite files get WAL mode."""
     sqlite = url.startswith("sqlite")
-    engine: Engine = create_engine(url, connect_args={"timeout": 30} if sqlite else {})
+    engine: Engine = create_engine(url, connect_args={"timeout": 30} if sqlite else {}, **POOL)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_wal)
     _rebuild_stale_index(engine)

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, insert
+from sqlalchemy import delete, insert, select
 from sqlalchemy.orm import Session
 
-from medfusion_fl.webconsole.db import RoundRow, RunRow, SiteRoundRow, VersionRow, now
+from medfusion_fl.webconsole.db import RoundRow, RunRow, SiteLatestRow, SiteRoundRow, VersionRow, now
 from medfusion_fl.webconsole.views import detail
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,7 @@ def _site_rows(run_id: str, record: dict[str, Any]) -> list[dict[str, Any]]:
 def _index_metrics(session: Session, folder: Path, row: RunRow) -> None:
     chunk = read_from(folder / METRICS, row.offset or 0, row.line_count or 0, row.tail_hash or "")
     if chunk.reset or not row.offset:
+        session.execute(delete(SiteLatestRow).where(SiteLatestRow.run_id == row.id))
         session.execute(delete(SiteRoundRow).where(SiteRoundRow.run_id == row.id))
         session.execute(delete(RoundRow).where(RoundRow.run_id == row.id))
         row.problems, row.last_round, row.status = [], None, "empty"
@@ -121,12 +122,25 @@ def _index_metrics(session: Session, folder: Path, row: RunRow) -> None:
         sites = [s for r in rounds.values() for s in _site_rows(row.id, r)]
         if sites:
             session.execute(insert(SiteRoundRow), sites)
+            _update_latest(session, row.id, sites)
         newest = max(rounds)
         if row.last_round is None or newest >= row.last_round:
             row.last_round, row.status = newest, str(rounds[newest].get("status", "unknown"))
     row.problems = list(row.problems or []) + chunk.problems
     row.offset, row.line_count, row.tail_hash = chunk.offset, chunk.line_count, chunk.tail_hash
     row.rounds = session.query(RoundRow).filter(RoundRow.run_id == row.id).count()
+
+
+def _update_latest(session: Session, run_id: str, sites: list[dict[str, Any]]) -> None:
+    newest: dict[str, dict[str, Any]] = {}
+    for site in sites:  # rounds in order: the last one of each site wins
+        if site["site"] not in newest or site["round"] >= newest[site["site"]]["round"]:
+            newest[site["site"]] = site
+    held = {r.site: r for r in session.scalars(select(SiteLatestRow).where(SiteLatestRow.run_id == run_id))}
+    for name, site in newest.items():
+        if name in held and held[name].round > site["round"]:
+            continue
+        session.merge(SiteLatestRow(**site))
 
 
 def _versions(folder: Path) -> list[tuple[str, str, int | None, Path]]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from medfusion_fl.webconsole.index import METRICS, read_from
-from medfusion_fl.webconsole.views import RECENT, detail, summary
+from medfusion_fl.webconsole.views import OPENING, RECENT, detail, summary
 
 MIN_INTERVAL_S = 0.1
 
@@ -32,7 +32,7 @@ class Tail:
     line_count: int = 0
     tail_hash: str = ""
     checked: float = 0.0
-    opening: tuple[int, int, str] | None = None  # (version, rounds, the serialised reset message)
+    opening: tuple[int, int, str, str] | None = None  # (version, rounds, the reset message, the history one)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def refresh(self) -> None:
@@ -52,14 +52,18 @@ class Tail:
     def state(self) -> tuple[int, int]:
         return self.version, len(self.summaries)
 
-    def reset_message(self) -> tuple[int, int, str]:
-        """(version, rounds, text) of the message a page gets when it opens."""
+    def reset_message(self) -> tuple[int, int, str, str]:
+        """(version, rounds, opening, history): the two messages a page gets when it opens, serialised once
+        per state: the newest OPENING curve points and RECENT details, then the older curve points
+        ("history", "" when there are none)."""
         with self.lock:
             key = (self.version, len(self.summaries))
             if self.opening is None or self.opening[:2] != key:
-                text = json.dumps({"type": "reset", "summaries": self.summaries, "details": self.details[-RECENT:],
-                                   "problems": self.problems})
-                self.opening = (*key, text)
+                cut = max(len(self.summaries) - OPENING, 0)
+                opening = json.dumps({"type": "reset", "summaries": self.summaries[cut:], "rounds": len(self.summaries),
+                                      "details": self.details[-RECENT:], "problems": self.problems})
+                history = json.dumps({"type": "history", "summaries": self.summaries[:cut]}) if cut else ""
+                self.opening = (*key, opening, history)
             return self.opening
 
     def since(self, version: int, count: int) -> dict[str, Any] | None:

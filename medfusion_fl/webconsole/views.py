@@ -15,11 +15,13 @@ from typing import Any
 
 METRICS = ("auroc", "auprc", "loss", "accuracy", "sensitivity", "specificity")
 PER_SITE_CURVES = 8
-RECENT = 30  # round details a page gets when it opens (the rest: GET /api/runs/{id}/rounds)
+RECENT = 10  # round details a page gets when it opens (it keeps the last 30 as they come; all: .../rounds)
+OPENING = 100  # rounds of curve points in a page's first message; the earlier ones follow in a second
 
 
 def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+    """A figure to 6 significant digits (what a curve or a table shows; a third fewer bytes on the wire)."""
+    return float(f"{value:.6g}") if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def _metrics(block: Any) -> dict[str, float | None]:
@@ -57,7 +59,8 @@ def summary(line: dict[str, Any]) -> dict[str, Any]:
     if len(spent) <= PER_SITE_CURVES:
         out["epsilon"] = {site: e for site, (e, _) in sorted(spent.items())}
     elif epsilons:
-        out["epsilon"] = {"lowest": epsilons[0], "median": statistics.median(epsilons), "highest": epsilons[-1]}
+        out["epsilon"] = {"lowest": epsilons[0], "median": _number(statistics.median(epsilons)),
+                          "highest": epsilons[-1]}
     else:
         out["epsilon"] = {}
     return out

@@ -2,7 +2,8 @@
 
 The socket asks the run's shared Tail (tails.py) for news every POLL_S (a finished round reaches an open
 page well within 2 s). The first message is `{"type": "reset", "summaries": [...], "details": [...]}`:
-every round's curve points and the newest rounds' per-site details (views.py); then
+the newest rounds' curve points and per-site details (views.py), then `{"type": "history", ...}` with the
+older curve points when there are any; then
 `{"type": "lines", ...}` with each new round; a reset again when the file was rewritten (a resume moved
 lines aside); a folder that disappears gives `{"type": "missing"}` and the socket keeps watching.
 Authentication is the session cookie; the Origin must be the console's own (no cross-site socket rides the
@@ -38,7 +39,7 @@ def _allowed(websocket: WebSocket, run_id: str) -> str | None:
 
 @router.websocket("/api/runs/{run_id}/live")
 async def live(websocket: WebSocket, run_id: str) -> None:
-    folder = _allowed(websocket, run_id)
+    folder = await asyncio.to_thread(_allowed, websocket, run_id)  # the database, off the event loop
     if folder is None:
         await websocket.close(code=4401, reason="log in first, from the console's own pages, to a known run")
         return
@@ -56,8 +57,10 @@ async def live(websocket: WebSocket, run_id: str) -> None:
                 await asyncio.to_thread(tail.refresh)
                 news = tail.since(version, count) if version >= 0 else None
                 if news is None:
-                    version, count, text = tail.reset_message()
-                    await websocket.send_text(text)
+                    version, count, opening, history = tail.reset_message()
+                    await websocket.send_text(opening)
+                    if history:
+                        await websocket.send_text(history)
                 elif news["summaries"]:
                     await websocket.send_json(news)
                     count += len(news["summaries"])

@@ -8,10 +8,10 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import BaseModel
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from medfusion_fl import runcontrol
-from medfusion_fl.webconsole.db import RoundRow, RunRow, SiteRoundRow
+from medfusion_fl.webconsole.db import RoundRow, RunRow, SiteLatestRow
 from medfusion_fl.webconsole.deps import DB, Viewer
 from medfusion_fl.webconsole.index import index_runs
 from medfusion_fl.webconsole.routers.control import JobState, job_state
@@ -70,11 +70,7 @@ def _row(db: DB, request: Request, run_id: str) -> RunRow:
 @router.get("/{run_id}")
 def get_run(run_id: str, request: Request, _: Viewer, db: DB) -> RunDetail:
     row = _row(db, request, run_id)
-    latest = (select(SiteRoundRow.site, func.max(SiteRoundRow.round).label("round"))
-              .where(SiteRoundRow.run_id == run_id).group_by(SiteRoundRow.site).subquery())
-    sites = db.scalars(select(SiteRoundRow).join(latest, (SiteRoundRow.site == latest.c.site)
-                                                 & (SiteRoundRow.round == latest.c.round))
-                       .where(SiteRoundRow.run_id == run_id).order_by(SiteRoundRow.site))
+    sites = db.scalars(select(SiteLatestRow).where(SiteLatestRow.run_id == run_id).order_by(SiteLatestRow.site))
     board = Path(row.folder) / "tensorboard"
     job = request.app.state.jobs.jobs.get(row.name)
     return RunDetail(**_summary(row), folder=row.folder, tensorboard=str(board) if board.is_dir() else None,

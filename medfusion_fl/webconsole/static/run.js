@@ -147,10 +147,40 @@ function jobText(run) {
   return parts.join("; ") || "not started by this console";
 }
 
+function openLive(runId, page) {  // the run's rounds as they come, over WebSocket
+  const state = document.getElementById("state");
+  let summaries = [], details = [], problems = [], versionsAt = 0;
+  const socket = new WebSocket((location.protocol === "https:" ? "wss://" : "ws://") + location.host +
+                               "/api/runs/" + encodeURIComponent(runId) + "/live");
+  socket.onmessage = (event) => {
+    const message = JSON.parse(event.data);
+    if (message.type === "missing") { state.textContent = "the run folder is gone: " + message.folder; return; }
+    if (message.problems) problems = message.problems;
+    if (message.type === "history") summaries = message.summaries.concat(summaries);  // the older rounds
+    else summaries = message.type === "reset" ? message.summaries : summaries.concat(message.summaries);
+    if (message.type !== "history") {
+      details = (message.type === "reset" ? message.details : details.concat(message.details)).slice(-30);
+    }
+    const last = summaries.length ? summaries[summaries.length - 1] : null;
+    state.textContent = "live: " + summaries.length + " round(s)" + (last ? ", last round " + last.round + " " +
+      last.status : "") + (problems.length ? "; " + problems.join("; ") : "");
+    document.getElementById("charts").replaceChildren(...runCharts(summaries));
+    drawSites(details);
+    drawTimeline(details);
+    if (page.run && summaries.length !== versionsAt) {  // a round ends with a checkpoint: a new version
+      versionsAt = summaries.length;
+      drawVersions(page.me, page.run).catch(() => {});
+    }
+  };
+  socket.onclose = (event) => { state.textContent = "not live (" + (event.reason || "connection closed") + ")"; };
+}
+
 async function runPage() {
-  const me = await showUser();
   const runId = decodeURIComponent(location.pathname.split("/").pop());
-  const run = await api("/api/runs/" + encodeURIComponent(runId));
+  const page = {me: null, run: null};
+  openLive(runId, page);  // first: the page's data does not wait on the two requests below
+  const [me, run] = await Promise.all([showUser(), api("/api/runs/" + encodeURIComponent(runId))]);
+  Object.assign(page, {me, run});
   document.getElementById("title").textContent = "Run " + run.name;
   if (can(me, "operator")) {
     document.getElementById("controls").hidden = false;
@@ -171,27 +201,6 @@ async function runPage() {
     }
   };
   setInterval(() => refresh().catch(() => {}), 2000);
-  const state = document.getElementById("state");
-  let summaries = [], details = [], versionsAt = 0;
-  const socket = new WebSocket((location.protocol === "https:" ? "wss://" : "ws://") + location.host +
-                               "/api/runs/" + encodeURIComponent(runId) + "/live");
-  socket.onmessage = (event) => {
-    const message = JSON.parse(event.data);
-    if (message.type === "missing") { state.textContent = "the run folder is gone: " + message.folder; return; }
-    summaries = message.type === "reset" ? message.summaries : summaries.concat(message.summaries);
-    details = (message.type === "reset" ? message.details : details.concat(message.details)).slice(-30);
-    const last = summaries.length ? summaries[summaries.length - 1] : null;
-    state.textContent = "live: " + summaries.length + " round(s)" + (last ? ", last round " + last.round + " " +
-      last.status : "") + ((message.problems || []).length ? "; " + message.problems.join("; ") : "");
-    document.getElementById("charts").replaceChildren(...runCharts(summaries));
-    drawSites(details);
-    drawTimeline(details);
-    if (summaries.length !== versionsAt) {  // a round ends with a checkpoint: a new version
-      versionsAt = summaries.length;
-      drawVersions(me, run).catch(() => {});
-    }
-  };
-  socket.onclose = (event) => { state.textContent = "not live (" + (event.reason || "connection closed") + ")"; };
 }
 
 PAGES.run = runPage;
