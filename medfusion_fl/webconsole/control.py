@@ -29,7 +29,6 @@ from medfusion_fl.config import RunConfig, all_keys
 from medfusion_fl.config_base import kebab
 from medfusion_fl.config_sources import flatten
 from medfusion_fl.errors import ConfigError
-from medfusion_fl.runstore import RunStore, load_checkpoint
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 FIXED = ("output.run-dir", "data.sites-root")  # the console places every run under its --runs folder
@@ -147,6 +146,8 @@ class Jobs:
 
     def resume(self, name: str, who: str) -> Job:
         """Continue a stopped or paused run from its newest checkpoint, with that checkpoint's own config."""
+        from medfusion_fl.runstore import RunStore, load_checkpoint  # torch: only when a run is resumed
+
         running = self.jobs.get(name)
         if running is not None and running.running:
             raise ConfigError(f"run {name!r} is still running; pause or stop it first")

@@ -14,11 +14,14 @@ import hashlib
 import json
 import logging
 import re
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import delete, insert, select
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from medfusion_fl.webconsole.db import RoundRow, RunRow, SiteLatestRow, SiteRoundRow, VersionRow, now
@@ -28,6 +31,8 @@ log = logging.getLogger(__name__)
 METRICS, RUN_FILE = "metrics.jsonl", "run.json"
 TAIL = 256  # bytes before the read offset whose hash says the file only grew
 CHECKPOINT = re.compile(r"^round-(\d+)\.pt$")
+T = TypeVar("T")
+_LOCK = threading.Lock()  # one indexer at a time in a console (a page's socket and its requests race)
 
 
 @dataclass
@@ -186,8 +191,32 @@ def _index_versions(session: Session, folder: Path, row: RunRow) -> None:
     row.has_model = int((folder / "model.onnx").is_file())
 
 
+def _guarded(work: Callable[[], T], session: Session) -> T:
+    """Run an indexing step alone in this process, and again when another console (another process on the
+    same database) wrote the same rows first."""
+    with _LOCK:
+        for attempt in range(3):
+            try:
+                return work()
+            except (IntegrityError, OperationalError):
+                session.rollback()
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+
 def index_folder(session: Session, folder: Path) -> RunRow:
-    """(Re)index one run folder: what its metrics file gained since the last scan, and its versions."""
+    """(Re)index one run folder (committed): what its metrics file gained since the last scan, its versions."""
+
+    def work() -> RunRow:
+        row = _index_folder(session, folder)
+        session.commit()
+        return row
+
+    return _guarded(work, session)
+
+
+def _index_folder(session: Session, folder: Path) -> RunRow:
     run_id = _run_id(folder)
     row = session.get(RunRow, run_id)
     if row is None:
@@ -205,11 +234,14 @@ def index_folder(session: Session, folder: Path) -> RunRow:
 
 def index_runs(session: Session, root: Path) -> list[RunRow]:
     """Index every run folder directly under `root`; a folder gone since the last scan is marked missing."""
-    root = Path(root)
+    return _guarded(lambda: _index_runs(session, Path(root)), session)
+
+
+def _index_runs(session: Session, root: Path) -> list[RunRow]:
     seen = []
     for folder in sorted(root.iterdir()) if root.is_dir() else []:
         if is_run(folder):
-            seen.append(index_folder(session, folder))
+            seen.append(_index_folder(session, folder))
     present = {r.id for r in seen}
     for row in session.query(RunRow).all():
         if row.id not in present and str(Path(row.folder).parent) == str(root.resolve()):

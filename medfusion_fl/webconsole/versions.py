@@ -11,7 +11,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import torch
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -29,6 +28,8 @@ def version_config(version: VersionRow) -> dict[str, Any]:
     path = Path(version.path)
     try:
         if version.kind == "checkpoint":
+            import torch  # only here: the console starts without torch (400 MB, 1.5 s)
+
             raw = torch.load(path, map_location="cpu", weights_only=True)
             return dict(raw["config"])
         card = json.loads((path.parent / "model_card.json").read_text(encoding="utf-8"))

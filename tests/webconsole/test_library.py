@@ -153,3 +153,37 @@ def test_versions_compare_and_downloads(tmp_path: Path) -> None:
         assert client.get(f"/api/runs/folder:one/files/{forbidden}").status_code == 404, forbidden
     refused = client.post("/api/runs/folder:one/versions/round-0001/export")  # a viewer may not export
     assert refused.status_code == 403
+
+
+def test_the_live_socket_checks_the_login_and_the_origin_and_survives_a_deleted_folder(tmp_path: Path) -> None:
+    from starlette.websockets import WebSocketDisconnect
+
+    runs = tmp_path / "runs"
+    folder = runs / "r"
+    folder.mkdir(parents=True)
+    _append(folder, *[_line(n, sites=20) for n in range(1, 131)])
+    with open_database(default_database(runs))() as db:
+        add_user(db, "vera", "viewer", PASSWORD)
+    client = TestClient(create_app(runs_dir=runs))
+    with client.websocket_connect("/api/runs/folder:r/live") as ws, pytest.raises(WebSocketDisconnect) as closed:
+        ws.receive_json()  # not logged in
+    assert closed.value.code == 4401
+    client.post("/api/login", json={"name": "vera", "password": PASSWORD})
+    with client.websocket_connect("/api/runs/folder:r/live", headers={"origin": "http://evil.example"}) as ws, \
+            pytest.raises(WebSocketDisconnect):
+        ws.receive_json()  # another site's page riding the cookie
+    with client.websocket_connect("/api/runs/folder:r/live") as ws:
+        opening, history = ws.receive_json(), ws.receive_json()
+        assert opening["type"] == "reset" and opening["rounds"] == 130 and len(opening["summaries"]) == 100
+        assert len(opening["details"]) == 10 and history["type"] == "history" and len(history["summaries"]) == 30
+        assert opening["summaries"][-1]["epsilon"]["highest"] == 131.9  # 20 sites: lowest, median, highest
+        _append(folder, _line(131, sites=20))
+        news = ws.receive_json()
+        assert news["type"] == "lines" and [s["round"] for s in news["summaries"]] == [131]
+        moved = runs.parent / "moved"
+        folder.rename(moved)  # deleted (or moved) while watched
+        assert ws.receive_json() == {"type": "missing", "folder": str(folder.resolve())}
+        moved.rename(folder)
+        _append(folder, _line(132, sites=20))
+        assert [s["round"] for s in ws.receive_json()["summaries"]] == [132]  # back: watched again
+    assert (folder / "metrics.jsonl").read_text().count("\n") == 132

@@ -19,6 +19,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from medfusion_fl.webconsole.auth import COOKIE, find_session
 from medfusion_fl.webconsole.db import RunRow
+from medfusion_fl.webconsole.index import index_runs
 
 router = APIRouter(tags=["live"])
 POLL_S = 0.25
@@ -34,16 +35,19 @@ def _allowed(websocket: WebSocket, run_id: str) -> str | None:
         if find_session(db, websocket.cookies.get(COOKIE)) is None:
             return None
         row = db.get(RunRow, run_id)
+        if row is None:  # a run made since the last listing (the page opens its socket first)
+            index_runs(db, websocket.app.state.runs_dir)
+            row = db.get(RunRow, run_id)
         return row.folder if row is not None else None
 
 
 @router.websocket("/api/runs/{run_id}/live")
 async def live(websocket: WebSocket, run_id: str) -> None:
     folder = await asyncio.to_thread(_allowed, websocket, run_id)  # the database, off the event loop
+    await websocket.accept()  # then closed with a reason the page shows, rather than a failed handshake
     if folder is None:
         await websocket.close(code=4401, reason="log in first, from the console's own pages, to a known run")
         return
-    await websocket.accept()
     tail = websocket.app.state.tails.get(folder)
     version, count, missing = -1, 0, False
     try:

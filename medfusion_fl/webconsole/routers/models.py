@@ -52,7 +52,6 @@ def list_versions(run_id: str, _: Viewer, db: DB) -> list[Version]:
     row = _run(db, run_id)
     if Path(row.folder).is_dir():
         index_folder(db, Path(row.folder))
-        db.commit()
     versions = db.scalars(select(VersionRow).where(VersionRow.run_id == run_id).order_by(VersionRow.name))
     return [Version(run=run_id, name=v.name, kind=v.kind, round=v.round, created=v.created, files=_files(row, v))
             for v in versions]
