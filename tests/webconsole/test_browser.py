@@ -4,19 +4,17 @@ run, and sees a new round appear without reloading; every request stays on the c
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 
 from medfusion_fl.webconsole.app import create_app, default_database
 from medfusion_fl.webconsole.auth import add_user
 from medfusion_fl.webconsole.db import open_database
 from tests.browser import open_page
+from tests.webconsole.serve import serve
 
 PASSWORD = "correct horse battery"
 
@@ -40,22 +38,8 @@ def console(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     (runs / "demo" / "metrics.jsonl").write_text(_line(1) + "\n" + _line(2) + "\n")
     with open_database(default_database(runs))() as session:
         add_user(session, "vera", "viewer", PASSWORD)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(runs_dir=runs), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started, "the console did not start within 20 s"
-    try:
-        yield f"http://127.0.0.1:{port}", runs
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with serve(create_app(runs_dir=runs)) as base:
+        yield base, runs
 
 
 def test_log_in_open_a_run_and_see_a_round_arrive_live(console: tuple[str, Path], tmp_path: Path) -> None:

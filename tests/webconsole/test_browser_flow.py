@@ -5,21 +5,19 @@ compare two versions, download model.onnx. Screenshots land in the test's tmp fo
 from __future__ import annotations
 
 import logging
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
 import pytest
-import uvicorn
 
 from medfusion_fl.webconsole.app import create_app, default_database
 from medfusion_fl.webconsole.auth import add_user
 from medfusion_fl.webconsole.db import open_database
 from tests.browser import open_page
 from tests.conftest import REPO
+from tests.webconsole.serve import serve
 
 PASSWORD = "correct horse battery"
 
@@ -30,22 +28,8 @@ def console(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     runs.mkdir()
     with open_database(default_database(runs))() as session:
         add_user(session, "otto", "operator", PASSWORD)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(runs_dir=runs, app_dir=REPO), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started, "the console did not start within 20 s"
-    try:
-        yield f"http://127.0.0.1:{port}", runs
-    finally:
-        server.should_exit = True  # the lifespan stops any simulation still running
-        thread.join(timeout=30)
+    with serve(create_app(runs_dir=runs, app_dir=REPO)) as base:
+        yield base, runs
 
 
 @pytest.mark.simulation
