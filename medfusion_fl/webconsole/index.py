@@ -53,6 +53,7 @@ def _tail_hash(data: bytes) -> str:
 
 def read_from(path: Path, offset: int = 0, line_count: int = 0, tail_hash: str = "") -> Chunk:
     """Read `path` from `offset` when the bytes before it still hash to `tail_hash`, else from the start."""
+    before = b""
     try:
         with path.open("rb") as handle:
             reset = offset == 0
@@ -62,7 +63,7 @@ def read_from(path: Path, offset: int = 0, line_count: int = 0, tail_hash: str =
                 reset = len(before) != min(offset, TAIL) or _tail_hash(before) != tail_hash
             if reset:
                 handle.seek(0)
-                offset, line_count = 0, 0
+                offset, line_count, before = 0, 0, b""
             data = handle.read()
     except FileNotFoundError:
         return Chunk(reset=offset > 0)
@@ -86,9 +87,7 @@ def read_from(path: Path, offset: int = 0, line_count: int = 0, tail_hash: str =
         chunk.records.append(record)
     consumed = data[:end + 1]
     chunk.offset += len(consumed)
-    with path.open("rb") as handle:  # the hash of the TAIL bytes before the new offset
-        handle.seek(max(chunk.offset - TAIL, 0))
-        chunk.tail_hash = _tail_hash(handle.read(chunk.offset - max(chunk.offset - TAIL, 0)))
+    chunk.tail_hash = _tail_hash(before + consumed)  # the TAIL bytes before the new offset
     return chunk
 
 
@@ -133,7 +132,8 @@ def _index_metrics(session: Session, folder: Path, row: RunRow) -> None:
             row.last_round, row.status = newest, str(rounds[newest].get("status", "unknown"))
     row.problems = list(row.problems or []) + chunk.problems
     row.offset, row.line_count, row.tail_hash = chunk.offset, chunk.line_count, chunk.tail_hash
-    row.rounds = session.query(RoundRow).filter(RoundRow.run_id == row.id).count()
+    if rounds or chunk.reset:
+        row.rounds = session.query(RoundRow).filter(RoundRow.run_id == row.id).count()
 
 
 def _update_latest(session: Session, run_id: str, sites: list[dict[str, Any]]) -> None:

@@ -49,9 +49,6 @@ class Tail:
             self.problems += chunk.problems
             self.offset, self.line_count, self.tail_hash = chunk.offset, chunk.line_count, chunk.tail_hash
 
-    def state(self) -> tuple[int, int]:
-        return self.version, len(self.summaries)
-
     def reset_message(self) -> tuple[int, int, str, str]:
         """(version, rounds, opening, history): the two messages a page gets when it opens, serialised once
         per state: the newest OPENING curve points and RECENT details, then the older curve points
