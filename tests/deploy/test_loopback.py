@@ -118,6 +118,32 @@ def _port_open(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
+def _stop_from_console(runs: Path, name: str, flwr_home: Path) -> dict[str, str]:
+    """POST /api/jobs/NAME/stop to a console on `runs` that knows the SuperLink as the flwr connection
+    "coordinator"; returns its answer."""
+    from fastapi.testclient import TestClient
+
+    from medfusion_fl.webconsole.app import create_app
+    from medfusion_fl.webconsole.auth import add_user
+
+    app = create_app(runs_dir=runs, app_dir=REPO, superlink="coordinator")
+    with app.state.sessions() as session:
+        add_user(session, "otto", "operator", "correct horse battery")
+    client = TestClient(app)
+    csrf = client.post("/api/login", json={"name": "otto", "password": "correct horse battery"}).json()["csrf"]
+    old = os.environ.get("FLWR_HOME")
+    os.environ["FLWR_HOME"] = str(flwr_home)  # where `flwr` finds the "coordinator" connection
+    try:
+        answer = client.post(f"/api/jobs/{name}/stop", headers={"X-CSRF-Token": csrf})
+    finally:
+        if old is None:
+            os.environ.pop("FLWR_HOME")
+        else:
+            os.environ["FLWR_HOME"] = old
+    assert answer.status_code == 200, answer.text
+    return dict(answer.json())
+
+
 def test_loopback_federation_with_tls_auth_loss_and_resume(tmp_path: Path) -> None:
     home, certs, data, run_dir = tmp_path / "flwr-home", tmp_path / "certs", tmp_path / "data", tmp_path / "run"
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -191,10 +217,16 @@ def test_loopback_federation_with_tls_auth_loss_and_resume(tmp_path: Path) -> No
         _wait("the unregistered SuperNode to give up", lambda: stranger.poll() is not None, 120, procs, "H4")
         assert stranger.returncode != 0 and procs.count("H4", "Failed to activate SuperNode") == 1
         procs.stop("H4")  # its helper processes
-        # 5. the researcher starts 2 rounds; H3 refuses the unapproved app; the coordinator dies after round 1
-        procs.start("run-1", [str(BIN / "flwr"), "run", str(REPO), "coordinator", "--stream", "--run-config", config])
+        # 5. the researcher starts 2 rounds; H3 refuses the unapproved app; after round 1 an operator stops the
+        # run from the console (Flower's `flwr stop`) and the coordinator dies
+        first_run = procs.start("run-1", [str(BIN / "flwr"), "run", str(REPO), "coordinator", "--stream",
+                                          "--run-config", config])
         first = run_dir / "checkpoints" / "round-0001.pt"
         _wait("round 1's checkpoint", first.exists, 420 * slow, procs, "run-1")
+        # the operator stops it from the console, which goes through Flower's own `flwr stop`
+        stop = _stop_from_console(tmp_path, run_dir.name, home)
+        assert "stop sent through flwr stop" in stop["status"], stop
+        _wait("`flwr run` to see its run stopped", lambda: first_run.poll() is not None, 120, procs, "run-1")
         procs.stop("superlink")
         procs.stop("run-1")
         assert not (run_dir / "checkpoints" / "round-0002.pt").exists()
