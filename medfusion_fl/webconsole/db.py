@@ -15,8 +15,10 @@ from typing import Any
 
 from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event, inspect
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from medfusion_fl.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -145,10 +147,19 @@ def _sqlite_wal(dbapi_connection: Any, _record: Any) -> None:
 def open_database(url: str) -> sessionmaker:  # type: ignore[type-arg]
     """An engine for `url` with every table created; SQLite files get WAL mode."""
     sqlite = url.startswith("sqlite")
-    engine: Engine = create_engine(url, connect_args={"timeout": 30} if sqlite else {}, **POOL)
+    try:
+        engine: Engine = create_engine(url, connect_args={"timeout": 30} if sqlite else {}, **POOL)
+    except (ImportError, ArgumentError) as exc:  # no driver installed, or not a database URL
+        raise ConfigError(f"--database {url!r}: {exc}. Give an SQLAlchemy URL whose driver is installed, e.g. "
+                          "postgresql+psycopg://USER@HOST/DB after `pip install psycopg[binary]`, or leave it out "
+                          "for SQLite in the runs folder") from None
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_wal)
-    _rebuild_stale_index(engine)
+    try:
+        _rebuild_stale_index(engine)
+    except OperationalError as exc:  # the server is down, the file's folder is missing, the password is wrong
+        raise ConfigError(f"--database {url!r}: cannot open it ({str(exc.orig).strip()}); check that it is "
+                          "running and reachable, and the URL's user, host and database name") from None
     try:
         Base.metadata.create_all(engine)
     except OperationalError:  # a second console on the same database created the tables meanwhile

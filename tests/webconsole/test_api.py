@@ -166,3 +166,11 @@ def test_only_an_admin_manages_users_and_every_change_is_audited(runs: Path) -> 
     assert eve.get("/api/runs").status_code == 401  # removed: logged out at once
     actions = [(a["who"], a["action"]) for a in client.get("/api/audit").json() if a["who"] == "ada"]
     assert actions[:4] == [("ada", "remove-user"), ("ada", "change-role"), ("ada", "add-user"), ("ada", "login")]
+
+
+def test_a_database_that_cannot_be_opened_is_named_with_the_fix(tmp_path: Path) -> None:
+    for url, said in (("nonsense", "Could not parse"), ("postgresql+psycopg://x@127.0.0.1:1/db", "cannot open it"),
+                      (f"sqlite:///{tmp_path / 'no' / 'such' / 'c.db'}", "cannot open it")):
+        with pytest.raises(ConfigError, match=said) as raised:
+            open_database(url)
+        assert repr(url) in str(raised.value)
