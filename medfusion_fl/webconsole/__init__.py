@@ -1,7 +1,7 @@
-"""The coordinator's web console: an index of run folders in a database, users and roles, and a JSON API.
+"""The coordinator's web console: an index of run folders in a database, users and roles, pages and a JSON API.
 
 It shows only what the coordinator may know (each run's metrics lines, checkpoints and exports), never a
-site's data. The run folders stay the source of truth; the database indexes them. Work in progress on
-issue 19: the index, users, sessions and the read API are here; pages, live updates, control and model
-comparison are not yet.
+site's data. The run folders stay the source of truth; the database indexes them. Pages, live updates,
+control (start, stop, pause, resume, `flwr stop`), model versions and their comparison, users and roles:
+docs/design.md, "Console".
 """

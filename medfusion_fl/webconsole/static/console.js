@@ -7,7 +7,10 @@ const COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b
 async function api(path, options = {}) {
   const response = await fetch(path, {credentials: "same-origin", ...options});
   if (response.status === 401 && document.body.dataset.page !== "login") {
-    location.href = "/login?next=" + encodeURIComponent(location.pathname);
+    if (!window.leaving) {  // once: a page's parallel requests must not start two navigations
+      window.leaving = true;
+      location.replace("/login?next=" + encodeURIComponent(location.pathname));
+    }
     throw new Error("not logged in");
   }
   const body = await response.json();
