@@ -34,12 +34,12 @@ import websockets
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from medfusion_fl.deploy.site_agent import FLOWER_ENV  # noqa: E402
 from medfusion_fl.durable import append_jsonl_atomic, write_json_atomic  # noqa: E402
 
 log = logging.getLogger("bench.console_load")
 PASSWORD = "load-test-password"
-ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-       "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+ENV = {**os.environ, **FLOWER_ENV}
 
 
 def metrics_line(number: int, sites: int) -> dict[str, Any]:

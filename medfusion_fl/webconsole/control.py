@@ -28,13 +28,12 @@ from medfusion_fl import runcontrol
 from medfusion_fl.config import RunConfig, all_keys
 from medfusion_fl.config_base import kebab
 from medfusion_fl.config_sources import flatten
+from medfusion_fl.deploy.site_agent import FLOWER_ENV
 from medfusion_fl.errors import ConfigError
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 FIXED = ("output.run-dir", "data.sites-root")  # the console places every run under its --runs folder
 STOP_GRACE_S = 15.0
-FLWR_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
 
 
 def presets(app_dir: Path) -> dict[str, dict[str, Any]]:
@@ -129,7 +128,7 @@ class Jobs:
     def _launch(self, name: str, command: list[str], who: str) -> Job:
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         log = (self.runs_dir / f".{name}.console.log").open("ab")
-        env = {**os.environ, **FLWR_ENV}
+        env = {**os.environ, **FLOWER_ENV}
         process = subprocess.Popen(command, cwd=self.app_dir, stdout=log, stderr=subprocess.STDOUT, env=env,
                                    start_new_session=True)
         job = Job(name, self.runs_dir / name, process, who)
@@ -205,7 +204,7 @@ class Jobs:
         if flwr is None:
             raise ConfigError("the `flwr` command is not on the console's PATH; install flwr where the console runs")
         done = subprocess.run([flwr, "stop", str(flower_id), self.superlink, "--format", "json"], capture_output=True,
-                              text=True, timeout=60, env={**os.environ, **FLWR_ENV}, check=False)
+                              text=True, timeout=60, env={**os.environ, **FLOWER_ENV}, check=False)
         said = (done.stdout + done.stderr).strip()
         if done.returncode != 0:
             raise ConfigError(f"`flwr stop {flower_id} {self.superlink}` failed (exit {done.returncode}): "

@@ -111,7 +111,7 @@ def _site_rows(run_id: str, record: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _index_metrics(session: Session, folder: Path, row: RunRow) -> None:
     chunk = read_from(folder / METRICS, row.offset or 0, row.line_count or 0, row.tail_hash or "")
-    if chunk.reset or not row.offset:
+    if chunk.reset:  # also the first read (offset 0)
         session.execute(delete(SiteLatestRow).where(SiteLatestRow.run_id == row.id))
         session.execute(delete(SiteRoundRow).where(SiteRoundRow.run_id == row.id))
         session.execute(delete(RoundRow).where(RoundRow.run_id == row.id))

@@ -18,9 +18,9 @@ from medfusion_fl.errors import ConfigError
 from medfusion_fl.webconsole.db import RoundRow, RunRow, SiteRoundRow, VersionRow
 from medfusion_fl.webconsole.views import summary
 
-# what the console lets a browser download from a run folder (nothing else in it, ever)
-DOWNLOADS = re.compile(r"^(exports/[A-Za-z0-9_.-]+/)?(model\.onnx|model_card\.json|report/report\.html|"
-                       r"report/evaluation\.json)$")
+# what the console lets a browser download of an export (nothing else in a run folder, ever)
+EXPORT_FILES = ("model.onnx", "model_card.json", "report/report.html", "report/evaluation.json")
+DOWNLOADS = re.compile(r"^(exports/[A-Za-z0-9_.-]+/)?(" + "|".join(map(re.escape, EXPORT_FILES)) + ")$")
 
 
 def version_config(version: VersionRow) -> dict[str, Any]:

@@ -17,7 +17,8 @@ from medfusion_fl.webconsole.db import RunRow, VersionRow, audit
 from medfusion_fl.webconsole.deps import DB, Operator, Viewer
 from medfusion_fl.webconsole.index import index_folder
 from medfusion_fl.webconsole.routers.control import JobState, job_state
-from medfusion_fl.webconsole.versions import DOWNLOADS, compare, find_version
+from medfusion_fl.webconsole.routers.runs import run_row
+from medfusion_fl.webconsole.versions import DOWNLOADS, EXPORT_FILES, compare, find_version
 
 router = APIRouter(prefix="/api", tags=["models"])
 REPORT_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; frame-ancestors 'none'; sandbox"
@@ -32,24 +33,16 @@ class Version(BaseModel):
     files: list[str]  # what GET /api/runs/{run}/files/{file} serves for it
 
 
-def _run(db: DB, run_id: str) -> RunRow:
-    row = db.get(RunRow, run_id)
-    if row is None:
-        raise HTTPException(404, f"no run {run_id!r}; GET /api/runs lists them")
-    return row
-
-
 def _files(row: RunRow, version: VersionRow) -> list[str]:
     if version.kind != "export":
         return []
     prefix = "" if version.name == "model.onnx" else version.name + "/"
-    return [prefix + f for f in ("model.onnx", "model_card.json", "report/report.html", "report/evaluation.json")
-            if (Path(row.folder) / prefix / f).is_file()]
+    return [prefix + f for f in EXPORT_FILES if (Path(row.folder) / prefix / f).is_file()]
 
 
 @router.get("/runs/{run_id}/versions")
-def list_versions(run_id: str, _: Viewer, db: DB) -> list[Version]:
-    row = _run(db, run_id)
+def list_versions(run_id: str, request: Request, _: Viewer, db: DB) -> list[Version]:
+    row = run_row(db, request, run_id)
     if Path(row.folder).is_dir():
         index_folder(db, Path(row.folder))
     versions = db.scalars(select(VersionRow).where(VersionRow.run_id == run_id).order_by(VersionRow.name))
@@ -70,7 +63,7 @@ def compare_versions(_: Viewer, db: DB, a: str = Query(description="run id of th
 
 @router.post("/runs/{run_id}/versions/{name}/export", status_code=202)
 def export_version(run_id: str, name: str, request: Request, current: Operator, db: DB) -> JobState:
-    row = _run(db, run_id)
+    row = run_row(db, request, run_id)
     try:
         version = find_version(db, run_id, name)
         if version.kind != "checkpoint":
@@ -83,8 +76,8 @@ def export_version(run_id: str, name: str, request: Request, current: Operator, 
 
 
 @router.get("/runs/{run_id}/files/{file:path}")
-def download(run_id: str, file: str, current: Viewer, db: DB) -> FileResponse:
-    row = _run(db, run_id)
+def download(run_id: str, file: str, request: Request, current: Viewer, db: DB) -> FileResponse:
+    row = run_row(db, request, run_id)
     if not DOWNLOADS.match(file):
         raise HTTPException(404, f"{file!r} is not served: a run's model.onnx, model_card.json, "
                                  "report/report.html and report/evaluation.json (also under exports/NAME/) are")

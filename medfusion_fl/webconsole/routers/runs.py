@@ -1,5 +1,5 @@
-"""GET /api/runs, GET /api/runs/{run_id}, .../rounds and .../sites: the indexed run folders, their metrics
-lines and each site's results."""
+"""GET /api/runs, GET /api/runs/{run_id} (with each site's latest results) and .../rounds: the indexed run
+folders and their metrics lines."""
 
 from __future__ import annotations
 
@@ -57,7 +57,8 @@ def list_runs(request: Request, _: Viewer, db: DB) -> list[RunSummary]:
     return [RunSummary(**_summary(r)) for r in db.scalars(select(RunRow).order_by(RunRow.name))]
 
 
-def _row(db: DB, request: Request, run_id: str) -> RunRow:
+def run_row(db: DB, request: Request, run_id: str) -> RunRow:
+    """The run's row, indexing the folders once when it is not known yet; 404 when there is none."""
     row = db.get(RunRow, run_id)
     if row is None:  # a run made since the last listing
         index_runs(db, request.app.state.runs_dir)
@@ -69,7 +70,7 @@ def _row(db: DB, request: Request, run_id: str) -> RunRow:
 
 @router.get("/{run_id}")
 def get_run(run_id: str, request: Request, _: Viewer, db: DB) -> RunDetail:
-    row = _row(db, request, run_id)
+    row = run_row(db, request, run_id)
     sites = db.scalars(select(SiteLatestRow).where(SiteLatestRow.run_id == run_id).order_by(SiteLatestRow.site))
     board = Path(row.folder) / "tensorboard"
     job = request.app.state.jobs.jobs.get(row.name)
@@ -84,7 +85,7 @@ def get_rounds(run_id: str, request: Request, _: Viewer, db: DB,
                since: int = Query(0, ge=0, description="only rounds after this one"),
                limit: int = Query(100, ge=1, le=1000, description="at most this many rounds")) -> list[dict[str, Any]]:
     """The metrics lines themselves, in round order."""
-    _row(db, request, run_id)
+    run_row(db, request, run_id)
     rounds = db.scalars(select(RoundRow).where(RoundRow.run_id == run_id, RoundRow.round > since)
                         .order_by(RoundRow.round).limit(limit))
     return [r.record for r in rounds]
