@@ -22,7 +22,8 @@ from medfusion_fl.config import RunConfig
 from medfusion_fl.errors import ParameterMismatch, RoundFailed
 from medfusion_fl.parameters import Weights
 from medfusion_fl.release.evaluation import PooledEvaluation, ReleaseLayout
-from server.rounds import (
+from server.secure_round import secure_release
+from server.sites import (
     SiteDirectory,
     SiteFailure,
     collect,
@@ -32,7 +33,6 @@ from server.rounds import (
     site_name,
     weights_record,
 )
-from server.secure_round import secure_release
 
 
 @dataclass

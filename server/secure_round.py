@@ -28,7 +28,7 @@ from medfusion_fl.protocol import PRIVACY_DECLINED
 from medfusion_fl.secagg import Encoding, SecAggError, Setup, SumEncoding, modulus_dtype, release_modulus_dtype, unmask
 from medfusion_fl.secagg.encoding import input_length, unflatten
 from medfusion_fl.secagg.primitives import check_public_key
-from server.rounds import (
+from server.sites import (
     SiteDirectory,
     SiteFailure,
     collect,

@@ -18,7 +18,8 @@ from medfusion_fl.config import RunConfig
 from medfusion_fl.errors import ConfigError
 from medfusion_fl.models import build_model, example_inputs
 from medfusion_fl.models.backbone import FAMILIES
-from medfusion_fl.privacy.dp_sgd import per_patient_backward, prepare_for_dp, set_view_folding
+from medfusion_fl.models.dp_form import prepare_for_dp
+from medfusion_fl.privacy.dp_sgd import per_patient_backward, set_view_folding
 
 DP_FAMILIES = [f for f in FAMILIES if f not in {"swin", "maxvit"}]
 

@@ -11,6 +11,7 @@ from medfusion_fl.config import RunConfig
 from medfusion_fl.errors import ConfigError
 from medfusion_fl.models.aggregation import AGGREGATIONS
 from medfusion_fl.models.backbone import create_backbone, feature_dim, set_checkpointing
+from medfusion_fl.models.dp_form import prepare_for_dp
 from medfusion_fl.models.fusion import FUSIONS
 
 
@@ -138,8 +139,6 @@ def build_model(run: RunConfig, *, seed: int | None = None) -> MedFusionModel:
         torch.manual_seed(seed)
     model = MedFusionModel(run, spec_from_config(run))
     if run.privacy.enabled:
-        from medfusion_fl.privacy.dp_sgd import prepare_for_dp  # imports opacus: only when needed
-
         prepare_for_dp(model, run.model.backbone)
     return model
 

@@ -25,31 +25,22 @@ from opacus.grad_sample.grad_sample_module import promote_current_grad_sample
 from opacus.grad_sample.layer_norm import compute_layer_norm_grad_sample
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from timm.layers.norm import LayerNorm as TimmLayerNorm
-from timm.models.convnext import ConvNeXtBlock
 from torch import nn
 from torch.profiler import record_function
 from torch.utils.data import DataLoader, Dataset
 
 from medfusion_fl.config import PrivacyConfig, TrainConfig
 from medfusion_fl.errors import ConfigError
+from medfusion_fl.models.dp_form import LayerScale
 from medfusion_fl.privacy.accountant import DPStep
 from medfusion_fl.privacy.bookkeeping import PerPatientClipper
 from medfusion_fl.privacy.conv_sampler import grouped_conv2d_grad_sample
 from medfusion_fl.privacy.graphed import PaddedClippedStep
-from medfusion_fl.privacy.persample import LayerScale, patient_grads
+from medfusion_fl.privacy.persample import patient_grads
 from medfusion_fl.training import TrainResult, autocast, make_optimizer
 
 log = logging.getLogger(__name__)
 Batch = dict[str, torch.Tensor]
-REFUSED = {"swin": "Swin", "maxvit": "MaxViT", "maxxvit": "MaxViT", "coatnet": "CoAtNet"}
-
-
-class OutOfPlace(nn.Module):
-    """Copies its input: a later in-place op (timm's `x += shortcut`) then never touches the output
-    of a layer Opacus hooks, which autograd forbids."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.clone()
 
 
 Sampler = Callable[[nn.Module, list[torch.Tensor], torch.Tensor], dict[nn.Parameter, torch.Tensor]]
@@ -89,64 +80,6 @@ def _layer_scale_grad_sample(layer: LayerScale, activations: list[torch.Tensor],
 GradSampleModule.GRAD_SAMPLERS[LayerScale] = _layer_scale_grad_sample
 for _type, _sampler in list(GradSampleModule.GRAD_SAMPLERS.items()):
     GradSampleModule.GRAD_SAMPLERS[_type] = _exact(_sampler)
-TOKENS = ("cls_token", "reg_token", "pos_embed")  # owned by the ViT module itself
-
-
-def _freeze_vit_tokens(model: nn.Module) -> list[str]:
-    """A module that owns parameters directly is replayed whole by Opacus' torch.func fallback,
-    which cannot run through checkpointing and is slow; ViT's class/position tokens are such
-    parameters, so under DP they stay at their initial (or loaded) values."""
-    frozen = []
-    for name, module in model.named_modules():
-        for token in TOKENS:
-            param = getattr(module, token, None)
-            if isinstance(param, nn.Parameter) and param.requires_grad:
-                param.requires_grad_(False)
-                frozen.append(f"{name}.{token}")
-    if frozen:
-        log.info("DP: froze %d ViT token parameter(s) so every layer gets exact per-patient gradients", len(frozen))
-    return frozen
-
-
-def prepare_for_dp(model: nn.Module, backbone_name: str) -> nn.Module:
-    """Make a MedFusion model safe for exact per-patient gradients, in place; refuse what is not."""
-    family = next((label for key, label in REFUSED.items() if backbone_name.startswith(key)), None)
-    if family:
-        raise ConfigError(
-            f"model.backbone = {backbone_name!r}: {family} folds attention windows into the batch "
-            "dimension, so per-layer per-sample gradients would mix patients and DP would be wrong. "
-            "Choose another family under privacy.enabled = true (e.g. resnet, efficientnet, convnext, vit).")
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            raise ConfigError("BatchNorm mixes patients in a batch and breaks per-patient privacy; "
-                              "set model.norm = 'group' for DP training.")
-        if hasattr(module, "inplace"):
-            module.inplace = False  # type: ignore[assignment]
-    _guard_norm_outputs(model)
-    _freeze_vit_tokens(model)
-    _move_layer_scales(model)
-    return model
-
-
-def _move_layer_scales(model: nn.Module) -> None:
-    """ConvNeXt multiplies its block output by a parameter `gamma` owned by the block itself; both
-    engines need every parameter in a layer with a per-sample rule, so gamma moves into a LayerScale
-    after the block's MLP (channels last there unless the block uses a conv MLP): same function."""
-    for module in model.modules():
-        if isinstance(module, ConvNeXtBlock) and isinstance(module.gamma, nn.Parameter):
-            scale = LayerScale(module.gamma, dim=1 if module.use_conv_mlp else -1)
-            module.gamma = None
-            setattr(module, "mlp", nn.Sequential(module.mlp, scale))  # noqa: B010 (timm types mlp as Mlp)
-
-
-def _guard_norm_outputs(module: nn.Module) -> None:
-    for name, child in list(module.named_children()):
-        if isinstance(child, nn.GroupNorm | nn.LayerNorm):
-            setattr(module, name, nn.Sequential(child, OutOfPlace()))
-        else:
-            _guard_norm_outputs(child)
-
-
 @contextmanager
 def per_patient_backward(model: nn.Module) -> Iterator[None]:
     """Run one backward pass so that per-sample gradients sum over every call of a reused module.

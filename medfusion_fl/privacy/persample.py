@@ -23,22 +23,9 @@ from timm.layers.norm import LayerNorm2d
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
+from medfusion_fl.models.dp_form import LayerScale
+
 Grads = dict[torch.Tensor, torch.Tensor]  # parameter -> gradient
-
-
-class LayerScale(nn.Module):
-    """x * gamma over the channel axis `dim` (ConvNeXt's layer scale, moved out of the block so that
-    every parameter belongs to a layer with a per-patient gradient rule)."""
-
-    def __init__(self, gamma: nn.Parameter, dim: int) -> None:
-        super().__init__()
-        self.gamma = gamma
-        self.dim = dim
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = [1] * x.dim()
-        shape[self.dim] = -1
-        return x * self.gamma.reshape(shape)
 
 
 CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)

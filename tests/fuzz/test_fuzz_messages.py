@@ -149,7 +149,7 @@ HISTORIES = st.sampled_from(["[" * 5000, "{}", "null", '[{"kind": "train"}]', '[
 
 @given(fields=st.dictionaries(st.sampled_from(sorted(PRIVACY)), SCALARS | HISTORIES, min_size=1, max_size=3))
 def test_the_coordinator_accepts_only_well_formed_privacy_reports(fields: dict[str, Any]) -> None:
-    from server.rounds import parse_privacy
+    from server.sites import parse_privacy
 
     try:
         report = parse_privacy(ConfigRecord({**PRIVACY, **fields}), "site-0")

@@ -14,7 +14,7 @@ from medfusion_fl.errors import RoundFailed
 from medfusion_fl.report.calibration import scale_threshold
 from medfusion_fl.runstore import RunStore, load_checkpoint
 from server.federation import Federation
-from server.rounds import SiteDirectory, sample, wait_for_sites
+from server.sites import SiteDirectory, sample, wait_for_sites
 from tests.conftest import OPEN_POLICY, PLAIN, tiny_flat
 from tests.fakegrid import FakeGrid
 
@@ -161,7 +161,7 @@ def test_errors_written_by_the_superlink_are_attributed_to_the_lost_node() -> No
     from flwr.app import ConfigRecord, Error, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from server.rounds import replying_node
+    from server.sites import replying_node
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     sent = [Message(content=RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=node,

@@ -105,7 +105,7 @@ def test_replayed_stage_messages_are_refused(synth_root: Path, tmp_path: Path) -
 def test_malformed_stage_messages_are_refused_with_the_field(synth_root: Path, tmp_path: Path) -> None:
     from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-    from server.rounds import weights_record
+    from server.sites import weights_record
 
     run, grid, weights = _federate(synth_root, tmp_path.name, **SECURE)
     config = ConfigRecord({"server-round": 2})
