@@ -20,7 +20,8 @@ from medfusion_fl.report.metrics import areas_with_intervals
 from medfusion_fl.runfolder import RunFolder
 from medfusion_fl.tracking import RunTracker
 from medfusion_fl.training import at_threshold, predict, score
-from server.rounds import SiteDirectory, run_round
+from server.rounds import run_round
+from server.sites import SiteDirectory
 from strategies import build_strategy
 
 log = logging.getLogger("medfusion_fl.server")
