@@ -29,6 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from stepbench import write_report  # noqa: E402
 
 from medfusion_fl.config import RunConfig  # noqa: E402
@@ -37,7 +38,7 @@ from medfusion_fl.data import load_site, load_test_set  # noqa: E402
 from medfusion_fl.models import build_model  # noqa: E402
 from medfusion_fl.parameters import get_weights, set_weights  # noqa: E402
 from medfusion_fl.training import evaluate, train_local  # noqa: E402
-from strategies import build_strategy, weighted_delta_sum  # noqa: E402
+from strategies import Update, build_strategy  # noqa: E402
 
 log = logging.getLogger("medfusion_fl.bench.real_tabular")
 SITES, ALPHA, ROUNDS, DELTA = 4, 0.5, 15, 1e-5
@@ -110,7 +111,9 @@ def _run_method(run: RunConfig, folders: list[Path], test: Any, *, method: str, 
     histories: list[list[Any]] = [[] for _ in sites]
     if method in ("fedavg", "fedprox"):
         mu = 0.1 if method == "fedprox" else 0.0
-        strategy = build_strategy(cfg.strategy.model_copy(update={"name": method, "proximal_mu": mu}))
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # Flower's messages need a run
+        flat = {**cfg.to_flat(), "strategy.name": method, "strategy.proximal-mu": mu if method == "fedprox" else ""}
+        strategy = build_strategy(RunConfig.from_flat(flat))
         weights = get_weights(model)
         for rnd in range(ROUNDS):
             updates = []
@@ -118,10 +121,11 @@ def _run_method(run: RunConfig, folders: list[Path], test: Any, *, method: str, 
                 local = build_model(cfg, seed=seed)
                 set_weights(local, weights)
                 n, step = _train(cfg, local, data, dp=dp, seed=seed * 1000 + rnd * 10 + k, mu=mu)
-                updates.append((get_weights(local), n))
+                updates.append(Update(get_weights(local), n))
                 if step is not None:
                     histories[k].append(step)
-            weights = strategy.aggregate(weights, *weighted_delta_sum(weights, updates))
+            strategy.train_config(rnd + 1, weights, {"server-round": rnd + 1})
+            weights = strategy.aggregate_updates(rnd + 1, weights, updates)
         set_weights(model, weights)
     else:  # pooled or one site alone: the same number of local epochs as the federation's rounds
         for epoch in range(ROUNDS):

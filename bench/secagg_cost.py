@@ -29,6 +29,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict  # noqa: E402
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords  # noqa: E402
 from stepbench import write_report  # noqa: E402
 
 from medfusion_fl.console import ensure_logging  # noqa: E402
@@ -43,7 +45,6 @@ from medfusion_fl.secagg import (  # noqa: E402
     unmask,
 )
 from medfusion_fl.secagg.encoding import EXTRA  # noqa: E402
-from strategies import weighted_delta_sum  # noqa: E402
 
 log = logging.getLogger("medfusion_fl.bench.secagg_cost")
 MODELS = {"1M": "mobilenetv3_small_075", "11M": "resnet18"}  # timm models of ~1.0M and ~11.2M parameters
@@ -74,8 +75,9 @@ def plain_round(deltas: list[np.ndarray], weights: list[int]) -> dict[str, float
         site_s.append(time.perf_counter() - start)
         sent.append(len(payload) + 16)  # + num-examples and the loss
     start = time.perf_counter()
-    glob = {"w": np.zeros(deltas[0].size, np.float32)}
-    weighted_delta_sum(glob, [({"w": d}, n) for d, n in zip(deltas, weights, strict=True)])
+    replies = [RecordDict({"arrays": ArrayRecord({"w": Array(d.astype(np.float32))}),
+                           "metrics": MetricRecord({"num-examples": n})}) for d, n in zip(deltas, weights, strict=True)]
+    aggregate_arrayrecords(replies, "num-examples")  # the plain path's weighted mean (Flower's FedAvg)
     return {"site_s": max(site_s), "server_s": time.perf_counter() - start, "bytes_per_site": max(sent)}
 
 

@@ -18,6 +18,7 @@ from medfusion_fl.config_base import WHERE, Scalar, Section, kebab
 from medfusion_fl.config_sources import read_toml_flat
 from medfusion_fl.errors import ConfigError
 from medfusion_fl.report.config import ReportConfig
+from medfusion_fl.strategy_config import StrategyConfig, refuse_under_secure_sum
 
 
 def _split_list(value: str) -> tuple[str, ...]:
@@ -210,6 +211,10 @@ class SecAggConfig(Section):
                       "the sum is exact modulo 2^32 (or 2^64 when n x max-weight x 2^bits needs it).")
     max_weight: int = Field(4096, ge=1, description="Largest example count (FedAvg weight) a site may send; a "
                             "site with more patients refuses the round with a message to raise it.")
+    update_norm_bound: float = Field(100.0, gt=0.0, description="Bound on the L2 norm of each site's update (local "
+                                     "minus global weights), applied at the site before masking: one site, however "
+                                     "wrong its data, moves the mean by at most its weight share of this bound. "
+                                     "Stated in the model card.")
 
     @model_validator(mode="after")
     def _even_degree(self) -> SecAggConfig:
@@ -246,17 +251,6 @@ class EvaluationConfig(Section):
             raise ValueError(f"bins = {value} must be even, so that 0.5 is a bin edge (accuracy at 0.5 is read "
                              "from the histograms)")
         return value
-
-
-class StrategyConfig(Section):
-    name: Literal["fedavg", "fedprox"] = Field("fedavg", description="Server aggregation strategy.")
-    proximal_mu: float = Field(0.0, ge=0.0, description="FedProx: weight of (mu/2)||w - w_global||^2.")
-
-    @model_validator(mode="after")
-    def _mu_needs_fedprox(self) -> StrategyConfig:
-        if self.name == "fedavg" and self.proximal_mu > 0:
-            raise ValueError("proximal-mu > 0 needs strategy.name = 'fedprox' (or set proximal-mu = 0)")
-        return self
 
 
 class RoundsConfig(Section):
@@ -300,7 +294,7 @@ class RunConfig(Section):
             section, _, field = key.partition(".")
             if section not in _SECTIONS or not field:
                 raise ConfigError(unknown_key(key, all_keys(), value))
-            if _field_name(_SECTIONS[section], field) is None:
+            if _field_name(_SECTIONS[section], field) is None and section != "strategy":  # a user strategy's own
                 raise ConfigError(unknown_key(key, all_keys(), value))
             nested.setdefault(section, {})[field] = value
         try:
@@ -345,6 +339,9 @@ def explain_invalid(exc: ValidationError, flat: Mapping[str, Any]) -> str:
     lines = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"] if p != "__root__")
+        if key in _SECTIONS:  # a check across the section's keys (a model validator): its message names them
+            lines.append(f"config section {key!r}: {err['msg'].removeprefix('Value error, ')}")
+            continue
         value = flat.get(key, err.get("input"))
         lines.append(f"config key {key!r} = {value!r}: {err['msg']}")
     return "Invalid run configuration:\n  " + "\n  ".join(lines) + f"\nSet these in {WHERE}."
@@ -358,6 +355,8 @@ def _refuse_unavailable(config: RunConfig) -> None:
                               "(epsilon is infinite), though the run would claim it. Set a noise multiplier > 0 "
                               "(the default is 1.0 for training, 2.0 for evaluation), or privacy.enabled = false "
                               "to run without DP openly (warned and stated in the model card).")
+    if config.secagg.enabled and (why := refuse_under_secure_sum(config.strategy)):
+        raise ConfigError(why)
     if config.privacy.enabled and config.train.precision == "fp16":
         raise ConfigError("train.precision = 'fp16' with privacy.enabled: the gradient scaler multiplies every "
                           "per-patient gradient, so Opacus would clip at max-grad-norm / scale. Use 'bf16' or 'fp32'.")
@@ -379,6 +378,9 @@ def privacy_warnings(run: RunConfig) -> list[str]:
     if not run.secagg.enabled:
         warnings.append("secagg.enabled = false: no secure aggregation; the coordinator sees each site's update and "
                         "evaluation release one by one")
+    if not run.secagg.enabled and run.strategy.needs_individual_updates:
+        warnings.append(f"strategy.name = {run.strategy.name!r} aggregates the sites' individual updates: the "
+                        "coordinator saw each site's update")
     if run.privacy.enabled and run.privacy.noise_multiplier < 0.5:
         warnings.append(f"privacy.noise-multiplier = {run.privacy.noise_multiplier:g} < 0.5: each round spends a "
                         "large part of a typical budget")

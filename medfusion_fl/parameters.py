@@ -42,3 +42,21 @@ def check_weights(received: Mapping[str, np.ndarray], template: Mapping[str, np.
                 f"{ref.dtype}{list(ref.shape)}. Sites and server must run the same model config.")
         if np.issubdtype(got.dtype, np.floating) and not np.isfinite(got).all():
             raise ParameterMismatch(f"{source}: parameter {key!r} contains NaN or infinite values.")
+
+
+def bound_update(global_weights: Mapping[str, np.ndarray], local: Mapping[str, np.ndarray],
+                 max_norm: float) -> tuple[Weights, float]:
+    """local, moved back towards global_weights so that the update (local - global over the floating-point
+    arrays) has L2 norm at most max_norm; returns the weights and the update's norm before the bound.
+    Integer buffers (BatchNorm's step counter) are left as trained."""
+    floating = [k for k, v in local.items() if np.issubdtype(v.dtype, np.floating)]
+    norm = float(np.sqrt(sum(np.sum(np.square(local[k].astype(np.float64) - global_weights[k].astype(np.float64)))
+                             for k in floating)))
+    if norm <= max_norm:
+        return dict(local), norm
+    scale = max_norm / norm
+    bounded = dict(local)
+    for key in floating:
+        ref = global_weights[key].astype(np.float64)
+        bounded[key] = (ref + scale * (local[key].astype(np.float64) - ref)).astype(local[key].dtype)
+    return bounded, norm

@@ -17,7 +17,7 @@ from medfusion_fl.data import SiteData, load_site
 from medfusion_fl.data.synthetic import write_synthetic_site
 from medfusion_fl.errors import DataError
 from medfusion_fl.models import MedFusionModel, build_model
-from medfusion_fl.parameters import Weights, get_weights, set_weights
+from medfusion_fl.parameters import Weights, bound_update, get_weights, set_weights
 from medfusion_fl.policy import check_run
 from medfusion_fl.policy.enforce import Work
 from medfusion_fl.release.evaluation import ReleaseLayout
@@ -106,7 +106,13 @@ class SiteRunner:
                                  seed=self._seed(server_round), proximal_mu=proximal_mu)
         log.info("%s round %d: trained on %d patients, loss %.4f, %.1fs%s", self.site.site_id, server_round,
                  len(data.train), result.loss, result.seconds, f", epsilon {report.epsilon:.3f}" if report else "")
-        return LocalUpdate(get_weights(model.cpu()), result, report, len(data.train))
+        bound = self.run.secagg.update_norm_bound
+        weights, norm = bound_update(global_weights, get_weights(model.cpu()), bound)
+        # the site's own log only: nothing about the norm leaves the site
+        log.log(logging.WARNING if norm > bound else logging.INFO, "%s round %d: update norm %.3g%s "
+                "secagg.update-norm-bound = %g", self.site.site_id, server_round, norm,
+                " scaled down to" if norm > bound else " within", bound)
+        return LocalUpdate(weights, result, report, len(data.train))
 
     def _train_dp(self, model: MedFusionModel, data: SiteData, server_round: int, proximal_mu: float,
                   event_key: str) -> tuple[TrainResult, PrivacyReport]:

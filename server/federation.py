@@ -40,7 +40,7 @@ class Federation:
         self.resume_point = self.folder.open()
         self.store = self.folder.store
         self.tracker = RunTracker(self.store.root)  # <run-dir>/tensorboard: the metrics lines as curves
-        self.strategy = build_strategy(run.strategy)
+        self.strategy = build_strategy(run)
         self.model: MedFusionModel = build_model(run, seed=run.train.seed)
         self.held_out = self._load_held_out()
         self.sites: set[str] = set()

@@ -36,7 +36,7 @@ from server.sites import (
     weights_record,
     who,
 )
-from strategies import FedAvg, weighted_delta_sum
+from strategies import ServerStrategy, Update
 
 log = logging.getLogger("medfusion_fl.server")
 
@@ -79,9 +79,9 @@ class RoundResult:
     shared: set[str]  # sites whose policy shared per-site figures this round
 
 
-def _plain_train(grid: Grid | SiteDirectory, run: RunConfig, strategy: FedAvg, weights: Weights, server_round: int,
-                 chosen: list[int], train_config: dict[str, Any]) -> tuple[Weights, dict[str, Any], list[SiteFailure],
-                                                                           list[SiteReply]]:
+def _plain_train(grid: Grid | SiteDirectory, run: RunConfig, strategy: ServerStrategy, weights: Weights,
+                 server_round: int, chosen: list[int],
+                 train_config: dict[str, Any]) -> tuple[Weights, dict[str, Any], list[SiteFailure], list[SiteReply]]:
     content = RecordDict({"arrays": weights_record(weights), "config": ConfigRecord(train_config)})
     messages = [Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN) for n in chosen]
     replies, failures = collect(grid, messages, "train", run.rounds.reply_timeout,
@@ -96,15 +96,16 @@ def _plain_train(grid: Grid | SiteDirectory, run: RunConfig, strategy: FedAvg, w
             record={"round": server_round, "strategy": strategy.name,
                     "status": "budget-exhausted" if exhausted else "failed",
                     "failures": [asdict(f) for f in failures]}, budget_exhausted=exhausted)
-    delta_sum, total = weighted_delta_sum(weights, [(r.weights, r.weight) for r in trained])
+    total = sum(r.weight for r in trained)
+    updates = [Update(r.weights, r.weight, (r.shared or {}).get("train-loss")) for r in trained]
     sharing = [r for r in trained if r.shared and "train-loss" in r.shared]
     loss = (sum(r.shared["train-loss"] * r.weight for r in sharing if r.shared) / sum(r.weight for r in sharing)
             if sharing else None)
     summary = {"loss": loss, "num-examples": total, "sites": {r.site: r.shared or {} for r in trained}}
-    return strategy.aggregate(weights, delta_sum, total), summary, failures, trained
+    return strategy.aggregate_updates(server_round, weights, updates), summary, failures, trained
 
 
-def run_round(grid: Grid | SiteDirectory, run: RunConfig, strategy: FedAvg, weights: Weights, server_round: int,
+def run_round(grid: Grid | SiteDirectory, run: RunConfig, strategy: ServerStrategy, weights: Weights, server_round: int,
               held_out_eval: Callable[[Weights, float | None], dict[str, Any] | None],
               threshold: float | None = None) -> RoundResult:
     """One full round; raises RoundFailed (carrying the round's metrics line) when fewer than
@@ -113,12 +114,12 @@ def run_round(grid: Grid | SiteDirectory, run: RunConfig, strategy: FedAvg, weig
     cfg = run.rounds
     rng = random.Random(run.train.seed * 100_003 + server_round)
     nodes = wait_for_sites(grid, cfg.min_sites, cfg.wait_for_sites)
-    train_config: dict[str, Any] = {"server-round": server_round, **strategy.train_config(server_round)}
     chosen = sample(nodes, cfg.fraction_train, cfg.min_sites, rng)
+    train_config: dict[str, Any] = strategy.train_config(server_round, weights, {"server-round": server_round})
     record: dict[str, Any] = {"round": server_round, "strategy": strategy.name}
     if run.secagg.enabled:
         secure = secure_train(grid, run, weights, server_round, chosen, train_config)
-        new_weights = strategy.aggregate(weights, secure.delta_sum, secure.total_weight)
+        new_weights = strategy.aggregate_mean(server_round, weights, secure.delta_sum, secure.total_weight)
         failures, summed = list(secure.summed.failures), secure.summed
         record["train"] = {"loss": secure.loss, "num-examples": secure.total_weight,
                            "sites": {site: summed.shared.get(site, {}) for site in summed.sites}}

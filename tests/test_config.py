@@ -56,8 +56,8 @@ def test_bad_value_names_key_value_and_range() -> None:
 
 
 def test_cross_field_and_list_checks() -> None:
-    with pytest.raises(ConfigError, match="proximal-mu > 0 needs strategy.name = 'fedprox'"):
-        RunConfig.from_flat({"strategy.proximal-mu": 0.5})
+    with pytest.raises(ConfigError, match="secagg.enabled = false"):
+        RunConfig.from_flat({"strategy.name": "krum"})
     with pytest.raises(ConfigError, match="unique"):
         RunConfig.from_flat({"data.view-names": "a,a"})
     with pytest.raises(ConfigError, match="low must be below high"):
