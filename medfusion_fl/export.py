@@ -159,6 +159,7 @@ def build_card(run: RunConfig, model: MedFusionModel, check: ExportCheck,
                               "calibration.temperature (softmax of them: the calibrated probabilities)"},
         "privacy": privacy_section(run, extra.pop("privacy_sites", {}), sharing_sites=extra.pop("sharing_sites", []),
                                    refusals=extra.pop("refused_by_site_policy", {})),
+        "aggregation": aggregation_statement(run),
         **extra,
         "export_check": asdict(check),
         "config": run.to_flat(),
@@ -190,6 +191,21 @@ def privacy_section(run: RunConfig, sites: dict[str, Any], *, sharing_sites: lis
     if refusals:
         section["refused_by_site_policy"] = refusals
     return section
+
+
+def aggregation_statement(run: RunConfig) -> dict[str, Any]:
+    """The model card's account of how the sites' updates became the model, and what bounds one site's pull."""
+    cfg = run.strategy
+    if run.secagg.enabled:
+        saw = "only the example-weighted mean of the sites' updates (the secure sum), as one reply to the strategy"
+    else:
+        saw = "each site's update (secagg.enabled = false)" + (
+            f"; {cfg.name} aggregated them one by one" if cfg.needs_individual_updates else "")
+    return {"strategy": cfg.name, "arguments": cfg.arguments(), "coordinator_saw": saw,
+            "update_norm_bound": f"each site scaled its update to L2 norm <= {run.secagg.update_norm_bound:g} "
+                                 "before it left the site (secagg.update-norm-bound): one site's pull on the mean is "
+                                 "at most its weight share of that bound. It bounds a site whose data or training "
+                                 "went wrong, not a site whose software was altered."}
 
 
 def _secagg_statement(run: RunConfig) -> str | dict[str, Any]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 from medfusion_fl.config import RunConfig, privacy_warnings
 from medfusion_fl.data import SiteData, load_site
@@ -99,11 +100,14 @@ class SiteRunner:
         data = self.load_data()
         model = self._model(global_weights)
         report = None
-        if self.run.privacy.enabled:
-            result, report = self._train_dp(model, data, server_round, proximal_mu, event_key)
-        else:
-            result = train_local(model, data.train, self.run.train, device=self.device,
-                                 seed=self._seed(server_round), proximal_mu=proximal_mu)
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):  # dropout draws from a generator seeded by run, site and round,
+            torch.manual_seed(self._seed(server_round))  # not from whatever ran before (a resumed run repeats it)
+            if self.run.privacy.enabled:
+                result, report = self._train_dp(model, data, server_round, proximal_mu, event_key)
+            else:
+                result = train_local(model, data.train, self.run.train, device=self.device,
+                                     seed=self._seed(server_round), proximal_mu=proximal_mu)
         log.info("%s round %d: trained on %d patients, loss %.4f, %.1fs%s", self.site.site_id, server_round,
                  len(data.train), result.loss, result.seconds, f", epsilon {report.epsilon:.3f}" if report else "")
         bound = self.run.secagg.update_norm_bound

@@ -41,6 +41,9 @@ class Federation:
         self.store = self.folder.store
         self.tracker = RunTracker(self.store.root)  # <run-dir>/tensorboard: the metrics lines as curves
         self.strategy = build_strategy(run)
+        log.info("strategy %s%s: %s", self.strategy.label, run.strategy.arguments() or "",
+                 "one reply a round, the sites' mean from the secure sum" if run.secagg.enabled else
+                 "the sites' own updates, as the coordinator sees them (secure aggregation off)")
         self.model: MedFusionModel = build_model(run, seed=run.train.seed)
         self.held_out = self._load_held_out()
         self.sites: set[str] = set()

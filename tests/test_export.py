@@ -40,6 +40,8 @@ def test_onnx_matches_pytorch_on_any_batch(synth_root: Path, plain_run: RunConfi
     warned = [w.split(":")[0] for w in card["privacy"]["warnings"]]
     assert warned == ["privacy.enabled = false", "secagg.enabled = false"]
     assert card["config"]["model.backbone"] == "test_resnet"
+    assert "each site's update" in card["aggregation"]["coordinator_saw"]  # this run had secure aggregation off
+    assert "L2 norm <= 100" in card["aggregation"]["update_norm_bound"]
 
 
 def test_export_cli_redoes_export_from_a_checkpoint(tiny_run: RunConfig, tmp_path: Path) -> None:
