@@ -41,7 +41,8 @@ class Federation:
         self.store = self.folder.store
         self.tracker = RunTracker(self.store.root)  # <run-dir>/tensorboard: the metrics lines as curves
         self.strategy = build_strategy(run)
-        log.info("strategy %s%s: %s", self.strategy.label, run.strategy.arguments() or "",
+        arguments = ", ".join(f"{k}={v!r}" for k, v in run.strategy.arguments().items())
+        log.info("strategy %s(%s): %s", self.strategy.label, arguments,
                  "one reply a round, the sites' mean from the secure sum" if run.secagg.enabled else
                  "the sites' own updates, as the coordinator sees them (secure aggregation off)")
         self.model: MedFusionModel = build_model(run, seed=run.train.seed)

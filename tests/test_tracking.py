@@ -11,8 +11,8 @@ from client.client_app import app as client_app
 from medfusion_fl.config import RunConfig
 from medfusion_fl.tracking import round_scalars
 from server.federation import Federation
+from simulations.inprocess import InProcessGrid
 from tests.conftest import OPEN_POLICY, PLAIN, tiny_flat
-from tests.fakegrid import FakeGrid
 
 SECURE_DP_LINE = {
     "round": 2, "train": {"loss": None}, "wall_time_s": 3.7, "failures": [{"node_id": 101, "stage": "secagg_mask"}],
@@ -39,7 +39,7 @@ def test_a_run_writes_event_files_with_the_round_curves(synth_root: Path, tmp_pa
     run = RunConfig.from_flat(tiny_flat(tmp_path, **{"rounds.num-server-rounds": 2, **PLAIN,
                                                       "data.sites-root": str(synth_root / "data")}))
     federation = Federation(run)
-    grid = FakeGrid(client_app, run.to_flat(), num_nodes=2, node_config={**OPEN_POLICY, "share-metrics": True})
+    grid = InProcessGrid(client_app, run.to_flat(), num_nodes=2, node_config={**OPEN_POLICY, "share-metrics": True})
     federation.export(federation.run_rounds(grid))  # the sites share their training loss: it has a curve
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"),
                               size_guidance={"scalars": 0, "tensors": 0, "images": 0})

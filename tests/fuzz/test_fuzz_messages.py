@@ -31,8 +31,8 @@ from medfusion_fl.parameters import get_weights
 from medfusion_fl.site_config import SiteConfig
 from server.rounds import _parse_train_reply
 from server.secure_round import secure_sum
+from simulations.inprocess import InProcessGrid
 from tests.conftest import tiny_flat
-from tests.fakegrid import FakeGrid
 
 SCALARS = st.one_of(st.integers(-(2**63), 2**63 - 1), st.floats(allow_nan=True, allow_infinity=True),
                     st.text(max_size=8), st.binary(max_size=80), st.booleans())
@@ -189,7 +189,7 @@ def _fixed_input_app() -> ClientApp:
     return sites
 
 
-class TamperingGrid(FakeGrid):
+class TamperingGrid(InProcessGrid):
     """Node 100's reply to one stage is replaced by a tampered copy."""
 
     def __init__(self, stage: str, tamper: list[tuple[Any, ...]], **kw: Any) -> None:

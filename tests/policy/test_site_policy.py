@@ -22,8 +22,8 @@ from medfusion_fl.release.evaluation import ReleaseLayout
 from medfusion_fl.runstore import RunStore
 from medfusion_fl.secagg.encoding import input_length
 from server.federation import Federation
+from simulations.inprocess import InProcessGrid
 from tests.conftest import tiny_flat
-from tests.fakegrid import FakeGrid
 
 
 @pytest.fixture(autouse=True)
@@ -97,10 +97,10 @@ def test_min_sites_at_setup(tiny_run: RunConfig, tmp_path: Path) -> None:
     assert not _reply(tiny_run, "train.secagg_advertise", {"min-sites": 2}, tmp_path, parties=2).has_error()
 
 
-def _secure(root: Path, nodes: int, **kw: Any) -> tuple[RunConfig, FakeGrid]:
+def _secure(root: Path, nodes: int, **kw: Any) -> tuple[RunConfig, InProcessGrid]:
     run = RunConfig.from_flat(tiny_flat(root, **{"rounds.num-server-rounds": 1, "rounds.min-sites": 2,
                                                  "rounds.fraction-evaluate": 0.0}))
-    return run, FakeGrid(app, run.to_flat(), num_nodes=nodes, node_config={"max-epsilon": 100.0}, **kw)
+    return run, InProcessGrid(app, run.to_flat(), num_nodes=nodes, node_config={"max-epsilon": 100.0}, **kw)
 
 
 @pytest.mark.parametrize(("lost_at", "refused_at"), [("train.secagg_advertise", "secagg_share"),

@@ -16,8 +16,8 @@ from medfusion_fl.release.audit import FILENAME, HEAD, Item, OutboundAudit, read
 from medfusion_fl.release.inventory import markdown_table
 from medfusion_fl.runstore import RunStore
 from server.federation import Federation
+from simulations.inprocess import InProcessGrid
 from tests.conftest import REPO, tiny_flat
-from tests.fakegrid import FakeGrid
 from tests.release.outbound_checks import check_outbound
 
 
@@ -71,7 +71,7 @@ def test_what_left_the_sites_of_a_default_federation(synth_root: Path, tmp_path:
     run = RunConfig.from_flat(tiny_flat(tmp_path, **{"rounds.num-server-rounds": 1,
                                                      "data.sites-root": str(synth_root / "data")}))
     strict = {3: {"require-dp": True, "min-noise-multiplier": 3.0}}
-    grid = FakeGrid(app, run.to_flat(), num_nodes=4, node_config={"max-epsilon": 100.0}, per_node=strict)
+    grid = InProcessGrid(app, run.to_flat(), num_nodes=4, node_config={"max-epsilon": 100.0}, per_node=strict)
     federation = Federation(run)
     federation.export(federation.run_rounds(grid))
     # the coordinator recorded site-3's refusals of training and evaluation and went on with the others

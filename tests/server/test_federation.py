@@ -15,8 +15,8 @@ from medfusion_fl.report.calibration import scale_threshold
 from medfusion_fl.runstore import RunStore, load_checkpoint
 from server.federation import Federation
 from server.sites import SiteDirectory, sample, wait_for_sites
+from simulations.inprocess import InProcessGrid
 from tests.conftest import OPEN_POLICY, PLAIN, tiny_flat
-from tests.fakegrid import FakeGrid
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ def _run(root: Path, **overrides: object) -> RunConfig:
 
 def test_bad_site_is_recorded_and_the_federation_goes_on(broken_site2: Path) -> None:
     run = _run(broken_site2)
-    grid = FakeGrid(client_app, run.to_flat(), num_nodes=3, node_config={**OPEN_POLICY, "share-metrics": True})
+    grid = InProcessGrid(client_app, run.to_flat(), num_nodes=3, node_config={**OPEN_POLICY, "share-metrics": True})
     federation = Federation(run)
     final = federation.run_rounds(grid)
     federation.export(final)
@@ -71,12 +71,12 @@ def test_bad_site_is_recorded_and_the_federation_goes_on(broken_site2: Path) -> 
 def test_too_few_valid_updates_fail_loudly_and_keep_earlier_results(broken_site2: Path, synth_root: Path) -> None:
     good = _run(broken_site2, **{"rounds.num-server-rounds": 1,
                                  "data.sites-root": str(synth_root / "data")})
-    Federation(good).run_rounds(FakeGrid(client_app, good.to_flat(), num_nodes=3, node_config=OPEN_POLICY))
+    Federation(good).run_rounds(InProcessGrid(client_app, good.to_flat(), num_nodes=3, node_config=OPEN_POLICY))
     store = RunStore(good.output.run_dir)
     before = store.metrics_path.read_bytes()
     strict = _run(broken_site2, **{"rounds.min-sites": 3, "output.resume": True})  # round 2, site-2 broken now
     with pytest.raises(RoundFailed, match="2 valid update.*min-sites = 3.*global model is unchanged"):
-        Federation(strict).run_rounds(FakeGrid(client_app, strict.to_flat(), num_nodes=3, node_config=OPEN_POLICY))
+        Federation(strict).run_rounds(InProcessGrid(client_app, strict.to_flat(), num_nodes=3, node_config=OPEN_POLICY))
     after = store.metrics_path.read_bytes()
     assert after.startswith(before)  # the earlier line is intact
     failed = store.read_metrics()[-1]
@@ -87,7 +87,7 @@ def test_too_few_valid_updates_fail_loudly_and_keep_earlier_results(broken_site2
 def test_silent_site_times_out_and_is_named(synth_root: Path, tmp_path: Path) -> None:
     run = RunConfig.from_flat(tiny_flat(tmp_path, **{"rounds.num-server-rounds": 1, **PLAIN,
                                                       "data.sites-root": str(synth_root / "data")}))
-    grid = FakeGrid(client_app, run.to_flat(), num_nodes=3, silent=[1], node_config=OPEN_POLICY)
+    grid = InProcessGrid(client_app, run.to_flat(), num_nodes=3, silent=[1], node_config=OPEN_POLICY)
     Federation(run).run_rounds(grid)
     failures = RunStore(run.output.run_dir).read_metrics()[0]["failures"]
     assert {(f["node_id"], f["stage"]) for f in failures} == {(101, "train"), (101, "evaluate")}
@@ -130,7 +130,7 @@ def test_fedprox_run_sends_mu_to_the_sites(synth_root: Path, tmp_path: Path, mon
     run = RunConfig.from_flat(tiny_flat(tmp_path, **{
         "rounds.num-server-rounds": 1, "data.sites-root": str(synth_root / "data"), **PLAIN,
         "strategy.name": "fedprox", "strategy.proximal-mu": 0.25, "rounds.fraction-evaluate": 0.0}))
-    record = Federation(run).run_rounds(FakeGrid(client_app, run.to_flat(), num_nodes=2, node_config=OPEN_POLICY))
+    record = Federation(run).run_rounds(InProcessGrid(client_app, run.to_flat(), num_nodes=2, node_config=OPEN_POLICY))
     assert seen == [0.25, 0.25] and record["strategy"] == "fedprox" and record["evaluate"] is None
 
 
@@ -138,11 +138,11 @@ def test_resume_continues_from_the_last_complete_round(synth_root: Path, tmp_pat
     from medfusion_fl.errors import CheckpointError
 
     first = _run(synth_root, **{"rounds.num-server-rounds": 1, "output.run-dir": str(tmp_path / "run")})
-    Federation(first).run_rounds(FakeGrid(client_app, first.to_flat(), num_nodes=3, node_config=OPEN_POLICY))
+    Federation(first).run_rounds(InProcessGrid(client_app, first.to_flat(), num_nodes=3, node_config=OPEN_POLICY))
     after_one = load_checkpoint(RunStore(tmp_path / "run").latest_checkpoint()).weights
     again = _run(synth_root, **{"rounds.num-server-rounds": 3, "output.run-dir": str(tmp_path / "run"),
                                 "output.resume": True})
-    grid = FakeGrid(client_app, again.to_flat(), num_nodes=3, node_config=OPEN_POLICY)
+    grid = InProcessGrid(client_app, again.to_flat(), num_nodes=3, node_config=OPEN_POLICY)
     federation = Federation(again)
     assert all((a == b).all() for a, b in zip(federation.resume()[0].values(), after_one.values(), strict=True))
     federation = Federation(again)

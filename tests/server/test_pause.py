@@ -12,8 +12,8 @@ from medfusion_fl import runcontrol
 from medfusion_fl.config import RunConfig
 from medfusion_fl.runstore import RunStore, load_checkpoint
 from server.federation import Federation
+from simulations.inprocess import InProcessGrid
 from tests.conftest import OPEN_POLICY, PLAIN, tiny_flat
-from tests.fakegrid import FakeGrid
 
 
 def _run(root: Path, synth_root: Path, **overrides: object) -> RunConfig:
@@ -23,7 +23,7 @@ def _run(root: Path, synth_root: Path, **overrides: object) -> RunConfig:
 
 def _federate(run: RunConfig) -> Federation:
     federation = Federation(run)
-    final = federation.run_rounds(FakeGrid(client_app, run.to_flat(), num_nodes=2, node_config=OPEN_POLICY))
+    final = federation.run_rounds(InProcessGrid(client_app, run.to_flat(), num_nodes=2, node_config=OPEN_POLICY))
     if not federation.paused:
         federation.export(final)
     return federation

@@ -12,8 +12,8 @@ from medfusion_fl.config import RunConfig
 from medfusion_fl.privacy import DPStep, PrivacyLedger, epsilon
 from medfusion_fl.runstore import RunStore
 from server.federation import Federation
+from simulations.inprocess import InProcessGrid
 from tests.conftest import tiny_flat
-from tests.fakegrid import FakeGrid
 
 
 def _dp_run(synth_root: Path, out: Path, rounds: int) -> RunConfig:
@@ -30,7 +30,7 @@ def test_dp_rounds_report_cumulative_epsilon_and_survive_restart(synth_root: Pat
     run = _dp_run(synth_root, tmp_path, rounds=2)
     budget = {"max-epsilon": 100.0, **NO_SECAGG}  # tiny sites spend a lot per round; the budget is the site's
     federation = Federation(run)
-    federation.export(federation.run_rounds(FakeGrid(client_app, run.to_flat(), num_nodes=2, node_config=budget)))
+    federation.export(federation.run_rounds(InProcessGrid(client_app, run.to_flat(), num_nodes=2, node_config=budget)))
     lines = RunStore(run.output.run_dir).read_metrics()
     eps = [line["privacy"]["site-0"]["epsilon"] for line in lines]
     assert 0 < eps[0] < eps[1] and lines[0]["privacy"]["site-0"]["delta"] == 1e-5
@@ -44,7 +44,7 @@ def test_dp_rounds_report_cumulative_epsilon_and_survive_restart(synth_root: Pat
 
     resumed = RunConfig.from_flat({**_dp_run(synth_root, tmp_path, rounds=3).to_flat(), "output.resume": True})
     again = Federation(resumed)  # a coordinator restart: the sites' ledgers continue, never reset
-    again.run_rounds(FakeGrid(client_app, resumed.to_flat(), num_nodes=2, node_config=budget))
+    again.run_rounds(InProcessGrid(client_app, resumed.to_flat(), num_nodes=2, node_config=budget))
     assert RunStore(run.output.run_dir).read_metrics()[-1]["privacy"]["site-0"]["epsilon"] > eps[1]
     assert len(PrivacyLedger(ledger_dir).entries("default")) == 3
 
@@ -52,11 +52,11 @@ def test_dp_rounds_report_cumulative_epsilon_and_survive_restart(synth_root: Pat
 def test_sites_decline_past_their_budget_and_the_run_ends_cleanly(synth_root: Path, tmp_path: Path) -> None:
     run = _dp_run(synth_root, tmp_path, rounds=3)
     probe = _dp_run(synth_root, tmp_path / "probe", rounds=1)
-    Federation(probe).run_rounds(FakeGrid(client_app, probe.to_flat(), num_nodes=2, node_config=NO_SECAGG))
+    Federation(probe).run_rounds(InProcessGrid(client_app, probe.to_flat(), num_nodes=2, node_config=NO_SECAGG))
     one_round = RunStore(probe.output.run_dir).read_metrics()[0]["privacy"]["site-0"]["epsilon"]
     budget = {"max-epsilon": one_round * 1.2, **NO_SECAGG}  # room for one round, not two: set by the SITE
     federation = Federation(run)
-    federation.export(federation.run_rounds(FakeGrid(client_app, run.to_flat(), num_nodes=2, node_config=budget)))
+    federation.export(federation.run_rounds(InProcessGrid(client_app, run.to_flat(), num_nodes=2, node_config=budget)))
     lines = RunStore(run.output.run_dir).read_metrics()
     assert [line["status"] for line in lines] == ["ok", "budget-exhausted"]
     assert all("declines round 2" in f["reason"] and "max-epsilon" in f["reason"] for f in lines[1]["failures"])

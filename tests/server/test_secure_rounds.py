@@ -15,8 +15,8 @@ from medfusion_fl.config import RunConfig
 from medfusion_fl.errors import RoundFailed
 from medfusion_fl.runstore import RunStore, load_checkpoint
 from server.federation import Federation
+from simulations.inprocess import InProcessGrid
 from tests.conftest import OPEN_POLICY, PLAIN, tiny_flat
-from tests.fakegrid import FakeGrid
 
 # secure aggregation without DP noise (so that the model can be compared with plain FedAvg), at sites whose
 # policy allows no DP and sums of two sites (a drop-out leaves two of three)
@@ -26,12 +26,12 @@ ALLOW = {"require-dp": False, "min-sites": 2}
 
 
 def _federate(root: Path, name: str, num_nodes: int = 3, drop_at: dict[int, str] | None = None,
-              **overrides: object) -> tuple[RunConfig, FakeGrid, dict[str, np.ndarray]]:
+              **overrides: object) -> tuple[RunConfig, InProcessGrid, dict[str, np.ndarray]]:
     flat = tiny_flat(root, **{"rounds.num-server-rounds": 1, "rounds.fraction-evaluate": 0.0,
                               "output.run-dir": str(root / name), **overrides})
     run = RunConfig.from_flat(flat)
     policy = ALLOW if run.secagg.enabled else OPEN_POLICY
-    grid = FakeGrid(client_app, run.to_flat(), num_nodes=num_nodes, drop_at=drop_at, node_config=policy)
+    grid = InProcessGrid(client_app, run.to_flat(), num_nodes=num_nodes, drop_at=drop_at, node_config=policy)
     Federation(run).run_rounds(grid)
     checkpoint = load_checkpoint(RunStore(Path(run.output.run_dir)).latest_checkpoint())
     return run, grid, checkpoint.weights

@@ -17,15 +17,15 @@ from medfusion_fl import site as site_module
 from medfusion_fl.config import RunConfig
 from medfusion_fl.runstore import RunStore, load_checkpoint
 from server.federation import Federation
+from simulations.inprocess import InProcessGrid
 from tests.conftest import OPEN_POLICY, PLAIN, tiny_flat
-from tests.fakegrid import FakeGrid
 
 
 def _rounds(root: Path, run_dir: Path, rounds: int, node_config: dict[str, Any], **overrides: object) -> Federation:
     run = RunConfig.from_flat(tiny_flat(root, **{"rounds.num-server-rounds": rounds, "rounds.fraction-evaluate": 0.0,
                                                  "output.run-dir": str(run_dir), **overrides}))
     federation = Federation(run)
-    federation.run_rounds(FakeGrid(client_app, run.to_flat(), num_nodes=3, node_config=node_config))
+    federation.run_rounds(InProcessGrid(client_app, run.to_flat(), num_nodes=3, node_config=node_config))
     return federation
 
 

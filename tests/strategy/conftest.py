@@ -1,4 +1,4 @@
-"""Messages need a run identity, which Flower's runtime sets in a ServerApp (FakeGrid sets it for the round tests)."""
+"""Messages need a run identity: Flower sets it in a ServerApp, InProcessGrid for the round tests."""
 
 from __future__ import annotations
 

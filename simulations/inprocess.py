@@ -1,4 +1,5 @@
-"""An in-process stand-in for Flower's Grid: routes messages to the real ClientApp, no Ray.
+"""An in-process stand-in for Flower's Grid: routes messages to the real ClientApp, no Ray (tests, and
+benchmarks of algorithms rather than of Ray).
 
 Each node has its own Context (node_config = partition-id, like simulation). A ClientApp that
 raises becomes an error reply, as Flower's runtime does; `silent` nodes never reply (timeouts), and
@@ -16,7 +17,7 @@ from flwr.clientapp import ClientApp
 from flwr.supercore.task_identity import TaskIdentity
 
 
-class FakeGrid:
+class InProcessGrid:
     def __init__(self, app: ClientApp, run_config: dict[str, Any], num_nodes: int,
                  silent: Iterable[int] = (), node_config: dict[str, Any] | None = None,
                  drop_at: dict[int, str] | None = None, per_node: dict[int, dict[str, Any]] | None = None) -> None:
