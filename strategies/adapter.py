@@ -114,6 +114,13 @@ class ServerStrategy:
     def aggregate_updates(self, server_round: int, weights: Weights, updates: Sequence[Update]) -> Weights:
         """The new global weights from the sites' own replies (secure aggregation off)."""
         with_loss = all(u.loss is not None for u in updates)  # Flower wants the same metric keys in every reply
+        if not with_loss and hasattr(self.strategy, "train_loss_key"):  # QFedAvg
+            lacking = sum(u.loss is None for u in updates)
+            raise RoundFailed(f"round {server_round}: {self.label} weights each site's update by its training loss, "
+                              f"which {lacking} of {len(updates)} sites did not send: a site sends it only when its "
+                              "policy shares its figures (site policy share-metrics = true). Choose another strategy, "
+                              "or ask the sites to share.", record={"round": server_round, "strategy": self.name,
+                                                                     "status": "failed"})
         replies = [RecordDict({"arrays": _record(u.weights), "metrics": MetricRecord(
             {"num-examples": u.weight, **({"train-loss": float(u.loss)} if with_loss and u.loss is not None else {})})})
             for u in updates]

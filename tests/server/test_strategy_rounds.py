@@ -15,6 +15,7 @@ import torch
 from client.client_app import app as client_app
 from medfusion_fl import site as site_module
 from medfusion_fl.config import RunConfig
+from medfusion_fl.errors import RoundFailed
 from medfusion_fl.runstore import RunStore, load_checkpoint
 from server.federation import Federation
 from simulations.inprocess import InProcessGrid
@@ -91,3 +92,14 @@ def test_a_x100_update_moves_the_secure_mean_no_further_than_the_bound(
     assert moved(tmp_path / "unbounded") > 20 * bound  # the same site, unbounded, drags the model away
     assert any("site-0 round 1: update norm" in r.getMessage() and "scaled down" in r.getMessage()
                for r in caplog.records)
+
+
+def test_strategies_that_need_each_update_run_without_secure_aggregation(synth_root: Path, tmp_path: Path) -> None:
+    federation = _rounds(synth_root, tmp_path / "median", 1, OPEN_POLICY, **PLAIN, **{"strategy.name": "FedMedian"})
+    line = federation.store.read_metrics()[-1]
+    assert line["status"] == "ok" and line["strategy"] == "FedMedian" and "secure_aggregation" not in line
+    with pytest.raises(RoundFailed, match=r"QFedAvg weights each site's update by its training loss.*share-metrics"):
+        _rounds(synth_root, tmp_path / "qfedavg", 1, OPEN_POLICY, **PLAIN, **{"strategy.name": "qfedavg"})
+    sharing = {**OPEN_POLICY, "share-metrics": True}
+    federation = _rounds(synth_root, tmp_path / "qfedavg-shared", 1, sharing, **PLAIN, **{"strategy.name": "qfedavg"})
+    assert federation.store.read_metrics()[-1]["status"] == "ok"
