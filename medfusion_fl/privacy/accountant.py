@@ -29,7 +29,12 @@ class DPStep:
 
 def epsilon(history: Iterable[DPStep], *, delta: float, accountant: Accountant = "rdp") -> float:
     """(epsilon, delta)-DP of the whole history; 0.0 for an empty one."""
-    groups = [(h.noise_multiplier, h.sample_rate, h.steps) for h in history if h.steps > 0]
+    merged: dict[tuple[float, float], int] = {}  # the same mechanism n + m times = its composition, summed steps
+    for h in history:
+        if h.steps > 0:
+            key = (h.noise_multiplier, h.sample_rate)
+            merged[key] = merged.get(key, 0) + h.steps
+    groups = [(sigma, rate, steps) for (sigma, rate), steps in merged.items()]
     if not 0 < delta < 1:
         raise ConfigError(f"delta = {delta}: must lie in (0, 1), typically below 1/number of patients.")
     if not groups:
