@@ -31,18 +31,16 @@ INDIVIDUAL = {
     "bulyan": ("Bulyan", "it selects site updates by Krum, then trims each coordinate across them"),
     "qfedavg": ("QFedAvg", "it weights each site's update by that site's own training loss"),
 }
-REFUSED = {
-    "fedxgbbagging": "it aggregates XGBoost trees, not the weights of a neural network",
-    "fedxgbcyclic": "it aggregates XGBoost trees, not the weights of a neural network",
-    "differentialprivacyclientsidefixedclipping": "it wraps another strategy object, which a config key cannot "
-    "hold; per-patient DP at each site is privacy.enabled (on by default)",
-    "differentialprivacyclientsideadaptiveclipping": "it wraps another strategy object, which a config key cannot "
-    "hold; per-patient DP at each site is privacy.enabled (on by default)",
-    "differentialprivacyserversidefixedclipping": "it clips each site's update at the coordinator, which sees only "
-    "their sum under secure aggregation; per-patient DP at each site is privacy.enabled (on by default)",
-    "differentialprivacyserversideadaptiveclipping": "it clips each site's update at the coordinator, which sees "
-    "only their sum under secure aggregation; per-patient DP at each site is privacy.enabled (on by default)",
-}
+_XGB = "it aggregates XGBoost trees, not the weights of a neural network"
+_WRAPS = ("it wraps another strategy object, which a config key cannot hold; per-patient DP at each site is "
+          "privacy.enabled (on by default)")
+_SERVER_CLIPS = ("it clips each site's update at the coordinator, which sees only their sum under secure "
+                 "aggregation; per-patient DP at each site is privacy.enabled (on by default)")
+REFUSED = {"fedxgbbagging": _XGB, "fedxgbcyclic": _XGB,
+           "differentialprivacyclientsidefixedclipping": _WRAPS,
+           "differentialprivacyclientsideadaptiveclipping": _WRAPS,
+           "differentialprivacyserversidefixedclipping": _SERVER_CLIPS,
+           "differentialprivacyserversideadaptiveclipping": _SERVER_CLIPS}
 FLOWER = {**MEAN_ONLY, **{name: cls for name, (cls, _) in INDIVIDUAL.items()}}
 CUSTOM = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 

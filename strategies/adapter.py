@@ -20,8 +20,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp.exception import AggregationError
 from flwr.serverapp.strategy import Strategy
 
-from medfusion_fl.errors import RoundFailed
-from medfusion_fl.parameters import Weights
+from medfusion_fl.errors import ParameterMismatch, RoundFailed
+from medfusion_fl.parameters import Weights, check_weights
 from strategies.state import load_state, save_state
 
 log = logging.getLogger("medfusion_fl.server")
@@ -148,16 +148,15 @@ class ServerStrategy:
 
 def _as_template(arrays: ArrayRecord, template: Weights, label: str, server_round: int,
                  failed: dict[str, object]) -> Weights:
-    """The strategy's result in the global model's names, shapes and dtypes (integers rounded), all finite."""
+    """The strategy's result in the global model's dtypes (integers rounded), checked like weights from a site."""
     got = {k: a.numpy() for k, a in arrays.items()}
-    if set(got) != set(template) or any(got[k].shape != v.shape for k, v in template.items()):
-        raise RoundFailed(f"round {server_round}: {label} returned arrays whose names or shapes differ from the "
-                          "global model's", record=failed)
-    new: Weights = {}
-    for key, ref in template.items():
-        value = got[key]
-        if not np.isfinite(value).all():
-            raise RoundFailed(f"round {server_round}: {label} returned NaN or infinite values in {key!r}; the "
-                              "global model is unchanged", record=failed)
-        new[key] = np.asarray(np.rint(value) if np.issubdtype(ref.dtype, np.integer) else value, dtype=ref.dtype)
+    try:
+        bad = [k for k, v in got.items() if np.issubdtype(v.dtype, np.number) and not np.isfinite(v).all()]
+        if bad:
+            raise ParameterMismatch(f"{label}'s result: {bad[0]!r} contains NaN or infinite values")
+        new = {k: v if k not in template else np.asarray(np.rint(v) if np.issubdtype(template[k].dtype, np.integer)
+                                                       else v, dtype=template[k].dtype) for k, v in got.items()}
+        check_weights(new, template, source=f"{label}'s result")
+    except ParameterMismatch as exc:
+        raise RoundFailed(f"round {server_round}: {exc}; the global model is unchanged", record=failed) from None
     return new
