@@ -36,6 +36,7 @@ from stepbench import write_report  # noqa: E402
 from medfusion_fl.console import ensure_logging  # noqa: E402
 from medfusion_fl.secagg import (  # noqa: E402
     Encoding,
+    MaskedSum,
     Setup,
     advertise,
     masked_input,
@@ -115,7 +116,10 @@ def secure_round(deltas: list[np.ndarray], weights: list[int], *, threshold: int
         revealed[p] = timed(p, reveal, states[p], setup, list(setup.parties), [])
         sent[p] += sum(len(s) + 8 for s in revealed[p].values())
     start = time.perf_counter()
-    total = unmask(setup, keys, list(setup.parties), masked, revealed)
+    summed = MaskedSum(setup)
+    for p, y in masked.items():
+        summed.add(p, y)
+    total = unmask(setup, keys, list(setup.parties), summed, revealed)
     delta_sum, weight, _, _ = encoding.decode(total)
     server_s = time.perf_counter() - start
     expected = sum(w * d.astype(np.float64) for d, w in zip(deltas, weights, strict=True))

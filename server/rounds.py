@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
@@ -79,13 +80,35 @@ class RoundResult:
     shared: set[str]  # sites whose policy shared per-site figures this round
 
 
+class _DeltaSum:
+    """sum n_i (w_i - w) in float64 and sum n_i, each site's weights added as its reply arrives and dropped: a
+    mean-based strategy's plain round holds one model's worth of sums, whatever the number of sites."""
+
+    def __init__(self, weights: Weights) -> None:
+        self.weights = weights
+        self.sum = {k: np.zeros(v.shape, np.float64) for k, v in weights.items()}
+        self.total = 0
+
+    def add(self, reply: SiteReply) -> SiteReply:
+        for key, ref in self.weights.items():
+            delta = np.subtract(reply.weights[key], ref, dtype=np.float64)
+            self.sum[key] += delta * reply.weight
+        self.total += reply.weight
+        reply.weights = {}  # folded: the reply keeps its metadata only
+        return reply
+
+
 def _plain_train(grid: Grid | SiteDirectory, run: RunConfig, strategy: ServerStrategy, weights: Weights,
                  server_round: int, chosen: list[int],
                  train_config: dict[str, Any]) -> tuple[Weights, dict[str, Any], list[SiteFailure], list[SiteReply]]:
+    """A round without secure aggregation. A mean-based strategy gets the mean of the sites' weights, summed as
+    they arrive (as from the secure sum); one that needs each site's update (strategy.individual) gets them all."""
     content = RecordDict({"arrays": weights_record(weights), "config": ConfigRecord(train_config)})
     messages = [Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN) for n in chosen]
+    summed = None if strategy.individual else _DeltaSum(weights)
     replies, failures = collect(grid, messages, "train", run.rounds.reply_timeout,
-                                lambda msg: _parse_train_reply(msg, weights))
+                                lambda msg: _parse_train_reply(msg, weights),
+                                None if summed is None else lambda _node, reply: summed.add(reply))
     trained = list(replies.values())
     if len(trained) < run.rounds.min_sites:
         exhausted = bool(failures) and all(f.code == PRIVACY_DECLINED for f in failures)
@@ -97,11 +120,13 @@ def _plain_train(grid: Grid | SiteDirectory, run: RunConfig, strategy: ServerStr
                     "status": "budget-exhausted" if exhausted else "failed",
                     "failures": [asdict(f) for f in failures]}, budget_exhausted=exhausted)
     total = sum(r.weight for r in trained)
-    updates = [Update(r.weights, r.weight, (r.shared or {}).get("train-loss")) for r in trained]
     sharing = [r for r in trained if r.shared and "train-loss" in r.shared]
     loss = (sum(r.shared["train-loss"] * r.weight for r in sharing if r.shared) / sum(r.weight for r in sharing)
             if sharing else None)
     summary = {"loss": loss, "num-examples": total, "sites": {r.site: r.shared or {} for r in trained}}
+    if summed is not None:
+        return strategy.aggregate_mean(server_round, weights, summed.sum, summed.total), summary, failures, trained
+    updates = [Update(r.weights, r.weight, (r.shared or {}).get("train-loss")) for r in trained]
     return strategy.aggregate_updates(server_round, weights, updates), summary, failures, trained
 
 

@@ -25,7 +25,16 @@ from medfusion_fl.config import RunConfig
 from medfusion_fl.errors import ParameterMismatch, RoundFailed
 from medfusion_fl.parameters import Weights
 from medfusion_fl.protocol import PRIVACY_DECLINED
-from medfusion_fl.secagg import Encoding, SecAggError, Setup, SumEncoding, modulus_dtype, release_modulus_dtype, unmask
+from medfusion_fl.secagg import (
+    Encoding,
+    MaskedSum,
+    SecAggError,
+    Setup,
+    SumEncoding,
+    modulus_dtype,
+    release_modulus_dtype,
+    unmask,
+)
 from medfusion_fl.secagg.encoding import input_length, unflatten
 from medfusion_fl.secagg.primitives import check_public_key
 from server.sites import (
@@ -42,6 +51,7 @@ from server.sites import (
 
 log = logging.getLogger("medfusion_fl.server")
 Kind = Literal["train", "evaluate"]
+_FOLDED = np.empty(0, np.uint8)  # what is kept of a masked input once it is in the sum
 
 
 @dataclass
@@ -75,14 +85,15 @@ class _Stages:
         self.seconds: dict[str, float] = {}
         self.needed = max(run.secagg.threshold, run.rounds.min_sites)
 
-    def send(self, stage: str, contents: dict[int, RecordDict],
-             parse: Callable[[Message], Any] | None = None) -> dict[int, Any]:
-        """Send one stage; returns parse(reply) per node that answered well-formed (default: its reply)."""
+    def send(self, stage: str, contents: dict[int, RecordDict], parse: Callable[[Message], Any] | None = None,
+             fold: Callable[[int, Any], Any] | None = None) -> dict[int, Any]:
+        """Send one stage; returns parse(reply) per node that answered well-formed (default: its reply), or
+        what fold(node, parse(reply)) keeps of it."""
         start = time.monotonic()
         messages = [Message(content=c, dst_node_id=node, message_type=f"{self.kind}.{stage}")
                     for node, c in contents.items()]
         replies, failures = collect(self.grid, messages, stage, self.run.rounds.reply_timeout,
-                                    parse or _has_secagg_record)
+                                    parse or _has_secagg_record, fold)
         self.failures += failures
         self.seconds[stage] = round(time.monotonic() - start, 3)
         if len(replies) < self.needed:
@@ -195,11 +206,16 @@ def _mask_and_unmask(stages: _Stages, setup: Setup, party: dict[int, int],
         {"round-id": setup.round_id, **key_record})}) for p in keys}, parse=_indexed("sealed-", n))
     boxes = {party[node]: box for node, box in boxes.items()}
     holders = sorted(boxes)
-    replies = stages.send("secagg_mask", {by_party[p]: RecordDict({"secagg": ConfigRecord(
+    masked = MaskedSum(setup)  # each masked input is added as it arrives: one vector, whatever the sites
+
+    def fold(node: int, y: np.ndarray) -> np.ndarray:
+        masked.add(party[node], y)
+        return _FOLDED
+
+    stages.send("secagg_mask", {by_party[p]: RecordDict({"secagg": ConfigRecord(
         {"round-id": setup.round_id, **{f"sealed-from-{src}": box[p] for src, box in boxes.items() if p in box}})})
-        for p in holders}, parse=_masked(setup))
-    masked = {party[node]: y for node, y in replies.items()}
-    survivors, dropped = sorted(masked), sorted(set(holders) - set(masked))
+        for p in holders}, parse=_masked(setup), fold=fold)
+    survivors, dropped = sorted(masked.parties), sorted(set(holders) - masked.parties)
     revealed = stages.send("secagg_unmask", {by_party[p]: RecordDict({"secagg": ConfigRecord(
         {"round-id": setup.round_id, "survivors": survivors, "dropped": dropped})}) for p in survivors},
         parse=_indexed("share-", n))

@@ -5,12 +5,13 @@ replies and silence into recorded SiteFailures, and the checks on the records ev
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -46,13 +47,20 @@ class SiteDirectory:
     def get_node_ids(self) -> list[int]:
         return list(self.grid.get_node_ids())
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        return list(self.grid.push_messages(messages))
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        replies = list(self.grid.pull_messages(message_ids))
         for reply in replies:
             record = None if reply.has_error() else reply.content.config_records.get("site")
             if record is not None and isinstance(record.get("site-id"), str):
                 self.names[reply.metadata.src_node_id] = str(record["site-id"])
         return replies
+
+    def nothing_in_flight(self, message_ids: Iterable[str]) -> bool:
+        settled = getattr(self.grid, "nothing_in_flight", None)
+        return bool(settled(message_ids)) if settled is not None else False
 
 
 def site_of(grid: Grid | SiteDirectory, node: int) -> str | None:
@@ -119,35 +127,74 @@ def parse_privacy(record: Any, site: str) -> dict[str, Any]:
     return report
 
 
-def replying_node(reply: Message, sent: list[Message]) -> int:
-    """The node a reply concerns: the destination of the message it answers. Errors that the
-    SuperLink writes itself (e.g. a node missing its heartbeats) carry the SuperLink as source."""
-    for msg in sent:
-        if msg.metadata.message_id and msg.metadata.message_id == reply.metadata.reply_to_message_id:
-            return msg.metadata.dst_node_id
-    return reply.metadata.src_node_id
+PULL_INTERVAL = 0.1  # seconds between pulls while replies are outstanding (Flower's own grids use 0.1)
+
+
+@dataclass
+class Exchange:
+    """One stage's messages in flight: replies are pulled as they arrive and handed over one at a time, so the
+    coordinator can fold each into a running sum and drop it (its memory does not grow with the sites)."""
+
+    grid: Grid | SiteDirectory
+    timeout: float
+    node_of: dict[str, int]  # message id -> the node it went to
+    refused: list[int]  # nodes whose message the SuperLink did not accept
+    unanswered: list[int] = dataclasses.field(default_factory=list)  # set once replies() is exhausted
+
+    @staticmethod
+    def push(grid: Grid | SiteDirectory, messages: list[Message], timeout: float) -> Exchange:
+        accepted = {str(mid) for mid in grid.push_messages(messages) if mid}  # the grid sets each message's id
+        node_of, refused = {}, []
+        for msg in messages:
+            if msg.metadata.message_id in accepted:
+                node_of[msg.metadata.message_id] = msg.metadata.dst_node_id
+            else:
+                refused.append(msg.metadata.dst_node_id)
+        return Exchange(grid, timeout, node_of, refused)
+
+    def replies(self) -> Iterator[tuple[int, Message]]:
+        """(node, reply) as each arrives, for at most `timeout` seconds after the push. A node is the destination
+        of the message its reply answers: errors the SuperLink writes itself (a node that missed its
+        heartbeats) carry the SuperLink as source. A second reply to one message is ignored."""
+        deadline = time.monotonic() + self.timeout
+        waiting = set(self.node_of)
+        settled = getattr(self.grid, "nothing_in_flight", None)  # the in-process grid knows; Flower's do not
+        while waiting:
+            for reply in self.grid.pull_messages(sorted(waiting)):
+                mid = reply.metadata.reply_to_message_id
+                if mid in waiting:
+                    waiting.discard(mid)
+                    yield self.node_of[mid], reply
+            if not waiting or time.monotonic() >= deadline or (settled is not None and settled(waiting)):
+                break
+            time.sleep(min(PULL_INTERVAL, max(0.0, deadline - time.monotonic())))
+        self.unanswered = sorted(self.node_of[mid] for mid in waiting)
 
 
 def collect(grid: Grid | SiteDirectory, messages: list[Message], stage: str, timeout: float,
-            parse: Callable[[Message], T]) -> tuple[dict[int, T], list[SiteFailure]]:
-    """Send the messages and wait at most `timeout`; returns parse(reply) per node, and as failures
-    (logged) the error replies, the malformed ones (parse raised ParameterMismatch) and the silent nodes."""
+            parse: Callable[[Message], T], fold: Callable[[int, T], T] | None = None,
+            ) -> tuple[dict[int, T], list[SiteFailure]]:
+    """Send the messages and wait at most `timeout`; returns parse(reply) per node, called as each reply
+    arrives, or what fold(node, parse(reply)) keeps of it (it adds the reply to a running sum and keeps what
+    is small); as failures (logged) the error replies, the malformed ones (parse raised ParameterMismatch)
+    and the silent nodes."""
     replies: dict[int, T] = {}
-    failures, answered = [], set()
-    for msg in grid.send_and_receive(messages, timeout=timeout):
-        node = replying_node(msg, messages)
-        answered.add(node)
+    failures = []
+    exchange = Exchange.push(grid, messages, timeout)
+    for node, msg in exchange.replies():
         if msg.has_error():
             failures.append(failure(grid, node, stage, str(msg.error.reason), msg.error.code))
             continue
         try:
-            replies[node] = parse(msg)
+            value = parse(msg)
         except ParameterMismatch as exc:
             failures.append(failure(grid, node, stage, f"malformed reply: {exc}"))
-    for msg in messages:
-        if msg.metadata.dst_node_id not in answered:
-            failures.append(failure(grid, msg.metadata.dst_node_id, stage,
-                                    f"no reply within {timeout:g} s (rounds.reply-timeout)"))
+            continue
+        replies[node] = value if fold is None else fold(node, value)
+    for node in exchange.refused:
+        failures.append(failure(grid, node, stage, "the SuperLink did not accept the message to this node"))
+    for node in exchange.unanswered:
+        failures.append(failure(grid, node, stage, f"no reply within {timeout:g} s (rounds.reply-timeout)"))
     for lost in failures:
         log.warning("site %s dropped from %s: %s", who(grid, lost.node_id), stage, lost.reason)
     return replies, failures

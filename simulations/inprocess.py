@@ -5,12 +5,17 @@ Each node has its own Context (node_config = partition-id, like simulation). A C
 raises becomes an error reply, as Flower's runtime does; `silent` nodes never reply (timeouts), and
 `drop_at` nodes go silent from a given message type on (a site lost mid-round); `per_node` adds node-config
 keys to one partition (a site with its own policy).
+
+Messages are answered when pulled, one reply a pull, as a SuperLink hands replies over as sites finish: the
+coordinator folds each before the next exists. `nothing_in_flight` tells the coordinator when only silent
+nodes remain, so a test does not sit out rounds.reply-timeout.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import Any
+from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -34,23 +39,46 @@ class InProcessGrid:
         self.drop_at = {100 + i: kind for i, kind in (drop_at or {}).items()}  # silent from that message type on
         self.received: list[Message] = []  # every reply the server got, for audits
         self.sent: list[Message] = []  # every instruction the server sent
+        self.pending: dict[str, Message] = {}  # pushed, not yet answered (silent nodes' messages never are)
 
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        replies = []
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        ids = []
         for msg in messages:
+            msg.metadata.__dict__["_message_id"] = str(uuid4())  # what Flower's grids set when they push
             self.sent.append(msg)
             node = msg.metadata.dst_node_id
             if self.drop_at.get(node) == msg.metadata.message_type:
                 self.silent.add(node)
-            if node in self.silent:
-                continue
-            try:
-                reply = self.app(msg, self.contexts[node])
-            except Exception as exc:  # what Flower's runtime turns into an error reply
-                reply = Message(error=Error(code=1, reason=f"ClientAppException: {exc!r}"), reply_to=msg)
-            replies.append(reply)
-        self.received.extend(replies)
+            if node not in self.silent:
+                self.pending[msg.metadata.message_id] = msg
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        """The reply to the first of these messages still pending, computed now (none when all are silent)."""
+        for mid in message_ids:
+            msg = self.pending.pop(mid, None)
+            if msg is not None:
+                reply = self._reply(msg)
+                self.received.append(reply)
+                return [reply]
+        return []
+
+    def nothing_in_flight(self, message_ids: Iterable[str]) -> bool:
+        return not any(mid in self.pending for mid in message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        ids = self.push_messages(messages)
+        replies = []
+        while reply := self.pull_messages(ids):
+            replies += reply
         return replies
+
+    def _reply(self, msg: Message) -> Message:
+        try:
+            return self.app(msg, self.contexts[msg.metadata.dst_node_id])
+        except Exception as exc:  # what Flower's runtime turns into an error reply
+            return Message(error=Error(code=1, reason=f"ClientAppException: {exc!r}"), reply_to=msg)

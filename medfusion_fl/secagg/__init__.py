@@ -8,7 +8,7 @@ server/secure_round.py (coordinator) and client/secagg_stages.py (site).
 
 from medfusion_fl.secagg.encoding import Encoding, SumEncoding, modulus_dtype, release_modulus_dtype
 from medfusion_fl.secagg.errors import SecAggError
-from medfusion_fl.secagg.protocol import Setup, SiteState, advertise, masked_input, reveal, share, unmask
+from medfusion_fl.secagg.protocol import MaskedSum, Setup, SiteState, advertise, masked_input, reveal, share, unmask
 
-__all__ = ["Encoding", "SecAggError", "Setup", "SiteState", "SumEncoding", "advertise", "masked_input",
+__all__ = ["Encoding", "MaskedSum", "SecAggError", "Setup", "SiteState", "SumEncoding", "advertise", "masked_input",
            "modulus_dtype", "release_modulus_dtype", "reveal", "share", "unmask"]

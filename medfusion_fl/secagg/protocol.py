@@ -191,17 +191,38 @@ def reveal(state: SiteState, setup: Setup, survivors: list[int], dropped: list[i
     return out
 
 
-def unmask(setup: Setup, keys: dict[int, tuple[bytes, bytes]], holders: list[int],
-           masked: dict[int, np.ndarray], revealed: dict[int, dict[int, bytes]]) -> np.ndarray:
-    """At the coordinator: the sum of the survivors' inputs from their masked inputs and the shares.
+class MaskedSum:
+    """The coordinator's running sum of masked inputs modulo 2^m: each input is added as it arrives and dropped,
+    so the coordinator holds one vector whatever the number of sites (numpy's unsigned addition wraps modulo
+    2^32 or 2^64, the modulus of the round)."""
 
-    holders: parties that finished stage 2 (U1); masked: party -> y (U2 = its keys);
+    def __init__(self, setup: Setup) -> None:
+        self.setup = setup
+        self.total = np.zeros(setup.length, setup.dtype)
+        self.parties: set[int] = set()
+
+    def add(self, party: int, y: np.ndarray) -> None:
+        if party not in self.setup.parties:
+            raise SecAggError(f"masked input from party {party}, not in this round's parties")
+        if party in self.parties:
+            raise SecAggError(f"a second masked input from party {party}; refusing")
+        if y.shape != (self.setup.length,) or y.dtype != self.setup.dtype:
+            raise SecAggError(f"masked input must be {self.setup.length} x {np.dtype(self.setup.dtype)}, "
+                              f"got {y.shape} x {y.dtype}")
+        np.add(self.total, y, out=self.total)
+        self.parties.add(party)
+
+
+def unmask(setup: Setup, keys: dict[int, tuple[bytes, bytes]], holders: list[int], masked: MaskedSum,
+           revealed: dict[int, dict[int, bytes]]) -> np.ndarray:
+    """At the coordinator: the sum of the survivors' inputs from the sum of their masked inputs and the shares
+    (the masks are rebuilt and removed one at a time; `masked.total` becomes the result).
+
+    holders: parties that finished stage 2 (U1); masked: the survivors' (U2) masked inputs, summed;
     revealed: answering party -> {party: share}. SecAggError when a secret has < t shares.
     """
-    survivors, dropped = sorted(masked), sorted(set(holders) - set(masked))
-    total = np.zeros(setup.length, setup.dtype)
-    for y in masked.values():
-        np.add(total, y, out=total)
+    survivors, dropped = sorted(masked.parties), sorted(set(holders) - masked.parties)
+    total = masked.total
     for j in survivors:
         shares = {i: r[j] for i, r in revealed.items() if j in r}
         b_seed = shamir.combine(shares, setup.threshold)
@@ -213,7 +234,7 @@ def unmask(setup: Setup, keys: dict[int, tuple[bytes, bytes]], holders: list[int
             raise SecAggError(f"the rebuilt s key of dropped party {j} does not match its public key "
                               "(a share is corrupt); the round cannot be unmasked")
         for k in setup.neighbours_of(j):
-            if k in masked:  # k added +PRG(s_kj) if k < j, else -PRG(s_kj)
+            if k in masked.parties:  # k added +PRG(s_kj) if k < j, else -PRG(s_kj)
                 pairwise = primitives.mask(_pair_seed(s_private, keys[k][1], setup.round_id), setup.length,
                                            setup.dtype)
                 (np.subtract if k < j else np.add)(total, pairwise, out=total)

@@ -196,16 +196,11 @@ class TamperingGrid(InProcessGrid):
         super().__init__(**kw)
         self.stage, self.tamper = stage, tamper
 
-    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Message]:
-        messages = list(messages)
-        replies = super().send_and_receive(messages, timeout=timeout)
-        out = []
-        for reply in replies:  # a reply's source is the node its instruction went to
-            sent = next(m for m in messages if m.metadata.dst_node_id == reply.metadata.src_node_id)
-            if reply.metadata.src_node_id == 100 and sent.metadata.message_type == f"train.{self.stage}":
-                reply = self._tampered(reply, sent)
-            out.append(reply)
-        return out
+    def _reply(self, msg: Message) -> Message:
+        reply = super()._reply(msg)
+        if msg.metadata.dst_node_id == 100 and msg.metadata.message_type == f"train.{self.stage}":
+            reply = self._tampered(reply, msg)
+        return reply
 
     def _tampered(self, reply: Message, sent: Message) -> Message:
         if reply.has_error():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from medfusion_fl.secagg import SecAggError, Setup, advertise, masked_input, reveal, shamir, share, unmask
+from medfusion_fl.secagg import MaskedSum, SecAggError, Setup, advertise, masked_input, reveal, shamir, share, unmask
 
 LENGTH = 257
 
@@ -35,7 +35,10 @@ def run_protocol(setup: Setup, inputs: dict[int, np.ndarray], drop: dict[str, se
     gone |= drop.get("unmask", set())
     survivors, dropped = sorted(masked), sorted(set(holders) - set(masked))
     revealed = {p: reveal(states[p], setup, survivors, dropped) for p in survivors if p not in gone}
-    return unmask(setup, keys, holders, masked, revealed)
+    summed = MaskedSum(setup)
+    for p, y in masked.items():
+        summed.add(p, y)
+    return unmask(setup, keys, holders, summed, revealed)
 
 
 def _inputs(setup: Setup, seed: int) -> dict[int, np.ndarray]:

@@ -161,16 +161,23 @@ def test_errors_written_by_the_superlink_are_attributed_to_the_lost_node() -> No
     from flwr.app import ConfigRecord, Error, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from server.sites import replying_node
+    from server.sites import Exchange
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     sent = [Message(content=RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=node,
-                    message_type="train") for node in (41, 42)]
-    for msg, message_id in zip(sent, ("id-41", "id-42"), strict=True):
-        msg.metadata.__dict__["_message_id"] = message_id  # what Flower's Grid sets when it pushes
-    lost = Message(error=Error(code=5, reason="Node Unavailable"), reply_to=sent[1])
-    lost.metadata.__dict__["_src_node_id"] = 1  # the SuperLink answers for a node that missed heartbeats
-    assert replying_node(lost, sent) == 42
-    in_process = Message(error=Error(code=1, reason="x"), reply_to=sent[0])
-    in_process.metadata.__dict__["_reply_to_message_id"] = ""  # grids without message ids: the source decides
-    assert replying_node(in_process, sent) == 41
+                    message_type="train") for node in (41, 42, 43)]
+
+    class Link:  # a SuperLink that answers for node 42 (missed heartbeats) and refuses the message to 43
+        def push_messages(self, messages: list[Message]) -> list[str | None]:
+            for msg in messages:  # as Flower's grids do; the third is refused
+                msg.metadata.__dict__["_message_id"] = f"id-{msg.metadata.dst_node_id}"
+            return ["id-41", "id-42", None]
+
+        def pull_messages(self, ids: list[str]) -> list[Message]:
+            lost = Message(error=Error(code=5, reason="Node Unavailable"), reply_to=sent[1])
+            lost.metadata.__dict__["_src_node_id"] = 1  # the SuperLink is its source
+            return [lost, lost]  # a repeated reply is ignored
+
+    exchange = Exchange.push(Link(), sent, timeout=0.3)  # type: ignore[arg-type]
+    assert [(node, reply.error.code) for node, reply in exchange.replies()] == [(42, 5)]
+    assert exchange.unanswered == [41] and exchange.refused == [43]
