@@ -119,6 +119,11 @@ def _load(state: RecordDict, content: RecordDict) -> tuple[SiteState, Setup, dic
     return site, setup, keys
 
 
+def round_setup(state: RecordDict, content: RecordDict) -> Setup:
+    """The setup of the secure round in progress at this site, checked against the incoming stage."""
+    return _load(state, content)[1]
+
+
 def check_instruction(content: RecordDict, state: RecordDict, run: RunConfig, *, length: int, modulus: Modulus,
                       policy: SitePolicy, site_id: str, work: Work) -> tuple[Setup, int]:
     """Before training or evaluating (which spend privacy): the setup must be valid, its round id new to

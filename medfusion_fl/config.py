@@ -203,8 +203,9 @@ class SecAggConfig(Section):
                           "warned and stated in the model card).")
     threshold: int = Field(2, ge=2, description="t: sites whose shares rebuild a secret; a round needs t sites "
                            "to the end. Higher t resists more colluding sites, tolerates fewer drop-outs.")
-    neighbours: int = Field(0, ge=0, description="k: each site masks with k neighbours (even; SecAgg+ graph, "
-                            "cost grows with k, not n); 0 = every other site (SecAgg).")
+    neighbours: int = Field(8, ge=0, description="k: each site masks with k neighbours (even; SecAgg+ graph, "
+                            "cost grows with k, not n): every other site while n - 1 <= k, above that a k-regular "
+                            "ring (docs/design.md: why 8); 0 = always every other site (SecAgg).")
     clip: float = Field(1.0, gt=0.0, description="Bound on each |delta| entry (local minus global weight) before "
                         "quantisation; entries beyond it are clipped AND counted in the round's metrics.")
     bits: int = Field(16, ge=4, le=32, description="Quantisation levels 2^bits per entry over [-clip, clip]; "

@@ -190,7 +190,11 @@ def collect(grid: Grid | SiteDirectory, messages: list[Message], stage: str, tim
         except ParameterMismatch as exc:
             failures.append(failure(grid, node, stage, f"malformed reply: {exc}"))
             continue
-        replies[node] = value if fold is None else fold(node, value)
+        if fold is not None:
+            replies[node] = fold(node, value)
+            release(msg)
+        else:
+            replies[node] = value
     for node in exchange.refused:
         failures.append(failure(grid, node, stage, "the SuperLink did not accept the message to this node"))
     for node in exchange.unanswered:
@@ -198,6 +202,17 @@ def collect(grid: Grid | SiteDirectory, messages: list[Message], stage: str, tim
     for lost in failures:
         log.warning("site %s dropped from %s: %s", who(grid, lost.node_id), stage, lost.reason)
     return replies, failures
+
+
+def release(msg: Message) -> None:
+    """Empty a reply whose content was folded into a sum. Each `content.array_records` view of a Flower
+    RecordDict sits in a reference cycle with it, so a dropped reply would keep its arrays until the next full
+    garbage collection: one reply per site in between. Emptying its records frees the arrays now."""
+    for key in list(msg.content.keys()):
+        record = msg.content[key]
+        for name in list(record.keys()):
+            del record[name]
+        del msg.content[key]
 
 
 def weights_record(weights: Weights) -> ArrayRecord:
