@@ -8,6 +8,7 @@ import gc
 import logging
 import os
 import sys
+import threading
 import time
 import tomllib
 from collections.abc import Sequence
@@ -18,7 +19,7 @@ from medfusion_fl.approval.cli import add_commands as add_approval_commands
 from medfusion_fl.config import RunConfig, all_keys, privacy_warnings
 from medfusion_fl.config_sources import flatten, parse_overrides, read_toml_flat
 from medfusion_fl.console import ensure_logging
-from medfusion_fl.errors import ConfigError, MedFusionError
+from medfusion_fl.errors import ConfigError, MedFusionError, RunStopped
 from medfusion_fl.report.cli import add_commands as add_report_commands
 from medfusion_fl.webconsole.cli import add_commands as add_console_commands
 
@@ -146,10 +147,33 @@ def _preset(app_dir: Path, name: str) -> dict[str, Any]:
     return tomllib.loads(path.read_text())
 
 
+SIMULATION_KEYS = {"num-sites": (int, 1), "cpus-per-site": (float, 0.01), "gpus-per-site": (float, 0.0)}
+
+
+def _simulation_table(preset: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """The preset's [simulation] table with `--set simulation.KEY=VALUE` applied, each value checked."""
+    table = {**preset.get("simulation", {}), **overrides}
+    for key, value in table.items():
+        if key not in SIMULATION_KEYS:
+            raise ConfigError(f"simulation.{key}: not a simulation key; known: "
+                              + ", ".join(f"simulation.{k}" for k in SIMULATION_KEYS))
+        kind, low = SIMULATION_KEYS[key]
+        number = isinstance(value, int if kind is int else int | float) and not isinstance(value, bool)
+        if not number or value < low:
+            raise ConfigError(f"simulation.{key} = {value!r}: must be {'an integer' if kind is int else 'a number'} "
+                              f">= {low:g}")
+    return table
+
+
 def _preset_config(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> tuple[RunConfig, dict[str, Any]]:
-    """The run config of a preset (+ --config, --set) and the preset's [simulation] table."""
+    """The run config of a preset (+ --config, --set) and the preset's [simulation] table (+ --set simulation.*)."""
     preset = _preset(_find_app(args.app), args.preset)
-    return _run_config(args, {**flatten(preset.get("config", {})), **(extra or {})}), preset.get("simulation", {})
+    sets = args.set or []
+    simulation = {k.removeprefix("simulation."): v for k, v in parse_overrides(sets).items()
+                  if k.startswith("simulation.")}
+    args.set = [item for item in sets if not item.strip().startswith("simulation.")]
+    run = _run_config(args, {**flatten(preset.get("config", {})), **(extra or {})})
+    return run, _simulation_table(preset, simulation)
 
 
 def _write_site_policies(root: Path, specs: list[str], num_sites: int) -> None:
@@ -306,7 +330,8 @@ def _parser() -> argparse.ArgumentParser:
     p = with_config(sub.add_parser("simulate", help="run a whole federation on this machine"))
     p.add_argument("--preset", default="tiny-cpu")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--sites", type=int, help="number of simulated sites (default: the preset's)")
+    p.add_argument("--sites", type=int, help="number of simulated sites (default: the preset's; the same as "
+                   "--set simulation.num-sites=N)")
     p.add_argument("--app", default=".", help="the app folder (default: current folder)")
     p.add_argument("--site-policy", action="append", metavar="[SITE=]FILE",
                    help="a simulated site's policy: the [policy] table of FILE (a site.toml), for SITE (site-0, ...) "
@@ -331,6 +356,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ensure_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return int(args.func(args))
+    except RunStopped as exc:
+        log.error("%s", exc)
+        return 130  # as a shell reports a command ended by SIGINT
     except MedFusionError as exc:
         log.error("%s", exc)
         return 1
@@ -340,5 +368,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         gc.freeze()
 
 
+def entry() -> int:
+    """The `medfusion-fl` command: main(), and an exit that no stuck thread can hold up. A simulation stopped by a
+    signal or a crashed runtime gives its coordinator thread a few seconds (simulations/runner.GRACE_S); one still
+    busy after that (say, inside an ONNX export) would keep the interpreter from exiting. Everything the run
+    wrote is written atomically, so leaving then loses nothing."""
+    code = main()
+    stuck = [t.name for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()]
+    if stuck:
+        log.warning("exiting with %d thread(s) still running (%s)", len(stuck), ", ".join(stuck))
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

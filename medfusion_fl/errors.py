@@ -65,3 +65,12 @@ class ExportError(MedFusionError):
 
 class CheckpointError(MedFusionError):
     """A run folder's checkpoint (or metrics file) is missing, unreadable, damaged or from another run."""
+
+
+class RunStopped(MedFusionError):
+    """The run was asked to stop (a signal, or the simulation runtime failing) while the coordinator waited; the
+    round in progress is dropped, everything written before it (checkpoints, metrics, ledgers) stands."""
+
+
+class SimulationFailed(MedFusionError):
+    """The simulation runtime (Ray, through Flower) could not start or crashed; the message says why and what to do."""

@@ -11,7 +11,7 @@ from flwr.serverapp import Grid
 from medfusion_fl import runcontrol
 from medfusion_fl.config import RunConfig, privacy_warnings
 from medfusion_fl.data import SiteDataset, load_test_set, write_test_set
-from medfusion_fl.errors import RoundFailed
+from medfusion_fl.errors import RoundFailed, RunStopped
 from medfusion_fl.export import export_run, resolve_test_path
 from medfusion_fl.models import MedFusionModel, build_model
 from medfusion_fl.parameters import Weights, get_weights, set_weights
@@ -110,6 +110,11 @@ class Federation:
             try:
                 result = run_round(sites, self.run, self.strategy, weights, server_round, self.held_out_eval,
                                    threshold=(record.get("evaluate") or {}).get("threshold"))
+            except RunStopped:
+                last = f"round {self.rounds_done}'s checkpoint" if self.rounds_done else "no checkpoint yet"
+                log.warning("stopped during round %d of %d; the run folder keeps %s and its metrics (resume with "
+                            "output.resume = true)", server_round, total, last)
+                raise
             except RoundFailed as exc:
                 if exc.record is not None:
                     self.store.append_metrics(exc.record)

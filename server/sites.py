@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from flwr.app import Array, ArrayRecord, Message
 from flwr.serverapp import Grid
 
+from medfusion_fl import stopping
 from medfusion_fl.errors import ParameterMismatch, RoundFailed
 from medfusion_fl.parameters import Weights
 
@@ -160,6 +161,7 @@ class Exchange:
         waiting = set(self.node_of)
         settled = getattr(self.grid, "nothing_in_flight", None)  # the in-process grid knows; Flower's do not
         while waiting:
+            stopping.check()  # a signal or a crashed simulation runtime: stop within a poll
             for reply in self.grid.pull_messages(sorted(waiting)):
                 mid = reply.metadata.reply_to_message_id
                 if mid in waiting:
@@ -224,6 +226,7 @@ def wait_for_sites(grid: Grid | SiteDirectory, minimum: int, timeout: float, pol
     naming the sites seen in earlier rounds that are not connected now."""
     deadline = time.monotonic() + timeout
     while True:
+        stopping.check()
         nodes = sorted(grid.get_node_ids())
         if len(nodes) >= minimum:
             return nodes

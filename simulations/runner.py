@@ -3,13 +3,24 @@
 This is what `flwr run .` does in its local SuperLink, without leaving a SuperLink running:
 the ServerApp and the ClientApps are loaded from the app folder by their pyproject names and
 receive the run config (pyproject defaults fused with our overrides) through their Context.
+
+It fails fast and leaves nothing behind: SIGINT or SIGTERM, or Flower's runtime crashing (Ray not starting, no
+actor fitting the requested resources), asks the coordinator to stop at its next poll (medfusion_fl.stopping),
+waits a few seconds for its thread, stops every process the simulation started (simulations/processes.py) and
+raises SimulationFailed (or RunStopped) with the cause. The run folder keeps its last complete round.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
+import threading
+import time
 import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from flwr.app import Context, RecordDict
@@ -22,7 +33,62 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supercore.telemetry import EventType
 
+from medfusion_fl import stopping
+from medfusion_fl.errors import MedFusionError, RunStopped, SimulationFailed
+from simulations import processes
+
 log = logging.getLogger("medfusion_fl.simulate")
+GRACE_S = 3.0  # how long the coordinator's thread may take to reach its next poll once asked to stop
+
+
+class _Signalled(KeyboardInterrupt):
+    """Raised in the main thread by SIGINT or SIGTERM (a KeyboardInterrupt, so Flower's own handlers let it
+    through and stop the runtime on the way out)."""
+
+
+@contextmanager
+def _stop_on_signals(keep: set[int]) -> Iterator[None]:
+    """SIGINT and SIGTERM stop the run: the coordinator at its next poll, and Ray's workers and helper processes
+    (not its GCS and raylet, which the driver's disconnect still talks to; nor `keep`) at once, so that Ray's own
+    shutdown, which stops its processes one after another with a second's grace each, finds them gone."""
+
+    def handle(signum: int, _frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        stopping.request(f"{name} received")
+        flower.setLevel(logging.CRITICAL)  # its tracebacks of the actors stopped here would bury the one line
+        processes.signal_descendants(signal.SIGTERM, exclude=keep, spare=("gcs_server", "raylet"))
+        raise _Signalled(name)
+
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+    flower = logging.getLogger("flwr")
+    level = flower.level
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        flower.setLevel(level)
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    seen = {id(exc)}
+    while exc.__cause__ is not None and id(exc.__cause__) not in seen:
+        exc = exc.__cause__
+        seen.add(id(exc))
+    return exc
+
+
+def _wait_for_coordinator(timeout: float) -> bool:
+    """Join the ServerApp thread (Flower's, running our coordinator); False if it is still running."""
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join(max(0.0, deadline - time.monotonic()))
+    return not any(t.is_alive() and not t.daemon and t is not threading.current_thread()
+                   for t in threading.enumerate())
 
 
 def run_app(app_dir: Path, overrides: dict[str, Any], *, num_sites: int, cpus_per_site: float,
@@ -42,9 +108,52 @@ def run_app(app_dir: Path, overrides: dict[str, Any], *, num_sites: int, cpus_pe
         "init_args": {"logging_level": logging.WARNING, "log_to_driver": True},
     }
     log.info("starting Flower simulation: %d sites, app %s", num_sites, app_dir)
-    _run_simulation(
-        server_app_attr=components["serverapp"], client_app_attr=components["clientapp"],
-        num_supernodes=num_sites, backend_name="ray", backend_config=backend_config,  # type: ignore[arg-type]
-        app_dir=str(app_dir), run=run, server_app_context=context, is_app=True,
-        exit_event=EventType.FLWR_SIMULATION_RUN_LEAVE,
-    )
+    stopping.clear()
+    processes.adopt_orphans()  # Ray workers whose raylet went first come back to us, to be stopped
+    before = set(processes.descendants())
+    try:
+        with _stop_on_signals(keep=before):
+            _run_simulation(
+                server_app_attr=components["serverapp"], client_app_attr=components["clientapp"],
+                num_supernodes=num_sites, backend_name="ray", backend_config=backend_config,  # type: ignore[arg-type]
+                app_dir=str(app_dir), run=run, server_app_context=context, is_app=True,
+                exit_event=EventType.FLWR_SIMULATION_RUN_LEAVE,
+            )
+    except BaseException as exc:  # a signal, Ray, Flower or our ServerApp: each ends the run here
+        stopping.request(f"{type(exc).__name__}: {exc}")  # the ServerApp thread leaves its wait at its next poll
+        stopped = _wait_for_coordinator(GRACE_S)
+        left = processes.stop_descendants(exclude=before)
+        log.debug("stopped %d leftover process(es); coordinator thread %s", left,
+                  "ended" if stopped else "still running")
+        reported = _explain(exc, cpus_per_site=cpus_per_site, gpus_per_site=gpus_per_site)
+        if reported is exc:
+            raise
+        raise reported from exc
+    left = processes.stop_descendants(exclude=before)
+    if left:
+        log.debug("stopped %d process(es) Ray left running", left)
+
+
+def _explain(exc: BaseException, *, cpus_per_site: float, gpus_per_site: float) -> BaseException:
+    """The error `simulate` reports: the first cause, and what to do about it."""
+    if isinstance(exc, MedFusionError):  # the coordinator's own (a failed round, a bad checkpoint): as it is
+        return exc
+    if isinstance(exc, _Signalled):
+        return RunStopped(f"simulation stopped by {exc}; the run folder keeps its last complete round "
+                          "(resume with --set output.resume=true)")
+    if isinstance(exc, KeyboardInterrupt):
+        return RunStopped("simulation interrupted; the run folder keeps its last complete round "
+                          "(resume with --set output.resume=true)")
+    cause = _root_cause(exc)
+    if isinstance(cause, RunStopped | SimulationFailed):
+        return cause
+    text = f"{type(cause).__name__}: {cause}"
+    if "ActorPool is empty" in text:
+        hint = (f"no simulated site fits this machine's resources (simulation.cpus-per-site = {cpus_per_site:g}, "
+                f"simulation.gpus-per-site = {gpus_per_site:g}); lower them, e.g. --set simulation.cpus-per-site=1")
+    elif "ray" in type(cause).__module__.lower() or "gcs" in text.lower() or "raylet" in text.lower():
+        hint = ("Ray could not start or lost its processes (a loaded machine can overload its GCS); run again, "
+                "stop other Ray clusters (`ray stop`), or give the simulation fewer sites per CPU")
+    else:
+        hint = "see the traceback above; the run folder keeps its last complete round"
+    return SimulationFailed(f"the Flower simulation failed ({text}). {hint[:1].upper()}{hint[1:]}.")
