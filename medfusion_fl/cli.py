@@ -358,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except RunStopped as exc:
         log.error("%s", exc)
-        return 130  # as a shell reports a command ended by SIGINT
+        return exc.exit_code
     except MedFusionError as exc:
         log.error("%s", exc)
         return 1

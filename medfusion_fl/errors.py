@@ -71,6 +71,10 @@ class RunStopped(MedFusionError):
     """The run was asked to stop (a signal, or the simulation runtime failing) while the coordinator waited; the
     round in progress is dropped, everything written before it (checkpoints, metrics, ledgers) stands."""
 
+    def __init__(self, message: str, *, exit_code: int = 130) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code  # what `medfusion-fl` exits with: 128 + the signal's number, as a shell reports
+
 
 class SimulationFailed(MedFusionError):
     """The simulation runtime (Ray, through Flower) could not start or crashed; the message says why and what to do."""

@@ -138,9 +138,11 @@ def _explain(exc: BaseException, *, cpus_per_site: float, gpus_per_site: float) 
     """The error `simulate` reports: the first cause, and what to do about it."""
     if isinstance(exc, MedFusionError):  # the coordinator's own (a failed round, a bad checkpoint): as it is
         return exc
+    if isinstance(exc, SystemExit) and exc.code == signal.SIGTERM:  # ray.init's own SIGTERM handler replaces ours
+        exc = _Signalled(signal.SIGTERM.name)
     if isinstance(exc, _Signalled):
         return RunStopped(f"simulation stopped by {exc}; the run folder keeps its last complete round "
-                          "(resume with --set output.resume=true)")
+                          "(resume with --set output.resume=true)", exit_code=128 + signal.Signals[str(exc)].value)
     if isinstance(exc, KeyboardInterrupt):
         return RunStopped("simulation interrupted; the run folder keeps its last complete round "
                           "(resume with --set output.resume=true)")
