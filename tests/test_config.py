@@ -149,3 +149,23 @@ def test_config_show_prints_the_effective_config(capsys: pytest.CaptureFixture[s
     assert "train.lr = 0.002  # default 0.005" in lines  # from the preset
     assert "secagg.enabled = False  # default True" in lines and "privacy.enabled = True" in lines
     assert "secagg.enabled = false: no secure aggregation" in caplog.text
+
+
+def test_simulation_keys_override_the_preset_and_are_checked() -> None:
+    import argparse
+
+    from medfusion_fl.cli import _preset_config
+
+    def table(*sets: str) -> dict[str, object]:
+        args = argparse.Namespace(app=str(REPO), preset="tiny-cpu", config=None, set=list(sets))
+        return _preset_config(args)[1]
+
+    assert table()["num-sites"] == 3
+    chosen = table("simulation.num-sites=100", "simulation.cpus-per-site=0.5", "train.lr=0.01")
+    assert chosen["num-sites"] == 100 and chosen["cpus-per-site"] == 0.5
+    with pytest.raises(ConfigError, match=r"simulation.num-site: not a simulation key; known: simulation.num-sites"):
+        table("simulation.num-site=4")
+    with pytest.raises(ConfigError, match=r"simulation.num-sites = 2.5: must be an integer >= 1"):
+        table("simulation.num-sites=2.5")
+    with pytest.raises(ConfigError, match=r"simulation.cpus-per-site = 0: must be a number >= 0.01"):
+        table("simulation.cpus-per-site=0")
