@@ -176,7 +176,11 @@ def start(state: RecordDict, setup: Setup, party: int, vector: np.ndarray) -> Co
     public keys."""
     site, (c_public, s_public) = advertise(setup, party)
     _save(state, site, setup, {})
-    state[INPUT] = ArrayRecord({"vector": Array(vector)})
+    # kept until stage 3 in 32 bits when its entries fit (n_i x 2^bits does at the defaults, while the sum of
+    # more than 16 sites needs 2^64): in a simulation every site's state sits in the driver and travels with
+    # each of its messages, so this halves both
+    narrow = vector.dtype != np.uint32 and (vector.size == 0 or int(vector.max()) < 2**32)
+    state[INPUT] = ArrayRecord({"vector": Array(vector.astype(np.uint32) if narrow else vector)})
     seen = _bytes_list(state.config_records.get(SEEN, ConfigRecord()), "round-ids")
     state[SEEN] = ConfigRecord({"round-ids": [*seen, setup.round_id][-64:]})
     return ConfigRecord({"round-id": setup.round_id, "c-public": c_public, "s-public": s_public})
@@ -201,7 +205,7 @@ def mask(content: RecordDict, state: RecordDict, site: SiteConfig) -> ArrayRecor
     party, setup, keys = _load(state, content)
     record = content.config_records["secagg"]
     sealed = {int(k[12:]): _bytes(record, k) for k in record if k.startswith("sealed-from-")}
-    vector = state.array_records[INPUT]["vector"].numpy()
+    vector = state.array_records[INPUT]["vector"].numpy().astype(setup.dtype, copy=False)
     y = masked_input(party, setup, keys, sealed, vector)
     _save(state, party, setup, keys)
     del state[INPUT]  # the plain update is not kept once masked

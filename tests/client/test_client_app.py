@@ -139,3 +139,20 @@ def test_malformed_instruction_is_refused(plain_run: RunConfig) -> None:
                        dst_node_id=7, message_type=MessageType.EVALUATE)
     reply = app(no_round, _context(plain_run, node))
     assert reply.has_error() and "server-round" in reply.error.reason
+
+
+def test_a_sites_kept_input_is_stored_in_32_bits_when_its_entries_fit() -> None:
+    import numpy as np
+
+    from client import secagg_stages
+    from medfusion_fl.secagg import Setup
+
+    setup = Setup.new(20, threshold=2, neighbours=8, length=4, dtype=np.uint64)
+    fits = np.array([0, 5, 2**32 - 1, 7], np.uint64)
+    state = RecordDict()
+    secagg_stages.start(state, setup, 1, fits)
+    kept = state.array_records[secagg_stages.INPUT]["vector"].numpy()
+    assert kept.dtype == np.uint32 and np.array_equal(kept.astype(np.uint64), fits)  # half the bytes, same values
+    wide = np.array([0, 2**32, 1, 2], np.uint64)  # a bits / max-weight setting whose entries need 64 bits
+    secagg_stages.start(state := RecordDict(), setup, 1, wide)
+    assert state.array_records[secagg_stages.INPUT]["vector"].numpy().dtype == np.uint64
