@@ -162,14 +162,16 @@ class Exchange:
         settled = getattr(self.grid, "nothing_in_flight", None)  # the in-process grid knows; Flower's do not
         while waiting:
             stopping.check()  # a signal or a crashed simulation runtime: stop within a poll
-            for reply in self.grid.pull_messages(sorted(waiting)):
+            pulled = list(self.grid.pull_messages(sorted(waiting)))
+            for reply in pulled:
                 mid = reply.metadata.reply_to_message_id
                 if mid in waiting:
                     waiting.discard(mid)
                     yield self.node_of[mid], reply
             if not waiting or time.monotonic() >= deadline or (settled is not None and settled(waiting)):
                 break
-            time.sleep(min(PULL_INTERVAL, max(0.0, deadline - time.monotonic())))
+            if not pulled:  # nothing new: wait a little before asking again
+                time.sleep(min(PULL_INTERVAL, max(0.0, deadline - time.monotonic())))
         self.unanswered = sorted(self.node_of[mid] for mid in waiting)
 
 

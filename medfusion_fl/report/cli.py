@@ -10,7 +10,6 @@ from typing import Any
 
 from medfusion_fl.config_sources import parse_overrides
 from medfusion_fl.durable import write_bytes_atomic, write_json_atomic
-from medfusion_fl.report.metrics import format_interval
 
 log = logging.getLogger("medfusion_fl.cli")
 
@@ -19,6 +18,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from medfusion_fl.explain import explanation_figures
     from medfusion_fl.report.build import ReportInputs, write_report
     from medfusion_fl.report.evaluate import load_folder, load_saved
+    from medfusion_fl.report.metrics import format_interval  # scikit-learn: 1.5 s no other command needs
 
     saved = load_saved(Path(args.model), parse_overrides(args.set or []))
     dataset = load_folder(Path(args.data), saved.run)
