@@ -19,7 +19,7 @@ from medfusion_fl.approval.cli import add_commands as add_approval_commands
 from medfusion_fl.config import RunConfig, all_keys, privacy_warnings
 from medfusion_fl.config_sources import flatten, parse_overrides, read_toml_flat
 from medfusion_fl.console import ensure_logging
-from medfusion_fl.errors import ConfigError, MedFusionError, RunStopped
+from medfusion_fl.errors import ConfigError, MedFusionError, RunStopped, SimulationFailed
 from medfusion_fl.report.cli import add_commands as add_report_commands
 from medfusion_fl.webconsole.cli import add_commands as add_console_commands
 
@@ -352,16 +352,21 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    return _main(argv)[0]
+
+
+def _main(argv: Sequence[str] | None) -> tuple[int, bool]:
+    """The exit code, and whether a simulation's runtime was stopped under it (its processes killed)."""
     args = _parser().parse_args(argv)
     ensure_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
-        return int(args.func(args))
-    except RunStopped as exc:
+        return int(args.func(args)), False
+    except (RunStopped, SimulationFailed) as exc:
         log.error("%s", exc)
-        return exc.exit_code
+        return (exc.exit_code if isinstance(exc, RunStopped) else 1), True
     except MedFusionError as exc:
         log.error("%s", exc)
-        return 1
+        return 1, False
     finally:
         # what the command built stays alive until the process ends; without this, the interpreter's last
         # collection walks it all (after a simulation: torch.export's graphs, Ray's state), 5 s on 2 cores
@@ -372,11 +377,14 @@ def entry() -> int:
     """The `medfusion-fl` command: main(), and an exit that no stuck thread can hold up. A simulation stopped by a
     signal or a crashed runtime gives its coordinator thread a few seconds (simulations/runner.GRACE_S); one still
     busy after that (say, inside an ONNX export) would keep the interpreter from exiting. Everything the run
-    wrote is written atomically, so leaving then loses nothing."""
-    code = main()
+    wrote is written atomically, so leaving then loses nothing. The same exit follows a stopped or crashed
+    simulation, whose Ray processes were killed: the interpreter's teardown would then wait seconds on Ray's native
+    state and could die in it, hiding the exit code that says why the run ended."""
+    code, runtime_stopped = _main(None)
     stuck = [t.name for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()]
     if stuck:
         log.warning("exiting with %d thread(s) still running (%s)", len(stuck), ", ".join(stuck))
+    if stuck or runtime_stopped:
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

@@ -7,6 +7,7 @@ import logging
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from medfusion_fl import stopping
 from medfusion_fl.config import RunConfig
 from medfusion_fl.console import ensure_logging
 from server.federation import Federation
@@ -18,6 +19,11 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     ensure_logging()
+    with stopping.coordinating():  # a stopping simulation waits for this, and only this, thread
+        _run(grid, context)
+
+
+def _run(grid: Grid, context: Context) -> None:
     # 1. parse the run config once (pyproject defaults + --run-config overrides)
     run = RunConfig.from_flat(context.run_config)
     log.info("run %s: %s, %d rounds, backbone %s", run.output.run_dir, run.strategy.name,

@@ -104,6 +104,7 @@ def stop_descendants(*, exclude: set[int], grace: float = 2.0) -> int:
         if not still:
             break
         if sig == signal.SIGTERM:
-            log.debug("%d process(es) ignored SIGTERM; killing them", len(still))
+            log.debug("%d process(es) ignored SIGTERM; killing them: %s", len(still),
+                      ", ".join(f"{pid} {Path(_command(pid)).name}" for pid in sorted(still)))
     _reap()
     return len(left)

@@ -12,6 +12,7 @@ raises SimulationFailed (or RunStopped) with the cause. The run folder keeps its
 
 from __future__ import annotations
 
+import importlib
 import logging
 import signal
 import threading
@@ -38,7 +39,8 @@ from medfusion_fl.errors import MedFusionError, RunStopped, SimulationFailed
 from simulations import processes
 
 log = logging.getLogger("medfusion_fl.simulate")
-GRACE_S = 3.0  # how long the coordinator's thread may take to reach its next poll once asked to stop
+GRACE_S = 2.0  # how long the coordinator's thread may take to reach its next poll once asked to stop
+STOP_GRACE_S = 0.5  # how long Ray's processes may take to exit on SIGTERM once the run has been stopped
 
 
 class _Signalled(KeyboardInterrupt):
@@ -65,12 +67,32 @@ def _stop_on_signals(keep: set[int]) -> Iterator[None]:
     flower = logging.getLogger("flwr")
     level = flower.level
     previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # ray.init sets its own SIGTERM handler (sys.exit), which would skip the stop of Ray's workers above
+    ray_utils = importlib.import_module("ray._private.utils")
+    rays_setter = getattr(ray_utils, "set_sigterm_handler", None)
+    if rays_setter is not None:
+        setattr(ray_utils, "set_sigterm_handler", _keep_ours)  # noqa: B010 (an import_module result: no attributes)
     try:
         yield
     finally:
+        if rays_setter is not None:
+            setattr(ray_utils, "set_sigterm_handler", rays_setter)  # noqa: B010
         for sig, old in previous.items():
             signal.signal(sig, old)
         flower.setLevel(level)
+
+
+def _keep_ours(_handler: Any) -> None:
+    """Stands in for Ray's set_sigterm_handler while a simulation runs: SIGTERM stays ours."""
+
+
+def _cancel_rays_abort_alarm() -> None:
+    """Ray's driver installs abseil's failure signal handler for SIGTERM (among others): it prints "*** SIGTERM
+    received ***", passes the signal on to Python's handler, and arms alarm(3) whose SIGALRM aborts the process
+    (exit -6) in case the handling hangs; nothing disarms it. A stop that takes longer than 3 s (the coordinator
+    inside an ONNX export, say) would end in that abort instead of our exit code. No code of ours uses alarm()."""
+    if hasattr(signal, "alarm"):
+        signal.alarm(0)
 
 
 def _root_cause(exc: BaseException) -> BaseException:
@@ -81,14 +103,12 @@ def _root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
-def _wait_for_coordinator(timeout: float) -> bool:
-    """Join the ServerApp thread (Flower's, running our coordinator); False if it is still running."""
-    deadline = time.monotonic() + timeout
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join(max(0.0, deadline - time.monotonic()))
-    return not any(t.is_alive() and not t.daemon and t is not threading.current_thread()
-                   for t in threading.enumerate())
+def _wait_for_coordinator(grace: float) -> bool:
+    """Wait for the coordinator's thread (the ServerApp's main) to end, until `grace` seconds after the stop was
+    requested (Flower's runtime shutdown, which ran since, counts); False if it is still running."""
+    since = stopping.requested_at()
+    deadline = (time.monotonic() if since is None else since) + grace
+    return stopping.wait_idle(deadline - time.monotonic())
 
 
 def run_app(app_dir: Path, overrides: dict[str, Any], *, num_sites: int, cpus_per_site: float,
@@ -120,9 +140,11 @@ def run_app(app_dir: Path, overrides: dict[str, Any], *, num_sites: int, cpus_pe
                 exit_event=EventType.FLWR_SIMULATION_RUN_LEAVE,
             )
     except BaseException as exc:  # a signal, Ray, Flower or our ServerApp: each ends the run here
+        _cancel_rays_abort_alarm()
         stopping.request(f"{type(exc).__name__}: {exc}")  # the ServerApp thread leaves its wait at its next poll
         stopped = _wait_for_coordinator(GRACE_S)
-        left = processes.stop_descendants(exclude=before)
+        # Ray's GCS can sit on SIGTERM for seconds; it holds nothing of the run's, so it gets little grace here
+        left = processes.stop_descendants(exclude=before, grace=STOP_GRACE_S)
         log.debug("stopped %d leftover process(es); coordinator thread %s", left,
                   "ended" if stopped else "still running")
         reported = _explain(exc, cpus_per_site=cpus_per_site, gpus_per_site=gpus_per_site)
