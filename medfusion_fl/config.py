@@ -14,11 +14,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from medfusion_fl.attention.config import AttentionConfig, unsupported
 from medfusion_fl.config_base import WHERE, Scalar, Section, kebab
 from medfusion_fl.config_sources import read_toml_flat
 from medfusion_fl.errors import ConfigError
 from medfusion_fl.report.config import ReportConfig
 from medfusion_fl.strategy_config import StrategyConfig, refuse_under_secure_sum
+from medfusion_fl.synth_config import SynthConfig
 
 
 def _split_list(value: str) -> tuple[str, ...]:
@@ -133,14 +135,6 @@ def _parse_columns(spec: str) -> tuple[TabularColumn, ...]:
     if len(set(names)) != len(names):
         raise ValueError(f"column names must be unique, got {names}")
     return tuple(columns)
-
-
-class SynthConfig(Section):
-    patients_per_site: int = Field(120, ge=8, description="Patients in each synthetic site folder.")
-    test_patients: int = Field(300, ge=8, description="Patients in the synthetic held-out test folder.")
-    dirichlet_alpha: float = Field(1.0, gt=0.0, description="Label skew across sites; small = more skew.")
-    missing_view_rate: float = Field(0.15, ge=0.0, lt=1.0, description="Chance that a view is missing.")
-    seed: int = Field(7, ge=0, description="Seed of the generator: same seed, same folders.")
 
 
 class ModelConfig(Section):
@@ -269,6 +263,7 @@ _SECTIONS: dict[str, type[Section]] = {
     "output": OutputConfig, "data": DataConfig, "synth": SynthConfig, "model": ModelConfig,
     "train": TrainConfig, "privacy": PrivacyConfig, "secagg": SecAggConfig,
     "evaluation": EvaluationConfig, "strategy": StrategyConfig, "rounds": RoundsConfig, "report": ReportConfig,
+    "attention": AttentionConfig,
 }
 
 
@@ -286,6 +281,7 @@ class RunConfig(Section):
     strategy: StrategyConfig = StrategyConfig()
     rounds: RoundsConfig = RoundsConfig()
     report: ReportConfig = ReportConfig()
+    attention: AttentionConfig = AttentionConfig()
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> RunConfig:
@@ -364,6 +360,11 @@ def _refuse_unavailable(config: RunConfig) -> None:
     if config.privacy.cuda_graphs and (config.privacy.engine != "bookkeeping" or config.model.checkpointing):
         raise ConfigError("privacy.cuda-graphs = true needs privacy.engine = 'bookkeeping' and model.checkpointing = "
                           "false (graphs of reentrant checkpoints are not verified). Set privacy.cuda-graphs = false.")
+    privacy = config.privacy
+    if why := unsupported(config.attention, views=len(config.data.views), depth=config.data.depth,
+                          dp_engine=privacy.engine if privacy.enabled else None, cuda_graphs=privacy.cuda_graphs,
+                          checkpointing=config.model.checkpointing):
+        raise ConfigError(why)
     if config.secagg.enabled and config.secagg.threshold > config.rounds.min_sites:
         raise ConfigError(f"secagg.threshold = {config.secagg.threshold} > rounds.min-sites = "
                           f"{config.rounds.min_sites}: a round the coordinator accepts with min-sites sites could "

@@ -10,25 +10,24 @@ tests/explain's lesion patients (resnet10t, 32 px, 8x8 stage): lesion hit by the
 positives with hirescam, 0 of 32 with gradcam. Binary models are explained through their log-odds
 (logit 1 - logit 0), which is what the class-1 probability depends on.
 
-Every tested 2D family is a timm model whose `feature_info` names its stages. The stage is the deepest
-one whose map has at least `min_side` cells on a side (the last stage of a 32 px model is 1 x 1). Its
-output is given to captum as an (N, C, h, w) map whatever the family's layout: CNNs and MaxViT are NCHW
-already; Swin's NHWC map is permuted; a ViT's patch tokens are laid out on their grid, the class token
-passing beside the map (Grad-CAM on a transformer's last tokens, as its users compute it). The rest of
+The stage (models/stages.py) is the deepest one whose map has at least `min_side` cells on a side (the last
+stage of a 32 px model is 1 x 1). Its output is given to captum as an (N, C, h, w) map whatever the family's
+layout: CNNs and MaxViT are NCHW already; Swin's NHWC map is permuted; a ViT's patch tokens are laid out on
+their grid, the class token passing beside the map (Grad-CAM on a transformer's last tokens, as its users
+compute it). The rest of
 the model runs unchanged, so the map explains the whole multi-view, multimodal prediction.
 """
 
 from __future__ import annotations
 
 import copy
-import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from medfusion_fl.errors import FeatureNotAvailable
 from medfusion_fl.models import MedFusionModel
+from medfusion_fl.models.stages import Stage, from_grid, pick_stage, replace_stage, stage_module, to_grid
 
 
 class _Grid(nn.Identity):
@@ -44,66 +43,12 @@ class _Tapped(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y: torch.Tensor = self.stage(x)
-        if self.layout == "nchw":
-            return self.grid(y)  # type: ignore[no-any-return]
-        if self.layout == "nhwc":
-            return self.grid(y.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # type: ignore[no-any-return]
-        head, patches = y[:, : self.prefix], y[:, self.prefix:]  # tokens (N, prefix + h*w, C)
-        n, count, channels = patches.shape
-        side = math.isqrt(count)
-        grid = self.grid(patches.transpose(1, 2).reshape(n, channels, side, side))
-        return torch.cat([head, grid.flatten(2).transpose(1, 2)], dim=1)
-
-
-@dataclass(frozen=True)
-class Stage:
-    name: str  # the module's dotted name inside the backbone
-    layout: str  # nchw, nhwc or tokens
-    side: int  # cells on a side of its map
-
-
-def _stages(backbone: nn.Module, example: torch.Tensor) -> list[Stage]:
-    info = getattr(backbone, "feature_info", None)
-    if not info:
-        raise FeatureNotAvailable(f"{type(backbone).__name__} names no stages (timm feature_info), so there is no "
-                                  "layer to compute Grad-CAM on; explanation maps cover the tested 2D families.")
-    modules = dict(backbone.named_modules())
-    shapes: dict[str, tuple[int, ...]] = {}
-    hooks = [modules[item["module"]].register_forward_hook(
-        lambda _m, _a, out, name=item["module"]: shapes.__setitem__(name, tuple(out.shape))) for item in info]
-    try:
-        with torch.no_grad():
-            backbone.eval()(example)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    prefix = int(getattr(backbone, "num_prefix_tokens", 0))
-    found = []
-    for item in info:
-        shape, channels = shapes[item["module"]], int(item["num_chs"])
-        if len(shape) == 4 and shape[1] == channels:
-            found.append(Stage(item["module"], "nchw", min(shape[2:])))
-        elif len(shape) == 4 and shape[3] == channels:
-            found.append(Stage(item["module"], "nhwc", min(shape[1:3])))
-        elif len(shape) == 3 and math.isqrt(shape[1] - prefix) ** 2 == shape[1] - prefix:
-            found.append(Stage(item["module"], "tokens", math.isqrt(shape[1] - prefix)))
-    if not found:
-        raise FeatureNotAvailable(f"no stage of {type(backbone).__name__} gives a spatial map (shapes {shapes})")
-    return found
-
-
-def pick_stage(backbone: nn.Module, example: torch.Tensor, min_side: int) -> Stage:
-    """The deepest stage with a map of at least min_side cells a side, else the finest one."""
-    stages = _stages(backbone, example)
-    wide = [s for s in stages if s.side >= min_side]
-    return wide[-1] if wide else max(stages, key=lambda s: s.side)
+        return from_grid(y, self.grid(to_grid(y, self.layout, self.prefix)), self.layout, self.prefix)
 
 
 def _install(backbone: nn.Module, stage: Stage) -> _Grid:
-    parent_name, _, child = stage.name.rpartition(".")
-    parent = backbone.get_submodule(parent_name) if parent_name else backbone
-    tapped = _Tapped(getattr(parent, child), stage.layout, int(getattr(backbone, "num_prefix_tokens", 0)))
-    setattr(parent, child, tapped)
+    tapped = _Tapped(stage_module(backbone, stage), stage.layout, int(getattr(backbone, "num_prefix_tokens", 0)))
+    replace_stage(backbone, stage, tapped)
     return tapped.grid
 
 

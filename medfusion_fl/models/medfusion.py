@@ -10,9 +10,11 @@ from torch import nn
 from medfusion_fl.config import RunConfig
 from medfusion_fl.errors import ConfigError
 from medfusion_fl.models.aggregation import AGGREGATIONS
+from medfusion_fl.models.attention_gate import AttentionGate, StepSupervision, install_gate
 from medfusion_fl.models.backbone import create_backbone, feature_dim, set_checkpointing
 from medfusion_fl.models.dp_form import prepare_for_dp
 from medfusion_fl.models.fusion import FUSIONS
+from medfusion_fl.models.stages import pick_stage
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,8 @@ class ImageBranch(nn.Module):
     """A shared backbone called once on the B*V views folded into the batch (patient-major: rows
     b*V..b*V+V-1 are patient b), or once per view with batch B when `fold_views` is off (Opacus'
     hooks need patients along dimension 0) or each view has its own backbone; per-view
-    projection, masking of missing views, view aggregation."""
+    projection, masking of missing views, view aggregation. Under attention.method each backbone
+    carries an AttentionGate at one stage (models/attention_gate.py)."""
 
     def __init__(self, run: RunConfig, spec: ModelSpec) -> None:
         super().__init__()
@@ -48,11 +51,16 @@ class ImageBranch(nn.Module):
                             norm=cfg.norm, checkpointing=cfg.checkpointing, weights=cfg.backbone_weights)
             for _ in range(count))
         width = feature_dim(self.backbones[0], torch.zeros(1, *view_shape(spec)))
+        self.gates: list[AttentionGate] = []
+        if run.attention.enabled:
+            stage = pick_stage(self.backbones[0], torch.zeros(1, *view_shape(spec)), run.attention.min_side)
+            self.gates = [install_gate(backbone, stage) for backbone in self.backbones]
         self.project = nn.Sequential(nn.Linear(width, cfg.image_dim), nn.ReLU())
         self.aggregate = AGGREGATIONS.get(cfg.view_aggregation)(
             cfg.image_dim, spec.num_views, cfg.attention_heads, cfg.transformer_layers)
         self.checkpointing = cfg.checkpointing
         self.fold_views = True
+        self.step: StepSupervision | None = None  # a supervised training step (medfusion_fl.attention.supervise)
         self.train(self.training)
 
     def train(self, mode: bool = True) -> ImageBranch:
@@ -66,15 +74,34 @@ class ImageBranch(nn.Module):
         # views (B, V, C, H, W) or (B, V, C, D, H, W); view_mask (B, V) with 1 = present
         shared = len(self.backbones) == 1
         b, v = views.shape[:2]
+        step = self.step if self.training else None
+        mirror = step is not None and step.doubled  # consistency: each view's mirror image in the same call
         if shared and self.fold_views:
-            folded = self.project(self.backbones[0](views.flatten(0, 1)))  # (B*V, Di), patient-major
-            stacked = folded.reshape(b, v, -1)  # (B, V, Di)
+            x = torch.cat([views, views.flip(-1)], dim=1) if mirror else views  # (B, V or 2V, C, H, W)
+            self._supervise(0, None)
+            out = self.backbones[0](x.flatten(0, 1))  # (B*V', Dw), patient-major
+            if mirror:
+                out = out.reshape(b, 2 * v, -1)[:, :v].flatten(0, 1)  # the mirrors' features dropped: (B*V, Dw)
+            stacked = self.project(out).reshape(b, v, -1)  # (B, V, Di)
         else:
-            feats = [self.project(self.backbones[0 if shared else i](views[:, i])) for i in range(v)]
+            feats = []
+            for i in range(v):
+                x = views[:, i]
+                if mirror:  # (2B, ...): each patient's view, then its mirror image
+                    x = torch.stack([x, x.flip(-1)], dim=1).flatten(0, 1)
+                self._supervise(0 if shared else i, i)
+                out = self.backbones[0 if shared else i](x)
+                feats.append(self.project(out.reshape(b, 2, -1)[:, 0] if mirror else out))
             stacked = torch.stack(feats, dim=1)  # (B, V, Di)
         stacked = stacked * view_mask.to(stacked.dtype).unsqueeze(-1)  # missing views carry nothing
         aggregated: torch.Tensor = self.aggregate(stacked, view_mask)
         return aggregated  # (B, Di)
+
+    def _supervise(self, backbone: int, view: int | None) -> None:
+        """Point the gate of `backbone` at the step's targets for its next call (all views, or one)."""
+        if self.gates:
+            step = self.step if self.training else None
+            self.gates[backbone].supervision = step.call(view) if step is not None else None
 
 
 class TabularBranch(nn.Module):
