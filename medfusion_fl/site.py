@@ -83,7 +83,12 @@ class SiteRunner:
                 raise DataError(f"data.source = 'synthetic' but {folder} has no manifest.csv and this "
                                 "node has no partition-id; create the folder with `medfusion-fl synth`.")
             write_synthetic_site(folder, self.run, self.partition)
-        return load_site(folder, self.run.data)
+        data = load_site(folder, self.run.data, masks=self.run.attention.needs_masks)
+        if self.run.attention.needs_masks and not any(any(r.masks) for r in data.train.records):
+            log.warning("%s: attention.method = %r, but none of its training patients has a lesion mask (manifest "
+                        "columns <view>-mask): it trains on the classification loss only", self.site.site_id,
+                        self.run.attention.method)
+        return data
 
     def _seed(self, server_round: int) -> int:
         key = f"{self.run.train.seed}/{self.site.site_id}/{server_round}".encode()
@@ -107,7 +112,8 @@ class SiteRunner:
                 result, report = self._train_dp(model, data, server_round, proximal_mu, event_key)
             else:
                 result = train_local(model, data.train, self.run.train, device=self.device,
-                                     seed=self._seed(server_round), proximal_mu=proximal_mu)
+                                     seed=self._seed(server_round), proximal_mu=proximal_mu,
+                                     attention=self.run.attention)
         log.info("%s round %d: trained on %d patients, loss %.4f, %.1fs%s", self.site.site_id, server_round,
                  len(data.train), result.loss, result.seconds, f", epsilon {report.epsilon:.3f}" if report else "")
         bound = self.run.secagg.update_norm_bound
@@ -128,7 +134,8 @@ class SiteRunner:
         guard.check(planned, num_patients=len(data.train), server_round=server_round)
         reference = {n: p.detach().clone() for n, p in model.named_parameters()}
         result, step = train_local_dp(model, data.train, self.run.train, self.run.privacy, device=self.device,
-                                      seed=self._seed(server_round), proximal_mu=proximal_mu, reference=reference)
+                                      seed=self._seed(server_round), proximal_mu=proximal_mu, reference=reference,
+                                      attention=self.run.attention)
         key = event_key or f"{self.site.site_id}/round-{server_round}/{uuid.uuid4()}"  # a real training: always counts
         return result, guard.record(step, key=key, server_round=server_round)
 

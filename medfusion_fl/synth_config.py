@@ -21,6 +21,8 @@ class SynthConfig(Section):
                                 "positive patient with chance shortcut-rate and of a negative one with chance 1 - "
                                 "shortcut-rate (a scanner or department that labels its positive studies). Never in "
                                 "the held-out test folder. '' = no shortcut.")
+    lesion_contrast: float = Field(1.0, ge=0.0, le=4.0, description="Multiplies the brightness of the lesions "
+                                   "(the image signal of the label); below 1 they are subtler.")
     shortcut_rate: float = Field(0.9, ge=0.0, le=1.0, description="How strongly the marker follows the label at "
                                  "the shortcut sites (0.5: not at all, 1: always).")
 

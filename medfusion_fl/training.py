@@ -14,11 +14,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from medfusion_fl.attention.config import AttentionConfig
+from medfusion_fl.attention.supervise import supervise
 from medfusion_fl.config import TrainConfig
 from medfusion_fl.errors import ConfigError
 
 log = logging.getLogger(__name__)
 Batch = dict[str, torch.Tensor]
+NO_ATTENTION = AttentionConfig()
 
 
 @dataclass(frozen=True)
@@ -79,10 +82,11 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def train_local(model: nn.Module, dataset: Dataset[Batch], cfg: TrainConfig, *,
-                device: torch.device, seed: int, proximal_mu: float = 0.0) -> TrainResult:
+def train_local(model: nn.Module, dataset: Dataset[Batch], cfg: TrainConfig, *, device: torch.device, seed: int,
+                proximal_mu: float = 0.0, attention: AttentionConfig | None = None) -> TrainResult:
     """Train `cfg.local_epochs` epochs; with proximal_mu > 0 the FedProx term pulls towards the
-    weights the model had on entry (the global model of the round)."""
+    weights the model had on entry (the global model of the round). `attention`: the run's attention
+    supervision, whose loss joins each patient's (the batches then carry masks where the method needs them)."""
     start = time.perf_counter()
     model.to(device).train()
     generator = torch.Generator().manual_seed(seed)
@@ -92,20 +96,27 @@ def train_local(model: nn.Module, dataset: Dataset[Batch], cfg: TrainConfig, *,
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     steps, epoch_loss, seen = 0, 0.0, 0
     for epoch in range(cfg.local_epochs):
-        epoch_loss, seen = 0.0, 0
+        epoch_loss, attention_sum, seen = 0.0, 0.0, 0
         for batch in loader:
-            with autocast(cfg.precision, device):
-                logits, labels = _forward(model, batch, device)
-            loss = F.cross_entropy(logits.float(), labels)  # the loss in fp32, whatever the autocast
-            total = loss + proximal_term(model, reference, proximal_mu) if proximal_mu > 0 else loss
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()  # type: ignore[no-untyped-call]
+            # the mean loss weighs each patient 1/B; the fp16 scaler multiplies every gradient, the gates' too
+            scale = (scaler.get_scale() if scaler.is_enabled() else 1.0) / len(batch["label"])
+            with supervise(model, batch, attention or NO_ATTENTION, scale=scale) as step:
+                with autocast(cfg.precision, device):
+                    logits, labels = _forward(model, batch, device)
+                loss = F.cross_entropy(logits.float(), labels)  # the loss in fp32, whatever the autocast
+                total = loss + proximal_term(model, reference, proximal_mu) if proximal_mu > 0 else loss
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(total).backward()  # type: ignore[no-untyped-call]
+            if step is not None:
+                attention_sum += float(step.patient_losses().sum())
             scaler.step(optimizer)
             scaler.update()
             epoch_loss += float(loss.detach()) * len(labels)
             seen += len(labels)
             steps += 1
-        log.debug("epoch %d/%d: loss %.4f", epoch + 1, cfg.local_epochs, epoch_loss / max(seen, 1))
+        log.debug("epoch %d/%d: loss %.4f%s", epoch + 1, cfg.local_epochs, epoch_loss / max(seen, 1),
+                  f", attention loss {attention_sum / max(seen, 1):.4f}" if attention is not None and
+                  attention.enabled else "")
     mean = epoch_loss / max(seen, 1)
     if not math.isfinite(mean):
         raise FloatingPointError(f"local training diverged (loss {mean}); lower train.lr")

@@ -17,8 +17,9 @@ class AttentionConfig(Section):
         "patient's lesion mask (manifest column <view>-mask), 'cam' penalises the share of the attention outside "
         "the mask, 'consistency' makes the attention of a view and of its mirror image agree (no mask needed); "
         "'none': no gate, the plain model. Patients without a mask train on the classification loss only.")
-    weight: float = Field(1.0, ge=0.0, le=100.0, description="Weight of the attention loss added to each "
-                          "patient's classification loss (under DP the sum is clipped per patient).")
+    weight: float = Field(5.0, ge=0.0, le=100.0, description="Weight of the attention loss added to each "
+                          "patient's classification loss (under DP the sum is clipped per patient); 5 served all "
+                          "three methods in bench/attention_shortcut.py, where 1 left the attention half-learnt.")
     min_side: int = Field(7, ge=1, le=512, description="The attention sits on the deepest backbone stage whose "
                           "map has at least this many cells a side (a 224 px ResNet: its last stage, 7 x 7; a "
                           "32 px one: 8 x 8 after its first stage); finer maps locate more, deeper ones mean more.")

@@ -20,11 +20,16 @@ def to_grid(masks: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
 
 
 def mask_guided(a: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy of the attention against the mask, averaged over the map's cells: (N,).
-    Pulls the attention up on the lesion and down everywhere else."""
+    """Binary cross-entropy of the attention against the mask, the lesion and the background weighing the same
+    (each the mean over its own cells; a mask without lesion has the background term only): (N,). Pulls the
+    attention up on the lesion and down everywhere else; unweighted, the background's many cells would pull
+    the whole map down."""
     a = a.float().clamp(EPS, 1 - EPS)
-    bce = -(target * a.log() + (1 - target) * (1 - a).log())
-    return bce.flatten(1).mean(dim=1)
+    inside, outside = target.flatten(1), (1 - target).flatten(1)
+    log_in, log_out = a.log().flatten(1), (1 - a).log().flatten(1)
+    lesion = -(inside * log_in).sum(dim=1) / inside.sum(dim=1).clamp(min=EPS)
+    background = -(outside * log_out).sum(dim=1) / outside.sum(dim=1).clamp(min=EPS)
+    return lesion + background
 
 
 def cam_outside(a: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -12,19 +12,20 @@ from torch.utils.data import Dataset
 
 from medfusion_fl.config import DataConfig
 from medfusion_fl.data.images import load_view
-from medfusion_fl.data.manifest import PatientRecord, Problem, read_manifest
+from medfusion_fl.data.manifest import MASK_SUFFIX, PatientRecord, Problem, read_manifest
+from medfusion_fl.data.masks import load_mask
 from medfusion_fl.errors import DataError
 
 Sample = dict[str, torch.Tensor]
 
 
 def check_site(folder: Path, data: DataConfig) -> tuple[list[PatientRecord], list[Problem]]:
-    """Validate the manifest and decode every view file; returns records and every problem."""
+    """Validate the manifest and decode every view file and lesion mask; returns records and every problem."""
     records, problems = read_manifest(folder, data)
     valid = []
     for record in records:
         bad = False
-        for name, path in zip(data.views, record.views, strict=True):
+        for name, path, mask in zip(data.views, record.views, record.masks, strict=True):
             if path is None:
                 continue
             try:
@@ -33,6 +34,13 @@ def check_site(folder: Path, data: DataConfig) -> tuple[list[PatientRecord], lis
             except DataError as exc:
                 problems.append(Problem(record.row, name, str(exc)))
                 bad = True
+                continue
+            if mask is not None:
+                try:
+                    load_mask(mask, image=path, size=data.image_size, max_side=data.source_side_limit)
+                except DataError as exc:
+                    problems.append(Problem(record.row, name + MASK_SUFFIX, str(exc)))
+                    bad = True
         if not bad:
             valid.append(record)
     return valid, sorted(problems, key=lambda p: p.row)
@@ -45,11 +53,14 @@ def is_validation(patient_id: str, fraction: float) -> bool:
 
 
 class SiteDataset(Dataset[Sample]):
-    """Patients of one site folder; views are decoded on access (the folder was checked first)."""
+    """Patients of one site folder; views are decoded on access (the folder was checked first). With `masks`
+    (attention supervision) a sample also holds each view's lesion mask, "masks" (V, H, W), and
+    "mask_present" (V,): 1 where the view has a mask."""
 
-    def __init__(self, records: list[PatientRecord], data: DataConfig) -> None:
+    def __init__(self, records: list[PatientRecord], data: DataConfig, *, masks: bool = False) -> None:
         self.records = records
         self.data = data
+        self.masks = masks
 
     def __len__(self) -> int:
         return len(self.records)
@@ -65,12 +76,25 @@ class SiteDataset(Dataset[Sample]):
                 views[v] = load_view(path, channels=data.channels, size=data.image_size, depth=data.depth,
                                      max_side=data.source_side_limit)
                 mask[v] = 1.0
-        return {
+        sample = {
             "views": torch.from_numpy(views),  # (V, C, H, W) or (V, C, D, H, W)
             "view_mask": torch.from_numpy(mask),  # (V,)
             "tabular": torch.from_numpy(record.tabular),  # (F,)
             "label": torch.tensor(record.label, dtype=torch.long),
         }
+        if self.masks:
+            sample |= self._masks(record)
+        return sample
+
+    def _masks(self, record: PatientRecord) -> Sample:
+        data = self.data
+        masks = np.zeros((len(data.views), data.image_size, data.image_size), np.float32)
+        present = np.zeros(len(data.views), np.float32)
+        for v, (image, path) in enumerate(zip(record.views, record.masks, strict=True)):
+            if image is not None and path is not None:
+                masks[v] = load_mask(path, image=image, size=data.image_size, max_side=data.source_side_limit)
+                present[v] = 1.0
+        return {"masks": torch.from_numpy(masks), "mask_present": torch.from_numpy(present)}  # (V, H, W), (V,)
 
     def labels(self) -> list[int]:
         return [r.label for r in self.records]
@@ -85,8 +109,9 @@ class SiteData:
     val: SiteDataset
 
 
-def load_site(folder: Path, data: DataConfig) -> SiteData:
-    """Check a site folder and split it; any problem raises one DataError listing them all."""
+def load_site(folder: Path, data: DataConfig, *, masks: bool = False) -> SiteData:
+    """Check a site folder and split it; any problem raises one DataError listing them all. `masks`: the
+    training patients' samples carry their lesion masks (attention supervision)."""
     records, problems = check_site(folder, data)
     if problems:
         shown = "\n  ".join(str(p) for p in problems[:20])
@@ -98,7 +123,7 @@ def load_site(folder: Path, data: DataConfig) -> SiteData:
     if not train:
         raise DataError(f"Site folder {folder}: no training patients after the validation split "
                         f"(data.val-fraction = {data.val_fraction}).")
-    return SiteData(Path(folder), SiteDataset(train, data), SiteDataset(val, data))
+    return SiteData(Path(folder), SiteDataset(train, data, masks=masks), SiteDataset(val, data))
 
 
 def load_test_set(folder: Path, data: DataConfig) -> SiteDataset:

@@ -145,3 +145,20 @@ def load_view(path: Path, *, channels: int, size: int, depth: int = 0, max_side:
         array = F.interpolate(tensor, size=(size, size), mode="bilinear", antialias=True,
                               align_corners=False)[0].numpy()
     return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def source_shape(path: Path, max_side: int) -> tuple[int, int]:
+    """(H, W) of a 2D image file from its header (nothing decoded); DataError naming the file if unreadable."""
+    path = Path(path)
+    if path.suffix.lower() == ".npy":
+        shape = _npy_header(path)[0]
+        if len(shape) not in (2, 3):
+            raise DataError(f"{path}: shape {shape} is not an image; expected (H, W) or (C, H, W).")
+        return shape[-2], shape[-1]
+    try:
+        with Image.open(path) as opened:
+            if max(opened.size) > max_side:
+                raise _too_large(path, opened.size, max_side)
+            return opened.size[1], opened.size[0]
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"{path}: not a readable image ({exc}). Re-export the file or remove the view.") from None

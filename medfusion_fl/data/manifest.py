@@ -14,6 +14,7 @@ from medfusion_fl.errors import DataError
 
 MANIFEST = "manifest.csv"
 ID_COLUMN = "patient_id"
+MASK_SUFFIX = "-mask"  # <view>-mask: the path of the view's lesion mask (attention supervision); empty = none
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class PatientRecord:
     label: int
     tabular: np.ndarray  # (F,) float32, scaled by the column ranges
     views: list[Path | None] = field(default_factory=list)
+    masks: list[Path | None] = field(default_factory=list)  # per view: its lesion mask (None = none)
 
 
 def scale(value: float, column: TabularColumn) -> float:
@@ -71,7 +73,28 @@ def _header_problems(header: list[str], data: DataConfig) -> list[Problem]:
     missing = [name for name in required if name not in positions]
     if missing:
         problems.append(Problem(1, "header", f"missing column(s) {missing}; the run's schema needs {required}"))
+    for name in positions:
+        view = name.removesuffix(MASK_SUFFIX)
+        if name.endswith(MASK_SUFFIX) and name not in required and view not in data.views:
+            problems.append(Problem(1, name, f"a mask column for view {view!r}, which the run does not have "
+                                    f"(data.view-names = {list(data.views)}); rename it to <view>{MASK_SUFFIX} "
+                                    "for one of those views, or remove it"))
     return problems
+
+
+def _file_in_folder(number: int, column: str, rel: str, folder: Path,
+                    problems: list[Problem]) -> Path | None:
+    """The path of a file column's value inside the site folder; None (with a problem) if it cannot be one."""
+    if not rel:
+        return None
+    if "\x00" in rel:  # the OS cannot open it; pathlib raises on it
+        problems.append(Problem(number, column, f"path {rel!r} contains a NUL byte"))
+        return None
+    path = folder / rel
+    if not path.resolve().is_relative_to(folder.resolve()):
+        problems.append(Problem(number, column, f"path {rel!r} points outside the site folder"))
+        return None
+    return path
 
 
 def _parse_row(number: int, row: dict[str, str], data: DataConfig, folder: Path,
@@ -94,20 +117,19 @@ def _parse_row(number: int, row: dict[str, str], data: DataConfig, folder: Path,
             problems.append(Problem(number, column.name, error))
         values.append(scale(value, column) if value is not None else 0.0)
     views: list[Path | None] = []
+    masks: list[Path | None] = []
     for view in data.views:
         rel = (row.get(view) or "").strip()
-        path = (folder / rel) if rel else None
-        if path is not None and "\x00" in rel:  # the OS cannot open it; pathlib raises on it
-            problems.append(Problem(number, view, f"path {rel!r} contains a NUL byte"))
-            path = None
-        elif path is not None and not path.resolve().is_relative_to(folder.resolve()):
-            problems.append(Problem(number, view, f"path {rel!r} points outside the site folder"))
-            path = None
-        views.append(path)
+        views.append(_file_in_folder(number, view, rel, folder, problems))
+        mask_rel = (row.get(view + MASK_SUFFIX) or "").strip()
+        if mask_rel and not rel:
+            problems.append(Problem(number, view + MASK_SUFFIX, f"a mask ({mask_rel!r}) for a missing view; give "
+                                    f"the {view!r} image too, or leave the mask empty"))
+        masks.append(_file_in_folder(number, view + MASK_SUFFIX, mask_rel, folder, problems))
     if problems:
         return None, problems
     tabular = np.asarray(values, dtype=np.float32)
-    return PatientRecord(number, pid, classes.index(label), tabular, views), []
+    return PatientRecord(number, pid, classes.index(label), tabular, views, masks), []
 
 
 def read_manifest(folder: Path, data: DataConfig) -> tuple[list[PatientRecord], list[Problem]]:

@@ -5,8 +5,14 @@ Each patient has a class k; with s = 2k/(K-1) - 1 in [-1, 1]:
 - each view shows a bright blob ("lesion") whose visibility and amplitude grow with s, on a
   smooth anatomical background with noise;
 - each site has its own intensity shift (contrast, offset) and its own class mix ~ Dirichlet(alpha);
-- each view is missing with probability synth.missing-view-rate.
-The folders use the real format (manifest.csv + PNG), so demos exercise the real loading path.
+- each view is missing with probability synth.missing-view-rate;
+- with synth.mask-fraction > 0, that share of a site's patients (and every patient of the test folder) gets a
+  lesion mask per view (<view>-mask: the pixels within two radii of the lesion's centre; empty image = no lesion);
+- at the sites of synth.shortcut-sites, a bright square marker in a site's own corner follows the label (drawn
+  with chance synth.shortcut-rate on a positive patient's view, 1 - rate on a negative's): a shortcut that the
+  test folder never shows.
+The folders use the real format (manifest.csv + PNG), so demos exercise the real loading path. Masks and
+markers draw from a generator of their own: without them the folders are those of earlier versions.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from medfusion_fl.config import RunConfig, TabularColumn
-from medfusion_fl.data.manifest import ID_COLUMN, MANIFEST
+from medfusion_fl.data.manifest import ID_COLUMN, MANIFEST, MASK_SUFFIX
 
 log = logging.getLogger(__name__)
 WEIGHTS = (0.5, 0.9, 0.6, -0.5)
@@ -43,20 +49,32 @@ def _tabular_value(rng: np.random.Generator, s: float, j: int, column: TabularCo
     return float(np.clip(mid + z * half / 4, column.low, column.high))
 
 
-def _view_image(rng: np.random.Generator, s: float, size: int, channels: int,
-                contrast: float, offset: float) -> np.ndarray:
+def _view_image(rng: np.random.Generator, s: float, size: int, channels: int, contrast: float, offset: float,
+                lesion_contrast: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """A view's pixels (H, W[, C]) uint8 and its lesion mask (H, W) bool (all False without a lesion)."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     tilt = rng.uniform(-0.15, 0.15)
     image = 0.35 + 0.15 * np.sin(np.pi * yy) + tilt * (xx - 0.5)
+    lesion = np.zeros((size, size), bool)
     if rng.random() < 0.5 + 0.4 * s:  # the lesion: visible in most positive views
         cy, cx = rng.uniform(0.25, 0.75, size=2)
         radius = rng.uniform(0.06, 0.1)
-        amplitude = 0.25 + 0.2 * (s + 1) / 2
+        amplitude = (0.25 + 0.2 * (s + 1) / 2) * lesion_contrast
         image = image + amplitude * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * radius**2))
+        lesion = (yy - cy) ** 2 + (xx - cx) ** 2 <= (2 * radius) ** 2
     image = image + rng.normal(0, 0.06, size=image.shape)
     image = np.clip(image * contrast + offset, 0.0, 1.0)
     pixels = (image * 255).round().astype(np.uint8)
-    return np.repeat(pixels[..., None], channels, axis=2) if channels > 1 else pixels
+    return (np.repeat(pixels[..., None], channels, axis=2) if channels > 1 else pixels), lesion
+
+
+def _add_marker(pixels: np.ndarray, site: int) -> None:
+    """The shortcut: a saturated square, size/8 a side, in corner `site % 4`, in place."""
+    size = pixels.shape[0]
+    side, margin = max(2, size // 8), max(1, size // 16)
+    top = margin if site % 4 < 2 else size - margin - side
+    left = margin if site % 2 == 0 else size - margin - side
+    pixels[top:top + side, left:left + side] = 255
 
 
 def _png_bytes(pixels: np.ndarray) -> bytes:
@@ -73,10 +91,15 @@ def write_site(folder: Path, run: RunConfig, *, site: int, patients: int,
     if (folder / MANIFEST).is_file():
         return
     rng = _site_rng(synth.seed, site + 1)
+    extra = np.random.default_rng([synth.seed, site + 1, 1])  # masks and markers: the main stream stays as it was
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    (tmp / "images").mkdir()
     classes = data.class_names
-    header = [ID_COLUMN, data.label_column, *(c.name for c in data.columns), *data.views]
+    masks = synth.mask_fraction > 0
+    header = [ID_COLUMN, data.label_column, *(c.name for c in data.columns), *data.views,
+              *([v + MASK_SUFFIX for v in data.views] if masks else [])]
+    marked = site in synth.shortcut_site_numbers
     rows = []
     for i in range(patients):
         k = int(rng.choice(len(classes), p=class_probs))
@@ -84,18 +107,22 @@ def write_site(folder: Path, run: RunConfig, *, site: int, patients: int,
         row: dict[str, object] = {ID_COLUMN: f"s{site}-p{i:04d}", data.label_column: classes[k]}
         for j, column in enumerate(data.columns):
             row[column.name] = f"{_tabular_value(rng, s, j, column):.4f}"
+        with_mask = masks and (site < 0 or extra.random() < synth.mask_fraction)  # site -1: the test folder
         for view in data.views:
-            pixels = _view_image(rng, s, data.image_size, data.channels, *shift)
+            pixels, lesion = _view_image(rng, s, data.image_size, data.channels, *shift, synth.lesion_contrast)
+            row[view] = row[view + MASK_SUFFIX] = ""
             if rng.random() < synth.missing_view_rate:
-                row[view] = ""
                 continue
-            rel = f"images/{row[ID_COLUMN]}_{view}.png"
-            (tmp / "images").mkdir(exist_ok=True)
-            (tmp / rel).write_bytes(_png_bytes(pixels))
-            row[view] = rel
+            if marked and extra.random() < (synth.shortcut_rate if s > 0 else 1 - synth.shortcut_rate):
+                _add_marker(pixels, site)
+            row[view] = f"images/{row[ID_COLUMN]}_{view}.png"
+            (tmp / str(row[view])).write_bytes(_png_bytes(pixels))
+            if with_mask:
+                row[view + MASK_SUFFIX] = f"images/{row[ID_COLUMN]}_{view}-mask.png"
+                (tmp / str(row[view + MASK_SUFFIX])).write_bytes(_png_bytes(lesion.astype(np.uint8) * 255))
         rows.append(row)
     with (tmp / MANIFEST).open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=header)
+        writer = csv.DictWriter(handle, fieldnames=header, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     try:

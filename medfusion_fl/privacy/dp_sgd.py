@@ -29,6 +29,8 @@ from torch import nn
 from torch.profiler import record_function
 from torch.utils.data import DataLoader, Dataset
 
+from medfusion_fl.attention.config import AttentionConfig
+from medfusion_fl.attention.supervise import supervise
 from medfusion_fl.config import PrivacyConfig, TrainConfig
 from medfusion_fl.errors import ConfigError
 from medfusion_fl.models.dp_form import LayerScale
@@ -37,7 +39,7 @@ from medfusion_fl.privacy.bookkeeping import PerPatientClipper
 from medfusion_fl.privacy.conv_sampler import grouped_conv2d_grad_sample
 from medfusion_fl.privacy.graphed import PaddedClippedStep
 from medfusion_fl.privacy.persample import patient_grads
-from medfusion_fl.training import TrainResult, autocast, make_optimizer
+from medfusion_fl.training import NO_ATTENTION, TrainResult, autocast, make_optimizer
 
 log = logging.getLogger(__name__)
 Batch = dict[str, torch.Tensor]
@@ -105,8 +107,8 @@ def per_patient_backward(model: nn.Module) -> Iterator[None]:
 
 def train_local_dp(model: nn.Module, dataset: Dataset[Batch], cfg: TrainConfig, privacy: PrivacyConfig, *,
                    device: torch.device, seed: int, proximal_mu: float = 0.0,
-                   reference: Mapping[str, torch.Tensor] | None = None,
-                   noise_seed: int | None = None) -> tuple[TrainResult, DPStep]:
+                   reference: Mapping[str, torch.Tensor] | None = None, noise_seed: int | None = None,
+                   attention: AttentionConfig = NO_ATTENTION) -> tuple[TrainResult, DPStep]:
     """DP-SGD for cfg.local-epochs epochs of Poisson batches; returns what happened and the DP step
     to record in the ledger. FedProx is a post-step pull towards `reference` (the round's global
     weights): a proximal term in the loss would be clipped with the patient's gradient (and Opacus
@@ -120,7 +122,7 @@ def train_local_dp(model: nn.Module, dataset: Dataset[Batch], cfg: TrainConfig, 
     Noise and Poisson sampling draw from generators seeded by the operating system's CSPRNG every
     call: a seed derived from the run config (known to the coordinator) would let anyone regenerate
     the noise, or the batches. `noise_seed` fixes the noise for tests that compare two runs; a site
-    never sets it.
+    never sets it. `attention`: the run's attention supervision, part of each patient's clipped loss.
     """
     start = time.perf_counter()
     model.to(device).train()
@@ -136,7 +138,7 @@ def train_local_dp(model: nn.Module, dataset: Dataset[Batch], cfg: TrainConfig, 
         if privacy.engine == "bookkeeping":
             poisson = DPDataLoader.from_data_loader(loader, generator=_secret_generator(torch.device("cpu"), None))
             expected = max(1, int(len(cast(Sized, dataset)) * poisson.sample_rate))  # as Opacus' mean reduction
-            step = BookkeepingStep(model, privacy, noise, expected=expected)
+            step = BookkeepingStep(model, privacy, noise, expected=expected, attention=attention)
             try:
                 loss_mean, seen, steps = _run_epochs(model, poisson, optimizer, cfg, device, pull, proximal_mu, step)
             finally:
@@ -144,7 +146,7 @@ def train_local_dp(model: nn.Module, dataset: Dataset[Batch], cfg: TrainConfig, 
             sample_rate = float(poisson.sample_rate)
         else:
             loss_mean, seen, steps, sample_rate = _opacus_epochs(model, loader, optimizer, cfg, privacy, device,
-                                                                 pull, proximal_mu, noise)
+                                                                 pull, proximal_mu, noise, attention)
     result = TrainResult(loss_mean, seen, steps, time.perf_counter() - start)
     return result, DPStep(privacy.noise_multiplier, sample_rate, steps)
 
@@ -155,8 +157,10 @@ class BookkeepingStep:
     the caller runs the optimizer (train_local_dp, bench/dp_overhead.py).
     `noise`: a generator the coordinator cannot know (train_local_dp seeds it from the OS)."""
 
-    def __init__(self, model: nn.Module, privacy: PrivacyConfig, noise: torch.Generator, *, expected: int) -> None:
+    def __init__(self, model: nn.Module, privacy: PrivacyConfig, noise: torch.Generator, *, expected: int,
+                 attention: AttentionConfig = NO_ATTENTION) -> None:
         self.model, self.expected, self.noise, self.privacy = model, expected, noise, privacy
+        self.attention = attention
         self.std = privacy.noise_multiplier * privacy.max_grad_norm
         self.clipper = PerPatientClipper(model, max_grad_norm=privacy.max_grad_norm)
         self._draw: torch.Tensor | None = None  # the step's noise, one draw for all parameters
@@ -167,15 +171,16 @@ class BookkeepingStep:
         if n and self.privacy.cuda_graphs:
             with record_function("dp.graphed"):
                 losses = self._graphs(device, precision)(batch)
-        elif n:
-            with self.clipper.forward(n), record_function("dp.forward"):
-                # no autocast cast cache: the weights need no gradient during the step (nothing to
-                # cache), and a reentrant checkpoint's input, a leaf, would get one cached bf16 cast
-                # whose consumers' gradients then add up in bf16 instead of fp32 (~1% off in early
-                # layers' weight gradients on CUDA, where GroupNorm runs in fp32)
-                losses = _patient_losses(self.model, batch, device, precision, cast_cache=False)
-            with record_function("dp.backward"):
-                self.clipper.clip_backward(losses)
+        elif n:  # the engine clips the sum of per-patient losses: each patient's attention loss weighs 1
+            with supervise(self.model, batch, self.attention, scale=1.0):
+                with self.clipper.forward(n), record_function("dp.forward"):
+                    # no autocast cast cache: the weights need no gradient during the step (nothing to
+                    # cache), and a reentrant checkpoint's input, a leaf, would get one cached bf16 cast
+                    # whose consumers' gradients then add up in bf16 instead of fp32 (~1% off in early
+                    # layers' weight gradients on CUDA, where GroupNorm runs in fp32)
+                    losses = _patient_losses(self.model, batch, device, precision, cast_cache=False)
+                with record_function("dp.backward"):
+                    self.clipper.clip_backward(losses)
         with record_function("dp.noise"):  # one draw for all parameters: a kernel, not one per parameter
             params = self.clipper.params
             grads = [p.grad if (n and p.grad is not None) else torch.zeros_like(p) for p in params]
@@ -203,7 +208,8 @@ class BookkeepingStep:
 
 def _opacus_epochs(model: nn.Module, loader: DataLoader[Batch], optimizer: torch.optim.Optimizer, cfg: TrainConfig,
                    privacy: PrivacyConfig, device: torch.device, pull: Mapping[str, torch.Tensor],
-                   proximal_mu: float, noise: torch.Generator) -> tuple[float, int, int, float]:
+                   proximal_mu: float, noise: torch.Generator,
+                   attention: AttentionConfig) -> tuple[float, int, int, float]:
     """The same DP-SGD with Opacus' hooks (patients along dimension 0 of every layer call)."""
     engine = PrivacyEngine(accountant="rdp", secure_mode=False)
     set_view_folding(model, False)
@@ -217,10 +223,12 @@ def _opacus_epochs(model: nn.Module, loader: DataLoader[Batch], optimizer: torch
     sampler.generator = _secret_generator(torch.device("cpu"), None)  # which patients a step saw stays secret
 
     def step(batch: Batch, device: torch.device, precision: str) -> tuple[float, int]:
-        losses = _patient_losses(model, batch, device, precision)
-        if len(losses):
-            with per_patient_backward(model):
-                losses.mean().backward()  # type: ignore[no-untyped-call]
+        n = len(batch["label"])
+        with supervise(model, batch, attention, scale=1.0 / max(n, 1)):  # the mean loss weighs each patient 1/n
+            losses = _patient_losses(model, batch, device, precision)
+            if len(losses):
+                with per_patient_backward(model):
+                    losses.mean().backward()  # type: ignore[no-untyped-call]
         return (float(losses.detach().mean()) if len(losses) else 0.0), len(losses)
 
     try:

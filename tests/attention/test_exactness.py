@@ -72,12 +72,13 @@ def test_per_view_backbones_are_exact_too(method: str) -> None:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_the_attention_term_is_in_the_step(method: str) -> None:
-    """The comparison above can fail: the same step without supervision is far from the supervised loop."""
+    """The comparison above can fail: the same step without supervision is off the supervised loop by over 100
+    times the tolerance (cam's term is the smallest here: 2e-3 of the gradient's norm)."""
     model, reference = _pair("resnet", method, checkpointing=False)
     batch = batch_of_four(model)
     per = per_patient_grads(reference, batch, method, weight=BASE["attention.weight"])
     expected = torch.stack(per).double().sum(dim=0)
     got, _ = _engine(model, batch, method, bound=1e9, supervised=False)
-    assert float((got.double() - expected).norm() / expected.norm()) > 1e-2
+    assert float((got.double() - expected).norm() / expected.norm()) > 1e-3
     got, _ = _engine(model, batch, method, bound=1e9)
     assert float((got.double() - expected).norm() / expected.norm()) < 1e-5
