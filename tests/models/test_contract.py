@@ -117,3 +117,38 @@ def test_checkpointing_gives_the_same_gradients(family: str) -> None:
     assert grads[0].keys() == grads[1].keys()
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+FAMILIES_2D = [f for f in FAMILIES if f != "resnet3d"]
+LAYOUTS = {"resnet": "nchw", "swin": "nhwc", "vit": "tokens"}  # ONNX export of a gated model, once per layout
+
+
+def _supervised_step(model: MedFusionModel, method: str) -> None:
+    """One training step under attention supervision; every gate's score gets a finite, nonzero gradient."""
+    from medfusion_fl.attention.supervise import supervise
+    from medfusion_fl.models.attention_gate import gates
+
+    views, mask, tabular = _inputs(model)
+    size = model.spec.image_size
+    batch = {"view_mask": mask, "masks": (torch.rand(4, 2, size, size) > 0.8).float(), "mask_present": torch.ones(4, 2)}
+    config = RunConfig.from_flat({"attention.method": method}).attention
+    model.train()
+    with supervise(model, batch, config, scale=0.25):
+        model(views, mask, tabular).sum().backward()
+    for gate in gates(model):
+        assert gate.score.weight.grad is not None and torch.isfinite(gate.score.weight.grad).all()
+        assert float(gate.score.weight.grad.abs().sum()) > 0
+        assert gate.supervision is None  # cleared after the step
+
+
+@pytest.mark.parametrize("family", FAMILIES_2D)
+def test_every_2d_family_takes_attention_supervision(family: str) -> None:
+    """Shared (mask, checkpointed) and per-view backbones (consistency); the gated model keeps the contract."""
+    shared = _build(**_family_config(family, **{"attention.method": "mask", "model.checkpointing": True}))
+    _supervised_step(shared, "mask")
+    per_view = _build(**_family_config(family, **{"attention.method": "consistency",
+                                                  "model.shared-backbone": False}))
+    _supervised_step(per_view, "consistency")
+    check_contract(per_view)
+    if family in LAYOUTS:
+        check_onnx(shared)
