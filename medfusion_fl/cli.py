@@ -104,7 +104,7 @@ def cmd_site_import_dicom(args: argparse.Namespace) -> int:
     for problem in report.problems:
         sys.stdout.write(f"skipped {problem}\n")
     sys.stdout.write(f"imported {report.patients} patient(s) into {args.out}; views {report.views}; "
-                     f"{len(report.problems)} problem(s) listed above\n")
+                     f"{report.masks} lesion mask(s) from DICOM SEG; {len(report.problems)} problem(s) listed above\n")
     return 0
 
 
@@ -114,7 +114,8 @@ def cmd_site_import_nifti(args: argparse.Namespace) -> int:
     run = _run_config(args)
     patients, problems = import_nifti(Path(args.src), Path(args.out), run.data, view=args.view,
                                       clinical=Path(args.clinical), id_column=args.id_column,
-                                      salt_file=Path(args.salt_file) if args.salt_file else None)
+                                      salt_file=Path(args.salt_file) if args.salt_file else None,
+                                      labels=Path(args.labels) if args.labels else None)
     for problem in problems:
         sys.stdout.write(f"note {problem}\n")
     sys.stdout.write(f"imported {patients} patient(s) into {args.out}; {len(problems)} note(s) listed above\n")
@@ -318,6 +319,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="a folder of <patient id>.nii or .nii.gz files")
     p.add_argument("--out", required=True, help="the new site folder (never overwritten)")
     p.add_argument("--view", required=True, help="the view (of data.view-names) the volumes fill")
+    p.add_argument("--labels", help="a folder of label volumes named as the volumes (non-zero = lesion): the "
+                   "view's lesion masks")
     p.add_argument("--clinical", required=True, help="CSV with the label and clinical columns")
     p.add_argument("--id-column", default="PatientID", help="the clinical CSV's patient-id column")
     p.add_argument("--salt-file", help="the site's secret salt for patient ids (default: <OUT>.id-salt)")

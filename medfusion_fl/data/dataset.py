@@ -37,7 +37,8 @@ def check_site(folder: Path, data: DataConfig) -> tuple[list[PatientRecord], lis
                 continue
             if mask is not None:
                 try:
-                    load_mask(mask, image=path, size=data.image_size, max_side=data.source_side_limit)
+                    load_mask(mask, image=path, size=data.image_size, max_side=data.source_side_limit,
+                              depth=data.depth)
                 except DataError as exc:
                     problems.append(Problem(record.row, name + MASK_SUFFIX, str(exc)))
                     bad = True
@@ -88,13 +89,15 @@ class SiteDataset(Dataset[Sample]):
 
     def _masks(self, record: PatientRecord) -> Sample:
         data = self.data
-        masks = np.zeros((len(data.views), data.image_size, data.image_size), np.float32)
+        spatial = (data.depth, data.image_size, data.image_size) if data.depth else (data.image_size, data.image_size)
+        masks = np.zeros((len(data.views), *spatial), np.float32)
         present = np.zeros(len(data.views), np.float32)
         for v, (image, path) in enumerate(zip(record.views, record.masks, strict=True)):
             if image is not None and path is not None:
-                masks[v] = load_mask(path, image=image, size=data.image_size, max_side=data.source_side_limit)
+                masks[v] = load_mask(path, image=image, size=data.image_size, max_side=data.source_side_limit,
+                                     depth=data.depth)
                 present[v] = 1.0
-        return {"masks": torch.from_numpy(masks), "mask_present": torch.from_numpy(present)}  # (V, H, W), (V,)
+        return {"masks": torch.from_numpy(masks), "mask_present": torch.from_numpy(present)}  # (V, [D,] H, W), (V,)
 
     def labels(self) -> list[int]:
         return [r.label for r in self.records]

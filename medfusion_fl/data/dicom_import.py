@@ -5,9 +5,11 @@ by rules on its header (ViewPosition, SeriesDescription, Modality, ... as regula
 case-insensitive, full match); the first series (lowest SeriesNumber) per patient and view wins.
 Pixels go through the modality LUT (rescale slope/intercept), the VOI window (WindowCenter/Width,
 else the 0.5-99.5 percentile range) and MONOCHROME1 inversion, and are written as 16-bit PNG (2D)
-or resampled .npy volumes (data.depth > 0; a multi-frame file or a series of slices). Labels and
-clinical columns come from a CSV joined on the original patient id. Every file that cannot be read
-or mapped is reported with its reason; one bad file never aborts the import.
+or resampled .npy volumes (data.depth > 0; a multi-frame file or a series of slices). A patient's
+DICOM Segmentation objects (Modality SEG, data/dicom_seg.py) give the lesion masks of the images they
+annotate, written to the view's mask column (<view>-mask). Labels and clinical columns come from a
+CSV joined on the original patient id. Every file that cannot be read or mapped is reported with its
+reason; one bad file never aborts the import.
 
 Rules (TOML), one table per view of data.view-names:
 
@@ -33,7 +35,9 @@ import numpy as np
 from PIL import Image
 
 from medfusion_fl.config import DataConfig
+from medfusion_fl.data.dicom_seg import Key, SegMasks
 from medfusion_fl.data.importing import ImportProblem, PatientIds, finish_import, read_clinical
+from medfusion_fl.data.manifest import MASK_SUFFIX
 from medfusion_fl.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -43,6 +47,7 @@ log = logging.getLogger(__name__)
 class ImportReport:
     patients: int = 0
     views: dict[str, int] = field(default_factory=dict)
+    masks: int = 0  # views that got a lesion mask from a DICOM SEG
     problems: list[ImportProblem] = field(default_factory=list)
 
 
@@ -142,20 +147,57 @@ def _volume_npy(slices: np.ndarray, data: DataConfig) -> bytes:
     return buffer.getvalue()
 
 
-def _series_payload(files: list[tuple[Path, Any]], data: DataConfig) -> tuple[str, bytes]:
+@dataclass
+class Payload:
+    """A view's file and the source images (SOPInstanceUID, frame) it holds, in order: one for a 2D view, the
+    slices of a volume."""
+
+    suffix: str
+    data: bytes
+    sources: list[Key]
+    shape: tuple[int, int]  # rows, columns of the source images
+
+
+def _series_payload(files: list[tuple[Path, Any]], data: DataConfig) -> Payload:
     """Read a series' pixels: one 2D image (the middle slice/frame) or a resampled volume."""
     import pydicom
 
     ordered = sorted(files, key=lambda f: (int(f[1].get("InstanceNumber", 0) or 0), str(f[0])))
-    stack = []
+    stack, sources = [], []
     for path, header in ordered:  # the header read while scanning knows the frame count
         image = _pixels(pydicom.dcmread(path))
         frames = int(header.get("NumberOfFrames", 1) or 1)
         stack.extend(list(image) if frames > 1 else [image])
+        sources += [(str(header.get("SOPInstanceUID", "")), k + 1) for k in range(frames)]
+    shape = (int(stack[0].shape[0]), int(stack[0].shape[1]))
     if data.depth > 0:
         gray = [s.mean(axis=2) if s.ndim == 3 else s for s in stack]
-        return ".npy", _volume_npy(np.stack(gray), data)
-    return ".png", _png16(stack[len(stack) // 2], data.channels)
+        return Payload(".npy", _volume_npy(np.stack(gray), data), sources, shape)
+    middle = len(stack) // 2
+    return Payload(".png", _png16(stack[middle], data.channels), [sources[middle]], shape)
+
+
+def _mask_payload(payload: Payload, segs: SegMasks, data: DataConfig) -> tuple[str, bytes] | None:
+    """The lesion mask of a view's file from the patient's SEG objects, or None when none covers it: a 2D
+    view's as a PNG (0/255; .npy fractions for a FRACTIONAL SEG), a volume's resampled as its volume."""
+    found = [segs.mask(key, payload.shape) for key in payload.sources]
+    if all(m is None for m in found):
+        return None
+    planes = np.stack([m if m is not None else np.zeros(payload.shape, np.float32) for m in found])
+    buffer = io.BytesIO()
+    if data.depth > 0:
+        import torch
+        import torch.nn.functional as F
+
+        volume = F.interpolate(torch.from_numpy(planes)[None, None], mode="area",
+                               size=(data.depth, data.image_size, data.image_size))[0, 0].numpy()
+        np.save(buffer, np.clip(volume, 0.0, 1.0).astype(np.float32), allow_pickle=False)
+        return ".npy", buffer.getvalue()
+    if segs.fractional:
+        np.save(buffer, planes[0].astype(np.float32), allow_pickle=False)
+        return ".npy", buffer.getvalue()
+    Image.fromarray((planes[0] > 0).astype(np.uint8) * 255).save(buffer, format="PNG")
+    return ".png", buffer.getvalue()
 
 
 def import_dicom(src: Path, out: Path, data: DataConfig, *, rules_path: Path, clinical: Path | None,
@@ -170,6 +212,7 @@ def import_dicom(src: Path, out: Path, data: DataConfig, *, rules_path: Path, cl
     ids = PatientIds(salt_file or out.with_name(out.name + ".id-salt"))
     clinical_rows, problems = read_clinical(clinical, id_column, data)
     series: dict[str, dict[str, list[tuple[Path, Any]]]] = defaultdict(lambda: defaultdict(list))
+    segs: dict[str, SegMasks] = defaultdict(SegMasks)
     files = list(_dicom_files(Path(src)))
     for path in progress(files, "reading DICOM headers"):
         try:
@@ -180,10 +223,14 @@ def import_dicom(src: Path, out: Path, data: DataConfig, *, rules_path: Path, cl
         if not header.get("PatientID"):
             problems.append(ImportProblem(str(path), "no PatientID"))
             continue
+        if str(header.get("Modality", "")) == "SEG":  # a segmentation: masks of images, not a view
+            segs[str(header.PatientID)].add(path)
+            continue
         if not header.get("SeriesInstanceUID"):
             problems.append(ImportProblem(str(path), "no SeriesInstanceUID"))
             continue
         series[str(header.PatientID)][str(header.SeriesInstanceUID)].append((path, header))
+    problems += [ImportProblem(file, reason) for masks in segs.values() for file, reason in masks.problems]
     report = ImportReport(problems=problems)
     rows, payloads = [], {}
     for pid, by_series in progress(sorted(series.items()), "converting series"):
@@ -217,15 +264,34 @@ def import_dicom(src: Path, out: Path, data: DataConfig, *, rules_path: Path, cl
             if view not in chosen:
                 continue
             try:
-                suffix, payload = _series_payload(chosen[view][1], data)
+                payload = _series_payload(chosen[view][1], data)
             except Exception as exc:  # pydicom/numpy raise many types for undecodable pixel data
                 problems.append(ImportProblem(str(chosen[view][1][0][0]), f"pixel data not decodable ({exc})"))
                 continue
-            rel = f"images/{row['patient_id']}_{view}{suffix}"
-            payloads[rel] = payload
+            rel = f"images/{row['patient_id']}_{view}{payload.suffix}"
+            payloads[rel] = payload.data
             row[view] = rel
             report.views[view] = report.views.get(view, 0) + 1
+            if pid in segs:
+                row[view + MASK_SUFFIX] = _view_mask(payload, segs[pid], data, rel, payloads, problems,
+                                                     str(chosen[view][1][0][0]))
         rows.append(row)
     report.patients = finish_import(out, data, rows, payloads, unmatched=clinical_rows, ids=ids,
                                     problems=problems, src=src)
+    report.masks = sum(1 for row in rows for view in data.views if row.get(view + MASK_SUFFIX))
     return report
+
+
+def _view_mask(payload: Payload, segs: SegMasks, data: DataConfig, rel: str, payloads: dict[str, bytes],
+               problems: list[ImportProblem], source: str) -> str:
+    """The manifest value of a view's mask column: the SEG mask written next to its image, or ''."""
+    try:
+        mask = _mask_payload(payload, segs, data)
+    except ValueError as exc:
+        problems.append(ImportProblem(source, f"its DICOM SEG is not used: {exc}"))
+        return ""
+    if mask is None:
+        return ""
+    mask_rel = rel.rsplit(".", 1)[0] + MASK_SUFFIX + mask[0]
+    payloads[mask_rel] = mask[1]
+    return mask_rel

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medfusion_fl.config import DataConfig
-from medfusion_fl.data.manifest import ID_COLUMN, MANIFEST
+from medfusion_fl.data.manifest import ID_COLUMN, MANIFEST, MASK_SUFFIX
 from medfusion_fl.durable import write_bytes_atomic
 from medfusion_fl.errors import DataError
 
@@ -94,9 +94,10 @@ def write_site_folder(out: Path, data: DataConfig, rows: list[dict[str, str]],
         for rel, payload in files.items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             (tmp / rel).write_bytes(payload)
-        header = [ID_COLUMN, data.label_column, *(c.name for c in data.columns), *data.views]
+        masks = [v + MASK_SUFFIX for v in data.views if any(row.get(v + MASK_SUFFIX) for row in rows)]
+        header = [ID_COLUMN, data.label_column, *(c.name for c in data.columns), *data.views, *masks]
         with (tmp / MANIFEST).open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=header)
+            writer = csv.DictWriter(handle, fieldnames=header, extrasaction="ignore")  # empty mask columns left out
             writer.writeheader()
             writer.writerows(rows)
         os.rename(tmp, out)

@@ -1,9 +1,10 @@
 """Lesion masks of views (manifest column <view>-mask), read and checked for attention supervision.
 
 A mask is a PNG (or another single-channel image PIL reads) or a .npy array (H, W), of the same size as its
-view's image file. Values: binary (0/1, or 0 and the type's maximum: 255 for 8 bits, 65535 for 16), or
-fractions in [0, 1] (floating point). It is resized to data.image-size by area averaging, so a pixel of the
-result is the share of its area that is lesion.
+view's image file; a volume's mask (data.depth > 0) is a .npy (D, H, W) of its volume's shape. Values: binary
+(0/1, or 0 and the type's maximum: 255 for 8 bits, 65535 for 16), or fractions in [0, 1] (floating point). It
+is resized to the run's image (or volume) size by area averaging, so a pixel of the result is the share of its
+area that is lesion.
 """
 
 from __future__ import annotations
@@ -15,25 +16,28 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from medfusion_fl.data.images import PIL_SUFFIXES, _read_npy, source_shape
+from medfusion_fl.data.images import PIL_SUFFIXES, _npy_header, _read_npy, source_shape
 from medfusion_fl.errors import DataError
 
 SUFFIXES = PIL_SUFFIXES | {".npy"}
 _FULL = {np.dtype(np.uint8): 255, np.dtype(np.uint16): 65535}
 
 
-def _raw(path: Path, max_side: int) -> np.ndarray:
-    """The mask's values as stored, (H, W)."""
+def _raw(path: Path, max_side: int, volume: bool) -> np.ndarray:
+    """The mask's values as stored, (H, W) or (D, H, W)."""
     suffix = path.suffix.lower()
-    if suffix not in SUFFIXES:
-        raise DataError(f"{path}: unsupported mask file type {suffix!r}; use PNG or .npy.")
+    if suffix not in SUFFIXES or (volume and suffix != ".npy"):
+        raise DataError(f"{path}: unsupported mask file type {suffix!r}; use "
+                        + ("a .npy (D, H, W) for a volume." if volume else "PNG or .npy."))
     if not path.is_file():
         raise DataError(f"{path}: mask file not found.")
     if suffix == ".npy":
-        array = _read_npy(path, max_side, volume=False)
-        if array.ndim != 2:
-            raise DataError(f"{path}: a mask has shape (H, W); this one has shape {array.shape}.")
-        return array
+        array = np.asarray(_read_npy(path, max_side, volume=volume))
+        if array.ndim != (3 if volume else 2):
+            raise DataError(f"{path}: a mask has shape {'(D, H, W)' if volume else '(H, W)'}; this one has shape "
+                            f"{array.shape}.")
+        stored = _npy_header(path)[2]
+        return array.astype(stored) if stored.kind in "biu" else array  # integer masks judged as stored
     source_shape(path, max_side)  # the header's size checked before decoding
     try:
         with Image.open(path) as image:
@@ -65,17 +69,27 @@ def _fraction(values: np.ndarray, path: Path) -> np.ndarray:
                     "fractions in [0, 1]. Save the lesion as 1 (or 255) and the background as 0.")
 
 
-def load_mask(path: Path, *, image: Path, size: int, max_side: int) -> np.ndarray:
+def _image_shape(image: Path, max_side: int, volume: bool) -> tuple[int, ...]:
+    if not volume:
+        return source_shape(image, max_side)
+    shape = _npy_header(image)[0]
+    return shape[-3:]  # (D, H, W) of (D, H, W) or (C, D, H, W)
+
+
+def load_mask(path: Path, *, image: Path, size: int, max_side: int, depth: int = 0) -> np.ndarray:
     """The mask of the view in `image`, checked (readable, same size as the image, binary or in [0, 1]) and
-    resized to (size, size) float32 in [0, 1]; DataError naming the file otherwise."""
+    resized to (size, size), or (depth, size, size) for a volume, float32 in [0, 1]; DataError naming the
+    file otherwise."""
     path = Path(path)
-    values = _raw(path, max_side)
-    expected = source_shape(image, max_side)
+    values = _raw(path, max_side, volume=depth > 0)
+    expected = _image_shape(image, max_side, volume=depth > 0)
     if values.shape != expected:
-        raise DataError(f"{path}: the mask is {values.shape[0]} x {values.shape[1]} but its image {image.name} is "
-                        f"{expected[0]} x {expected[1]} (H x W); a mask must cover its image pixel for pixel.")
+        axes = "D x H x W" if depth else "H x W"
+        raise DataError(f"{path}: the mask is {' x '.join(map(str, values.shape))} but its image {image.name} is "
+                        f"{' x '.join(map(str, expected))} ({axes}); a mask must cover its image pixel for pixel.")
     mask = _fraction(values, path)
-    if mask.shape != (size, size):
-        mask = F.interpolate(torch.from_numpy(np.ascontiguousarray(mask))[None, None], size=(size, size),
+    target = (depth, size, size) if depth else (size, size)
+    if mask.shape != target:
+        mask = F.interpolate(torch.from_numpy(np.ascontiguousarray(mask))[None, None], size=target,
                              mode="area")[0, 0].numpy()
     return np.ascontiguousarray(mask, dtype=np.float32)

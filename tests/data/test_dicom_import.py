@@ -132,3 +132,59 @@ def test_multiframe_colour_file_gives_a_gray_image_or_a_volume(tmp_path: Path) -
     import_dicom(src, tmp_path / "site3d", run3d.data, rules_path=tmp_path / "rules3d.toml", clinical=clinical)
     volume = np.load(check_site(tmp_path / "site3d", run3d.data)[0][0].views[0])
     assert volume.shape == (4, 8, 8)  # the 2 frames, resampled to the configured depth
+
+
+def _seg(image: Path, out: Path, box: tuple[slice, slice], *, rows: int | None = None) -> None:
+    """A BINARY DICOM SEG of one segment on `image` (the real CR file), lesion = `box`, written to `out`."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.pixels import pack_bits
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    source = pydicom.dcmread(image, stop_before_pixels=True)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.66.4"  # Segmentation Storage
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.Modality, ds.PatientID, ds.StudyInstanceUID = "SEG", source.PatientID, source.StudyInstanceUID
+    ds.SeriesInstanceUID, ds.SeriesNumber = generate_uid(), 100
+    ds.Rows, ds.Columns, ds.NumberOfFrames = rows or source.Rows, source.Columns, 1
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 1, 1, 0, 0
+    ds.SegmentationType = "BINARY"
+    reference = Dataset()
+    reference.ReferencedSOPClassUID, reference.ReferencedSOPInstanceUID = source.SOPClassUID, source.SOPInstanceUID
+    derivation, group, segment = Dataset(), Dataset(), Dataset()
+    derivation.SourceImageSequence = [reference]
+    segment.ReferencedSegmentNumber = 1
+    group.DerivationImageSequence, group.SegmentIdentificationSequence = [derivation], [segment]
+    ds.PerFrameFunctionalGroupsSequence = [group]
+    mask = np.zeros((ds.Rows, ds.Columns), np.uint8)
+    mask[box] = 1
+    ds.PixelData = pack_bits(mask)
+    ds.save_as(out, enforce_file_format=True)
+
+
+def test_dicom_seg_objects_become_the_lesion_masks_of_the_images_they_annotate(tmp_path: Path) -> None:
+    """SEGs on the spine study's frontal (AP, series 2) and lateral (LL) images: their masks land beside the
+    images, pixel for pixel; a SEG of the wrong size and one on the unused AP series are not used."""
+    tree = tmp_path / "tree"
+    shutil.copytree(_tree() / SPINE, tree / SPINE)
+    _seg(tree / SPINE / "CR2" / "6247", tree / SPINE / "seg-frontal.dcm", (slice(2, 6), slice(4, 12)))
+    _seg(tree / SPINE / "CR1" / "6154", tree / SPINE / "seg-lateral.dcm", (slice(0, 16), slice(0, 3)), rows=8)
+    _seg(tree / SPINE / "CR3" / "6278", tree / SPINE / "seg-other.dcm", (slice(0, 1), slice(0, 1)))
+    run, rules, clinical = _setup(tmp_path, [SPINE])
+    report = import_dicom(tree, tmp_path / "site", run.data, rules_path=rules, clinical=clinical)
+    assert report.views == {"frontal": 1, "lateral": 1} and report.masks == 1
+    assert any("SEG is not used" in p.reason and "8 x 16" in p.reason for p in report.problems)
+    assert not any("seg-" in p.source and "matches no view rule" in p.reason for p in report.problems)
+    records, problems = check_site(tmp_path / "site", run.data)
+    assert problems == []
+    (record,) = records
+    assert record.masks[1] is None and record.masks[0] is not None
+    from PIL import Image
+
+    mask = np.asarray(Image.open(record.masks[0]))
+    expected = np.zeros((16, 16), np.uint8)
+    expected[2:6, 4:12] = 255
+    assert np.array_equal(mask, expected)

@@ -59,3 +59,36 @@ def test_import_real_volumes_with_4d_and_damaged_files_reported(tmp_path: Path) 
         if record.views[0] is not None:
             volume = np.load(record.views[0])
             assert volume.shape == (8, 16, 16) and volume.min() >= 0.0 and volume.max() <= 1.0
+
+
+def test_label_volumes_become_the_views_lesion_masks(tmp_path: Path) -> None:
+    """A label volume beside each volume (labelsTr style): its non-zero voxels, reoriented and resampled with the
+    volume, are the mask (each voxel the lesion's share); a label volume on another grid is reported, not used."""
+    src, labels = tmp_path / "src", tmp_path / "labels"
+    src.mkdir()
+    labels.mkdir()
+    affine = np.diag([-2.0, 2.0, 2.0, 1.0])  # LAS: the reorientation must flip the label volume too
+    image = np.random.default_rng(0).random((16, 12, 8)).astype(np.float32)
+    lesion = np.zeros((16, 12, 8), np.int16)
+    lesion[0:4, 0:6, 0:8] = 2  # a label value, not 1: any non-zero voxel is lesion
+    for pid in ("B1", "B2"):
+        nib.save(nib.Nifti1Image(image, affine), str(src / f"{pid}.nii.gz"))
+    nib.save(nib.Nifti1Image(lesion, affine), str(labels / "B1.nii.gz"))
+    nib.save(nib.Nifti1Image(lesion[:8], affine), str(labels / "B2.nii.gz"))  # another grid
+    clinical = tmp_path / "clinical.csv"
+    clinical.write_text("PatientID,age,marker-a,marker-b,marker-c,noise-a,noise-b,label\n"
+                        "B1,40,0,0,0,0,0,positive\nB2,41,0,0,0,0,0,negative\n")
+    run = RunConfig.from_flat({**RUN, "data.depth": 4, "data.image-size": 8})
+    patients, problems = import_nifti(src, tmp_path / "site", run.data, view="mri", clinical=clinical,
+                                      labels=labels)
+    assert patients == 2 and len(problems) == 1 and "B2.nii.gz: label volume not used" in str(problems[0])
+    records, site_problems = check_site(tmp_path / "site", run.data)
+    assert site_problems == []
+    masked = [r for r in records if r.masks[0] is not None]
+    assert len(masked) == 1
+    mask = np.load(masked[0].masks[0])
+    assert mask.shape == (4, 8, 8) and mask.min() >= 0.0 and mask.max() == 1.0
+    # the lesion fills the first quarter of voxel axis i, which runs towards L: after reorientation the last
+    # quarter of W (towards R), the first half of H (A), all of D (S)
+    assert float(mask[:, :4, 6:].mean()) == 1.0 and float(mask[:, :, :6].sum()) == 0.0
+    assert float(mask[:, 4:, :].sum()) == 0.0
