@@ -102,6 +102,12 @@ class SiteDataset(Dataset[Sample]):
     def labels(self) -> list[int]:
         return [r.label for r in self.records]
 
+    def with_masks(self) -> SiteDataset:
+        """The same patients with their lesion masks, when the folder has any (else this dataset)."""
+        if self.masks or not any(any(r.masks) for r in self.records):
+            return self
+        return SiteDataset(self.records, self.data, masks=True)
+
 
 @dataclass
 class SiteData:

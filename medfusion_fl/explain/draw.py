@@ -30,6 +30,7 @@ class Explanation:
     maps: np.ndarray  # (V, H, W) class-activation maps in [0, 1]
     present: list[bool]
     weights: dict[str, dict[str, float]]
+    lesions: np.ndarray | None = None  # (V, H, W) the folder's lesion masks, where it has them
 
     def summary(self) -> dict[str, Any]:
         peaks = [np.unravel_index(int(m.argmax()), m.shape) if p else None
@@ -58,8 +59,10 @@ def _display(view: torch.Tensor) -> np.ndarray:
 
 def explain_patients(model: MedFusionModel, dataset: SiteDataset, indices: list[int], *, min_side: int,
                      view_names: list[str], method: str = "hirescam") -> tuple[list[Explanation], str]:
-    """Class-activation maps and fusion weights of the given patients; returns them and what made the maps."""
+    """Class-activation maps and fusion weights of the given patients (with their lesion masks, where the folder
+    has them); returns them and what made the maps."""
     cam = ViewCam(model, min_side=min_side, method=method)
+    dataset = dataset.with_masks()
     binary = model.spec.num_classes == 2
     out = []
     for index in indices:
@@ -69,10 +72,11 @@ def explain_patients(model: MedFusionModel, dataset: SiteDataset, indices: list[
             probs = torch.softmax(cam.model(views[None], mask[None], tabular[None]).float(), dim=1)[0]
         target = 1 if binary else int(probs.argmax())
         maps = cam.maps(views, mask, tabular, target)
+        lesions = (sample["masks"] * sample["mask_present"][:, None, None]).numpy() if dataset.masks else None
         out.append(Explanation(dataset.records[index].patient_id, int(sample["label"]), target,
                                float(probs[target]), np.stack([_display(v) for v in views]), maps.numpy(),
                                [bool(m > 0) for m in mask], fusion_weights(cam.model, views, mask, tabular,
-                                                                           view_names)))
+                                                                           view_names), lesions))
     name = {"hirescam": "HiResCAM", "gradcam": "Grad-CAM"}[method]
     return out, f"{name} on {cam.stage.name} ({cam.stage.side}x{cam.stage.side} map)"
 
@@ -94,6 +98,8 @@ def figure(explanations: list[Explanation], view_names: list[str], classes: list
                 continue
             ax.imshow(e.images[c], cmap="gray", vmin=0, vmax=1)
             ax.imshow(e.maps[c], cmap="jet", alpha=0.6 * e.maps[c], vmin=0, vmax=1)  # cold cells leave the view clear
+            if e.lesions is not None and e.lesions[c].max() > 0:  # the lesion mask's outline
+                ax.contour(e.lesions[c], levels=[0.5], colors="white", linewidths=0.8)
             weight = e.weights.get("views", {}).get(name)
             ax.set_title(f"{name}" + (f" (view weight {weight:.2f})" if weight is not None else ""), fontsize=7)
             if c == 0:
@@ -118,7 +124,15 @@ def explanation_figures(model: MedFusionModel, dataset: SiteDataset, run: RunCon
     except FeatureNotAvailable as exc:
         log.warning("explanation maps not drawn: %s", exc)
         return {}, [f"explanation maps: not drawn: {exc}"]
-    return figures(explanations, list(run.data.views), list(run.data.class_names), stage), []
+    return figures(explanations, list(run.data.views), list(run.data.class_names), described(stage, run)), []
+
+
+def described(stage: str, run: RunConfig) -> str:
+    """What made the maps, and the attention supervision the model trained under."""
+    attention = run.attention
+    if not attention.enabled:
+        return stage
+    return f"{stage}; trained with attention supervision (attention.method = {attention.method!r})"
 
 
 def figures(explanations: list[Explanation], view_names: list[str], classes: list[str],

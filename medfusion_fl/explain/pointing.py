@@ -54,3 +54,18 @@ def pointing_game(model: MedFusionModel, dataset: SiteDataset, *, min_side: int,
             views += 1
     name = {"hirescam": "HiResCAM", "gradcam": "Grad-CAM"}[method]
     return PointingGame(hits, views, f"{name} on {cam.stage.name} ({cam.stage.side}x{cam.stage.side} map)")
+
+
+def localisation(model: MedFusionModel, dataset: SiteDataset, *, min_side: int,
+                 method: str = "hirescam") -> dict[str, object] | None:
+    """The pointing game's summary on a folder with lesion masks (<view>-mask), for the report; None when the
+    folder has no masks or the model no 2D map to explain."""
+    from medfusion_fl.errors import FeatureNotAvailable
+
+    masked = dataset.with_masks()
+    if not masked.masks:
+        return None
+    try:
+        return pointing_game(model, masked, min_side=min_side, method=method).summary()
+    except FeatureNotAvailable:
+        return None

@@ -50,12 +50,10 @@ class AttentionGate(nn.Module):
         nn.init.zeros_(self.score.weight)
         nn.init.constant_(self.score.bias, GATE_BIAS)  # type: ignore[arg-type]
         self.supervision: Supervision | None = None  # set for a training step only
-        self.last_map: torch.Tensor | None = None  # the last forward's `a`, detached (explanations, tests)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         grid = to_grid(y, self.layout, self.prefix)  # (N, C, h, w)
         a = torch.sigmoid(self.score(grid))  # (N, 1, h, w)
-        self.last_map = a.detach()
         if self.supervision is not None:
             a = self.supervision.seen(self, a)
         return from_grid(y, grid * a, self.layout, self.prefix)

@@ -42,6 +42,7 @@ class ReportInputs:
     lines: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl of the run, if known
     images: dict[str, bytes] = field(default_factory=dict)  # more figures (explanation maps), name -> PNG
     notes: list[str] = field(default_factory=list)  # what the report leaves out, and why
+    localisation: dict[str, Any] | None = None  # the pointing game, when the folder has lesion masks
 
 
 def _at(labels: np.ndarray, probs: np.ndarray, threshold: float | None, num_classes: int) -> dict[str, Any]:
@@ -91,6 +92,7 @@ def evaluation_numbers(inputs: ReportInputs, cfg: ReportConfig, *, seed: int) ->
                         "before": asdict(before), "after": asdict(after)},
         "sites": site_table(inputs.lines),
         "rounds": [_round_row(line) for line in inputs.lines if line.get("status") == "ok"],
+        "pointing_game": inputs.localisation,
         "notes": list(inputs.notes),
     }
     return numbers, probs, (before, after)

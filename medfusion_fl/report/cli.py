@@ -25,14 +25,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     probs, labels = saved.probabilities(dataset)
     images: dict[str, bytes] = {}
     notes: list[str] = []
+    game = None
     if saved.torch_model is not None:
+        from medfusion_fl.explain.pointing import localisation
+
         images, notes = explanation_figures(saved.torch_model, dataset, saved.run, labels=labels)
+        game = localisation(saved.torch_model, dataset, min_side=saved.run.report.cam_min_side,
+                            method=saved.run.report.cam_method)
     elif saved.run.report.explain_patients:
         notes.append(f"explanation maps: not drawn from {args.model} (an ONNX file carries no gradients); "
                      "`medfusion-fl explain CHECKPOINT --data FOLDER --out DIR` draws them")
     inputs = ReportInputs(model=saved.label, data=str(args.data), classes=saved.run.data.class_names, labels=labels,
                           probs=probs, temperature=saved.temperature, threshold=saved.threshold, lines=saved.lines,
-                          images=images, notes=notes)
+                          images=images, notes=notes, localisation=game)
     page, numbers = write_report(Path(args.out), inputs, saved.run.report, seed=saved.run.train.seed)
     sys.stdout.write(f"{page}: {len(labels)} patients, AUROC {format_interval(numbers['auroc'])}, "
                      f"AUPRC {format_interval(numbers['auprc'])}, "
@@ -44,7 +49,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from medfusion_fl.explain.draw import choose_patients, explain_patients, figures
+    from medfusion_fl.explain.draw import choose_patients, described, explain_patients, figures
     from medfusion_fl.report.evaluate import load_folder, load_saved, require_torch
 
     saved = load_saved(Path(args.model), parse_overrides(args.set or []))
@@ -60,7 +65,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     explanations, stage = explain_patients(model, dataset, indices, min_side=saved.run.report.cam_min_side,
                                            view_names=views, method=saved.run.report.cam_method)
     out = Path(args.out)
-    for name, image in figures(explanations, views, classes, stage).items():
+    for name, image in figures(explanations, views, classes, described(stage, saved.run)).items():
         write_bytes_atomic(out / name, image)
     write_json_atomic(out / "explanations.json", {"model": saved.label, "data": str(args.data), "stage": stage,
                                                   "method": f"{saved.run.report.cam_method} (captum), ReLU, bilinear "

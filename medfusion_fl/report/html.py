@@ -15,7 +15,7 @@ h1{font-size:1.5em;margin-bottom:4px}h2{font-size:1.15em;border-bottom:1px solid
 margin-top:28px}table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #d5d9e0;padding:4px 9px;
 text-align:right;font-size:.9em}th{background:#f1f3f6}td:first-child,th:first-child{text-align:left}
 .meta{color:#5b6475;font-size:.9em}.figs{display:flex;flex-wrap:wrap;gap:14px}.figs img{max-width:100%;
-border:1px solid #e4e7ec}.note{background:#fff8e1;border-left:4px solid #f0b400;padding:6px 10px;margin:6px 0}
+border:1px solid #e4e7ec}.pointing{font-weight:600}.note{background:#fff8e1;border-left:4px solid #f0b400;padding:6px 10px;margin:6px 0}
 """
 
 
@@ -89,6 +89,14 @@ def _rounds(rows: list[dict[str, Any]]) -> str:
                    *(f"epsilon {s}" for s in sites)], table)
 
 
+def _pointing(game: dict[str, Any] | None) -> str:
+    if not game:
+        return ""
+    share = "n/a" if game["share"] is None else f"{100 * game['share']:.1f}%"
+    return (f"<p class='pointing'>Pointing game: {game['hits']} of {game['views']} lesion-bearing views of positive "
+            f"patients ({share}) have their map's peak inside the lesion mask ({_e(game['maps'])}).</p>")
+
+
 def render(n: dict[str, Any], images: dict[str, bytes], classes: Sequence[str]) -> str:
     data, cal = n["data"], n["calibration"]
     per_class = ", ".join(f"{_e(c)} {v}" for c, v in data["per_class"].items())
@@ -113,10 +121,11 @@ def render(n: dict[str, Any], images: dict[str, bytes], classes: Sequence[str]) 
         "<h2>Rounds</h2>", _img(images, "rounds.png", "per-round curves"), _rounds(n["rounds"]),
         "<h2>Per-site results</h2>", _sites(n["sites"]),
     ]
-    if explain:
+    if explain or n.get("pointing_game"):
         parts += ["<h2>Explanation maps</h2><p>Class-activation maps (the method and backbone stage are named above "
-                  "each figure; report.cam-method), overlaid on the view; missing views are blank. View and "
-                  "modality weights are shown where the model's aggregation or fusion has them.</p>",
+                  "each figure; report.cam-method), overlaid on the view; missing views are blank; white outlines "
+                  "are the folder's lesion masks, where it has them. View and modality weights are shown where the "
+                  "model's aggregation or fusion has them.</p>", _pointing(n.get("pointing_game")),
                   *(_img(images, name, name) for name in explain)]
     parts.append(f"<p class='meta'>classes: {_e(', '.join(classes))}. Numbers: evaluation.json beside this page."
                  "</p></body></html>")

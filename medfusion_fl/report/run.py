@@ -51,14 +51,16 @@ def report_for_model(model: MedFusionModel, run: RunConfig, out_dir: Path, *, he
         log.warning("evaluation report %s", f"not written: {reason}")
         return ReportOutcome(None, reason)
     from medfusion_fl.explain import explanation_figures
+    from medfusion_fl.explain.pointing import localisation
     from medfusion_fl.report.build import ReportInputs, write_report  # matplotlib: only when a report is written
 
     try:
         probs, labels = predictions or predict(model, held_out, batch_size=64, device=next(model.parameters()).device)
         images, notes = explanation_figures(model, held_out, run, labels=labels)
+        game = localisation(model, held_out, min_side=run.report.cam_min_side, method=run.report.cam_method)
         inputs = ReportInputs(model=label, data=data, classes=run.data.class_names, labels=labels,
                               probs=probs, temperature=temperature, threshold=threshold, lines=lines, images=images,
-                              notes=notes)
+                              notes=notes, localisation=game)
         page, numbers = write_report(Path(out_dir) / FOLDER, inputs, run.report, seed=run.train.seed)
     except (MedFusionError, ValueError, RuntimeError, OSError) as exc:
         log.error("evaluation report not written: %s", exc)
