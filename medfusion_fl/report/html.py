@@ -15,7 +15,8 @@ h1{font-size:1.5em;margin-bottom:4px}h2{font-size:1.15em;border-bottom:1px solid
 margin-top:28px}table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #d5d9e0;padding:4px 9px;
 text-align:right;font-size:.9em}th{background:#f1f3f6}td:first-child,th:first-child{text-align:left}
 .meta{color:#5b6475;font-size:.9em}.figs{display:flex;flex-wrap:wrap;gap:14px}.figs img{max-width:100%;
-border:1px solid #e4e7ec}.pointing{font-weight:600}.note{background:#fff8e1;border-left:4px solid #f0b400;padding:6px 10px;margin:6px 0}
+border:1px solid #e4e7ec}.pointing{font-weight:600}
+.note{background:#fff8e1;border-left:4px solid #f0b400;padding:6px 10px;margin:6px 0}
 """
 
 

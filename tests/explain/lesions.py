@@ -11,8 +11,11 @@ from PIL import Image
 SIZE = 32
 
 
-def write_lesion_site(folder: Path, *, patients: int, seed: int) -> dict[str, tuple[float, float, float]]:
-    """Write manifest.csv + PNGs; returns patient id -> (row, col, radius) in pixels of positives' lesions."""
+def write_lesion_site(folder: Path, *, patients: int, seed: int,
+                      masks: bool = False) -> dict[str, tuple[float, float, float]]:
+    """Write manifest.csv + PNGs (with `masks`, each patient's lesion mask: the pixels within two radii of its
+    lesion's centre, empty for negatives); returns patient id -> (row, col, radius) in pixels of positives'
+    lesions."""
     rng = np.random.default_rng(seed)
     (folder / "images").mkdir(parents=True)
     yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
@@ -30,8 +33,14 @@ def write_lesion_site(folder: Path, *, patients: int, seed: int) -> dict[str, tu
         Image.fromarray(pixels).save(folder / "images" / f"{pid}.png")
         rows.append({"patient_id": pid, "label": "positive" if positive else "negative",
                      "frontal": f"images/{pid}.png"})
+        if masks:
+            cy, cx, radius = lesions.get(pid, (0.0, 0.0, -1.0))
+            disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= (2 * radius) ** 2
+            Image.fromarray(disc.astype(np.uint8) * 255).save(folder / "images" / f"{pid}-mask.png")
+            rows[-1]["frontal-mask"] = f"images/{pid}-mask.png"
     with (folder / "manifest.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["patient_id", "label", "frontal"])
+        writer = csv.DictWriter(handle, fieldnames=["patient_id", "label", "frontal", *(["frontal-mask"] if masks
+                                                                                         else [])])
         writer.writeheader()
         writer.writerows(rows)
     return lesions
