@@ -160,10 +160,27 @@ def build_card(run: RunConfig, model: MedFusionModel, check: ExportCheck,
         "privacy": privacy_section(run, extra.pop("privacy_sites", {}), sharing_sites=extra.pop("sharing_sites", []),
                                    refusals=extra.pop("refused_by_site_policy", {})),
         "aggregation": aggregation_statement(run),
+        "attention_supervision": attention_statement(run, model),
         **extra,
         "export_check": asdict(check),
         "config": run.to_flat(),
     }
+
+
+def attention_statement(run: RunConfig, model: MedFusionModel) -> str | dict[str, Any]:
+    """How the model was taught where to look (attention.*), for the card."""
+    from medfusion_fl.models.attention_gate import gates
+
+    attention = run.attention
+    found = gates(model)
+    if not attention.enabled or not found:
+        return "none: the model's attention was not supervised"
+    what = {"mask": "its spatial attention pulled toward the sites' lesion masks",
+            "cam": "the share of its spatial attention outside the sites' lesion masks penalised",
+            "consistency": "its spatial attention kept the same under left-right mirroring (no masks)"}
+    return {"method": attention.method, "weight": attention.weight,
+            "gate": f"a spatial attention map of {found[0].side}x{found[0].side} cells after a backbone stage, "
+                    "part of model.onnx", "what": what[attention.method]}
 
 
 def privacy_section(run: RunConfig, sites: dict[str, Any], *, sharing_sites: list[str],

@@ -42,6 +42,7 @@ def test_onnx_matches_pytorch_on_any_batch(synth_root: Path, plain_run: RunConfi
     assert card["config"]["model.backbone"] == "test_resnet"
     assert "each site's update" in card["aggregation"]["coordinator_saw"]  # this run had secure aggregation off
     assert "L2 norm <= 100" in card["aggregation"]["update_norm_bound"]
+    assert card["attention_supervision"].startswith("none")
 
 
 def test_export_cli_redoes_export_from_a_checkpoint(tiny_run: RunConfig, tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ model that trains, exports and keeps its gates out of inference."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import onnxruntime as ort
@@ -102,6 +103,8 @@ def test_the_gate_sits_on_the_deepest_stage_with_enough_cells_and_exports(tmp_pa
     assert check.max_abs_diff < 1e-4
     session = ort.InferenceSession(str(tmp_path / "model.onnx"))
     assert [i.name for i in session.get_inputs()] == ["views", "view_mask", "tabular"]
+    card = json.loads((tmp_path / "model_card.json").read_text())["attention_supervision"]
+    assert card["method"] == "mask" and card["weight"] == BASE["attention.weight"] and "2x2 cells" in card["gate"]
 
 
 def test_training_moves_the_gate_and_leaves_no_supervision_behind() -> None:
