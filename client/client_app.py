@@ -117,7 +117,8 @@ def secagg_advertise(msg: Message, context: Context) -> Message:
         update = runner.train(global_weights, server_round=int(config["server-round"]),
                               proximal_mu=config.get("proximal-mu", 0.0), event_key=event_key(msg, config, "train"))
         vector = secagg_stages.training_input(run, setup, global_weights, update.weights, weight=update.cohort,
-                                              loss=update.result.loss)
+                                              loss=update.result.loss,
+                                              seed=runner.seeded(int(config["server-round"]), "train"))
         keys = secagg_stages.start(context.state, setup, party, vector)
     except _ERRORS as exc:
         return refuse(msg, context, exc)
@@ -142,7 +143,9 @@ def secagg_evaluate_advertise(msg: Message, context: Context) -> Message:
         release = runner.release_evaluation(global_weights, server_round=int(config["server-round"]),
                                             event_key=event_key(msg, config, "evaluate"),
                                             threshold=_threshold(config))
-        keys = secagg_stages.start(context.state, setup, party, secagg_stages.release_input(run, setup, release.sums))
+        vector = secagg_stages.release_input(run, setup, release.sums,
+                                             seed=runner.seeded(int(config["server-round"]), "evaluate"))
+        keys = secagg_stages.start(context.state, setup, party, vector)
     except _ERRORS as exc:
         return refuse(msg, context, exc)
     content = site_records(runner, release.privacy, _eval_figures(release))

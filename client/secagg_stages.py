@@ -149,23 +149,24 @@ def release_modulus(run: RunConfig) -> Modulus:
 
 
 def training_input(run: RunConfig, setup: Setup, global_weights: Weights, local: Weights, *, weight: int,
-                   loss: float) -> np.ndarray:
-    """A training update as the integer vector to mask (the loss only without DP, see encoding.py)."""
+                   loss: float, seed: int | None = None) -> np.ndarray:
+    """A training update as the integer vector to mask (the loss only without DP, see encoding.py); `seed`: the
+    stochastic rounding's (SiteRunner.seeded), None for the OS's entropy."""
     if weight > run.secagg.max_weight:
         raise SecAggError(f"{weight} training patients > secagg.max-weight = {run.secagg.max_weight}; "
                           "raise secagg.max-weight (the coordinator's run config)")
     encoding = Encoding(run.secagg.clip, run.secagg.bits, setup.dtype, with_loss=not run.privacy.enabled)
     vector, overflow = encoding.encode(flat_delta(global_weights, local), weight=weight,
-                                       loss=None if run.privacy.enabled else loss)
+                                       loss=None if run.privacy.enabled else loss, seed=seed)
     if overflow:  # counted inside the masked sum too; the coordinator reports the round's total
         log.warning("%d update entries beyond secagg.clip = %g were clipped (raise secagg.clip)", overflow,
                     run.secagg.clip)
     return vector
 
 
-def release_input(run: RunConfig, setup: Setup, sums: np.ndarray) -> np.ndarray:
-    """An evaluation release as the integer vector to mask."""
-    vector, overflow = SumEncoding(run.secagg.max_weight, run.secagg.bits, setup.dtype).encode(sums)
+def release_input(run: RunConfig, setup: Setup, sums: np.ndarray, *, seed: int | None = None) -> np.ndarray:
+    """An evaluation release as the integer vector to mask (`seed`: as training_input)."""
+    vector, overflow = SumEncoding(run.secagg.max_weight, run.secagg.bits, setup.dtype).encode(sums, seed=seed)
     if overflow:
         log.warning("%d evaluation entries beyond +-secagg.max-weight were clipped", overflow)
     return vector

@@ -19,6 +19,7 @@ from medfusion_fl.config_base import WHERE, Scalar, Section, kebab
 from medfusion_fl.config_sources import read_toml_flat
 from medfusion_fl.errors import ConfigError
 from medfusion_fl.report.config import ReportConfig
+from medfusion_fl.secagg_config import SecAggConfig
 from medfusion_fl.strategy_config import StrategyConfig, refuse_under_secure_sum
 from medfusion_fl.synth_config import SynthConfig
 
@@ -165,7 +166,10 @@ class TrainConfig(Section):
     optimizer: Literal["sgd", "adamw"] = Field("adamw", description="Local optimiser, fresh each round.")
     lr: float = Field(0.005, gt=0.0, le=10.0, description="Local learning rate.")
     weight_decay: float = Field(0.0001, ge=0.0, description="Decoupled weight decay.")
-    seed: int = Field(0, ge=0, description="Seed of local shuffling (mixed with site and round).")
+    seed: int = Field(0, ge=0, description="The run's seed: the global model's initial weights, each site's data "
+                      "order and dropout (mixed with site and round), which sites a round samples, and under "
+                      "privacy.secure-rng = false the sites' noise and sampling too. Same config and seed on one "
+                      "machine: the same run.")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="Autocast of local training: bf16 (CPU or GPU), fp16 (CUDA only, with a gradient "
         "scaler; refused under DP because loss scaling would scale the clipping bound).")
@@ -189,37 +193,10 @@ class PrivacyConfig(Section):
         "to a multiple of graph-batch-multiple; each padded size is recorded once.")
     graph_batch_multiple: int = Field(8, ge=1, description="cuda-graphs: batch sizes are padded up to a multiple "
                                       "of this (fewer recorded graphs, at most this - 1 empty patients a step).")
-
-
-class SecAggConfig(Section):
-    enabled: bool = Field(True, description="Secure aggregation (SecAgg+): the coordinator learns only sums over "
-                          "sites (updates, counts, evaluation releases), never one site's (on by default; false is "
-                          "warned and stated in the model card).")
-    threshold: int = Field(2, ge=2, description="t: sites whose shares rebuild a secret; a round needs t sites "
-                           "to the end. Higher t resists more colluding sites, tolerates fewer drop-outs.")
-    neighbours: int = Field(8, ge=0, description="k: each site masks with k neighbours (even; SecAgg+ graph, "
-                            "cost grows with k, not n): every other site while n - 1 <= k, above that a k-regular "
-                            "ring (docs/design.md: why 8); 0 = always every other site (SecAgg).")
-    clip: float = Field(1.0, gt=0.0, description="Bound on each |delta| entry (local minus global weight) before "
-                        "quantisation; entries beyond it are clipped AND counted in the round's metrics.")
-    bits: int = Field(16, ge=4, le=32, description="Quantisation levels 2^bits per entry over [-clip, clip]; "
-                      "the sum is exact modulo 2^32 (or 2^64 when n x max-weight x 2^bits needs it).")
-    max_weight: int = Field(4096, ge=1, description="Largest example count (FedAvg weight) a site may send; a "
-                            "site with more patients refuses the round with a message to raise it.")
-    update_norm_bound: float = Field(100.0, gt=0.0, description="Bound on the L2 norm of each site's update (local "
-                                     "minus global weights), applied at the site before masking: one site, however "
-                                     "wrong its data, moves the mean by at most its weight share of this bound. "
-                                     "Stated in the model card.")
-
-    @model_validator(mode="after")
-    def _even_degree(self) -> SecAggConfig:
-        if self.neighbours % 2:
-            raise ValueError(f"neighbours = {self.neighbours} must be even (k/2 on each side of a ring) or 0 "
-                             "(complete graph)")
-        if self.neighbours and self.threshold > self.neighbours + 1:
-            raise ValueError(f"threshold = {self.threshold} > neighbours + 1 = {self.neighbours + 1}: a site's "
-                             "secrets are shared among itself and its neighbours only; lower threshold")
-        return self
+    secure_rng: bool = Field(True, description="true: every site draws its DP noise, Poisson sampling, evaluation "
+                             "noise and secure aggregation's rounding from the OS CSPRNG. false (simulations only, "
+                             "for repeatable runs): from generators seeded by train.seed, the site and the round, "
+                             "which anyone with the run config could recompute; a deployed site refuses the run.")
 
 
 class EvaluationConfig(Section):
@@ -383,6 +360,10 @@ def privacy_warnings(run: RunConfig) -> list[str]:
     if not run.secagg.enabled and run.strategy.needs_individual_updates:
         warnings.append(f"strategy.name = {run.strategy.name!r} aggregates the sites' individual updates: the "
                         "coordinator saw each site's update")
+    if not run.privacy.secure_rng:
+        warnings.append("privacy.secure-rng = false: the sites' DP noise, sampling and rounding come from the run's "
+                        "seed, which anyone with the run config can recompute: for repeatable simulations only "
+                        "(deployed sites refuse it)")
     if run.privacy.enabled and run.privacy.noise_multiplier < 0.5:
         warnings.append(f"privacy.noise-multiplier = {run.privacy.noise_multiplier:g} < 0.5: each round spends a "
                         "large part of a typical budget")

@@ -161,6 +161,11 @@ def build_card(run: RunConfig, model: MedFusionModel, check: ExportCheck,
                                    refusals=extra.pop("refused_by_site_policy", {})),
         "aggregation": aggregation_statement(run),
         "attention_supervision": attention_statement(run, model),
+        "reproducibility": {"seed": run.train.seed, "secure_rng": run.privacy.secure_rng, "statement": (
+            "the sites drew their DP noise, sampling and rounding from the OS CSPRNG: the run repeats up to them"
+            if run.privacy.secure_rng else "privacy.secure-rng = false: every random draw came from train.seed; "
+            "the same config and seed repeat this run bit for bit on one machine, and anyone with the config can "
+            "recompute the sites' noise (a simulation, never a deployment)")},
         **extra,
         "export_check": asdict(check),
         "config": run.to_flat(),

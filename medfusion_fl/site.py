@@ -16,11 +16,12 @@ import torch
 from medfusion_fl.config import RunConfig, privacy_warnings
 from medfusion_fl.data import SiteData, load_site
 from medfusion_fl.data.synthetic import write_synthetic_site
-from medfusion_fl.errors import DataError
+from medfusion_fl.errors import DataError, PolicyRefused
 from medfusion_fl.models import MedFusionModel, build_model
 from medfusion_fl.parameters import Weights, bound_update, get_weights, set_weights
 from medfusion_fl.policy import check_run
 from medfusion_fl.policy.enforce import Work
+from medfusion_fl.randomness import derive
 from medfusion_fl.release.evaluation import ReleaseLayout
 from medfusion_fl.site_config import SiteConfig, partition_id
 from medfusion_fl.training import EvalResult, TrainResult, at_threshold, predict, resolve_device, score, train_local
@@ -68,8 +69,21 @@ class SiteRunner:
         return cls(run, site, partition=partition_id(node_config))
 
     def check_policy(self, work: Work) -> None:
-        """Refuse (PolicyRefused) a run that asks for less protection than the site's policy requires."""
+        """Refuse (PolicyRefused) a run that asks for less protection than the site's policy requires, and a
+        deployed site refuses to draw its noise from a seed the coordinator knows (privacy.secure-rng)."""
         check_run(self.site.policy, self.run, site=self.site.site_id, work=work)
+        if not self.run.privacy.secure_rng and self.partition is None:
+            raise PolicyRefused(f"{self.site.site_id}: privacy.secure-rng = false would draw this site's DP noise, "
+                                "sampling and rounding from the run's seed, which the coordinator knows: that is for "
+                                "simulations only; a deployed site always draws them from the OS. Run with "
+                                "privacy.secure-rng = true.")
+
+    def seeded(self, server_round: int, work: Work) -> int | None:
+        """The seed of this site's private draws in a round (medfusion_fl.randomness): None (the OS's entropy)
+        unless a simulation runs with privacy.secure-rng = false."""
+        if self.run.privacy.secure_rng:
+            return None
+        return derive(self.run.train.seed, self.site.site_id, server_round, work)
 
     def relaxations(self) -> list[str]:
         """What this run and this site's policy turn off of the private defaults (for the site's log)."""
@@ -135,7 +149,7 @@ class SiteRunner:
         reference = {n: p.detach().clone() for n, p in model.named_parameters()}
         result, step = train_local_dp(model, data.train, self.run.train, self.run.privacy, device=self.device,
                                       seed=self._seed(server_round), proximal_mu=proximal_mu, reference=reference,
-                                      attention=self.run.attention)
+                                      attention=self.run.attention, seeded=self.seeded(server_round, "train"))
         key = event_key or f"{self.site.site_id}/round-{server_round}/{uuid.uuid4()}"  # a real training: always counts
         return result, guard.record(step, key=key, server_round=server_round)
 
@@ -164,7 +178,8 @@ class SiteRunner:
                                 device=self.device)
         sums = layout.sums(labels, probs)
         if guard is not None and step is not None:
-            sums = layout.noised(sums, self.run.evaluation.noise_multiplier)
+            sums = layout.noised(sums, self.run.evaluation.noise_multiplier,
+                                 seed=self.seeded(server_round, "evaluate"))
             key = event_key or f"{self.site.site_id}/evaluate-{server_round}/{uuid.uuid4()}"
             report = guard.record(step, key=key, server_round=server_round, work="evaluate")
         local = score(probs, labels)

@@ -85,7 +85,7 @@ def federated_evaluation(grid: Grid | SiteDirectory, run: RunConfig, weights: We
         messages = [Message(content=content, dst_node_id=n, message_type=MessageType.EVALUATE) for n in chosen]
         replies, failures = collect(grid, messages, "evaluate", run.rounds.reply_timeout,
                                     lambda msg: _parse_release(msg, layout.length))
-        releases = list(replies.values())
+        releases = sorted(replies.values(), key=lambda r: r.site)  # summed in site order, not arrival order
         if not releases:
             return Evaluation({"status": "failed", "reason": "no site sent a valid evaluation release"}, failures)
         total, overflow = np.sum([r.sums for r in releases], axis=0), 0

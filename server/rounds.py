@@ -63,6 +63,11 @@ def _parse_train_reply(msg: Message, template: Weights) -> SiteReply:
         raise ParameterMismatch("train reply has no 'arrays' record")
     weights = {k: a.numpy() for k, a in content.array_records["arrays"].items()}
     check_weights(weights, template, source=f"train reply of {site}")
+    for key, ref in template.items():  # what _DeltaSum's integers hold
+        if ref.size and not float(np.abs(np.subtract(weights[key], ref, dtype=np.float64)).max()) * weight < \
+                _DeltaSum.LIMIT:
+            raise ParameterMismatch(f"train reply of {site}: weights {key!r} differ from the global model by more "
+                                    f"than {_DeltaSum.LIMIT / weight:.3g}; not an update")
     reply = SiteReply(msg.metadata.src_node_id, site, weight, weights)
     if "privacy" in content.config_records:
         reply.privacy = parse_privacy(content.config_records["privacy"], site)
@@ -81,21 +86,38 @@ class RoundResult:
 
 
 class _DeltaSum:
-    """sum n_i (w_i - w) in float64 and sum n_i, each site's weights added as its reply arrives and dropped: a
-    mean-based strategy's plain round holds one model's worth of sums, whatever the number of sites."""
+    """sum n_i (w_i - w) and sum n_i, each site's weights added as its reply arrives and dropped: a mean-based
+    strategy's plain round holds one model's worth of sums, whatever the number of sites.
+
+    The sum does not depend on the order replies arrive in (which Ray's scheduling changes from run to run): each
+    term n_i (w_i - w), a float64, is split into a multiple of 2^-10 and a remainder rounded to a multiple of 2^-43,
+    both held as integers, and integers add exactly in any order. The result is within 2^-44 of the exact sum per
+    site (float32 weights resolve 2^-33 at 0.001)."""
+
+    COARSE, FINE = 2.0**10, 2.0**43
+    LIMIT = 2.0**40  # |n_i (w_i - w)| beyond this is no model update (and would overflow the coarse integers)
 
     def __init__(self, weights: Weights) -> None:
         self.weights = weights
-        self.sum = {k: np.zeros(v.shape, np.float64) for k, v in weights.items()}
+        self.coarse = {k: np.zeros(v.shape, np.int64) for k, v in weights.items()}
+        self.fine = {k: np.zeros(v.shape, np.int64) for k, v in weights.items()}
         self.total = 0
 
     def add(self, reply: SiteReply) -> SiteReply:
         for key, ref in self.weights.items():
-            delta = np.subtract(reply.weights[key], ref, dtype=np.float64)
-            self.sum[key] += delta * reply.weight
+            term = np.subtract(reply.weights[key], ref, dtype=np.float64)
+            term *= reply.weight  # below LIMIT: _parse_train_reply refused larger ones
+            coarse = np.floor(term * self.COARSE)
+            self.coarse[key] += coarse.astype(np.int64)
+            self.fine[key] += np.rint((term - coarse / self.COARSE) * self.FINE).astype(np.int64)
         self.total += reply.weight
         reply.weights = {}  # folded: the reply keeps its metadata only
         return reply
+
+    @property
+    def sum(self) -> dict[str, np.ndarray]:
+        """The float64 sums n_i (w_i - w)."""
+        return {k: self.coarse[k] / self.COARSE + self.fine[k] / self.FINE for k in self.weights}
 
 
 def _plain_train(grid: Grid | SiteDirectory, run: RunConfig, strategy: ServerStrategy, weights: Weights,
@@ -109,7 +131,7 @@ def _plain_train(grid: Grid | SiteDirectory, run: RunConfig, strategy: ServerStr
     replies, failures = collect(grid, messages, "train", run.rounds.reply_timeout,
                                 lambda msg: _parse_train_reply(msg, weights),
                                 None if summed is None else lambda _node, reply: summed.add(reply))
-    trained = list(replies.values())
+    trained = sorted(replies.values(), key=lambda r: r.site)  # a strategy sees them in site order, not arrival order
     if len(trained) < run.rounds.min_sites:
         exhausted = bool(failures) and all(f.code == PRIVACY_DECLINED for f in failures)
         raise RoundFailed(
@@ -141,7 +163,8 @@ def run_round(grid: Grid | SiteDirectory, run: RunConfig, strategy: ServerStrate
     nodes = wait_for_sites(grid, cfg.min_sites, cfg.wait_for_sites)
     chosen = sample(nodes, cfg.fraction_train, cfg.min_sites, rng)
     train_config: dict[str, Any] = strategy.train_config(server_round, weights, {"server-round": server_round})
-    record: dict[str, Any] = {"round": server_round, "strategy": strategy.name}
+    record: dict[str, Any] = {"round": server_round, "strategy": strategy.name, "seed": run.train.seed,
+                              "secure-rng": run.privacy.secure_rng}
     if run.secagg.enabled:
         secure = secure_train(grid, run, weights, server_round, chosen, train_config)
         new_weights = strategy.aggregate_mean(server_round, weights, secure.delta_sum, secure.total_weight)

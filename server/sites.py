@@ -203,6 +203,7 @@ def collect(grid: Grid | SiteDirectory, messages: list[Message], stage: str, tim
         failures.append(failure(grid, node, stage, "the SuperLink did not accept the message to this node"))
     for node in exchange.unanswered:
         failures.append(failure(grid, node, stage, f"no reply within {timeout:g} s (rounds.reply-timeout)"))
+    failures.sort(key=lambda f: (f.site or "", f.node_id))  # not in the order replies happened to arrive
     for lost in failures:
         log.warning("site %s dropped from %s: %s", who(grid, lost.node_id), stage, lost.reason)
     return replies, failures
@@ -243,6 +244,8 @@ def wait_for_sites(grid: Grid | SiteDirectory, minimum: int, timeout: float, pol
 
 
 def sample(nodes: list[int], fraction: float, minimum: int, rng: random.Random) -> list[int]:
-    """At least `minimum` (and all when fewer), else ceil(fraction * n) nodes at random."""
+    """At least `minimum` (and all when fewer), else ceil(fraction * n) nodes at random (drawn from the nodes in
+    id order: the same ids and rng give the same choice)."""
+    nodes = sorted(nodes)
     count = min(len(nodes), max(minimum, math.ceil(fraction * len(nodes))))
     return sorted(rng.sample(nodes, count))

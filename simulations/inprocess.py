@@ -4,7 +4,8 @@ benchmarks of algorithms rather than of Ray).
 Each node has its own Context (node_config = partition-id, like simulation). A ClientApp that
 raises becomes an error reply, as Flower's runtime does; `silent` nodes never reply (timeouts), and
 `drop_at` nodes go silent from a given message type on (a site lost mid-round); `per_node` adds node-config
-keys to one partition (a site with its own policy).
+keys to one partition (a site with its own policy); `reverse` answers the last pending message first (replies in
+another order than sent, as sites finishing at their own pace give them).
 
 Messages are answered when pulled, one reply a pull, as a SuperLink hands replies over as sites finish: the
 coordinator folds each before the next exists. `nothing_in_flight` tells the coordinator when only silent
@@ -25,7 +26,8 @@ from flwr.supercore.task_identity import TaskIdentity
 class InProcessGrid:
     def __init__(self, app: ClientApp, run_config: dict[str, Any], num_nodes: int,
                  silent: Iterable[int] = (), node_config: dict[str, Any] | None = None,
-                 drop_at: dict[int, str] | None = None, per_node: dict[int, dict[str, Any]] | None = None) -> None:
+                 drop_at: dict[int, str] | None = None, per_node: dict[int, dict[str, Any]] | None = None,
+                 reverse: bool = False) -> None:
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
         self.app = app
         self.contexts = {
@@ -40,6 +42,7 @@ class InProcessGrid:
         self.received: list[Message] = []  # every reply the server got, for audits
         self.sent: list[Message] = []  # every instruction the server sent
         self.pending: dict[str, Message] = {}  # pushed, not yet answered (silent nodes' messages never are)
+        self.reverse = reverse
 
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
@@ -59,7 +62,7 @@ class InProcessGrid:
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
         """The reply to the first of these messages still pending, computed now (none when all are silent)."""
-        for mid in message_ids:
+        for mid in (reversed(list(message_ids)) if self.reverse else message_ids):
             msg = self.pending.pop(mid, None)
             if msg is not None:
                 reply = self._reply(msg)

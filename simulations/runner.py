@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import random
 import signal
 import threading
 import time
@@ -36,6 +37,7 @@ from flwr.supercore.telemetry import EventType
 
 from medfusion_fl import stopping
 from medfusion_fl.errors import MedFusionError, RunStopped, SimulationFailed
+from medfusion_fl.randomness import derive
 from simulations import processes
 
 log = logging.getLogger("medfusion_fl.simulate")
@@ -86,6 +88,32 @@ def _keep_ours(_handler: Any) -> None:
     """Stands in for Ray's set_sigterm_handler while a simulation runs: SIGTERM stays ours."""
 
 
+@contextmanager
+def _seeded_node_ids(seed: int) -> Iterator[None]:
+    """Flower gives each simulated SuperNode a random 64-bit id, and the coordinator knows nodes only by them: the
+    sites a round samples (rounds.fraction-train < 1) would differ between two runs of one seed. While the
+    simulation starts, its link state draws ids from a generator seeded by the run's seed instead (site k gets
+    the same id in every run of that seed)."""
+    module = importlib.import_module("flwr.server.superlink.linkstate.in_memory_linkstate")
+    original = getattr(module, "generate_rand_int_from_bytes", None)
+    if original is None:  # another Flower: ids stay random (only a sampled round's choice of sites depends on them)
+        yield
+        return
+    rng = random.Random(derive(seed, "node-ids"))
+
+    def seeded(num_bytes: int, exclude: set[int] | None = None) -> int:
+        while True:
+            value = rng.getrandbits(8 * num_bytes - 1) or 1
+            if value not in (exclude or set()):
+                return value
+
+    setattr(module, "generate_rand_int_from_bytes", seeded)  # noqa: B010
+    try:
+        yield
+    finally:
+        setattr(module, "generate_rand_int_from_bytes", original)  # noqa: B010
+
+
 def _cancel_rays_abort_alarm() -> None:
     """Ray's driver installs abseil's failure signal handler for SIGTERM (among others): it prints "*** SIGTERM
     received ***", passes the signal on to Python's handler, and arms alarm(3) whose SIGALRM aborts the process
@@ -132,7 +160,7 @@ def run_app(app_dir: Path, overrides: dict[str, Any], *, num_sites: int, cpus_pe
     processes.adopt_orphans()  # Ray workers whose raylet went first come back to us, to be stopped
     before = set(processes.descendants())
     try:
-        with _stop_on_signals(keep=before):
+        with _stop_on_signals(keep=before), _seeded_node_ids(int(fused.get("train.seed", 0))):
             _run_simulation(
                 server_app_attr=components["serverapp"], client_app_attr=components["clientapp"],
                 num_supernodes=num_sites, backend_name="ray", backend_config=backend_config,  # type: ignore[arg-type]

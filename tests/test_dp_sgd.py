@@ -138,7 +138,7 @@ def test_dp_training_reports_its_step_and_fedprox_pulls_towards_global(synth_roo
         model = prepare_for_dp(build_model(tiny_run, seed=0), "test_resnet")
         start = {n: p.detach().clone() for n, p in model.named_parameters()}
         result, step = train_local_dp(model, site.train, tiny_run.train, privacy, device=torch.device("cpu"),
-                                      seed=3, proximal_mu=mu, reference=start, noise_seed=11)
+                                      seed=3, proximal_mu=mu, reference=start, seeded=11)
         distances.append(sum(float((p.detach() - start[n]).pow(2).sum()) for n, p in model.named_parameters()))
         assert step.noise_multiplier == 1.0 and step.steps == result.steps
         assert step.sample_rate == pytest.approx(1 / -(-len(site.train) // tiny_run.train.batch_size))

@@ -39,6 +39,7 @@ from medfusion_fl.privacy.bookkeeping import PerPatientClipper
 from medfusion_fl.privacy.conv_sampler import grouped_conv2d_grad_sample
 from medfusion_fl.privacy.graphed import PaddedClippedStep
 from medfusion_fl.privacy.persample import patient_grads
+from medfusion_fl.randomness import derive
 from medfusion_fl.training import NO_ATTENTION, TrainResult, autocast, make_optimizer
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ def per_patient_backward(model: nn.Module) -> Iterator[None]:
 
 def train_local_dp(model: nn.Module, dataset: Dataset[Batch], cfg: TrainConfig, privacy: PrivacyConfig, *,
                    device: torch.device, seed: int, proximal_mu: float = 0.0,
-                   reference: Mapping[str, torch.Tensor] | None = None, noise_seed: int | None = None,
+                   reference: Mapping[str, torch.Tensor] | None = None, seeded: int | None = None,
                    attention: AttentionConfig = NO_ATTENTION) -> tuple[TrainResult, DPStep]:
     """DP-SGD for cfg.local-epochs epochs of Poisson batches; returns what happened and the DP step
     to record in the ledger. FedProx is a post-step pull towards `reference` (the round's global
@@ -121,22 +122,24 @@ def train_local_dp(model: nn.Module, dataset: Dataset[Batch], cfg: TrainConfig, 
 
     Noise and Poisson sampling draw from generators seeded by the operating system's CSPRNG every
     call: a seed derived from the run config (known to the coordinator) would let anyone regenerate
-    the noise, or the batches. `noise_seed` fixes the noise for tests that compare two runs; a site
-    never sets it. `attention`: the run's attention supervision, part of each patient's clipped loss.
+    the noise, or the batches. `seeded` (medfusion_fl.randomness) seeds both instead: a simulation under
+    privacy.secure-rng = false, and tests that compare two runs; a deployed site never sets it.
+    `attention`: the run's attention supervision, part of each patient's clipped loss.
     """
     start = time.perf_counter()
     model.to(device).train()
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
     optimizer = make_optimizer(model, cfg)
-    noise = _secret_generator(device, noise_seed)
+    noise = _secret_generator(device, seeded, "dp-noise")
     pull = {n: t.to(device) for n, t in reference.items()} if (reference is not None and proximal_mu > 0) else {}
     with warnings.catch_warnings():
         # Opacus' hooks fire on module outputs when the first layer's input needs no gradient (always here)
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         warnings.filterwarnings("ignore", message="Secure RNG turned off")  # our generators are seeded from the OS
         if privacy.engine == "bookkeeping":
-            poisson = DPDataLoader.from_data_loader(loader, generator=_secret_generator(torch.device("cpu"), None))
+            poisson = DPDataLoader.from_data_loader(loader, generator=_secret_generator(torch.device("cpu"), seeded,
+                                                                                        "poisson"))
             expected = max(1, int(len(cast(Sized, dataset)) * poisson.sample_rate))  # as Opacus' mean reduction
             step = BookkeepingStep(model, privacy, noise, expected=expected, attention=attention)
             try:
@@ -146,7 +149,9 @@ def train_local_dp(model: nn.Module, dataset: Dataset[Batch], cfg: TrainConfig, 
             sample_rate = float(poisson.sample_rate)
         else:
             loss_mean, seen, steps, sample_rate = _opacus_epochs(model, loader, optimizer, cfg, privacy, device,
-                                                                 pull, proximal_mu, noise, attention)
+                                                                 pull, proximal_mu, noise, attention,
+                                                                 _secret_generator(torch.device("cpu"), seeded,
+                                                                                   "poisson"))
     result = TrainResult(loss_mean, seen, steps, time.perf_counter() - start)
     return result, DPStep(privacy.noise_multiplier, sample_rate, steps)
 
@@ -208,8 +213,8 @@ class BookkeepingStep:
 
 def _opacus_epochs(model: nn.Module, loader: DataLoader[Batch], optimizer: torch.optim.Optimizer, cfg: TrainConfig,
                    privacy: PrivacyConfig, device: torch.device, pull: Mapping[str, torch.Tensor],
-                   proximal_mu: float, noise: torch.Generator,
-                   attention: AttentionConfig) -> tuple[float, int, int, float]:
+                   proximal_mu: float, noise: torch.Generator, attention: AttentionConfig,
+                   sampling: torch.Generator) -> tuple[float, int, int, float]:
     """The same DP-SGD with Opacus' hooks (patients along dimension 0 of every layer call)."""
     engine = PrivacyEngine(accountant="rdp", secure_mode=False)
     set_view_folding(model, False)
@@ -220,7 +225,7 @@ def _opacus_epochs(model: nn.Module, loader: DataLoader[Batch], optimizer: torch
     sampler = getattr(loader, "batch_sampler", None)
     if not isinstance(sampler, UniformWithReplacementSampler):
         raise RuntimeError(f"opacus returned {type(sampler).__name__}, not a Poisson sampler; pin opacus 1.6.*")
-    sampler.generator = _secret_generator(torch.device("cpu"), None)  # which patients a step saw stays secret
+    sampler.generator = sampling  # which patients a step saw stays secret
 
     def step(batch: Batch, device: torch.device, precision: str) -> tuple[float, int]:
         n = len(batch["label"])
@@ -284,10 +289,11 @@ def _run_epochs(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer,
     return loss_sum / max(seen, 1), seen, steps
 
 
-def _secret_generator(device: torch.device, noise_seed: int | None) -> torch.Generator:
+def _secret_generator(device: torch.device, seeded: int | None, purpose: str) -> torch.Generator:
     """A generator seeded with 63 bits from the OS CSPRNG (Opacus' secure_mode needs torchcsprng,
-    which has no build for our torch). Poisson sampling also draws from one: with torch's global
-    RNG, seeded by build_model from the run config, the coordinator could tell which patients
-    each step used, which voids the subsampling amplification in the accountant."""
-    seed = secrets.randbits(63) if noise_seed is None else noise_seed
+    which has no build for our torch), or from `seeded` and the purpose (medfusion_fl.randomness).
+    Poisson sampling also draws from one: with torch's global RNG, seeded by build_model from the run
+    config, the coordinator could tell which patients each step used, which voids the subsampling
+    amplification in the accountant."""
+    seed = secrets.randbits(63) if seeded is None else derive(seeded, purpose)
     return torch.Generator(device=device).manual_seed(seed)

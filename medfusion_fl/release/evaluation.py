@@ -14,10 +14,11 @@ specificity at it are post-processing.
 from __future__ import annotations
 
 import math
-import secrets
 from dataclasses import dataclass
 
 import numpy as np
+
+from medfusion_fl.randomness import draw_seed
 
 LOSS_CLIP = 10.0  # a patient's cross-entropy counts at most this much (e^-10: a confidently wrong score)
 
@@ -61,10 +62,11 @@ class ReleaseLayout:
         out[-1] = float(np.minimum(-np.log(picked), LOSS_CLIP).sum()) / LOSS_CLIP
         return out
 
-    def noised(self, sums: np.ndarray, noise_multiplier: float) -> np.ndarray:
+    def noised(self, sums: np.ndarray, noise_multiplier: float, *, seed: int | None = None) -> np.ndarray:
         """Gaussian mechanism: sums + N(0, (noise_multiplier x sensitivity)^2) per entry, from OS entropy
-        (a seed the coordinator could derive would let it subtract the noise)."""
-        rng = np.random.default_rng(secrets.randbits(128))
+        (a seed the coordinator could derive would let it subtract the noise); `seed`: a simulation's under
+        privacy.secure-rng = false (medfusion_fl.randomness)."""
+        rng = np.random.default_rng(draw_seed(seed, "evaluation-noise"))
         return sums + rng.normal(0.0, noise_multiplier * self.sensitivity, sums.shape)
 
 

@@ -17,11 +17,11 @@ Entries beyond the bound are clipped to it *and counted*: the coordinator report
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass
 
 import numpy as np
 
+from medfusion_fl.randomness import draw_seed
 from medfusion_fl.secagg.errors import SecAggError
 
 LOSS_BOUND = 64.0  # per-patient training loss range [0, 64]: cross-entropy far beyond it means divergence
@@ -63,13 +63,15 @@ class Encoding:
         """Entries after the update: (loss,) weight, overflow count."""
         return 3 if self.with_loss else 2
 
-    def encode(self, delta: np.ndarray, *, weight: int, loss: float | None) -> tuple[np.ndarray, int]:
-        """The site's input vector and how many entries were beyond the bounds."""
+    def encode(self, delta: np.ndarray, *, weight: int, loss: float | None,
+               seed: int | None = None) -> tuple[np.ndarray, int]:
+        """The site's input vector and how many entries were beyond the bounds. `seed`: the stochastic rounding's
+        seed (medfusion_fl.randomness; None: the OS's entropy)."""
         if weight < 1:
             raise SecAggError(f"a site's weight (example count) must be >= 1, got {weight}")
         if self.with_loss != (loss is not None):
             raise SecAggError("the training loss is part of the input exactly when the encoding carries it")
-        rng = np.random.default_rng(secrets.randbits(128))
+        rng = np.random.default_rng(draw_seed(seed, "secagg-rounding"))
         vector = np.empty(delta.size + self.extra, self.dtype)
         q_delta, overflow = _quantise(delta.ravel(), -self.clip, self.clip, self.levels, self.dtype, rng)
         np.multiply(q_delta, self.dtype(weight), out=vector[:-self.extra])
@@ -126,9 +128,9 @@ class SumEncoding:
                               f"secagg.max-weight = {self.bound}; raise secagg.bits or lower secagg.max-weight")
         return scale
 
-    def encode(self, values: np.ndarray) -> tuple[np.ndarray, int]:
-        """[q(values) | 1 | overflow] and how many entries were beyond +-bound."""
-        rng = np.random.default_rng(secrets.randbits(128))
+    def encode(self, values: np.ndarray, *, seed: int | None = None) -> tuple[np.ndarray, int]:
+        """[q(values) | 1 | overflow] and how many entries were beyond +-bound (`seed`: as Encoding.encode)."""
+        rng = np.random.default_rng(draw_seed(seed, "secagg-rounding"))
         top = 2 * self.bound * self.scale
         q, overflow = _quantise(values.astype(np.float64), -self.bound, self.bound, top, self.dtype, rng)
         return np.concatenate([q, np.array([1, overflow], self.dtype)]), overflow
