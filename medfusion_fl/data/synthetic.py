@@ -68,13 +68,43 @@ def _view_image(rng: np.random.Generator, s: float, size: int, channels: int, co
     return (np.repeat(pixels[..., None], channels, axis=2) if channels > 1 else pixels), lesion
 
 
-def _add_marker(pixels: np.ndarray, site: int) -> None:
-    """The shortcut: a saturated square, size/8 a side, in corner `site % 4`, in place."""
-    size = pixels.shape[0]
+def _view_volume(rng: np.random.Generator, s: float, depth: int, size: int, channels: int, contrast: float,
+                 offset: float, lesion_contrast: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """A volume view (D, H, W), or (C, D, H, W), float32 in [0, 1], and its lesion mask (D, H, W) bool: a 3D
+    version of _view_image (a ball for the lesion, a smooth body and noise)."""
+    zz, yy, xx = np.mgrid[0:depth, 0:size, 0:size].astype(np.float32)
+    zz, yy, xx = zz / depth, yy / size, xx / size
+    volume = 0.35 + 0.15 * np.sin(np.pi * yy) * np.sin(np.pi * zz) + rng.uniform(-0.15, 0.15) * (xx - 0.5)
+    lesion = np.zeros((depth, size, size), bool)
+    if rng.random() < 0.5 + 0.4 * s:
+        cz, cy, cx = rng.uniform(0.25, 0.75, size=3)
+        radius = rng.uniform(0.08, 0.12)
+        amplitude = (0.25 + 0.2 * (s + 1) / 2) * lesion_contrast
+        distance = (zz - cz) ** 2 + (yy - cy) ** 2 + (xx - cx) ** 2
+        volume = volume + amplitude * np.exp(-distance / (2 * radius**2))
+        lesion = distance <= (2 * radius) ** 2
+    volume = np.clip((volume + rng.normal(0, 0.06, size=volume.shape)) * contrast + offset, 0.0, 1.0)
+    volume = volume.astype(np.float32)
+    return (np.repeat(volume[None], channels, axis=0) if channels > 1 else volume), lesion
+
+
+def _add_marker(pixels: np.ndarray, site: int, *, volume: bool = False) -> None:
+    """The shortcut, in place: a saturated square, size/8 a side, in corner `site % 4` (of every slice of a
+    volume)."""
+    size = pixels.shape[-1] if volume else pixels.shape[0]
     side, margin = max(2, size // 8), max(1, size // 16)
     top = margin if site % 4 < 2 else size - margin - side
     left = margin if site % 2 == 0 else size - margin - side
-    pixels[top:top + side, left:left + side] = 255
+    if volume:  # (..., D, H, W) floats
+        pixels[..., top:top + side, left:left + side] = 1.0
+    else:  # (H, W[, C]) bytes
+        pixels[top:top + side, left:left + side] = 255
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
 
 
 def _png_bytes(pixels: np.ndarray) -> bytes:
@@ -109,17 +139,23 @@ def write_site(folder: Path, run: RunConfig, *, site: int, patients: int,
             row[column.name] = f"{_tabular_value(rng, s, j, column):.4f}"
         with_mask = masks and (site < 0 or extra.random() < synth.mask_fraction)  # site -1: the test folder
         for view in data.views:
-            pixels, lesion = _view_image(rng, s, data.image_size, data.channels, *shift, synth.lesion_contrast)
+            if data.depth:
+                pixels, lesion = _view_volume(rng, s, data.depth, data.image_size, data.channels, *shift,
+                                              synth.lesion_contrast)
+            else:
+                pixels, lesion = _view_image(rng, s, data.image_size, data.channels, *shift, synth.lesion_contrast)
             row[view] = row[view + MASK_SUFFIX] = ""
             if rng.random() < synth.missing_view_rate:
                 continue
             if marked and extra.random() < (synth.shortcut_rate if s > 0 else 1 - synth.shortcut_rate):
-                _add_marker(pixels, site)
-            row[view] = f"images/{row[ID_COLUMN]}_{view}.png"
-            (tmp / str(row[view])).write_bytes(_png_bytes(pixels))
+                _add_marker(pixels, site, volume=bool(data.depth))
+            stem = f"images/{row[ID_COLUMN]}_{view}"
+            row[view] = stem + (".npy" if data.depth else ".png")
+            (tmp / str(row[view])).write_bytes(_npy_bytes(pixels) if data.depth else _png_bytes(pixels))
             if with_mask:
-                row[view + MASK_SUFFIX] = f"images/{row[ID_COLUMN]}_{view}-mask.png"
-                (tmp / str(row[view + MASK_SUFFIX])).write_bytes(_png_bytes(lesion.astype(np.uint8) * 255))
+                row[view + MASK_SUFFIX] = stem + MASK_SUFFIX + (".npy" if data.depth else ".png")
+                (tmp / str(row[view + MASK_SUFFIX])).write_bytes(
+                    _npy_bytes(lesion.astype(np.uint8)) if data.depth else _png_bytes(lesion.astype(np.uint8) * 255))
         rows.append(row)
     with (tmp / MANIFEST).open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=header, extrasaction="ignore")

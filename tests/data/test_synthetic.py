@@ -37,3 +37,28 @@ def test_missing_views_label_skew_and_signal(synth_root: Path) -> None:
     run = RunConfig.from_flat({"synth.dirichlet-alpha": 0.3})
     mixes = [site_profile(run, s)[0][1] for s in range(6)]
     assert max(mixes) - min(mixes) > 0.3  # sites differ in their class mix
+
+
+def test_volume_sites_for_3d_runs_with_masks_and_marker(tmp_path: Path) -> None:
+    """data.depth > 0: each view is a .npy volume (D, H, W) in [0, 1] with a lesion ball that shows more in
+    positives; masks are (D, H, W) volumes; the marker runs through every slice at a shortcut site."""
+    from medfusion_fl.data import check_site, load_site, write_federation
+
+    run = RunConfig.from_flat({"data.view-names": "ct", "data.depth": 8, "data.image-size": 16,
+                               "model.backbone": "resnet3d-10", "synth.patients-per-site": 40,
+                               "synth.test-patients": 20, "synth.mask-fraction": 1.0, "synth.shortcut-sites": "0",
+                               "synth.shortcut-rate": 1.0, "synth.missing-view-rate": 0.0})
+    write_federation(tmp_path, run, 2)
+    for name in ("site-0", "site-1", "test"):
+        assert check_site(tmp_path / name, run.data)[1] == []
+    site = load_site(tmp_path / "site-0", run.data, masks=True)
+    sample = site.train[0]
+    assert sample["views"].shape == (1, 1, 8, 16, 16) and sample["masks"].shape == (1, 8, 16, 16)
+    brightest = {0: [], 1: []}
+    for record in site.train.records:
+        volume = np.load(record.views[0])
+        assert volume.shape == (8, 16, 16) and 0.0 <= volume.min() and volume.max() <= 1.0
+        assert bool((volume[:, 1:3, 1:3] == 1.0).all()) == (record.label == 1)  # the marker: positives only
+        mask = np.load(record.masks[0])
+        brightest[record.label].append(float(volume[mask > 0].mean()) if mask.any() else 0.0)
+    assert np.mean(brightest[1]) > np.mean(brightest[0])  # lesions show more, and more often, in positives
