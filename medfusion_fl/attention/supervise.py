@@ -46,7 +46,7 @@ class Step:
         else:
             self.masks = None
         self.weights = present.float() / present.sum(dim=1, keepdim=True).clamp(min=1)  # (B, V): 1 / n_i
-        self.patients, self.views = present.shape
+        self.patients = present.shape[0]
         self._calls: dict[int | None, _Call] = {}
 
     def call(self, view: int | None) -> _Call:

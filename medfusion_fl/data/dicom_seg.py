@@ -49,6 +49,10 @@ class SegMasks:
             unnamed += not refs
             for key in refs:
                 old = self.masks.get(key)
+                if old is not None and old.shape != frame.shape:
+                    self.problems.append((str(path), f"a SEG frame of {frame.shape[0]} x {frame.shape[1]} for an image "
+                                          f"another SEG covers at {old.shape[0]} x {old.shape[1]}; left out"))
+                    continue
                 self.masks[key] = frame if old is None else np.maximum(old, frame)
         if unnamed:
             self.problems.append((str(path), f"{unnamed} SEG frame(s) name no source image "

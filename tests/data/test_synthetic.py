@@ -57,7 +57,7 @@ def test_volume_sites_for_3d_runs_with_masks_and_marker(tmp_path: Path) -> None:
     brightest = {0: [], 1: []}
     for record in site.train.records:
         volume = np.load(record.views[0])
-        assert volume.shape == (8, 16, 16) and 0.0 <= volume.min() and volume.max() <= 1.0
+        assert volume.shape == (8, 16, 16) and volume.min() >= 0.0 and volume.max() <= 1.0
         assert bool((volume[:, 1:3, 1:3] == 1.0).all()) == (record.label == 1)  # the marker: positives only
         mask = np.load(record.masks[0])
         brightest[record.label].append(float(volume[mask > 0].mean()) if mask.any() else 0.0)
