@@ -63,11 +63,6 @@ def _parse_train_reply(msg: Message, template: Weights) -> SiteReply:
         raise ParameterMismatch("train reply has no 'arrays' record")
     weights = {k: a.numpy() for k, a in content.array_records["arrays"].items()}
     check_weights(weights, template, source=f"train reply of {site}")
-    for key, ref in template.items():  # what _DeltaSum's integers hold
-        if ref.size and not float(np.abs(np.subtract(weights[key], ref, dtype=np.float64)).max()) * weight < \
-                _DeltaSum.LIMIT:
-            raise ParameterMismatch(f"train reply of {site}: weights {key!r} differ from the global model by more "
-                                    f"than {_DeltaSum.LIMIT / weight:.3g}; not an update")
     reply = SiteReply(msg.metadata.src_node_id, site, weight, weights)
     if "privacy" in content.config_records:
         reply.privacy = parse_privacy(content.config_records["privacy"], site)
@@ -103,10 +98,20 @@ class _DeltaSum:
         self.fine = {k: np.zeros(v.shape, np.int64) for k, v in weights.items()}
         self.total = 0
 
+    def check(self, reply: SiteReply) -> SiteReply:
+        """Refuse (ParameterMismatch, a malformed reply) an update the integers cannot hold; before add(), which
+        must not fail half-way through the keys."""
+        for key, ref in self.weights.items():
+            if ref.size and not float(np.abs(np.subtract(reply.weights[key], ref, dtype=np.float64)).max()) * \
+                    reply.weight < self.LIMIT:
+                raise ParameterMismatch(f"train reply of {reply.site}: weights {key!r} differ from the global model "
+                                        f"by more than {self.LIMIT / reply.weight:.3g}; not an update")
+        return reply
+
     def add(self, reply: SiteReply) -> SiteReply:
         for key, ref in self.weights.items():
             term = np.subtract(reply.weights[key], ref, dtype=np.float64)
-            term *= reply.weight  # below LIMIT: _parse_train_reply refused larger ones
+            term *= reply.weight  # below LIMIT: check() refused larger ones
             coarse = np.floor(term * self.COARSE)
             self.coarse[key] += coarse.astype(np.int64)
             self.fine[key] += np.rint((term - coarse / self.COARSE) * self.FINE).astype(np.int64)
@@ -129,7 +134,8 @@ def _plain_train(grid: Grid | SiteDirectory, run: RunConfig, strategy: ServerStr
     messages = [Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN) for n in chosen]
     summed = None if strategy.individual else _DeltaSum(weights)
     replies, failures = collect(grid, messages, "train", run.rounds.reply_timeout,
-                                lambda msg: _parse_train_reply(msg, weights),
+                                lambda msg: (_parse_train_reply(msg, weights) if summed is None
+                                             else summed.check(_parse_train_reply(msg, weights))),
                                 None if summed is None else lambda _node, reply: summed.add(reply))
     trained = sorted(replies.values(), key=lambda r: r.site)  # a strategy sees them in site order, not arrival order
     if len(trained) < run.rounds.min_sites:

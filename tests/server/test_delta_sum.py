@@ -48,3 +48,17 @@ def test_the_sum_is_within_2_to_the_minus_44_per_site_of_the_exact_sum() -> None
                  for u, n in zip(updates, counts, strict=True)) for i in range(0, 2000, 97)]
     for i, e in zip(range(0, 2000, 97), exact, strict=True):  # 2^-44 per site, and float64's rounding of the result
         assert abs(Fraction(float(got[i])) - e) <= Fraction(len(updates), 2**44) + abs(e) / 2**53
+
+
+def test_an_update_the_integers_cannot_hold_is_refused_before_anything_is_added() -> None:
+    import pytest
+
+    from medfusion_fl.errors import ParameterMismatch
+
+    reference = {"a": np.zeros(2, np.float32), "b": np.zeros(2, np.float32)}
+    summed = _DeltaSum(reference)
+    (huge,) = _replies([np.array([1.0, 3e9], np.float32)], [4096])
+    huge.weights = {"a": np.ones(2, np.float32), "b": np.array([1.0, 3e9], np.float32)}  # b: 4096 x 3e9 > 2^40
+    with pytest.raises(ParameterMismatch, match="'b' differ from the global model"):
+        summed.check(huge)
+    assert summed.total == 0 and not summed.coarse["a"].any()
