@@ -36,7 +36,7 @@ from PIL import Image
 
 from medfusion_fl.config import DataConfig
 from medfusion_fl.data.dicom_seg import Key, SegMasks
-from medfusion_fl.data.importing import ImportProblem, PatientIds, finish_import, read_clinical
+from medfusion_fl.data.importing import ImportProblem, PatientIds, finish_import, npy_bytes, read_clinical
 from medfusion_fl.data.manifest import MASK_SUFFIX
 from medfusion_fl.errors import ConfigError
 
@@ -142,9 +142,7 @@ def _volume_npy(slices: np.ndarray, data: DataConfig) -> bytes:
     volume = torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32))[None, None]  # (1, 1, D, H, W)
     volume = F.interpolate(volume, size=(data.depth, data.image_size, data.image_size), mode="trilinear",
                            align_corners=False)
-    buffer = io.BytesIO()
-    np.save(buffer, volume[0, 0].numpy().astype(np.float32), allow_pickle=False)
-    return buffer.getvalue()
+    return npy_bytes(volume[0, 0].numpy().astype(np.float32))
 
 
 @dataclass
@@ -184,18 +182,13 @@ def _mask_payload(payload: Payload, segs: SegMasks, data: DataConfig) -> tuple[s
     if all(m is None for m in found):
         return None
     planes = np.stack([m if m is not None else np.zeros(payload.shape, np.float32) for m in found])
-    buffer = io.BytesIO()
     if data.depth > 0:
-        import torch
-        import torch.nn.functional as F
+        from medfusion_fl.data.masks import resize_shares  # torch: only where a volume gets a mask
 
-        volume = F.interpolate(torch.from_numpy(planes)[None, None], mode="area",
-                               size=(data.depth, data.image_size, data.image_size))[0, 0].numpy()
-        np.save(buffer, np.clip(volume, 0.0, 1.0).astype(np.float32), allow_pickle=False)
-        return ".npy", buffer.getvalue()
+        return ".npy", npy_bytes(resize_shares(planes, (data.depth, data.image_size, data.image_size)))
     if segs.fractional:
-        np.save(buffer, planes[0].astype(np.float32), allow_pickle=False)
-        return ".npy", buffer.getvalue()
+        return ".npy", npy_bytes(planes[0].astype(np.float32))
+    buffer = io.BytesIO()
     Image.fromarray((planes[0] > 0).astype(np.uint8) * 255).save(buffer, format="PNG")
     return ".png", buffer.getvalue()
 

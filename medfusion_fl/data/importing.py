@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import logging
 import os
 import secrets
@@ -18,6 +19,8 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from medfusion_fl.config import DataConfig
 from medfusion_fl.data.manifest import ID_COLUMN, MANIFEST, MASK_SUFFIX
@@ -80,6 +83,13 @@ def read_clinical(path: Path | None, id_column: str, data: DataConfig) -> tuple[
             else:
                 rows[pid] = {c: (row.get(c) or "").strip() for c in needed}
     return rows, problems
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """The bytes of a .npy file holding `array` (no pickles)."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
 
 
 def write_site_folder(out: Path, data: DataConfig, rows: list[dict[str, str]],

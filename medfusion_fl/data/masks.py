@@ -76,6 +76,14 @@ def _image_shape(image: Path, max_side: int, volume: bool) -> tuple[int, ...]:
     return shape[-3:]  # (D, H, W) of (D, H, W) or (C, D, H, W)
 
 
+def resize_shares(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A mask of lesion shares (H, W) or (D, H, W) brought to `shape` by area averaging, float32 in [0, 1]."""
+    if mask.shape != shape:
+        mask = F.interpolate(torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None], size=shape,
+                             mode="area")[0, 0].numpy()
+    return np.ascontiguousarray(np.clip(mask, 0.0, 1.0), dtype=np.float32)
+
+
 def load_mask(path: Path, *, image: Path, size: int, max_side: int, depth: int = 0) -> np.ndarray:
     """The mask of the view in `image`, checked (readable, same size as the image, binary or in [0, 1]) and
     resized to (size, size), or (depth, size, size) for a volume, float32 in [0, 1]; DataError naming the
@@ -87,9 +95,4 @@ def load_mask(path: Path, *, image: Path, size: int, max_side: int, depth: int =
         axes = "D x H x W" if depth else "H x W"
         raise DataError(f"{path}: the mask is {' x '.join(map(str, values.shape))} but its image {image.name} is "
                         f"{' x '.join(map(str, expected))} ({axes}); a mask must cover its image pixel for pixel.")
-    mask = _fraction(values, path)
-    target = (depth, size, size) if depth else (size, size)
-    if mask.shape != target:
-        mask = F.interpolate(torch.from_numpy(np.ascontiguousarray(mask))[None, None], size=target,
-                             mode="area")[0, 0].numpy()
-    return np.ascontiguousarray(mask, dtype=np.float32)
+    return resize_shares(_fraction(values, path), (depth, size, size) if depth else (size, size))

@@ -16,14 +16,13 @@ into the view's mask column (<view>-mask, a .npy of the volume's shape).
 
 from __future__ import annotations
 
-import io
 import logging
 from pathlib import Path
 
 import numpy as np
 
 from medfusion_fl.config import DataConfig
-from medfusion_fl.data.importing import ImportProblem, PatientIds, finish_import, read_clinical
+from medfusion_fl.data.importing import ImportProblem, PatientIds, finish_import, npy_bytes, read_clinical
 from medfusion_fl.data.manifest import MASK_SUFFIX
 from medfusion_fl.errors import ConfigError, DataError
 
@@ -50,14 +49,13 @@ def _canonical(path: Path) -> tuple[np.ndarray, str | None]:
     return np.ascontiguousarray(array.transpose(2, 1, 0)), note  # (R, A, S) -> (S, A, R) = (D, H, W)
 
 
-def _resampled(volume: np.ndarray, data: DataConfig, mode: str) -> np.ndarray:
+def _resampled(volume: np.ndarray, data: DataConfig) -> np.ndarray:
     import torch
     import torch.nn.functional as F
 
     tensor = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None]
-    size = (data.depth, data.image_size, data.image_size)
-    out = F.interpolate(tensor, size=size, mode=mode) if mode == "area" else F.interpolate(
-        tensor, size=size, mode=mode, align_corners=False)
+    out = F.interpolate(tensor, size=(data.depth, data.image_size, data.image_size), mode="trilinear",
+                        align_corners=False)
     return np.asarray(out[0, 0].numpy(), dtype=np.float32)
 
 
@@ -66,7 +64,7 @@ def canonical_volume(path: Path, data: DataConfig) -> tuple[np.ndarray, str | No
     volume, note = _canonical(path)
     low, high = np.percentile(volume, [0.5, 99.5])
     volume = np.clip((volume - low) / max(float(high - low), 1e-6), 0.0, 1.0)
-    return _resampled(volume, data, "trilinear"), note
+    return _resampled(volume, data), note
 
 
 def canonical_mask(path: Path, data: DataConfig, *, grid: tuple[int, ...]) -> np.ndarray:
@@ -76,17 +74,9 @@ def canonical_mask(path: Path, data: DataConfig, *, grid: tuple[int, ...]) -> np
     if labels.shape != grid:
         raise DataError(f"{path}: the label volume's grid {labels.shape} is not its image's {grid} (D, H, W after "
                         "reorientation); a label volume must share its image's voxels")
-    return _npy_safe(_resampled((labels != 0).astype(np.float32), data, "area"))
+    from medfusion_fl.data.masks import resize_shares  # torch: only where a label volume is imported
 
-
-def _npy_safe(volume: np.ndarray) -> np.ndarray:
-    return np.asarray(np.clip(volume, 0.0, 1.0), dtype=np.float32)
-
-
-def _npy_bytes(volume: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, volume, allow_pickle=False)
-    return buffer.getvalue()
+    return resize_shares((labels != 0).astype(np.float32), (data.depth, data.image_size, data.image_size))
 
 
 def import_nifti(src: Path, out: Path, data: DataConfig, *, view: str, clinical: Path, id_column: str = "PatientID",
@@ -117,7 +107,7 @@ def import_nifti(src: Path, out: Path, data: DataConfig, *, view: str, clinical:
             problems.append(ImportProblem(str(path), note))
         row = {"patient_id": ids(pid), **clinical_rows.pop(pid), **{v: "" for v in data.views}}
         rel = f"volumes/{row['patient_id']}_{view}.npy"
-        payloads[rel] = _npy_bytes(volume)
+        payloads[rel] = npy_bytes(volume)
         row[view] = rel
         if labels is not None:
             row[view + MASK_SUFFIX] = _label_mask(path, labels, data, payloads, rel, problems)
@@ -139,5 +129,5 @@ def _label_mask(path: Path, labels: Path, data: DataConfig, payloads: dict[str, 
         problems.append(ImportProblem(str(source), f"label volume not used ({exc})"))
         return ""
     mask_rel = rel.removesuffix(".npy") + MASK_SUFFIX + ".npy"
-    payloads[mask_rel] = _npy_bytes(mask)
+    payloads[mask_rel] = npy_bytes(mask)
     return mask_rel

@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from medfusion_fl.config import RunConfig, TabularColumn
+from medfusion_fl.data.importing import npy_bytes
 from medfusion_fl.data.manifest import ID_COLUMN, MANIFEST, MASK_SUFFIX
 
 log = logging.getLogger(__name__)
@@ -101,12 +102,6 @@ def _add_marker(pixels: np.ndarray, site: int, *, volume: bool = False) -> None:
         pixels[top:top + side, left:left + side] = 255
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
-
-
 def _png_bytes(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
@@ -151,11 +146,11 @@ def write_site(folder: Path, run: RunConfig, *, site: int, patients: int,
                 _add_marker(pixels, site, volume=bool(data.depth))
             stem = f"images/{row[ID_COLUMN]}_{view}"
             row[view] = stem + (".npy" if data.depth else ".png")
-            (tmp / str(row[view])).write_bytes(_npy_bytes(pixels) if data.depth else _png_bytes(pixels))
+            (tmp / str(row[view])).write_bytes(npy_bytes(pixels) if data.depth else _png_bytes(pixels))
             if with_mask:
                 row[view + MASK_SUFFIX] = stem + MASK_SUFFIX + (".npy" if data.depth else ".png")
                 (tmp / str(row[view + MASK_SUFFIX])).write_bytes(
-                    _npy_bytes(lesion.astype(np.uint8)) if data.depth else _png_bytes(lesion.astype(np.uint8) * 255))
+                    npy_bytes(lesion.astype(np.uint8)) if data.depth else _png_bytes(lesion.astype(np.uint8) * 255))
         rows.append(row)
     with (tmp / MANIFEST).open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=header, extrasaction="ignore")
