@@ -77,8 +77,7 @@ def explain_patients(model: MedFusionModel, dataset: SiteDataset, indices: list[
                                float(probs[target]), np.stack([_display(v) for v in views]), maps.numpy(),
                                [bool(m > 0) for m in mask], fusion_weights(cam.model, views, mask, tabular,
                                                                            view_names), lesions))
-    name = {"hirescam": "HiResCAM", "gradcam": "Grad-CAM"}[method]
-    return out, f"{name} on {cam.stage.name} ({cam.stage.side}x{cam.stage.side} map)"
+    return out, cam.described
 
 
 def figure(explanations: list[Explanation], view_names: list[str], classes: list[str], stage: str) -> bytes:

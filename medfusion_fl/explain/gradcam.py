@@ -88,6 +88,12 @@ class ViewCam:
         self.method = method
         self.cams = [kind(forward, grid) for grid in self.grids]
 
+    @property
+    def described(self) -> str:
+        """What makes the maps, e.g. "HiResCAM on layer1 (8x8 map)"."""
+        name = {"hirescam": "HiResCAM", "gradcam": "Grad-CAM"}[self.method]
+        return f"{name} on {self.stage.name} ({self.stage.side}x{self.stage.side} map)"
+
     def _attribute(self, cam: object, views: torch.Tensor, args: tuple[torch.Tensor, ...], target: int) -> torch.Tensor:
         kwargs = {"relu_attributions": True} if self.method == "gradcam" else {}
         attr: torch.Tensor = cam.attribute(views, target=0 if self.binary else target,  # type: ignore[attr-defined]

@@ -52,8 +52,7 @@ def pointing_game(model: MedFusionModel, dataset: SiteDataset, *, min_side: int,
             peak = np.unravel_index(int(maps[v].argmax()), tuple(maps[v].shape))
             hits += bool(maps[v].max() > 0 and sample["masks"][v][peak] > 0)
             views += 1
-    name = {"hirescam": "HiResCAM", "gradcam": "Grad-CAM"}[method]
-    return PointingGame(hits, views, f"{name} on {cam.stage.name} ({cam.stage.side}x{cam.stage.side} map)")
+    return PointingGame(hits, views, cam.described)
 
 
 def localisation(model: MedFusionModel, dataset: SiteDataset, *, min_side: int,
