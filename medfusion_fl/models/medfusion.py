@@ -50,10 +50,11 @@ class ImageBranch(nn.Module):
             create_backbone(cfg.backbone, in_chans=spec.channels, image_size=spec.image_size, depth=spec.depth,
                             norm=cfg.norm, checkpointing=cfg.checkpointing, weights=cfg.backbone_weights)
             for _ in range(count))
-        width = feature_dim(self.backbones[0], torch.zeros(1, *view_shape(spec)))
+        example = torch.zeros(1, *view_shape(spec))
+        width = feature_dim(self.backbones[0], example)
         self.gates: list[AttentionGate] = []
         if run.attention.enabled:
-            stage = pick_stage(self.backbones[0], torch.zeros(1, *view_shape(spec)), run.attention.min_side)
+            stage = pick_stage(self.backbones[0], example, run.attention.min_side)
             self.gates = [install_gate(backbone, stage) for backbone in self.backbones]
         self.project = nn.Sequential(nn.Linear(width, cfg.image_dim), nn.ReLU())
         self.aggregate = AGGREGATIONS.get(cfg.view_aggregation)(
@@ -78,7 +79,7 @@ class ImageBranch(nn.Module):
         mirror = step is not None and step.doubled  # consistency: each view's mirror image in the same call
         if shared and self.fold_views:
             x = torch.cat([views, views.flip(-1)], dim=1) if mirror else views  # (B, V or 2V, C, H, W)
-            self._supervise(0, None)
+            self._supervise(step, 0, None)
             out = self.backbones[0](x.flatten(0, 1))  # (B*V', Dw), patient-major
             if mirror:
                 out = out.reshape(b, 2 * v, -1)[:, :v].flatten(0, 1)  # the mirrors' features dropped: (B*V, Dw)
@@ -89,7 +90,7 @@ class ImageBranch(nn.Module):
                 x = views[:, i]
                 if mirror:  # (2B, ...): each patient's view, then its mirror image
                     x = torch.stack([x, x.flip(-1)], dim=1).flatten(0, 1)
-                self._supervise(0 if shared else i, i)
+                self._supervise(step, 0 if shared else i, i)
                 out = self.backbones[0 if shared else i](x)
                 feats.append(self.project(out.reshape(b, 2, -1)[:, 0] if mirror else out))
             stacked = torch.stack(feats, dim=1)  # (B, V, Di)
@@ -97,10 +98,10 @@ class ImageBranch(nn.Module):
         aggregated: torch.Tensor = self.aggregate(stacked, view_mask)
         return aggregated  # (B, Di)
 
-    def _supervise(self, backbone: int, view: int | None) -> None:
-        """Point the gate of `backbone` at the step's targets for its next call (all views, or one)."""
+    def _supervise(self, step: StepSupervision | None, backbone: int, view: int | None) -> None:
+        """Point the gate of `backbone` at the step's targets for its next call (all views, or one); none outside
+        a supervised training step."""
         if self.gates:
-            step = self.step if self.training else None
             self.gates[backbone].supervision = step.call(view) if step is not None else None
 
 
