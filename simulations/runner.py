@@ -69,16 +69,11 @@ def _stop_on_signals(keep: set[int]) -> Iterator[None]:
     flower = logging.getLogger("flwr")
     level = flower.level
     previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-    # ray.init sets its own SIGTERM handler (sys.exit), which would skip the stop of Ray's workers above
-    ray_utils = importlib.import_module("ray._private.utils")
-    rays_setter = getattr(ray_utils, "set_sigterm_handler", None)
-    if rays_setter is not None:
-        setattr(ray_utils, "set_sigterm_handler", _keep_ours)  # noqa: B010 (an import_module result: no attributes)
     try:
-        yield
+        # ray.init sets its own SIGTERM handler (sys.exit), which would skip the stop of Ray's workers above
+        with _replaced("ray._private.utils", "set_sigterm_handler", _keep_ours):
+            yield
     finally:
-        if rays_setter is not None:
-            setattr(ray_utils, "set_sigterm_handler", rays_setter)  # noqa: B010
         for sig, old in previous.items():
             signal.signal(sig, old)
         flower.setLevel(level)
@@ -89,16 +84,27 @@ def _keep_ours(_handler: Any) -> None:
 
 
 @contextmanager
+def _replaced(module_name: str, attribute: str, replacement: Any) -> Iterator[None]:
+    """`module_name.attribute` is `replacement` inside; left alone where the module lacks it (another version)."""
+    module = importlib.import_module(module_name)
+    original = getattr(module, attribute, None)
+    if original is None:
+        yield
+        return
+    setattr(module, attribute, replacement)
+    try:
+        yield
+    finally:
+        setattr(module, attribute, original)
+
+
+@contextmanager
 def _seeded_node_ids(seed: int) -> Iterator[None]:
     """Flower gives each simulated SuperNode a random 64-bit id, and the coordinator knows nodes only by them: the
     sites a round samples (rounds.fraction-train < 1) would differ between two runs of one seed. While the
     simulation starts, its link state draws ids from a generator seeded by the run's seed instead (site k gets
-    the same id in every run of that seed)."""
-    module = importlib.import_module("flwr.server.superlink.linkstate.in_memory_linkstate")
-    original = getattr(module, "generate_rand_int_from_bytes", None)
-    if original is None:  # another Flower: ids stay random (only a sampled round's choice of sites depends on them)
-        yield
-        return
+    the same id in every run of that seed). Another Flower without that function keeps random ids (only a sampled
+    round's choice of sites depends on them)."""
     rng = random.Random(derive(seed, "node-ids"))
 
     def seeded(num_bytes: int, exclude: set[int] | None = None) -> int:
@@ -107,11 +113,8 @@ def _seeded_node_ids(seed: int) -> Iterator[None]:
             if value not in (exclude or set()):
                 return value
 
-    setattr(module, "generate_rand_int_from_bytes", seeded)  # noqa: B010
-    try:
+    with _replaced("flwr.server.superlink.linkstate.in_memory_linkstate", "generate_rand_int_from_bytes", seeded):
         yield
-    finally:
-        setattr(module, "generate_rand_int_from_bytes", original)  # noqa: B010
 
 
 def _cancel_rays_abort_alarm() -> None:
