@@ -8,6 +8,8 @@ below 1e-2 under bf16 (see the comment at the assertion).
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -59,6 +61,14 @@ MODES = [(False, False), (True, False), (False, True)]
 @pytest.mark.parametrize(("checkpointing", "bf16"), MODES, ids=["plain", "ckpt", "bf16"])
 @pytest.mark.parametrize("family", DP_FAMILIES)
 def test_clipped_gradient_equals_per_patient_loop(family: str, checkpointing: bool, bf16: bool) -> None:
+    # CPU oneDNN's bf16 Conv3d backward now and then gives inf in the reference loop (1 run in 12 on 2026-12-07):
+    # those cases run on PyTorch's own kernels, as bench/dp_exactness.clipped_error does for the bookkeeping engine
+    exact_kernels = bf16 and family == "resnet3d"
+    with torch.backends.mkldnn.flags(enabled=False) if exact_kernels else contextlib.nullcontext():
+        _check_clipped_gradient(family, checkpointing, bf16)
+
+
+def _check_clipped_gradient(family: str, checkpointing: bool, bf16: bool) -> None:
     model = _model(family, checkpointing)
     views, mask, tabular, labels = _patients(model)
     per_patient = []
