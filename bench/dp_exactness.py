@@ -37,11 +37,9 @@ DP_FAMILIES = [f for f in FAMILIES if f not in {"swin", "maxvit"}]
 
 
 def family_model(family: str, checkpointing: bool, aggregation: str = "attention") -> torch.nn.Module:
-    flat = {"model.backbone": FAMILIES[family].ci_name, "model.dropout": 0.0, "model.image-dim": 16,
+    flat = {**FAMILIES[family].ci_config(), "model.dropout": 0.0, "model.image-dim": 16,
             "model.tabular-hidden": 8, "model.checkpointing": checkpointing, "model.view-aggregation": aggregation,
             "privacy.enabled": True}
-    if family == "resnet3d":
-        flat |= {"data.depth": 8, "data.image-size": 16}
     return build_model(RunConfig.from_flat(flat), seed=0).train()
 
 

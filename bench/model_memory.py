@@ -64,7 +64,7 @@ def main() -> None:
         return
     from medfusion_fl.models.backbone import FAMILIES
 
-    families = args.families.split(",") if args.families else [f for f in FAMILIES if f != "resnet3d"]
+    families = args.families.split(",") if args.families else [f for f in FAMILIES if not FAMILIES[f].is_3d]
     rows = []
     for family in families:
         backbone = FAMILIES[family].names[0]

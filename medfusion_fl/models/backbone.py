@@ -14,7 +14,9 @@ from timm.layers.norm_act import BatchNormAct2d
 from torch import nn
 
 from medfusion_fl.errors import ConfigError, ModelError
-from medfusion_fl.models.backbone3d import BACKBONES_3D, create_backbone_3d
+from medfusion_fl.models.backbone3d import BACKBONES_3D, RESNET3D, create_backbone_3d
+from medfusion_fl.models.monai3d import MONAI3D
+from medfusion_fl.models.swin3d import SWIN3D
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,18 @@ class Family:
 
     names: tuple[str, ...]
     ci_name: str
+    ci_volume: tuple[int, int] = (0, 0)  # 3D families: (data.depth, data.image-size) the small member runs at
+
+    @property
+    def is_3d(self) -> bool:
+        return self.ci_volume[0] > 0
+
+    def ci_config(self) -> dict[str, object]:
+        """The run config keys that build the small member (flat, as RunConfig.from_flat takes them)."""
+        flat: dict[str, object] = {"model.backbone": self.ci_name}
+        if self.is_3d:
+            flat |= {"data.depth": self.ci_volume[0], "data.image-size": self.ci_volume[1]}
+        return flat
 
 
 FAMILIES: dict[str, Family] = {
@@ -37,7 +51,12 @@ FAMILIES: dict[str, Family] = {
     "regnety": Family(("regnety_002", "regnety_016", "regnety_040"), "regnety_002"),
     "vit": Family(("vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224"), "vit_tiny_patch16_224"),
     "swin": Family(("swin_tiny_patch4_window7_224",), "swin_tiny_patch4_window7_224"),
-    "resnet3d": Family(tuple(sorted(BACKBONES_3D)), "resnet3d-10"),
+    "resnet3d": Family(tuple(RESNET3D), "resnet3d-10", (8, 16)),
+    # 8 x 8 x 8 patches: several windows a patient, shifted along every axis
+    "swin3d": Family(tuple(SWIN3D), "swin3d-micro", (16, 32)),
+    "monai-resnet3d": Family(tuple(n for n in MONAI3D if "resnet" in n), "monai-resnet10", (8, 16)),
+    # a DenseNet halves every side five times: 32 voxels is its least volume
+    "monai-densenet3d": Family(tuple(n for n in MONAI3D if "densenet" in n), "monai-densenet-mini", (32, 32)),
 }
 
 

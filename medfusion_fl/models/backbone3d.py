@@ -1,8 +1,7 @@
-"""3D backbones for volume views (CT/MR): a small ResNet in plain torch.
-
-Written here rather than taken from MONAI (docs/design.md): no extra dependency of several
-hundred MB for the hospitals, GroupNorm and out-of-place residuals by construction (what Opacus
-needs), and reentrant checkpointing per stage like the 2D families.
+"""3D backbones for volume views (CT/MR), by name: our small ResNet in plain torch (GroupNorm and
+out-of-place residuals by construction, what Opacus needs), torchvision's Swin 3D in the form exact DP
+can train (models/swin3d.py), and MONAI's 3D ResNet and DenseNet with GroupNorm (models/monai3d.py).
+Every one checkpoints per stage (reentrant) like the 2D families.
 """
 
 from __future__ import annotations
@@ -15,9 +14,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from medfusion_fl.errors import ModelError
+from medfusion_fl.models.monai3d import MONAI3D, create_monai_3d
+from medfusion_fl.models.swin3d import SWIN3D, Swin3d
 
 WIDTHS = (32, 64, 128, 256)
-BACKBONES_3D: dict[str, tuple[int, ...]] = {"resnet3d-10": (1, 1, 1, 1), "resnet3d-18": (2, 2, 2, 2)}
+RESNET3D: dict[str, tuple[int, ...]] = {"resnet3d-10": (1, 1, 1, 1), "resnet3d-18": (2, 2, 2, 2)}
+BACKBONES_3D: tuple[str, ...] = (*RESNET3D, *SWIN3D, *MONAI3D)
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -74,5 +76,9 @@ def create_backbone_3d(name: str, *, in_chans: int) -> nn.Module:
     if name not in BACKBONES_3D:
         close = difflib.get_close_matches(name, list(BACKBONES_3D), n=3, cutoff=0.3)
         raise ModelError(f"model.backbone = {name!r} is not a 3D backbone (data.depth > 0 needs one of "
-                         f"{sorted(BACKBONES_3D)}){'; closest: ' + ', '.join(close) if close else ''}.")
-    return ResNet3d(in_chans, BACKBONES_3D[name])
+                         f"{list(BACKBONES_3D)}){'; closest: ' + ', '.join(close) if close else ''}.")
+    if name in SWIN3D:
+        return Swin3d(name, in_chans)
+    if name in MONAI3D:
+        return create_monai_3d(name, in_chans=in_chans)
+    return ResNet3d(in_chans, RESNET3D[name])

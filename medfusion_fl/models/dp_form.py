@@ -17,6 +17,7 @@ from timm.models.convnext import ConvNeXtBlock
 from torch import nn
 
 from medfusion_fl.errors import ConfigError
+from medfusion_fl.models.swin3d import SWIN3D
 
 log = logging.getLogger(__name__)
 REFUSED = {"swin": "Swin", "maxvit": "MaxViT", "maxxvit": "MaxViT", "coatnet": "CoAtNet"}
@@ -64,14 +65,22 @@ def _freeze_vit_tokens(model: nn.Module) -> list[str]:
     return frozen
 
 
-def prepare_for_dp(model: nn.Module, backbone_name: str) -> nn.Module:
-    """Make a MedFusion model safe for exact per-patient gradients, in place; refuse what is not."""
-    family = next((label for key, label in REFUSED.items() if backbone_name.startswith(key)), None)
+def prepare_for_dp(model: nn.Module, backbone_name: str, *, engine: str = "bookkeeping") -> nn.Module:
+    """Make a MedFusion model safe for exact per-patient gradients, in place; refuse what is not.
+    `engine`: privacy.engine. Swin 3D keeps each patient's windows together (models/swin3d.py), which the
+    bookkeeping engine's row grouping serves and Opacus' one-sample-per-row hooks do not."""
+    if backbone_name in SWIN3D and engine != "bookkeeping":
+        raise ConfigError(
+            f"model.backbone = {backbone_name!r} with privacy.engine = {engine!r}: Swin 3D folds each patient's "
+            "attention windows into the batch dimension, and Opacus' hooks would take every window for a patient. "
+            "Set privacy.engine = 'bookkeeping' (it groups a patient's windows), or pick another 3D backbone.")
+    family = None if backbone_name in SWIN3D else next(
+        (label for key, label in REFUSED.items() if backbone_name.startswith(key)), None)
     if family:
         raise ConfigError(
             f"model.backbone = {backbone_name!r}: {family} folds attention windows into the batch "
             "dimension, so per-layer per-sample gradients would mix patients and DP would be wrong. "
-            "Choose another family under privacy.enabled = true (e.g. resnet, efficientnet, convnext, vit).")
+            "Choose another family under privacy.enabled = true (e.g. resnet, efficientnet, convnext, vit, swin3d).")
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             raise ConfigError("BatchNorm mixes patients in a batch and breaks per-patient privacy; "

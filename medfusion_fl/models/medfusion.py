@@ -167,7 +167,7 @@ def build_model(run: RunConfig, *, seed: int | None = None) -> MedFusionModel:
         torch.manual_seed(seed)
     model = MedFusionModel(run, spec_from_config(run))
     if run.privacy.enabled:
-        prepare_for_dp(model, run.model.backbone)
+        prepare_for_dp(model, run.model.backbone, engine=run.privacy.engine)
     return model
 
 

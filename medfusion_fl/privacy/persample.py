@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from medfusion_fl.models.dp_form import LayerScale
+from medfusion_fl.models.swin3d import RelativePositionBias
 
 Grads = dict[torch.Tensor, torch.Tensor]  # parameter -> gradient
 
@@ -32,7 +33,7 @@ CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # device types whose depthwise per-image gradients use the forward form (_depthwise_as_forward): measured
 # faster on CPU; CUDA keeps the weight-gradient kernel until a GPU session has timed both
 FORWARD_FORM_DEVICES: tuple[str, ...] = ("cpu",)
-SUPPORTED = (nn.Linear, *CONV, nn.GroupNorm, nn.LayerNorm, nn.Embedding, LayerScale)
+SUPPORTED = (nn.Linear, *CONV, nn.GroupNorm, nn.LayerNorm, nn.Embedding, LayerScale, RelativePositionBias)
 
 
 def unsupported_reason(layer: nn.Module) -> str | None:
@@ -307,6 +308,11 @@ def patient_grads(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, patients: 
         bias_grad = _patient_sum(dy, patients, channels)
     elif isinstance(layer, LayerScale):
         out[layer.gamma] = _patient_sum(g.float() * a.float(), patients, (layer.dim % g.dim(),))
+        return out
+    elif isinstance(layer, RelativePositionBias):  # g (B*windows, heads, N, N): each patient's windows summed
+        n = g.shape[-1]
+        per_pair = g.float().reshape(patients, -1, *g.shape[1:]).sum(dim=1).flatten(2).transpose(1, 2)  # (B, N*N, H)
+        out[layer.table] = per_pair.new_zeros(patients, *layer.table.shape).index_add_(1, layer.offsets(n), per_pair)
         return out
     elif isinstance(layer, nn.Embedding):
         dy = _rows(g.float(), patients)  # (B, R*T, D)

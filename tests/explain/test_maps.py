@@ -12,7 +12,7 @@ from medfusion_fl.explain.weights import fusion_weights
 from medfusion_fl.models import MedFusionModel, build_model
 from medfusion_fl.models.backbone import FAMILIES
 
-FAMILIES_2D = [f for f in FAMILIES if f != "resnet3d"]
+FAMILIES_2D = [f for f in FAMILIES if not FAMILIES[f].is_3d]
 
 
 def _build(**flat: object) -> MedFusionModel:

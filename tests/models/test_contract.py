@@ -77,10 +77,7 @@ def test_every_aggregation_and_fusion(aggregation: str, fusion: str) -> None:
 
 
 def _family_config(family: str, **extra: Any) -> dict[str, Any]:
-    flat: dict[str, Any] = {"model.backbone": FAMILIES[family].ci_name, "model.view-aggregation": "attention"}
-    if family == "resnet3d":
-        flat |= {"data.depth": 8, "data.image-size": 16}
-    return flat | extra
+    return {**FAMILIES[family].ci_config(), "model.view-aggregation": "attention", **extra}
 
 
 def _checkpointed(output: torch.Tensor) -> bool:
@@ -119,7 +116,7 @@ def test_checkpointing_gives_the_same_gradients(family: str) -> None:
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-FAMILIES_2D = [f for f in FAMILIES if f != "resnet3d"]
+FAMILIES_2D = [f for f in FAMILIES if not FAMILIES[f].is_3d]
 LAYOUTS = {"resnet": "nchw", "swin": "nhwc", "vit": "tokens"}  # ONNX export of a gated model, once per layout
 
 

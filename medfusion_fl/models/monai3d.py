@@ -1,0 +1,72 @@
+"""MONAI's 3D ResNet and DenseNet as feature extractors, with GroupNorm (per-patient DP and federated
+averaging both need norms that see one volume at a time) and reentrant checkpointing per stage.
+
+MONAI is imported here only, when one of these backbones is built (`import monai` takes seconds).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+# name -> (MONAI builder, its keyword arguments); DenseNets need at least 32 voxels a side (5 halvings)
+MONAI3D: dict[str, tuple[str, dict[str, object]]] = {
+    "monai-resnet10": ("resnet10", {}),
+    "monai-resnet18": ("resnet18", {}),
+    "monai-resnet34": ("resnet34", {}),
+    "monai-densenet121": ("DenseNet121", {}),
+    "monai-densenet-mini": ("DenseNet", {"init_features": 16, "growth_rate": 8, "block_config": (2, 2, 2, 2)}),
+}
+GROUPS = 8
+
+
+class Staged3d(nn.Module):
+    """stem -> stages (each a reentrant checkpoint when switched on) -> ReLU of `final` -> mean pool."""
+
+    def __init__(self, stem: nn.Module, stages: Sequence[nn.Module], final: nn.Module, num_features: int) -> None:
+        super().__init__()
+        self.stem, self.stages, self.final = stem, nn.ModuleList(stages), final
+        self.num_features = num_features
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for stage in self.stages:
+            use_ckpt = self.grad_checkpointing and self.training
+            x = checkpoint(stage, x, use_reentrant=True) if use_ckpt else stage(x)
+        return torch.relu(self.final(x)).mean(dim=(2, 3, 4))
+
+
+def _group_norms(module: nn.Module) -> None:
+    """Every BatchNorm left in a MONAI network becomes a GroupNorm of GROUPS groups, in place."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            setattr(module, name, nn.GroupNorm(GROUPS, child.num_features, eps=child.eps))
+        else:
+            _group_norms(child)
+
+
+def create_monai_3d(name: str, *, in_chans: int) -> nn.Module:
+    """One of MONAI3D's backbones (random weights), GroupNorm of GROUPS groups, no classifier."""
+    from monai.networks import nets
+
+    builder, extra = MONAI3D[name]
+    norm = ("group", {"num_groups": GROUPS})
+    if builder.startswith("resnet"):
+        net = getattr(nets, builder)(spatial_dims=3, n_input_channels=in_chans, feed_forward=False, norm=norm, **extra)
+        _group_norms(net)  # MONAI 1.6's residual blocks build BatchNorm whatever `norm` says
+        stem = nn.Sequential(net.conv1, net.bn1, net.act, net.maxpool)
+        stages = [net.layer1, net.layer2, net.layer3, net.layer4]
+        return Staged3d(stem, stages, nn.Identity(), int(net.in_planes))  # in_planes: layer4's output width
+    net = getattr(nets, builder)(spatial_dims=3, in_channels=in_chans, out_channels=1, norm=norm, **extra)
+    _group_norms(net)
+    children = dict(net.features.named_children())
+    stem = nn.Sequential(*(children.pop(key) for key in ("conv0", "norm0", "relu0", "pool0")))
+    final = children.pop("norm5")
+    return Staged3d(stem, list(children.values()), final, final.num_channels)
