@@ -30,24 +30,32 @@ Case = tuple[torch.nn.Module, tuple[torch.Tensor, ...], torch.Tensor]
 
 
 def build_case(backbone: str, *, baseline: bool, batch: int, views: int, size: int, device: torch.device,
-               overrides: dict[str, Any] | None = None) -> Case:
+               overrides: dict[str, Any] | None = None, depth: int = 0) -> Case:
     """Model, inputs and labels of one case: the bare timm classifier on the B*V images of a step
-    (`baseline`), or the MedFusion model (with run-config `overrides`) on B patients of V views."""
+    (`baseline`), or the MedFusion model (with run-config `overrides`) on B patients of V views.
+    `depth` > 0: volumes of depth x size x size, the baseline being the bare 3D backbone and a linear head."""
     import timm
 
     from medfusion_fl.config import RunConfig
     from medfusion_fl.models import build_model
+    from medfusion_fl.models.backbone3d import create_backbone_3d
 
     torch.manual_seed(0)
+    spatial = (depth, size, size) if depth else (size, size)
+    if baseline and depth:
+        bare = create_backbone_3d(backbone, in_chans=1)
+        model = torch.nn.Sequential(bare, torch.nn.Linear(bare.num_features, 2)).to(device)
+        return model, (torch.rand(batch * views, 1, *spatial, device=device),), \
+            torch.randint(0, 2, (batch * views,), device=device)
     if baseline:
         kwargs = {"img_size": size} if any(k in backbone for k in ("vit", "swin", "maxvit")) else {}
         model = timm.create_model(backbone, pretrained=False, num_classes=2, in_chans=1, **kwargs).to(device)
         images = (torch.rand(batch * views, 1, size, size, device=device),)
         return model, images, torch.randint(0, 2, (batch * views,), device=device)
-    run = RunConfig.from_flat({"model.backbone": backbone, "data.image-size": size,
+    run = RunConfig.from_flat({"model.backbone": backbone, "data.image-size": size, "data.depth": depth,
                                "data.view-names": ",".join(f"v{i}" for i in range(views)), **(overrides or {})})
     model = build_model(run, seed=0).to(device)
-    inputs = (torch.rand(batch, views, 1, size, size, device=device), torch.ones(batch, views, device=device),
+    inputs = (torch.rand(batch, views, 1, *spatial, device=device), torch.ones(batch, views, device=device),
               torch.rand(batch, len(run.data.columns), device=device))
     return model, inputs, torch.randint(0, 2, (batch,), device=device)
 

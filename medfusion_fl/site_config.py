@@ -19,7 +19,7 @@ from medfusion_fl.config_sources import read_toml
 from medfusion_fl.errors import ConfigError
 from medfusion_fl.policy.site_policy import POLICY_KEYS, SitePolicy
 
-_SITE_KEYS = ("site-id", "data-path", "state-dir", "ledger-head", "device", "federation")
+_SITE_KEYS = ("site-id", "data-path", "state-dir", "ledger-head", "device", "gpus", "federation")
 _SIMULATION_KEYS = ("partition-id", "num-partitions")
 POLICY_FOLDER = "policies"
 
@@ -34,6 +34,9 @@ class SiteConfig(Section):
                                      "outside state-dir so that folder alone cannot rewrite the ledger; default "
                                      "<state-dir>.ledger-head, beside it.")
     device: Literal["cpu", "cuda", "auto"] = Field("auto", description="Torch device for local training.")
+    gpus: int = Field(1, ge=1, le=64, description="Processes that train the site's local epochs, one per GPU "
+                      "(cuda:0..N-1, NCCL): the same exact per-patient DP-SGD step, its patients split across "
+                      "them and its noise drawn once; needs device 'cuda' or 'auto' with N GPUs, and DP training.")
     federation: str = Field("default", min_length=1, description="Name under which the site's privacy ledger "
                             "accumulates DP steps; the budget holds over all runs of this federation.")
     policy: SitePolicy = Field(SitePolicy(), description="The least protection the site accepts (site policy).")

@@ -14,7 +14,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sized
 from contextlib import contextmanager
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,9 @@ from medfusion_fl.privacy.graphed import PaddedClippedStep
 from medfusion_fl.privacy.persample import patient_grads
 from medfusion_fl.randomness import derive
 from medfusion_fl.training import NO_ATTENTION, TrainResult, autocast, make_optimizer
+
+if TYPE_CHECKING:
+    from medfusion_fl.multigpu.shard import Shard
 
 log = logging.getLogger(__name__)
 Batch = dict[str, torch.Tensor]
@@ -109,7 +112,7 @@ def per_patient_backward(model: nn.Module) -> Iterator[None]:
 def train_local_dp(model: nn.Module, dataset: Dataset[Batch], cfg: TrainConfig, privacy: PrivacyConfig, *,
                    device: torch.device, seed: int, proximal_mu: float = 0.0,
                    reference: Mapping[str, torch.Tensor] | None = None, seeded: int | None = None,
-                   attention: AttentionConfig = NO_ATTENTION) -> tuple[TrainResult, DPStep]:
+                   attention: AttentionConfig = NO_ATTENTION, shard: Shard | None = None) -> tuple[TrainResult, DPStep]:
     """DP-SGD for cfg.local-epochs epochs of Poisson batches; returns what happened and the DP step
     to record in the ledger. FedProx is a post-step pull towards `reference` (the round's global
     weights): a proximal term in the loss would be clipped with the patient's gradient (and Opacus
@@ -125,12 +128,17 @@ def train_local_dp(model: nn.Module, dataset: Dataset[Batch], cfg: TrainConfig, 
     the noise, or the batches. `seeded` (medfusion_fl.randomness) seeds both instead: a simulation under
     privacy.secure-rng = false, and tests that compare two runs; a deployed site never sets it.
     `attention`: the run's attention supervision, part of each patient's clipped loss.
+    `shard`: this process's share when the site trains on several (medfusion_fl/multigpu): the same
+    step over the site's Poisson batch, its patients split across the processes, noise drawn once.
     """
     start = time.perf_counter()
     model.to(device).train()
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
     optimizer = make_optimizer(model, cfg)
+    if shard is not None and privacy.engine != "bookkeeping":
+        raise ConfigError(f"site gpus = {shard.world} with privacy.engine = {privacy.engine!r}: training one site on "
+                          "several processes needs privacy.engine = 'bookkeeping'. Set it, or gpus = 1.")
     noise = _secret_generator(device, seeded, "dp-noise")
     pull = {n: t.to(device) for n, t in reference.items()} if (reference is not None and proximal_mu > 0) else {}
     with warnings.catch_warnings():
@@ -138,14 +146,19 @@ def train_local_dp(model: nn.Module, dataset: Dataset[Batch], cfg: TrainConfig, 
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         warnings.filterwarnings("ignore", message="Secure RNG turned off")  # our generators are seeded from the OS
         if privacy.engine == "bookkeeping":
-            poisson = DPDataLoader.from_data_loader(loader, generator=_secret_generator(torch.device("cpu"), seeded,
-                                                                                        "poisson"))
+            sampling = (_secret_generator(torch.device("cpu"), seeded, "poisson") if shard is None else
+                        torch.Generator().manual_seed(shard.shared_seed(seeded, "poisson")))
+            poisson = DPDataLoader.from_data_loader(loader, generator=sampling)
             expected = max(1, int(len(cast(Sized, dataset)) * poisson.sample_rate))  # as Opacus' mean reduction
-            step = BookkeepingStep(model, privacy, noise, expected=expected, attention=attention)
+            step = BookkeepingStep(model, privacy, noise, expected=expected, attention=attention, shard=shard)
             try:
-                loss_mean, seen, steps = _run_epochs(model, poisson, optimizer, cfg, device, pull, proximal_mu, step)
+                batches = poisson if shard is None else shard.batches(poisson)
+                loss_mean, seen, steps = _run_epochs(model, batches, optimizer, cfg, device, pull, proximal_mu, step)
             finally:
                 step.clipper.detach()
+            if shard is not None:  # the site's last-epoch loss and patients, over every process
+                loss_sum, count = shard.totals(loss_mean * seen, seen)
+                loss_mean, seen = loss_sum / max(count, 1), int(count)
             sample_rate = float(poisson.sample_rate)
         else:
             loss_mean, seen, steps, sample_rate = _opacus_epochs(model, loader, optimizer, cfg, privacy, device,
@@ -160,12 +173,14 @@ class BookkeepingStep:
     """One DP-SGD step's gradients with privacy/bookkeeping.py: forward, one clipped backward, noise.
     Sets p.grad = (sum_i clip(grad_i) + N(0, (sigma C)^2)) / expected for every trainable parameter;
     the caller runs the optimizer (train_local_dp, bench/dp_overhead.py).
-    `noise`: a generator the coordinator cannot know (train_local_dp seeds it from the OS)."""
+    `noise`: a generator the coordinator cannot know (train_local_dp seeds it from the OS).
+    `shard`: one of several processes (multigpu/shard.py): rank 0 alone adds the noise, then the
+    processes' sums are summed, before the division by the site's expected batch size."""
 
     def __init__(self, model: nn.Module, privacy: PrivacyConfig, noise: torch.Generator, *, expected: int,
-                 attention: AttentionConfig = NO_ATTENTION) -> None:
+                 attention: AttentionConfig = NO_ATTENTION, shard: Shard | None = None) -> None:
         self.model, self.expected, self.noise, self.privacy = model, expected, noise, privacy
-        self.attention = attention
+        self.attention, self.shard = attention, shard
         self.std = privacy.noise_multiplier * privacy.max_grad_norm
         self.clipper = PerPatientClipper(model, max_grad_norm=privacy.max_grad_norm)
         self._draw: torch.Tensor | None = None  # the step's noise, one draw for all parameters
@@ -189,10 +204,14 @@ class BookkeepingStep:
         with record_function("dp.noise"):  # one draw for all parameters: a kernel, not one per parameter
             params = self.clipper.params
             grads = [p.grad if (n and p.grad is not None) else torch.zeros_like(p) for p in params]
-            if self._draw is None:  # kept across steps: a fresh 4-bytes-per-weight buffer costs page faults
-                self._draw = torch.empty(sum(p.numel() for p in params), device=params[0].device)
-            noise = torch.split(self._draw.normal_(0.0, self.std, generator=self.noise), [p.numel() for p in params])
-            torch._foreach_add_(grads, [z.view_as(p) for z, p in zip(noise, params, strict=True)])
+            if self.shard is None or self.shard.adds_noise:
+                if self._draw is None:  # kept across steps: a fresh 4-bytes-per-weight buffer costs page faults
+                    self._draw = torch.empty(sum(p.numel() for p in params), device=params[0].device)
+                noise = torch.split(self._draw.normal_(0.0, self.std, generator=self.noise),
+                                    [p.numel() for p in params])
+                torch._foreach_add_(grads, [z.view_as(p) for z, p in zip(noise, params, strict=True)])
+            if self.shard is not None:
+                self.shard.sum_(grads)
             torch._foreach_div_(grads, float(self.expected))
             for p, grad in zip(params, grads, strict=True):
                 p.grad = grad

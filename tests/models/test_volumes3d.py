@@ -25,8 +25,12 @@ def _torchvision_twin(ours: Swin3d, name: str) -> SwinTransformer3d:
     ref = SwinTransformer3d(patch_size=list(PATCH), embed_dim=embed, depths=list(depths), num_heads=list(heads),
                             window_size=list(window), stochastic_depth_prob=0.0, num_classes=1,
                             patch_embed=partial(PatchEmbed3d, in_channels=1))
-    state = {k.replace("stages.", "features.").replace("relative_position_bias.table", "relative_position_bias_table"): v
-             for k, v in ours.state_dict().items()}
+    renamed = {"stages.": "features.", "relative_position_bias.table": "relative_position_bias_table"}
+    state = {}
+    for key, value in ours.state_dict().items():
+        for old, new in renamed.items():
+            key = key.replace(old, new)
+        state[key] = value
     result = ref.load_state_dict(state, strict=False)
     assert not result.unexpected_keys
     assert all(k.endswith("relative_position_index") or k.startswith("head.") for k in result.missing_keys)
