@@ -102,3 +102,14 @@ def test_a_site_with_a_tampered_ledger_or_approval_list_is_not_started(
     assert main(["site", "run", "--config", str(path), "--dry-run"]) == 1
     err = capsys.readouterr().err
     assert "app approval list" in err and "failed its integrity check" in err
+
+
+def test_a_site_asking_for_more_gpus_than_it_has_is_not_started(synth_root: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    path = _site_toml(tmp_path, synth_root / "data" / "site-0")
+    path.write_text(path.read_text().replace('federation = "test-federation"',
+                                             'federation = "test-federation"\ngpus = 4\ndevice = "cpu"'))
+    assert main(["site", "run", "--config", str(path), "--dry-run"]) == 1
+    out = capsys.readouterr()
+    assert "flower-supernode" not in out.out
+    assert "gpus = 4, but it trains on the CPU" in out.err and "site.toml" in out.err

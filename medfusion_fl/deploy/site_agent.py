@@ -9,6 +9,7 @@ site.toml (paths relative to the file):
     data-path = "data/h1"
     state-dir = "state/h1"
     federation = "chest-xray"
+    # gpus = 4                 # train each round's DP step on 4 GPUs of this server (default 1)
 
     [policy]                   # the least protection the hospital accepts (SitePolicy; these are the defaults)
     require-secure-aggregation = true
@@ -77,9 +78,14 @@ class SiteAgent:
         return int(self.superlink.get("runtime-port", 9094))
 
     def check_state(self) -> None:
-        """The privacy ledger and the approval list must pass their hash chains before the site joins."""
+        """The privacy ledger and the approval list must pass their hash chains, and the site must have the
+        GPUs its [site] gpus names, before the site joins."""
         from medfusion_fl.approval.approvals import ApprovalList, SiteApps
+        from medfusion_fl.multigpu.launch import training_devices
         from medfusion_fl.privacy.ledger import PrivacyLedger
+        from medfusion_fl.training import resolve_device
+
+        training_devices(self.site.gpus, resolve_device(self.site.device))
 
         PrivacyLedger(self.site.state_dir, head=self.site.ledger_head_path())
         ApprovalList(SiteApps.of_site_file(self.source))
