@@ -16,9 +16,9 @@ import torch
 from medfusion_fl.config import RunConfig, privacy_warnings
 from medfusion_fl.data import SiteData, load_site
 from medfusion_fl.data.synthetic import write_synthetic_site
-from medfusion_fl.errors import ConfigError, DataError, FeatureNotAvailable, PolicyRefused
+from medfusion_fl.errors import ConfigError, DataError, PolicyRefused
 from medfusion_fl.models import MedFusionModel, build_model
-from medfusion_fl.multigpu.launch import RankJob, train_on_ranks, training_devices
+from medfusion_fl.multigpu.launch import RankJob, RankResult, train_on_ranks, training_devices
 from medfusion_fl.parameters import Weights, bound_update, get_weights, set_weights
 from medfusion_fl.policy import check_run
 from medfusion_fl.policy.enforce import Work
@@ -28,7 +28,6 @@ from medfusion_fl.site_config import SiteConfig, partition_id
 from medfusion_fl.training import EvalResult, TrainResult, at_threshold, predict, resolve_device, score, train_local
 
 if TYPE_CHECKING:  # opacus is imported only when a run uses DP
-    from medfusion_fl.privacy.accountant import DPStep
     from medfusion_fl.privacy.guard import PrivacyReport
 
 log = logging.getLogger(__name__)
@@ -63,11 +62,7 @@ class SiteRunner:
         self.partition = partition
         self.device = resolve_device(site.device)
         self.devices = training_devices(site.gpus, self.device)  # refused here when the site lacks the GPUs
-        if len(self.devices) > 1 and not run.privacy.enabled:
-            raise FeatureNotAvailable(f"{site.site_id}: gpus = {site.gpus} trains DP runs (privacy.enabled = true, the "
-                                      "default) on several GPUs; a run without DP trains on one. Set gpus = 1 in "
-                                      "[site] of site.toml for this run.")
-        if len(self.devices) > 1 and run.privacy.engine != "bookkeeping":
+        if len(self.devices) > 1 and run.privacy.enabled and run.privacy.engine != "bookkeeping":
             raise ConfigError(f"{site.site_id}: gpus = {site.gpus} with privacy.engine = {run.privacy.engine!r}: "
                               "training one site on several processes needs privacy.engine = 'bookkeeping' "
                               "(the default). Set it in the run config, or gpus = 1 in [site] of site.toml.")
@@ -135,6 +130,8 @@ class SiteRunner:
             torch.manual_seed(self._seed(server_round))  # not from whatever ran before (a resumed run repeats it)
             if self.run.privacy.enabled:
                 result, report = self._train_dp(model, data, server_round, proximal_mu, event_key)
+            elif len(self.devices) > 1:
+                result = self._train_on_ranks(model, data, server_round, proximal_mu).result
             else:
                 result = train_local(model, data.train, self.run.train, device=self.device,
                                      seed=self._seed(server_round), proximal_mu=proximal_mu,
@@ -158,7 +155,10 @@ class SiteRunner:
         planned = planned_step(len(data.train), self.run.train, self.run.privacy)
         guard.check(planned, num_patients=len(data.train), server_round=server_round)
         if len(self.devices) > 1:
-            result, step = self._train_on_ranks(model, data, server_round, proximal_mu)
+            from medfusion_fl.privacy.accountant import DPStep
+
+            done = self._train_on_ranks(model, data, server_round, proximal_mu)
+            result, step = done.result, DPStep(done.noise_multiplier, done.sample_rate, done.steps)
         else:
             reference = {n: p.detach().clone() for n, p in model.named_parameters()}
             result, step = train_local_dp(model, data.train, self.run.train, self.run.privacy, device=self.device,
@@ -168,17 +168,14 @@ class SiteRunner:
         return result, guard.record(step, key=key, server_round=server_round)
 
     def _train_on_ranks(self, model: MedFusionModel, data: SiteData, server_round: int,
-                        proximal_mu: float) -> tuple[TrainResult, DPStep]:
-        """The round's DP training on len(self.devices) processes (medfusion_fl/multigpu); `model` takes
-        rank 0's weights, which every process holds alike."""
-        from medfusion_fl.privacy.accountant import DPStep  # imports opacus: only under DP
-
+                        proximal_mu: float) -> RankResult:
+        """The round's training on len(self.devices) processes (medfusion_fl/multigpu), DP-SGD under
+        privacy.enabled; `model` takes rank 0's weights, which every process holds alike."""
         job = RankJob(self.run, data.train, get_weights(model), self._seed(server_round), proximal_mu,
                       self.seeded(server_round, "train"))
         done = train_on_ranks(job, self.devices)
         set_weights(model, done.weights)
-        return (TrainResult(done.loss, done.seen, done.steps, done.seconds),
-                DPStep(done.noise_multiplier, done.sample_rate, done.steps))
+        return done
 
     def release_evaluation(self, global_weights: Weights, *, server_round: int, event_key: str = "",
                            threshold: float = 0.5) -> EvalRelease:

@@ -7,6 +7,7 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,6 +21,9 @@ from medfusion_fl.config import TrainConfig
 from medfusion_fl.errors import ConfigError
 
 log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from medfusion_fl.multigpu.shard import Shard
+
 Batch = dict[str, torch.Tensor]
 NO_ATTENTION = AttentionConfig()
 
@@ -83,40 +87,57 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def train_local(model: nn.Module, dataset: Dataset[Batch], cfg: TrainConfig, *, device: torch.device, seed: int,
-                proximal_mu: float = 0.0, attention: AttentionConfig | None = None) -> TrainResult:
+                proximal_mu: float = 0.0, attention: AttentionConfig | None = None,
+                shard: Shard | None = None) -> TrainResult:
     """Train `cfg.local_epochs` epochs; with proximal_mu > 0 the FedProx term pulls towards the
     weights the model had on entry (the global model of the round). `attention`: the run's attention
-    supervision, whose loss joins each patient's (the batches then carry masks where the method needs them)."""
+    supervision, whose loss joins each patient's (the batches then carry masks where the method needs them).
+    `shard`: this process's share when the site trains on several (medfusion_fl/multigpu): its patients
+    of each batch; the gradients of the batch's mean loss are summed over the processes."""
     start = time.perf_counter()
     model.to(device).train()
     generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=generator)
+    loader = (DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=generator) if shard is None
+              else shard.shuffled(dataset, cfg.batch_size, generator))
     reference = {n: p.detach().clone() for n, p in model.named_parameters()} if proximal_mu > 0 else {}
+    pull = proximal_mu > 0 and (shard is None or shard.rank == 0)  # the FedProx term's gradient counts once
+    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     steps, epoch_loss, seen = 0, 0.0, 0
     for epoch in range(cfg.local_epochs):
         epoch_loss, attention_sum, seen = 0.0, 0.0, 0
         for batch in loader:
+            n = len(batch["label"])
+            total_n = n if shard is None else int(shard.totals(n)[0])  # the whole batch's patients
             # the mean loss weighs each patient 1/B; the fp16 scaler multiplies every gradient, the gates' too
-            scale = (scaler.get_scale() if scaler.is_enabled() else 1.0) / len(batch["label"])
-            with supervise(model, batch, attention or NO_ATTENTION, scale=scale) as step:
-                with autocast(cfg.precision, device):
-                    logits, labels = _forward(model, batch, device)
-                loss = F.cross_entropy(logits.float(), labels)  # the loss in fp32, whatever the autocast
-                total = loss + proximal_term(model, reference, proximal_mu) if proximal_mu > 0 else loss
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(total).backward()  # type: ignore[no-untyped-call]
-            if step is not None:
-                attention_sum += float(step.patient_losses().sum())
+            scale = (scaler.get_scale() if scaler.is_enabled() else 1.0) / total_n
+            optimizer.zero_grad(set_to_none=True)
+            if n:
+                with supervise(model, batch, attention or NO_ATTENTION, scale=scale) as step:
+                    with autocast(cfg.precision, device):
+                        logits, labels = _forward(model, batch, device)
+                    # the loss in fp32, whatever the autocast
+                    loss = F.cross_entropy(logits.float(), labels, reduction="sum") / total_n
+                    total = loss + proximal_term(model, reference, proximal_mu) if pull else loss
+                    scaler.scale(total).backward()  # type: ignore[no-untyped-call]
+                if step is not None:
+                    attention_sum += float(step.patient_losses().sum())
+                epoch_loss += float(loss.detach()) * total_n
+            elif pull:
+                scaler.scale(proximal_term(model, reference, proximal_mu)).backward()  # type: ignore[no-untyped-call]
+            if shard is not None:
+                shard.sum_grads(params)
             scaler.step(optimizer)
             scaler.update()
-            epoch_loss += float(loss.detach()) * len(labels)
-            seen += len(labels)
+            seen += n
             steps += 1
         log.debug("epoch %d/%d: loss %.4f%s", epoch + 1, cfg.local_epochs, epoch_loss / max(seen, 1),
                   f", attention loss {attention_sum / max(seen, 1):.4f}" if attention is not None and
                   attention.enabled else "")
+    if shard is not None:  # the site's last-epoch loss and patients, over every process
+        epoch_loss, count = shard.totals(epoch_loss, seen)
+        seen = int(count)
     mean = epoch_loss / max(seen, 1)
     if not math.isfinite(mean):
         raise FloatingPointError(f"local training diverged (loss {mean}); lower train.lr")

@@ -54,7 +54,7 @@ FAMILIES: dict[str, Family] = {
     "resnet3d": Family(tuple(RESNET3D), "resnet3d-10", (8, 16)),
     # 8 x 8 x 8 patches: several windows a patient, shifted along every axis
     "swin3d": Family(tuple(SWIN3D), "swin3d-micro", (16, 32)),
-    "monai-resnet3d": Family(tuple(n for n in MONAI3D if "resnet" in n), "monai-resnet10", (8, 16)),
+    "monai-resnet3d": Family(tuple(n for n in MONAI3D if "resnet" in n), "monai-resnet-mini", (8, 16)),
     # a DenseNet halves every side five times: 32 voxels is its least volume
     "monai-densenet3d": Family(tuple(n for n in MONAI3D if "densenet" in n), "monai-densenet-mini", (32, 32)),
 }

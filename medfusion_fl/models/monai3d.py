@@ -17,6 +17,7 @@ MONAI3D: dict[str, tuple[str, dict[str, object]]] = {
     "monai-resnet10": ("resnet10", {}),
     "monai-resnet18": ("resnet18", {}),
     "monai-resnet34": ("resnet34", {}),
+    "monai-resnet-mini": ("resnet10", {"widen_factor": 0.25}),  # the family's small member: tests, CPU demos
     "monai-densenet121": ("DenseNet121", {}),
     "monai-densenet-mini": ("DenseNet", {"init_features": 16, "growth_rate": 8, "block_config": (2, 2, 2, 2)}),
 }

@@ -1,4 +1,4 @@
-"""A site's local DP training on N processes, one per GPU (site.gpus = N): spawn, train, collect.
+"""A site's local training on N processes, one per GPU (site.gpus = N): spawn, train, collect.
 
 The site's agent (SiteRunner) stays one process to the federation: it spawns N training processes for
 the round's local epochs (NCCL on GPUs; gloo on CPU, which the tests use), takes rank 0's weights and DP
@@ -24,6 +24,7 @@ from medfusion_fl.config import RunConfig
 from medfusion_fl.errors import ConfigError, MedFusionError
 from medfusion_fl.parameters import Weights
 from medfusion_fl.randomness import derive
+from medfusion_fl.training import TrainResult, train_local
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +47,19 @@ class RankJob:
 
 @dataclass(frozen=True)
 class RankResult:
+    """Rank 0's weights after the round, what the training did, and its DP step's figures."""
+
     weights: Weights
     loss: float
     seen: int
     steps: int
     seconds: float
-    noise_multiplier: float
+    noise_multiplier: float  # the DP step's (0 without DP)
     sample_rate: float
+
+    @property
+    def result(self) -> TrainResult:
+        return TrainResult(self.loss, self.seen, self.steps, self.seconds)
 
 
 def training_devices(gpus: int, device: torch.device) -> list[torch.device]:
@@ -69,7 +76,7 @@ def training_devices(gpus: int, device: torch.device) -> list[torch.device]:
 
 
 def train_on_ranks(job: RankJob, devices: list[torch.device]) -> RankResult:
-    """Run the round's local DP training on len(devices) processes; rank 0's result."""
+    """Run the round's local training (DP-SGD under privacy.enabled) on len(devices) processes; rank 0's result."""
     with tempfile.TemporaryDirectory(prefix="medfusion-ranks-") as folder:
         store, out = Path(folder) / "store", Path(folder) / "result.pt"
         log.info("training on %d processes (%s)", len(devices), ", ".join(str(d) for d in devices))
@@ -90,7 +97,6 @@ def run_rank(rank: int, job: RankJob, devices: list[torch.device], store: str, o
     from medfusion_fl.models import build_model
     from medfusion_fl.multigpu.shard import Shard
     from medfusion_fl.parameters import get_weights, set_weights
-    from medfusion_fl.privacy.dp_sgd import train_local_dp
 
     device = devices[rank]
     if device.type == "cuda":
@@ -101,14 +107,22 @@ def run_rank(rank: int, job: RankJob, devices: list[torch.device], store: str, o
         torch.manual_seed(derive(job.seed, "rank", rank))  # each process's own dropout draws
         model = build_model(job.run)
         set_weights(model, job.weights)
-        reference = {n: p.detach().clone() for n, p in model.named_parameters()}
-        result, step = train_local_dp(model, job.dataset, job.run.train, job.run.privacy, device=device,
-                                      seed=job.seed, proximal_mu=job.proximal_mu, reference=reference,
-                                      attention=job.run.attention, seeded=job.seeded,
-                                      shard=Shard(rank, len(devices), device))
+        shard = Shard(rank, len(devices), device)
+        noise_multiplier = sample_rate = 0.0
+        if job.run.privacy.enabled:
+            from medfusion_fl.privacy.dp_sgd import train_local_dp  # imports opacus: only under DP
+
+            reference = {n: p.detach().clone() for n, p in model.named_parameters()}
+            result, step = train_local_dp(model, job.dataset, job.run.train, job.run.privacy, device=device,
+                                          seed=job.seed, proximal_mu=job.proximal_mu, reference=reference,
+                                          attention=job.run.attention, seeded=job.seeded, shard=shard)
+            noise_multiplier, sample_rate = step.noise_multiplier, step.sample_rate
+        else:
+            result = train_local(model, job.dataset, job.run.train, device=device, seed=job.seed,
+                                 proximal_mu=job.proximal_mu, attention=job.run.attention, shard=shard)
         if rank == 0:
             done = RankResult(get_weights(model.cpu()), result.loss, result.num_examples, result.steps,
-                              result.seconds, step.noise_multiplier, step.sample_rate)
+                              result.seconds, noise_multiplier, sample_rate)
             partial = Path(out).with_suffix(".partial")
             torch.save(done, partial)
             os.replace(partial, out)

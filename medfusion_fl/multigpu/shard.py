@@ -1,4 +1,4 @@
-"""One process's share of a site's DP-SGD step when the site trains on N processes (site.gpus = N).
+"""One process's share of a site's training step when the site trains on N processes (site.gpus = N).
 
 The N processes run one DP-SGD step together, exactly the step one process would run:
   - Poisson sampling draws one batch of the whole site from one generator every process seeds alike
@@ -8,8 +8,10 @@ The N processes run one DP-SGD step together, exactly the step one process would
     all-reduced (summed) across the processes;
   - the Gaussian noise is drawn once, by rank 0 alone, and added before the sum; every process then
     divides by the site's expected batch size and takes the same optimizer step, so the replicas stay equal.
-No torch DistributedDataParallel wrapper: the bookkeeping engine sets p.grad itself, and the model's
-state_dict keys stay those of one process (its weights load on either side).
+Without DP (an explicit relaxation), each process takes its patients of the same shuffled batch and the
+gradients of the batch's mean loss are summed the same way. No torch DistributedDataParallel wrapper: the
+bookkeeping engine sets p.grad itself, and the model's state_dict keys stay those of one process (its
+weights load on either side).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
 from medfusion_fl.randomness import derive
 
@@ -61,6 +63,19 @@ class Shard:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return [float(v) for v in t.tolist()]
+
+    def sum_grads(self, params: Sequence[torch.Tensor]) -> None:
+        """Sum every parameter's gradient over the processes (a missing one counts as zeros)."""
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self.sum_([p.grad for p in params if p.grad is not None])
+
+    def shuffled(self, dataset: Dataset[Any], batch_size: int, generator: torch.Generator) -> DataLoader[Any]:
+        """Training without DP: this process's patients of the batches DataLoader(dataset, batch_size,
+        shuffle=True, generator) would give, the same on every process that seeds `generator` alike."""
+        batches = BatchSampler(RandomSampler(dataset, generator=generator), batch_size, drop_last=False)  # type: ignore[arg-type]
+        return DataLoader(dataset, batch_sampler=_EveryNth(batches, self.rank, self.world), generator=generator)
 
     def batches(self, poisson: DataLoader[Any]) -> DataLoader[Any]:
         """The loader of this process's patients of every Poisson batch (`poisson`: Opacus' DPDataLoader)."""
