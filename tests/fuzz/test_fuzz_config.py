@@ -59,7 +59,7 @@ def test_any_toml_file_gives_a_config_or_a_config_error(tmp_path: Path, lines: l
     _accepted_is_sane(run)
 
 
-NODE_KEYS = ["site-id", "data-path", "state-dir", "ledger-head", "device", "federation", "partition-id",
+NODE_KEYS = ["site-id", "data-path", "state-dir", "ledger-head", "device", "gpus", "federation", "partition-id",
              "max-epsilon", "delta", "min-sites", "require-dp", "require-secure-aggregation", "share-metrics",
              "min-noise-multiplier", "require-approved-app", "unknown-key"]
 NODE_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 10**12), st.floats(allow_nan=True),
@@ -74,4 +74,5 @@ def test_any_node_config_gives_a_site_or_a_config_error(node: dict[str, object])
         assert str(exc)
         return
     policy = site.policy
+    assert isinstance(site.gpus, int) and 1 <= site.gpus <= 64
     assert math.isfinite(policy.max_epsilon) and policy.max_epsilon > 0 and 0 < policy.delta < 1
