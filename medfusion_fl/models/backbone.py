@@ -51,7 +51,7 @@ FAMILIES: dict[str, Family] = {
     "regnety": Family(("regnety_002", "regnety_016", "regnety_040"), "regnety_002"),
     "vit": Family(("vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224"), "vit_tiny_patch16_224"),
     "swin": Family(("swin_tiny_patch4_window7_224",), "swin_tiny_patch4_window7_224"),
-    "resnet3d": Family(tuple(RESNET3D), "resnet3d-10", (8, 16)),
+    "resnet3d": Family(tuple(RESNET3D), "resnet3d-10", (8, 12)),
     # 8 x 8 x 8 patches: several windows a patient, shifted along every axis
     "swin3d": Family(tuple(SWIN3D), "swin3d-micro", (16, 32)),
     "monai-resnet3d": Family(tuple(n for n in MONAI3D if "resnet" in n), "monai-resnet-mini", (8, 16)),

@@ -75,3 +75,9 @@ def test_volume_views_train_through_the_3d_backbone(tmp_path: Path) -> None:
 
     with pytest.raises(DataError, match="must be a .npy volume"):
         load_view(tmp_path / "site" / "p1_ct.png", channels=1, size=16, depth=8)
+    np.save(tmp_path / "slice.npy", np.zeros((16, 16), dtype=np.float32))  # one slice where a volume belongs
+    with pytest.raises(DataError, match=r"slice.npy.*\(D, H, W\) or \(C, D, H, W\)"):
+        load_view(tmp_path / "slice.npy", channels=1, size=16, depth=8)
+    np.save(tmp_path / "rgb.npy", np.zeros((3, 8, 16, 16), dtype=np.float32))  # 3 channels, data.channels = 1
+    with pytest.raises(DataError, match=r"rgb.npy: shape \(3, 8, 16, 16\) is not a volume with data.channels = 1"):
+        load_view(tmp_path / "rgb.npy", channels=1, size=16, depth=8)
