@@ -141,7 +141,7 @@ def create_backbone(name: str, *, in_chans: int, image_size: int, depth: int, no
     """A feature extractor (images -> pooled (B, D)), never with downloaded weights; with
     `checkpointing` it is checked to support set_checkpointing()."""
     if depth > 0:
-        backbone = create_backbone_3d(name, in_chans=in_chans)
+        backbone = create_backbone_3d(name, in_chans=in_chans, volume=(depth, image_size, image_size))
     elif name in BACKBONES_3D:
         raise ConfigError(f"model.backbone = {name!r} is a 3D backbone; set data.depth > 0 for volumes.")
     else:

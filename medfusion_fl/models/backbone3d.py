@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from medfusion_fl.errors import ModelError
-from medfusion_fl.models.monai3d import MONAI3D, create_monai_3d
+from medfusion_fl.errors import ConfigError, ModelError
+from medfusion_fl.models.monai3d import MIN_SIDE, MONAI3D, create_monai_3d
 from medfusion_fl.models.swin3d import SWIN3D, Swin3d
 
 WIDTHS = (32, 64, 128, 256)
@@ -71,12 +71,17 @@ class ResNet3d(nn.Module):
         return x.mean(dim=(2, 3, 4))  # (B, 256)
 
 
-def create_backbone_3d(name: str, *, in_chans: int) -> nn.Module:
-    """One of our 3D backbones by name."""
+def create_backbone_3d(name: str, *, in_chans: int, volume: tuple[int, int, int] | None = None) -> nn.Module:
+    """One of our 3D backbones by name; `volume` (D, H, W), when given, is checked against its least size."""
     if name not in BACKBONES_3D:
         close = difflib.get_close_matches(name, list(BACKBONES_3D), n=3, cutoff=0.3)
         raise ModelError(f"model.backbone = {name!r} is not a 3D backbone (data.depth > 0 needs one of "
                          f"{list(BACKBONES_3D)}){'; closest: ' + ', '.join(close) if close else ''}.")
+    least = MIN_SIDE.get(name, 1)
+    if volume is not None and min(volume) < least:
+        raise ConfigError(f"model.backbone = {name!r} needs volumes of at least {least} voxels a side, but data.depth "
+                          f"x data.image-size is {volume[0]} x {volume[1]} x {volume[2]}: raise them (e.g. --set "
+                          f"data.depth={least} --set data.image-size={least}) or pick another 3D backbone.")
     if name in SWIN3D:
         return Swin3d(name, in_chans)
     if name in MONAI3D:

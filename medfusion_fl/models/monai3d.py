@@ -22,6 +22,7 @@ MONAI3D: dict[str, tuple[str, dict[str, object]]] = {
     "monai-densenet-mini": ("DenseNet", {"init_features": 16, "growth_rate": 8, "block_config": (2, 2, 2, 2)}),
 }
 GROUPS = 8
+MIN_SIDE = {"monai-densenet121": 32, "monai-densenet-mini": 32}  # 5 halvings: the least voxels a side
 
 
 class Staged3d(nn.Module):

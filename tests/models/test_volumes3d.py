@@ -79,7 +79,7 @@ def test_monai_backbones_carry_group_norms_only(name: str) -> None:
 def test_misuse_is_named() -> None:
     with pytest.raises(ConfigError, match="swin3d-micro.*3D backbone; set data.depth > 0"):
         build_model(RunConfig.from_flat({"model.backbone": "swin3d-micro"}))
-    with pytest.raises(ModelError, match="minimum size|data.depth"):  # a DenseNet halves every side 5 times
+    with pytest.raises(ConfigError, match=r"at least 32 voxels a side.*8 x 16 x 16.*data.depth=32"):  # 5 halvings
         build_model(RunConfig.from_flat({"model.backbone": "monai-densenet-mini", "data.depth": 8,
                                          "data.image-size": 16}))
     with pytest.raises(ModelError, match="not a 3D backbone.*swin3d-t"):
