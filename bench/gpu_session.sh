@@ -22,5 +22,5 @@ python3 bench/dp_overhead.py --device cuda --image-size 224 --batch 64 --views 2
   --backbones "$backbones" --profile "$OUT/profile.txt" --out "$OUT/dp-overhead-gpu.json" > "$OUT/overhead.log" 2>&1
 echo "overhead rc=$?"
 grep -h "ratio" "$OUT/overhead.log" | grep -v "^ " | cut -c1-600
-timeout 150 python3 bench/dp_exactness.py --device cuda --out "$OUT/dp-exactness-gpu.json" > "$OUT/exactness.log" 2>&1
+timeout 200 python3 bench/dp_exactness.py --device cuda --out "$OUT/dp-exactness-gpu.json" > "$OUT/exactness.log" 2>&1
 echo "exactness rc=$?"
