@@ -5,6 +5,7 @@ sampling rate, and misuse is refused by name."""
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.multiprocessing.spawn import start_processes
 
+from client.client_app import app as client_app
 from medfusion_fl import site as site_module
 from medfusion_fl.config import RunConfig
 from medfusion_fl.errors import ConfigError
@@ -22,8 +24,11 @@ from medfusion_fl.models import build_model
 from medfusion_fl.multigpu.shard import Shard
 from medfusion_fl.parameters import get_weights, set_weights
 from medfusion_fl.privacy.ledger import PrivacyLedger
+from medfusion_fl.runstore import RunStore
 from medfusion_fl.site import SiteRunner
 from medfusion_fl.site_config import SiteConfig
+from server.federation import Federation
+from simulations.inprocess import InProcessGrid
 from tests.conftest import PLAIN, tiny_flat
 
 CPU = torch.device("cpu")
@@ -68,6 +73,28 @@ def test_two_processes_train_the_one_process_round(synth_root: Path, tmp_path: P
     model = build_model(single.run)  # a two-process site's weights load in a one-process model (it started
     set_weights(model, two.weights)  # from one-process weights: the other way round)
     assert get_weights(model).keys() == two.weights.keys()
+
+
+def test_secure_aggregation_sees_one_site_whatever_its_processes(synth_root: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """A default federation (DP, SecAgg+) of 3 sites where site-0 trains on 2 processes: the coordinator's
+    secure sum has 3 sites, and from site-0 came one reply per stage, as from the others."""
+    real = site_module.training_devices
+    monkeypatch.setattr(site_module, "training_devices", lambda gpus, device: TWO if gpus > 1 else real(gpus, CPU))
+    caplog.set_level(logging.INFO, logger="medfusion_fl.multigpu.launch")
+    run = RunConfig.from_flat(tiny_flat(tmp_path, **{"rounds.num-server-rounds": 1, "rounds.fraction-evaluate": 0.0,
+                                                     "data.sites-root": str(synth_root / "data")}))
+    grid = InProcessGrid(client_app, run.to_flat(), num_nodes=3, per_node={0: {"gpus": 2}})
+    Federation(run).run_rounds(grid)
+    assert [r.getMessage() for r in caplog.records if "processes" in r.getMessage()] == [
+        "training on 2 processes (cpu, cpu)"]  # site-0 alone, once
+    line = RunStore(run.output.run_dir).read_metrics()[-1]
+    assert line["status"] == "ok" and line["secure_aggregation"]["sites"] == 3
+    assert sorted(line["train"]["sites"]) == ["site-0", "site-1", "site-2"]
+    replies = {k: [m.metadata.message_type for m in grid.received if m.metadata.src_node_id == 100 + k]
+               for k in range(3)}
+    assert replies[0] == replies[1] == replies[2] and len(replies[0]) == 4  # the four secure stages, once each
 
 
 def _noise_rank(rank: int, world: int, store: str, out: str) -> None:
