@@ -19,8 +19,9 @@ from torch.multiprocessing.spawn import start_processes
 from client.client_app import app as client_app
 from medfusion_fl import site as site_module
 from medfusion_fl.config import RunConfig
-from medfusion_fl.errors import ConfigError
+from medfusion_fl.errors import ConfigError, DataError
 from medfusion_fl.models import build_model
+from medfusion_fl.multigpu.launch import RankJob, SiteTrainingFailed, train_on_ranks
 from medfusion_fl.multigpu.shard import Shard
 from medfusion_fl.parameters import get_weights, set_weights
 from medfusion_fl.privacy.ledger import PrivacyLedger
@@ -95,6 +96,24 @@ def test_secure_aggregation_sees_one_site_whatever_its_processes(synth_root: Pat
     replies = {k: [m.metadata.message_type for m in grid.received if m.metadata.src_node_id == 100 + k]
                for k in range(3)}
     assert replies[0] == replies[1] == replies[2] and len(replies[0]) == 4  # the four secure stages, once each
+
+
+class _Unreadable(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
+    """A site folder whose images turn out unreadable during training (after the checks at start)."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        raise DataError(f"images/p{index}.png: cannot decode (truncated file)")
+
+
+def test_a_failing_process_fails_the_sites_round_with_its_error() -> None:
+    run = RunConfig.from_flat({"model.backbone": "test_resnet", "data.image-size": 32})
+    job = RankJob(run, _Unreadable(), get_weights(build_model(run, seed=0)), seed=1, proximal_mu=0.0, seeded=None)
+    with pytest.raises(SiteTrainingFailed, match=r"a training process failed: .*DataError: images/p\d.png: cannot "
+                                                 "decode"):
+        train_on_ranks(job, TWO)
 
 
 def _noise_rank(rank: int, world: int, store: str, out: str) -> None:
