@@ -16,9 +16,10 @@ import torch
 from medfusion_fl.config import RunConfig, privacy_warnings
 from medfusion_fl.data import SiteData, load_site
 from medfusion_fl.data.synthetic import write_synthetic_site
-from medfusion_fl.errors import ConfigError, DataError, PolicyRefused
+from medfusion_fl.errors import DataError, PolicyRefused
 from medfusion_fl.models import MedFusionModel, build_model
 from medfusion_fl.multigpu.launch import RankJob, RankResult, train_on_ranks, training_devices
+from medfusion_fl.multigpu.shard import require_bookkeeping
 from medfusion_fl.parameters import Weights, bound_update, get_weights, set_weights
 from medfusion_fl.policy import check_run
 from medfusion_fl.policy.enforce import Work
@@ -62,10 +63,8 @@ class SiteRunner:
         self.partition = partition
         self.device = resolve_device(site.device)
         self.devices = training_devices(site.gpus, self.device)  # refused here when the site lacks the GPUs
-        if len(self.devices) > 1 and run.privacy.enabled and run.privacy.engine != "bookkeeping":
-            raise ConfigError(f"{site.site_id}: gpus = {site.gpus} with privacy.engine = {run.privacy.engine!r}: "
-                              "training one site on several processes needs privacy.engine = 'bookkeeping' "
-                              "(the default). Set it in the run config, or gpus = 1 in [site] of site.toml.")
+        if run.privacy.enabled:  # refused before any process starts
+            require_bookkeeping(run.privacy.engine, len(self.devices))
 
     @classmethod
     def from_configs(cls, run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> SiteRunner:

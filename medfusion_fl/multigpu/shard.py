@@ -25,7 +25,17 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
+from medfusion_fl.errors import ConfigError
 from medfusion_fl.randomness import derive
+
+
+def require_bookkeeping(engine: str, processes: int) -> None:
+    """Several processes split a step's patients, which only the bookkeeping engine's step serves
+    (Opacus' would clip and noise each process's share as a step of its own)."""
+    if processes > 1 and engine != "bookkeeping":
+        raise ConfigError(f"site gpus = {processes} with privacy.engine = {engine!r}: training one site on several "
+                          "processes needs privacy.engine = 'bookkeeping' (the default). Set it in the run config, "
+                          "or gpus = 1 in [site] of site.toml.")
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sized
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,7 @@ from medfusion_fl.attention.supervise import supervise
 from medfusion_fl.config import PrivacyConfig, TrainConfig
 from medfusion_fl.errors import ConfigError
 from medfusion_fl.models.dp_form import LayerScale
+from medfusion_fl.multigpu.shard import Shard, require_bookkeeping
 from medfusion_fl.privacy.accountant import DPStep
 from medfusion_fl.privacy.bookkeeping import PerPatientClipper
 from medfusion_fl.privacy.conv_sampler import grouped_conv2d_grad_sample
@@ -41,9 +42,6 @@ from medfusion_fl.privacy.graphed import PaddedClippedStep
 from medfusion_fl.privacy.persample import patient_grads
 from medfusion_fl.randomness import derive
 from medfusion_fl.training import NO_ATTENTION, TrainResult, autocast, make_optimizer
-
-if TYPE_CHECKING:
-    from medfusion_fl.multigpu.shard import Shard
 
 log = logging.getLogger(__name__)
 Batch = dict[str, torch.Tensor]
@@ -136,9 +134,8 @@ def train_local_dp(model: nn.Module, dataset: Dataset[Batch], cfg: TrainConfig, 
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
     optimizer = make_optimizer(model, cfg)
-    if shard is not None and privacy.engine != "bookkeeping":
-        raise ConfigError(f"site gpus = {shard.world} with privacy.engine = {privacy.engine!r}: training one site on "
-                          "several processes needs privacy.engine = 'bookkeeping'. Set it, or gpus = 1.")
+    if shard is not None:
+        require_bookkeeping(privacy.engine, shard.world)
     noise = _secret_generator(device, seeded, "dp-noise")
     pull = {n: t.to(device) for n, t in reference.items()} if (reference is not None and proximal_mu > 0) else {}
     with warnings.catch_warnings():
