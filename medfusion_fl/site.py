@@ -157,7 +157,7 @@ class SiteRunner:
             from medfusion_fl.privacy.accountant import DPStep
 
             done = self._train_on_ranks(model, data, server_round, proximal_mu)
-            result, step = done.result, DPStep(done.noise_multiplier, done.sample_rate, done.steps)
+            result, step = done.result, DPStep(done.noise_multiplier, done.sample_rate, done.result.steps)
         else:
             reference = {n: p.detach().clone() for n, p in model.named_parameters()}
             result, step = train_local_dp(model, data.train, self.run.train, self.run.privacy, device=self.device,

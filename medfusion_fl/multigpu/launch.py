@@ -50,16 +50,9 @@ class RankResult:
     """Rank 0's weights after the round, what the training did, and its DP step's figures."""
 
     weights: Weights
-    loss: float
-    seen: int
-    steps: int
-    seconds: float
+    result: TrainResult  # the site's: patients and last-epoch loss summed over the processes
     noise_multiplier: float  # the DP step's (0 without DP)
     sample_rate: float
-
-    @property
-    def result(self) -> TrainResult:
-        return TrainResult(self.loss, self.seen, self.steps, self.seconds)
 
 
 def training_devices(gpus: int, device: torch.device) -> list[torch.device]:
@@ -121,8 +114,7 @@ def run_rank(rank: int, job: RankJob, devices: list[torch.device], store: str, o
             result = train_local(model, job.dataset, job.run.train, device=device, seed=job.seed,
                                  proximal_mu=job.proximal_mu, attention=job.run.attention, shard=shard)
         if rank == 0:
-            done = RankResult(get_weights(model.cpu()), result.loss, result.num_examples, result.steps,
-                              result.seconds, noise_multiplier, sample_rate)
+            done = RankResult(get_weights(model.cpu()), result, noise_multiplier, sample_rate)
             partial = Path(out).with_suffix(".partial")
             torch.save(done, partial)
             os.replace(partial, out)
