@@ -26,7 +26,7 @@ MIN_SIDE = {"monai-densenet121": 32, "monai-densenet-mini": 32}  # 5 halvings: t
 
 
 class Staged3d(nn.Module):
-    """stem -> stages (each a reentrant checkpoint when switched on) -> ReLU of `final` -> mean pool."""
+    """stem -> stages (each a reentrant checkpoint when switched on) -> `final` -> mean pool."""
 
     def __init__(self, stem: nn.Module, stages: Sequence[nn.Module], final: nn.Module, num_features: int) -> None:
         super().__init__()
@@ -42,7 +42,7 @@ class Staged3d(nn.Module):
         for stage in self.stages:
             use_ckpt = self.grad_checkpointing and self.training
             x = checkpoint(stage, x, use_reentrant=True) if use_ckpt else stage(x)
-        return torch.relu(self.final(x)).mean(dim=(2, 3, 4))
+        return self.final(x).mean(dim=(2, 3, 4))  # type: ignore[no-any-return]
 
 
 def _group_norms(module: nn.Module) -> None:
@@ -70,5 +70,5 @@ def create_monai_3d(name: str, *, in_chans: int) -> nn.Module:
     _group_norms(net)
     children = dict(net.features.named_children())
     stem = nn.Sequential(*(children.pop(key) for key in ("conv0", "norm0", "relu0", "pool0")))
-    final = children.pop("norm5")
-    return Staged3d(stem, list(children.values()), final, final.num_channels)
+    norm = children.pop("norm5")  # the DenseNet's last norm, then its classifier's ReLU
+    return Staged3d(stem, list(children.values()), nn.Sequential(norm, nn.ReLU()), norm.num_channels)
