@@ -143,7 +143,7 @@ def test_the_noise_is_one_draw_for_the_global_batch() -> None:
     with tempfile.TemporaryDirectory() as folder:
         out = os.path.join(folder, "noise.pt")
         start_processes(_noise_rank, args=(2, os.path.join(folder, "store"), out), nprocs=2, join=True,
-                        start_method="spawn")
+                        start_method="forkserver")  # as train_on_ranks starts its processes
         noise = torch.load(out)
     privacy = RunConfig().privacy
     std = privacy.noise_multiplier * privacy.max_grad_norm

@@ -1,6 +1,6 @@
 """A site's local training on N processes, one per GPU (site.gpus = N): spawn, train, collect.
 
-The site's agent (SiteRunner) stays one process to the federation: it spawns N training processes for
+The site's agent (SiteRunner) stays one process to the federation: it starts N training processes for
 the round's local epochs (NCCL on GPUs; gloo on CPU, which the tests use), takes rank 0's weights and DP
 step back, and sends one update, so secure aggregation sees one site whatever N. Each process builds the
 model and loads the round's global weights itself; they synchronise through a file store in a private
@@ -10,6 +10,7 @@ temporary folder (no port is opened).
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import tempfile
 from dataclasses import dataclass
@@ -68,14 +69,21 @@ def training_devices(gpus: int, device: torch.device) -> list[torch.device]:
     return [torch.device("cuda", i) for i in range(gpus)]
 
 
+# What the training processes need imported: the fork server imports them once and forks the N processes from
+# itself, where spawned ones would each import them (5-8 s); a process that trains several rounds (a simulation,
+# the tests) keeps its fork server and pays them once. None of them touches CUDA, which a fork could not use.
+PRELOAD = ["medfusion_fl.multigpu.launch", "medfusion_fl.models", "medfusion_fl.privacy.dp_sgd"]
+
+
 def train_on_ranks(job: RankJob, devices: list[torch.device]) -> RankResult:
     """Run the round's local training (DP-SGD under privacy.enabled) on len(devices) processes; rank 0's result."""
+    multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD)  # no effect once the server runs
     with tempfile.TemporaryDirectory(prefix="medfusion-ranks-") as folder:
         store, out = Path(folder) / "store", Path(folder) / "result.pt"
         log.info("training on %d processes (%s)", len(devices), ", ".join(str(d) for d in devices))
         try:
             start_processes(run_rank, args=(job, devices, str(store), str(out)), nprocs=len(devices),
-                            join=True, start_method="spawn")  # type: ignore[no-untyped-call]
+                            join=True, start_method="forkserver")  # type: ignore[no-untyped-call]
         except ProcessRaisedException as exc:  # the failing rank's traceback, its last line the error
             last = str(exc).strip().splitlines()[-1]
             raise SiteTrainingFailed(f"a training process failed: {last}") from None
