@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import difflib
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import timm
 import torch
 from timm.layers.config import set_reentrant_ckpt
-from timm.layers.norm_act import BatchNormAct2d
 from torch import nn
 
 from medfusion_fl.errors import ConfigError, ModelError
 from medfusion_fl.models.backbone3d import BACKBONES_3D, RESNET3D, create_backbone_3d
 from medfusion_fl.models.monai3d import MONAI3D
+from medfusion_fl.models.norms import replace_batchnorm
 from medfusion_fl.models.swin3d import SWIN3D
 
 
@@ -63,35 +62,6 @@ FAMILIES: dict[str, Family] = {
 def list_backbones() -> dict[str, tuple[str, ...]]:
     """The tested families and their names; any other timm name also builds, untested."""
     return {family: spec.names for family, spec in FAMILIES.items()}
-
-
-def _groups(channels: int) -> int:
-    return math.gcd(32, channels)
-
-
-def _group_norm_like(bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:
-    """A GroupNorm with the same channels (and the activation of timm's BatchNormAct2d)."""
-    channels = bn.num_features
-    norm = nn.GroupNorm(_groups(channels), channels, eps=bn.eps, affine=bn.affine)
-    if isinstance(bn, BatchNormAct2d):
-        return nn.Sequential(norm, bn.drop, bn.act)
-    return norm
-
-
-def replace_batchnorm(module: nn.Module) -> int:
-    """Swap every BatchNorm (incl. timm's BatchNormAct2d) for GroupNorm in place; returns the count.
-
-    BatchNorm statistics mix patients within a batch and are averaged meaninglessly across
-    hospitals; GroupNorm normalises each image on its own.
-    """
-    count = 0
-    for name, child in list(module.named_children()):
-        if isinstance(child, nn.modules.batchnorm._BatchNorm):
-            setattr(module, name, _group_norm_like(child))
-            count += 1
-        else:
-            count += replace_batchnorm(child)
-    return count
 
 
 def _create_timm(name: str, in_chans: int, image_size: int) -> nn.Module:

@@ -11,11 +11,11 @@ import difflib
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from medfusion_fl.errors import ConfigError, ModelError
 from medfusion_fl.models.monai3d import MIN_SIDE, MONAI3D, create_monai_3d
-from medfusion_fl.models.swin3d import SWIN3D, Swin3d
+from medfusion_fl.models.staged3d import Staged3d
+from medfusion_fl.models.swin3d import SWIN3D, create_swin3d
 
 WIDTHS = (32, 64, 128, 256)
 RESNET3D: dict[str, tuple[int, ...]] = {"resnet3d-10": (1, 1, 1, 1), "resnet3d-18": (2, 2, 2, 2)}
@@ -44,31 +44,16 @@ class BasicBlock3d(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class ResNet3d(nn.Module):
-    """(B, C, D, H, W) -> (B, 256) pooled features."""
-
-    def __init__(self, in_chans: int, blocks: tuple[int, ...]) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv3d(in_chans, WIDTHS[0], 3, padding=1, bias=False), _norm(WIDTHS[0]), nn.ReLU())
-        stages, cin = [], WIDTHS[0]
-        for i, (width, count) in enumerate(zip(WIDTHS, blocks, strict=True)):
-            stride = 1 if i == 0 else 2
-            layers = [BasicBlock3d(cin if j == 0 else width, width, stride if j == 0 else 1) for j in range(count)]
-            stages.append(nn.Sequential(*layers))
-            cin = width
-        self.stages = nn.ModuleList(stages)
-        self.num_features = WIDTHS[-1]
-        self.grad_checkpointing = False
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)  # (B, 32, D, H, W)
-        for stage in self.stages:
-            use_ckpt = self.grad_checkpointing and self.training
-            x = checkpoint(stage, x, use_reentrant=True) if use_ckpt else stage(x)
-        return x.mean(dim=(2, 3, 4))  # (B, 256)
+def _resnet3d(in_chans: int, blocks: tuple[int, ...]) -> Staged3d:
+    """Our ResNet: a full-resolution stem, then stages of 32..256 channels (each but the first halving)."""
+    stem = nn.Sequential(nn.Conv3d(in_chans, WIDTHS[0], 3, padding=1, bias=False), _norm(WIDTHS[0]), nn.ReLU())
+    stages, cin = [], WIDTHS[0]
+    for i, (width, count) in enumerate(zip(WIDTHS, blocks, strict=True)):
+        stride = 1 if i == 0 else 2
+        layers = [BasicBlock3d(cin if j == 0 else width, width, stride if j == 0 else 1) for j in range(count)]
+        stages.append(nn.Sequential(*layers))
+        cin = width
+    return Staged3d(stem, stages, nn.Identity(), WIDTHS[-1])
 
 
 def create_backbone_3d(name: str, *, in_chans: int, volume: tuple[int, int, int] | None = None) -> nn.Module:
@@ -83,7 +68,7 @@ def create_backbone_3d(name: str, *, in_chans: int, volume: tuple[int, int, int]
                           f"x data.image-size is {volume[0]} x {volume[1]} x {volume[2]}: raise them (e.g. --set "
                           f"data.depth={least} --set data.image-size={least}) or pick another 3D backbone.")
     if name in SWIN3D:
-        return Swin3d(name, in_chans)
+        return create_swin3d(name, in_chans)
     if name in MONAI3D:
         return create_monai_3d(name, in_chans=in_chans)
-    return ResNet3d(in_chans, RESNET3D[name])
+    return _resnet3d(in_chans, RESNET3D[name])

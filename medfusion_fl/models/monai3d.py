@@ -6,11 +6,10 @@ MONAI is imported here only, when one of these backbones is built (`import monai
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+
+from medfusion_fl.models.norms import replace_batchnorm
+from medfusion_fl.models.staged3d import Staged3d
 
 # name -> (MONAI builder, its keyword arguments); DenseNets need at least 32 voxels a side (5 halvings)
 MONAI3D: dict[str, tuple[str, dict[str, object]]] = {
@@ -25,35 +24,6 @@ GROUPS = 8
 MIN_SIDE = {"monai-densenet121": 32, "monai-densenet-mini": 32}  # 5 halvings: the least voxels a side
 
 
-class Staged3d(nn.Module):
-    """stem -> stages (each a reentrant checkpoint when switched on) -> `final` -> mean pool."""
-
-    def __init__(self, stem: nn.Module, stages: Sequence[nn.Module], final: nn.Module, num_features: int) -> None:
-        super().__init__()
-        self.stem, self.stages, self.final = stem, nn.ModuleList(stages), final
-        self.num_features = num_features
-        self.grad_checkpointing = False
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        for stage in self.stages:
-            use_ckpt = self.grad_checkpointing and self.training
-            x = checkpoint(stage, x, use_reentrant=True) if use_ckpt else stage(x)
-        return self.final(x).mean(dim=(2, 3, 4))  # type: ignore[no-any-return]
-
-
-def _group_norms(module: nn.Module) -> None:
-    """Every BatchNorm left in a MONAI network becomes a GroupNorm of GROUPS groups, in place."""
-    for name, child in list(module.named_children()):
-        if isinstance(child, nn.modules.batchnorm._BatchNorm):
-            setattr(module, name, nn.GroupNorm(GROUPS, child.num_features, eps=child.eps))
-        else:
-            _group_norms(child)
-
-
 def create_monai_3d(name: str, *, in_chans: int) -> nn.Module:
     """One of MONAI3D's backbones (random weights), GroupNorm of GROUPS groups, no classifier."""
     from monai.networks import nets
@@ -62,12 +32,12 @@ def create_monai_3d(name: str, *, in_chans: int) -> nn.Module:
     norm = ("group", {"num_groups": GROUPS})
     if builder.startswith("resnet"):
         net = getattr(nets, builder)(spatial_dims=3, n_input_channels=in_chans, feed_forward=False, norm=norm, **extra)
-        _group_norms(net)  # MONAI 1.6's residual blocks build BatchNorm whatever `norm` says
+        replace_batchnorm(net, groups=GROUPS)  # MONAI 1.6's residual blocks build BatchNorm whatever `norm` says
         stem = nn.Sequential(net.conv1, net.bn1, net.act, net.maxpool)
         stages = [net.layer1, net.layer2, net.layer3, net.layer4]
         return Staged3d(stem, stages, nn.Identity(), int(net.in_planes))  # in_planes: layer4's output width
     net = getattr(nets, builder)(spatial_dims=3, in_channels=in_chans, out_channels=1, norm=norm, **extra)
-    _group_norms(net)
+    replace_batchnorm(net, groups=GROUPS)
     children = dict(net.features.named_children())
     stem = nn.Sequential(*(children.pop(key) for key in ("conv0", "norm0", "relu0", "pool0")))
     norm = children.pop("norm5")  # the DenseNet's last norm, then its classifier's ReLU

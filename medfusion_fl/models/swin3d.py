@@ -17,7 +17,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from torchvision.models.swin_transformer import SwinTransformerBlock
 from torchvision.models.video.swin_transformer import (
     PatchEmbed3d,
@@ -27,6 +26,8 @@ from torchvision.models.video.swin_transformer import (
     _compute_pad_size_3d,
     _get_window_and_shift_size,
 )
+
+from medfusion_fl.models.staged3d import Staged3d
 
 # name -> (embed dim, blocks per stage, heads per stage, window (D, H, W)); patches are 2 x 4 x 4 voxels
 SWIN3D: dict[str, tuple[int, tuple[int, ...], tuple[int, ...], tuple[int, int, int]]] = {
@@ -104,27 +105,12 @@ def _block(*args: Any, attn_layer: Any = None, **kwargs: Any) -> nn.Module:
     return SwinTransformerBlock(*args, attn_layer=WindowAttention3d, **kwargs)
 
 
-class Swin3d(nn.Module):
-    """(B, C, D, H, W) -> (B, F) pooled features: patch embedding, the stages (reentrant checkpoint per
-    stage when switched on), LayerNorm, mean over the token grid. Stochastic depth is off, as in timm's
-    defaults for the 2D families (and a run's dropout stays per patient either way)."""
-
-    def __init__(self, name: str, in_chans: int) -> None:
-        super().__init__()
-        embed, depths, heads, window = SWIN3D[name]
-        net = SwinTransformer3d(patch_size=list(PATCH), embed_dim=embed, depths=list(depths), num_heads=list(heads),
-                                window_size=list(window), stochastic_depth_prob=0.0, num_classes=1, block=_block,
-                                patch_embed=partial(PatchEmbed3d, in_channels=in_chans))
-        self.patch_embed, self.stages, self.norm = net.patch_embed, net.features, net.norm
-        self.num_features = net.num_features
-        self.grad_checkpointing = False
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(x)  # (B, D', H', W', C)
-        for stage in self.stages:
-            use_ckpt = self.grad_checkpointing and self.training
-            x = checkpoint(stage, x, use_reentrant=True) if use_ckpt else stage(x)
-        return self.norm(x).mean(dim=(1, 2, 3))  # type: ignore[no-any-return]
+def create_swin3d(name: str, in_chans: int) -> Staged3d:
+    """(B, C, D, H, W) -> (B, F) pooled features: patch embedding, the stages, LayerNorm, mean over the token
+    grid. Stochastic depth is off, as in timm's defaults for the 2D families (and a run's dropout stays per
+    patient either way)."""
+    embed, depths, heads, window = SWIN3D[name]
+    net = SwinTransformer3d(patch_size=list(PATCH), embed_dim=embed, depths=list(depths), num_heads=list(heads),
+                            window_size=list(window), stochastic_depth_prob=0.0, num_classes=1, block=_block,
+                            patch_embed=partial(PatchEmbed3d, in_channels=in_chans))
+    return Staged3d(net.patch_embed, list(net.features), net.norm, net.num_features, channels_last=True)

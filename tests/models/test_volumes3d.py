@@ -16,16 +16,18 @@ from medfusion_fl.errors import ConfigError, ModelError
 from medfusion_fl.models import build_model
 from medfusion_fl.models.backbone3d import create_backbone_3d
 from medfusion_fl.models.monai3d import MONAI3D
-from medfusion_fl.models.swin3d import PATCH, SWIN3D, RelativePositionBias, Swin3d
+from medfusion_fl.models.staged3d import Staged3d
+from medfusion_fl.models.swin3d import PATCH, SWIN3D, RelativePositionBias, create_swin3d
 
 
-def _torchvision_twin(ours: Swin3d, name: str) -> SwinTransformer3d:
+def _torchvision_twin(ours: Staged3d, name: str) -> SwinTransformer3d:
     """torchvision's SwinTransformer3d of the same size, holding our weights (the bias table renamed back)."""
     embed, depths, heads, window = SWIN3D[name]
     ref = SwinTransformer3d(patch_size=list(PATCH), embed_dim=embed, depths=list(depths), num_heads=list(heads),
                             window_size=list(window), stochastic_depth_prob=0.0, num_classes=1,
                             patch_embed=partial(PatchEmbed3d, in_channels=1))
-    renamed = {"stages.": "features.", "relative_position_bias.table": "relative_position_bias_table"}
+    renamed = {"stem.": "patch_embed.", "stages.": "features.", "final.": "norm.",
+               "relative_position_bias.table": "relative_position_bias_table"}
     state = {}
     for key, value in ours.state_dict().items():
         for old, new in renamed.items():
@@ -40,7 +42,7 @@ def _torchvision_twin(ours: Swin3d, name: str) -> SwinTransformer3d:
 @pytest.mark.parametrize("shape", [(16, 32, 32), (10, 20, 28)], ids=["shifted-windows", "padded-windows"])
 def test_swin3d_computes_torchvisions_swin3d(shape: tuple[int, int, int]) -> None:
     torch.manual_seed(0)
-    ours = Swin3d("swin3d-micro", 1).eval()
+    ours = create_swin3d("swin3d-micro", 1).eval()
     ref = _torchvision_twin(ours, "swin3d-micro")
     x = torch.randn(2, 1, *shape)
     with torch.no_grad():
@@ -53,7 +55,7 @@ def test_swin3d_computes_torchvisions_swin3d(shape: tuple[int, int, int]) -> Non
 def test_swin3d_keeps_each_patients_windows_together() -> None:
     """Patient b's windows are rows b*nW..: changing one patient's volume changes only its rows of the bias input."""
     torch.manual_seed(0)
-    model = Swin3d("swin3d-micro", 1).eval()
+    model = create_swin3d("swin3d-micro", 1).eval()
     seen: list[torch.Tensor] = []
     bias = next(m for m in model.modules() if isinstance(m, RelativePositionBias))
     bias.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0].detach().clone()))
