@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import logging
 import os
 import sys
 import threading
 import time
-import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from medfusion_fl import presets
 from medfusion_fl.approval.cli import add_commands as add_approval_commands
 from medfusion_fl.config import RunConfig, all_keys, privacy_warnings
 from medfusion_fl.config_sources import flatten, parse_overrides, read_toml_flat
@@ -130,51 +131,15 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _find_app(app: str) -> Path:
-    folder = Path(app).resolve()
-    pyproject = folder / "pyproject.toml"
-    doc = tomllib.loads(pyproject.read_text()) if pyproject.is_file() else {}
-    if "flwr" not in doc.get("tool", {}):
-        raise ConfigError(f"{folder} is not the MedFusion-FL app folder (no pyproject.toml with "
-                          "[tool.flwr.app]); run from the repository root or pass --app DIR.")
-    return folder
-
-
-def _preset(app_dir: Path, name: str) -> dict[str, Any]:
-    path = app_dir / "simulations" / "presets" / f"{name}.toml"
-    if not path.is_file():
-        names = sorted(p.stem for p in (app_dir / "simulations" / "presets").glob("*.toml"))
-        raise ConfigError(f"Unknown preset {name!r}; available: {', '.join(names)}.")
-    return tomllib.loads(path.read_text())
-
-
-SIMULATION_KEYS = {"num-sites": (int, 1), "cpus-per-site": (float, 0.01), "gpus-per-site": (float, 0.0)}
-
-
-def _simulation_table(preset: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """The preset's [simulation] table with `--set simulation.KEY=VALUE` applied, each value checked."""
-    table = {**preset.get("simulation", {}), **overrides}
-    for key, value in table.items():
-        if key not in SIMULATION_KEYS:
-            raise ConfigError(f"simulation.{key}: not a simulation key; known: "
-                              + ", ".join(f"simulation.{k}" for k in SIMULATION_KEYS))
-        kind, low = SIMULATION_KEYS[key]
-        number = isinstance(value, int if kind is int else int | float) and not isinstance(value, bool)
-        if not number or value < low:
-            raise ConfigError(f"simulation.{key} = {value!r}: must be {'an integer' if kind is int else 'a number'} "
-                              f">= {low:g}")
-    return table
-
-
 def _preset_config(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> tuple[RunConfig, dict[str, Any]]:
     """The run config of a preset (+ --config, --set) and the preset's [simulation] table (+ --set simulation.*)."""
-    preset = _preset(_find_app(args.app), args.preset)
+    preset = presets.read_preset(presets.find_app(args.app), args.preset)
     sets = args.set or []
     simulation = {k.removeprefix("simulation."): v for k, v in parse_overrides(sets).items()
                   if k.startswith("simulation.")}
     args.set = [item for item in sets if not item.strip().startswith("simulation.")]
     run = _run_config(args, {**flatten(preset.get("config", {})), **(extra or {})})
-    return run, _simulation_table(preset, simulation)
+    return run, presets.simulation_table(preset, simulation)
 
 
 def _write_site_policies(root: Path, specs: list[str], num_sites: int) -> None:
@@ -202,7 +167,7 @@ def _write_site_policies(root: Path, specs: list[str], num_sites: int) -> None:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     os.environ.update(FLOWER_ENV)
-    app_dir = _find_app(args.app)
+    app_dir = presets.find_app(args.app)
     out = Path(args.out)
     run, sim = _preset_config(args, {"output.run-dir": str(out), "data.sites-root": str(out / "data")})
     num_sites = args.sites or int(sim.get("num-sites", 3))
@@ -229,8 +194,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         return 0
     if not (out / "model.onnx").is_file():
         raise MedFusionError(f"the simulation ended without {out / 'model.onnx'}; see the log above.")
-    log.info("simulation finished in %.1f s: %s, %s", time.monotonic() - start,
-             out / "model.onnx", out / "model_card.json")
+    status = json.loads((out / "model_card.json").read_text(encoding="utf-8")).get("run_status", {})
+    early = status.get("status") == "ended early"
+    log.log(logging.WARNING if early else logging.INFO, "simulation %s in %.1f s: %s, %s",
+            f"ENDED EARLY after {status['rounds']} of {status['planned']} rounds ({status['reason']})" if early
+            else "finished", time.monotonic() - start, out / "model.onnx", out / "model_card.json")
     return 0
 
 
@@ -331,8 +299,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--site", action="append", help="a hospital name; creates sites/NAME/auth_key (repeatable)")
     p.set_defaults(func=cmd_certs)
     p = with_config(sub.add_parser("simulate", help="run a whole federation on this machine"))
-    p.add_argument("--preset", default="tiny-cpu")
-    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--preset", default=presets.DEFAULT, help=presets.help_text(Path(".")))
+    p.add_argument("--out", default="runs/demo", help="the run folder (default: runs/demo)")
     p.add_argument("--sites", type=int, help="number of simulated sites (default: the preset's; the same as "
                    "--set simulation.num-sites=N)")
     p.add_argument("--app", default=".", help="the app folder (default: current folder)")

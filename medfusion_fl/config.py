@@ -161,10 +161,13 @@ class ModelConfig(Section):
 
 
 class TrainConfig(Section):
-    local_epochs: int = Field(2, ge=1, description="Epochs over the site's data per round.")
+    local_epochs: int = Field(1, ge=1, description="Epochs over the site's data per round. 1 keeps a ~100-patient "
+                              "site (6 DP steps a round) within the default budget of epsilon 8 for the default "
+                              "3 rounds, evaluation releases included; tests/test_config.py checks that it fits.")
     batch_size: int = Field(16, ge=1, description="Patients per step.")
     optimizer: Literal["sgd", "adamw"] = Field("adamw", description="Local optimiser, fresh each round.")
-    lr: float = Field(0.005, gt=0.0, le=10.0, description="Local learning rate.")
+    lr: float = Field(0.002, gt=0.0, le=10.0, description="Local learning rate (AdamW's 0.002 suits the noisy "
+                      "DP-SGD gradient of small sites; docs/benchmarks.md has the levers measured).")
     weight_decay: float = Field(0.0001, ge=0.0, description="Decoupled weight decay.")
     seed: int = Field(0, ge=0, description="The run's seed: the global model's initial weights, each site's data "
                       "order and dropout (mixed with site and round), which sites a round samples, and under "

@@ -145,9 +145,11 @@ def build_card(run: RunConfig, model: MedFusionModel, check: ExportCheck,
     """The model card: what the model is, how it was trained, how well it did, what it guarantees."""
     spec = model.spec
     data = run.data
+    top = {key: extra.pop(key) for key in ("run_status",) if key in extra}
     return {
         "model": "MedFusion",
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        **top,
         "inputs": {
             "views": f"float32 {['batch', spec.num_views, *view_shape(spec)]}, views {list(data.views)}, "
                      "intensities as loaded from the site folder",
@@ -296,14 +298,41 @@ def export_checkpoint(checkpoint: Path, out_dir: Path) -> ExportCheck:
     set_weights(model, ckpt.weights)
     test_path = resolve_test_path(run)
     held_out = load_test_set(test_path, run.data) if test_path is not None else None
-    card = {"rounds": ckpt.round, "sites": ckpt.sites, "final_metrics": ckpt.metrics,
+    every = RunStore(Path(checkpoint).parent.parent).read_metrics()
+    lines = [line for line in every if int(line.get("round", 0)) <= ckpt.round]
+    card = {"run_status": run_status(run, ckpt.round, _stop_reason(every, ckpt.round), checkpoint=checkpoint),
+            "rounds": ckpt.round, "sites": ckpt.sites, "final_metrics": ckpt.metrics,
             "source_checkpoint": str(checkpoint), "privacy_sites": ckpt.privacy,
             "sharing_sites": ckpt.release.get("sharing_sites", []),
             "refused_by_site_policy": ckpt.release.get("refusals", {})}
     check, _ = export_run(model, run, out_dir, held_out=held_out, final=ckpt.metrics, card=card,
-                          lines=RunStore(Path(checkpoint).parent.parent).metrics_until(ckpt.round),
-                          label=f"checkpoint {checkpoint} (round {ckpt.round})")
+                          lines=lines, label=f"checkpoint {checkpoint} (round {ckpt.round})")
     return check
+
+
+def run_status(run: RunConfig, rounds: int, reason: str = "", *, checkpoint: Path | None = None) -> dict[str, Any]:
+    """How the run behind a model ended: every configured round, or fewer (and why), for the card's top and the
+    run's last log line."""
+    planned = run.rounds.num_server_rounds
+    source = f"the checkpoint of round {rounds}" if checkpoint is not None else f"the global model after round {rounds}"
+    if rounds >= planned:
+        return {"status": "complete", "rounds": rounds, "planned": planned,
+                "summary": f"run complete: {rounds} of {planned} rounds; the model is {source}"}
+    why = reason or ("exported from an earlier checkpoint" if checkpoint is not None else "the run stopped early")
+    return {"status": "ended early", "rounds": rounds, "planned": planned, "reason": why,
+            "summary": f"run ENDED EARLY: {rounds} of {planned} rounds ({why}); the model is {source}"}
+
+
+def _stop_reason(lines: list[dict[str, Any]], last: int) -> str:
+    """Why a run did not go past round `last`, from the metrics line of the round after it (if it failed)."""
+    after = next((line for line in lines if line.get("round") == last + 1 and line.get("status") != "ok"), None)
+    if after is None:
+        return ""
+    failures = after.get("failures") or []
+    first = f": {failures[0].get('reason')}" if failures else ""
+    if after.get("status") == "budget-exhausted":
+        return f"round {last + 1} was declined: the sites' privacy budgets are spent{first}"
+    return f"round {last + 1} {after.get('status')}{first}"
 
 
 def resolve_test_path(run: RunConfig) -> Path | None:

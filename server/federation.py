@@ -12,7 +12,7 @@ from medfusion_fl import runcontrol
 from medfusion_fl.config import RunConfig, privacy_warnings
 from medfusion_fl.data import SiteDataset, load_test_set, write_test_set
 from medfusion_fl.errors import RoundFailed, RunStopped
-from medfusion_fl.export import export_run, resolve_test_path
+from medfusion_fl.export import export_run, resolve_test_path, run_status
 from medfusion_fl.models import MedFusionModel, build_model
 from medfusion_fl.parameters import Weights, get_weights, set_weights
 from medfusion_fl.protocol import APP_NOT_APPROVED, POLICY_REFUSED
@@ -169,7 +169,8 @@ class Federation:
                      privacy["delta"])
 
     def export(self, final: dict[str, Any]) -> None:
-        card = {"rounds": self.rounds_done, "sites": sorted(self.sites), "final_metrics": final,
+        status = run_status(self.run, self.rounds_done, self.stop_reason)
+        card = {"run_status": status, "rounds": self.rounds_done, "sites": sorted(self.sites), "final_metrics": final,
                 "privacy_sites": self.privacy, "sharing_sites": sorted(self.shared)}
         if self.refusals:
             card["refused_by_site_policy"] = dict(sorted(self.refusals.items()))
@@ -186,3 +187,4 @@ class Federation:
         for name, image in outcome.images.items():
             self.tracker.log_png(f"explanations/{name.removesuffix('.png')}", image, self.rounds_done)
         self.tracker.close()
+        log.log(logging.WARNING if status["status"] != "complete" else logging.INFO, "%s", status["summary"])

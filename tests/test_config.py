@@ -140,13 +140,13 @@ def test_config_show_prints_the_effective_config(capsys: pytest.CaptureFixture[s
 
     logging.getLogger("medfusion_fl").addHandler(caplog.handler)  # the CLI's logger does not propagate
     try:
-        args = ["config", "show", "--app", str(REPO), "--preset", "tiny-cpu", "--set", "secagg.enabled=false"]
+        args = ["config", "show", "--app", str(REPO), "--preset", "tiny-3d-cpu", "--set", "secagg.enabled=false"]
         assert main(args) == 0
     finally:
         logging.getLogger("medfusion_fl").removeHandler(caplog.handler)
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == len(all_keys())
-    assert "train.lr = 0.002  # default 0.005" in lines  # from the preset
+    assert "model.backbone = 'resnet3d-10'  # default 'resnet10t'" in lines  # from the preset
     assert "secagg.enabled = False  # default True" in lines and "privacy.enabled = True" in lines
     assert "secagg.enabled = false: no secure aggregation" in caplog.text
 
@@ -169,3 +169,57 @@ def test_simulation_keys_override_the_preset_and_are_checked() -> None:
         table("simulation.num-sites=2.5")
     with pytest.raises(ConfigError, match=r"simulation.cpus-per-site = 0: must be a number >= 0.01"):
         table("simulation.cpus-per-site=0")
+
+
+def _default_epsilon(tmp_path: Path, **overrides: object) -> dict[str, float]:
+    """Each default synthetic site's epsilon after every round of a run config with `overrides`: training
+    and evaluation releases together, as its guard plans and its ledger composes them."""
+    from medfusion_fl.data import load_site, write_federation
+    from medfusion_fl.policy.site_policy import SitePolicy
+    from medfusion_fl.privacy.accountant import epsilon
+    from medfusion_fl.privacy.guard import planned_evaluation, planned_step
+
+    run = RunConfig.from_flat({"data.sites-root": str(tmp_path), **overrides})
+    policy = SitePolicy()
+    spent = {}
+    for folder in write_federation(tmp_path, run, 3)[:-1]:
+        train = len(load_site(folder, run.data).train)
+        history = [planned_step(train, run.train, run.privacy), planned_evaluation(run.evaluation)]
+        spent[folder.name] = epsilon(history * run.rounds.num_server_rounds, delta=policy.delta)
+    return spent
+
+
+def test_the_defaults_fit_the_default_site_budget_for_the_default_rounds(tmp_path: Path) -> None:
+    """pyproject's defaults (what `flwr run .` runs) finish every round at every default synthetic site:
+    a default site never has to decline a round of a default run."""
+    from medfusion_fl.policy.site_policy import SitePolicy
+
+    budget = SitePolicy().max_epsilon
+    spent = _default_epsilon(tmp_path / "defaults")
+    assert all(eps <= budget for eps in spent.values()), spent
+    assert max(spent.values()) > 0.8 * budget  # the budget is used, not left idle
+    # control: the old defaults (2 local epochs) overran it before round 3
+    assert any(eps > budget for eps in _default_epsilon(tmp_path / "two", **{"train.local-epochs": 2}).values())
+
+
+def test_simulate_help_names_the_default_preset_and_lists_them(capsys: pytest.CaptureFixture[str],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from medfusion_fl.cli import main
+
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit):
+        main(["simulate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: tiny-cpu)" in text
+    assert "tiny-cpu: 3 synthetic hospitals" in text and "tiny-3d-cpu: 3 synthetic hospitals of CT-like" in text
+
+
+def test_config_show_without_a_preset_is_what_simulate_runs_without_one(tmp_path: Path) -> None:
+    """`config show` (no preset) prints the defaults; `simulate` (no preset) runs tiny-cpu: the same config."""
+    import argparse
+
+    from medfusion_fl.cli import _preset_config
+
+    args = argparse.Namespace(app=str(REPO), preset="tiny-cpu", config=None, set=[])
+    simulated = _preset_config(args)[0].to_flat()
+    assert {k: v for k, v in RunConfig().to_flat().items() if simulated[k] != v} == {}

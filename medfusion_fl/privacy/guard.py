@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 from medfusion_fl.config import EvaluationConfig, PrivacyConfig, TrainConfig
 from medfusion_fl.errors import ConfigError, PrivacyBudgetExhausted
-from medfusion_fl.privacy.accountant import DPStep
+from medfusion_fl.privacy.accountant import DPStep, epsilon
 from medfusion_fl.privacy.ledger import Kind, PrivacyLedger
 from medfusion_fl.site_config import SiteConfig
 
@@ -73,10 +73,18 @@ class PrivacyGuard:
                                     extra=step)
         if after > policy.max_epsilon:
             what = "round" if work == "train" else "the evaluation of round"
+            head = (f"{self.site.site_id} declines {what} {server_round}: it would raise epsilon from {before:.3f} to "
+                    f"{after:.3f} > max-epsilon {policy.max_epsilon:g} (delta {policy.delta:g}, federation "
+                    f"{self.site.federation!r}). ")
+            alone = epsilon([step], delta=policy.delta, accountant=self.privacy.accountant)
+            if alone > policy.max_epsilon:  # not a spent budget: this one release costs more than all of it
+                raise PrivacyBudgetExhausted(
+                    head + f"This release alone costs epsilon {alone:.3f}, more than the site's whole budget: lower "
+                    "train.local-epochs or raise privacy.noise-multiplier (evaluation.noise-multiplier for an "
+                    "evaluation), or raise max-epsilon in the site's policy.")
             raise PrivacyBudgetExhausted(
-                f"{self.site.site_id} declines {what} {server_round}: it would raise epsilon from {before:.3f} to "
-                f"{after:.3f} > max-epsilon {policy.max_epsilon:g} (delta {policy.delta:g}, federation "
-                f"{self.site.federation!r}). The site's budget is spent; it releases nothing more under DP.")
+                head + f"The site has spent {before:.3f} of its budget and the rest "
+                f"({policy.max_epsilon - before:.3f}) does not cover this release; it releases nothing more under DP in this federation.")
 
     def record(self, step: DPStep, *, key: str, server_round: int, work: Kind = "train") -> PrivacyReport:
         """Append the release to the ledger (atomically) and report the cumulative guarantee."""

@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import threading
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,19 +26,13 @@ from pydantic import ValidationError
 from medfusion_fl import runcontrol
 from medfusion_fl.config import RunConfig, all_keys
 from medfusion_fl.config_base import kebab
-from medfusion_fl.config_sources import flatten
 from medfusion_fl.deploy.site_agent import FLOWER_ENV
 from medfusion_fl.errors import ConfigError
+from medfusion_fl.presets import presets
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 FIXED = ("output.run-dir", "data.sites-root")  # the console places every run under its --runs folder
 STOP_GRACE_S = 15.0
-
-
-def presets(app_dir: Path) -> dict[str, dict[str, Any]]:
-    """Each preset's flat config keys, by name."""
-    folder = Path(app_dir) / "simulations" / "presets"
-    return {p.stem: flatten(tomllib.loads(p.read_text()).get("config", {})) for p in sorted(folder.glob("*.toml"))}
 
 
 def schema() -> list[dict[str, Any]]:

@@ -126,6 +126,9 @@ def test_max_epsilon_and_delta(tiny_run: RunConfig, tmp_path: Path) -> None:
     reply = _reply(tiny_run, "evaluate.secagg_advertise", {"max-epsilon": 0.5}, tmp_path)
     assert reply.has_error() and reply.error.code == PRIVACY_DECLINED
     assert "declines the evaluation of round 1" in reply.error.reason and "max-epsilon 0.5" in reply.error.reason
+    # it has spent nothing: the truth is that one release costs more than its whole budget
+    assert "from 0.000" in reply.error.reason and "alone costs epsilon" in reply.error.reason
+    assert "has spent" not in reply.error.reason
     reply = _reply(tiny_run, "train.secagg_advertise", {"delta": 0.05}, tmp_path)
     assert reply.has_error() and "delta = 0.05 is not below 1 / " in reply.error.reason
     assert _ledger_events(tmp_path) == 0

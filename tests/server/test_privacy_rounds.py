@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -49,16 +50,29 @@ def test_dp_rounds_report_cumulative_epsilon_and_survive_restart(synth_root: Pat
     assert len(PrivacyLedger(ledger_dir).entries("default")) == 3
 
 
-def test_sites_decline_past_their_budget_and_the_run_ends_cleanly(synth_root: Path, tmp_path: Path) -> None:
+def test_sites_decline_past_their_budget_and_the_run_ends_cleanly(synth_root: Path, tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
     run = _dp_run(synth_root, tmp_path, rounds=3)
     probe = _dp_run(synth_root, tmp_path / "probe", rounds=1)
     Federation(probe).run_rounds(InProcessGrid(client_app, probe.to_flat(), num_nodes=2, node_config=NO_SECAGG))
     one_round = RunStore(probe.output.run_dir).read_metrics()[0]["privacy"]["site-0"]["epsilon"]
     budget = {"max-epsilon": one_round * 1.2, **NO_SECAGG}  # room for one round, not two: set by the SITE
     federation = Federation(run)
-    federation.export(federation.run_rounds(InProcessGrid(client_app, run.to_flat(), num_nodes=2, node_config=budget)))
+    logging.getLogger("medfusion_fl").addHandler(caplog.handler)  # the package's logger does not propagate
+    try:
+        federation.export(federation.run_rounds(InProcessGrid(client_app, run.to_flat(), num_nodes=2,
+                                                              node_config=budget)))
+    finally:
+        logging.getLogger("medfusion_fl").removeHandler(caplog.handler)
+    last = [r for r in caplog.records if r.name.startswith("medfusion_fl")][-1]
+    assert last.levelname == "WARNING" and "run ENDED EARLY: 1 of 3 rounds" in last.getMessage()
     lines = RunStore(run.output.run_dir).read_metrics()
     assert [line["status"] for line in lines] == ["ok", "budget-exhausted"]
     assert all("declines round 2" in f["reason"] and "max-epsilon" in f["reason"] for f in lines[1]["failures"])
+    assert all("has spent" in f["reason"] and "alone" not in f["reason"] for f in lines[1]["failures"])
     card = json.loads((Path(run.output.run_dir) / "model_card.json").read_text())
     assert card["rounds"] == 1 and "privacy budgets are spent" in card["stop_reason"]
+    status = card["run_status"]  # the card says at its top that the run ended early, and why
+    assert list(card).index("run_status") < list(card).index("inputs")
+    assert (status["status"], status["rounds"], status["planned"]) == ("ended early", 1, 3)
+    assert "privacy budgets are spent" in status["reason"] and "ENDED EARLY: 1 of 3 rounds" in status["summary"]
