@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -18,12 +18,26 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _create_temp(path: Path) -> tuple[int, str]:
+    """A new temp file beside `path` (`.<name>.<random>.tmp`), created as open() would: 0666 less the umask."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    for _ in range(100):
+        name = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(name, flags, 0o666), name
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temp name beside {path}")
+
+
 def write_atomic(path: Path, write: Callable[[IO[bytes]], None], *, mode: int | None = None) -> None:
-    """Write `path` so that readers see either the old or the complete new content. The file is
-    created with mode 0600 (mkstemp) unless `mode` is given; the mode is set before it appears."""
+    """Write `path` so that readers see either the old or the complete new content. The file gets the
+    permissions of any new file (0666 less the umask, so colleagues can read a model or a report) unless
+    `mode` is given (0600 for the privacy ledger, the audit log, salts and keys); it is set before the file
+    appears."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = _create_temp(path)
     try:
         if mode is not None:
             os.fchmod(fd, mode)

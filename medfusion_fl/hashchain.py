@@ -19,6 +19,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -45,7 +46,8 @@ def line_hash(entry: dict[str, Any]) -> str:
 def locked(path: Path) -> Iterator[None]:
     """An exclusive lock on `<path>.lock` (one writer per log across processes)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "a") as lock:  # 0600 like the log it guards
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield

@@ -224,22 +224,30 @@ def weights_record(weights: Weights) -> ArrayRecord:
     return ArrayRecord({k: Array(v) for k, v in weights.items()})
 
 
+MORE_SITES = ("Start the missing SuperNodes. Under `flwr run .` (Flower's local simulation, 2 SuperNodes unless told "
+              "otherwise) give it one per site: `flwr run . --federation-config num-supernodes=3 --stream`.")
+
+
 def wait_for_sites(grid: Grid | SiteDirectory, minimum: int, timeout: float, poll: float = 0.5) -> list[int]:
     """Node ids once at least `minimum` sites are connected; RoundFailed after `timeout` seconds,
     naming the sites seen in earlier rounds that are not connected now."""
     deadline = time.monotonic() + timeout
+    said = False
     while True:
         stopping.check()
         nodes = sorted(grid.get_node_ids())
         if len(nodes) >= minimum:
             return nodes
+        if not said:
+            log.info("%d of the %d sites a round needs are connected; waiting up to %g s (rounds.wait-for-sites)",
+                     len(nodes), minimum, timeout)
+            said = True
         if time.monotonic() >= deadline:
             known = grid.names if isinstance(grid, SiteDirectory) else {}
             missing = [who(grid, n) for n in sorted(known) if n not in nodes]
             gone = f" Not connected: {', '.join(missing)}." if missing else ""
             raise RoundFailed(f"only {len(nodes)} site(s) connected within {timeout:g} s "
-                              f"(rounds.wait-for-sites), rounds.min-sites = {minimum}.{gone} Start the "
-                              "missing SuperNodes or lower rounds.min-sites.")
+                              f"(rounds.wait-for-sites), rounds.min-sites = {minimum}.{gone} {MORE_SITES}")
         time.sleep(poll)
 
 

@@ -40,3 +40,18 @@ def test_interrupted_checkpoint_temp_files_are_ignored(tmp_path: Path) -> None:
     store.checkpoints.mkdir(parents=True)
     (store.checkpoints / ".round-0003.pt.abc.tmp").write_bytes(b"half")
     assert store.latest_checkpoint() is None
+
+
+@pytest.mark.parametrize(("umask", "expected"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_outputs_get_the_umask_and_secrets_stay_private(tmp_path: Path, umask: int, expected: int) -> None:
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        write_json_atomic(tmp_path / "model_card.json", {"rounds": 3})
+        write_atomic(tmp_path / "ledger.jsonl", lambda handle: handle.write(b"{}\n"), mode=0o600)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "model_card.json").stat().st_mode) == expected
+    assert stat.S_IMODE((tmp_path / "ledger.jsonl").stat().st_mode) == 0o600

@@ -47,13 +47,21 @@ def round_scalars(record: dict[str, Any]) -> dict[str, float]:
 
 
 class RunTracker:
-    """One SummaryWriter per coordinator process (a resumed run adds an event file beside the earlier ones)."""
+    """One SummaryWriter per coordinator process (a resumed run adds an event file beside the earlier ones),
+    opened at the first figure: a run that fails before its first round leaves no event file behind (which
+    would make its folder look like one that holds a run)."""
 
     def __init__(self, run_dir: Path) -> None:
-        from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only at the coordinator
-
         self.folder = Path(run_dir) / FOLDER
-        self.writer = SummaryWriter(log_dir=str(self.folder))
+        self._writer: Any = None
+
+    @property
+    def writer(self) -> Any:
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only at the coordinator
+
+            self._writer = SummaryWriter(log_dir=str(self.folder))
+        return self._writer
 
     def log_round(self, record: dict[str, Any]) -> None:
         step = int(record["round"])
@@ -77,4 +85,5 @@ class RunTracker:
         self.writer.flush()
 
     def close(self) -> None:
-        self.writer.close()
+        if self._writer is not None:
+            self._writer.close()

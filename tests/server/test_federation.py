@@ -12,6 +12,7 @@ from client.client_app import app as client_app
 from medfusion_fl.config import RunConfig
 from medfusion_fl.errors import RoundFailed
 from medfusion_fl.report.calibration import scale_threshold
+from medfusion_fl.runfolder import RunFolder
 from medfusion_fl.runstore import RunStore, load_checkpoint
 from server.federation import Federation
 from server.sites import SiteDirectory, sample, wait_for_sites
@@ -105,6 +106,17 @@ def test_waiting_for_sites_is_bounded() -> None:
     directory.names = {5: "H1", 7: "H2"}  # as learnt from replies in earlier rounds
     with pytest.raises(RoundFailed, match=r"Not connected: H2 \(node 7\)\. Start the missing SuperNodes"):
         wait_for_sites(directory, minimum=2, timeout=0.2, poll=0.05)
+
+
+def test_a_run_that_found_too_few_sites_leaves_its_folder_free_for_the_next(synth_root: Path, tmp_path: Path) -> None:
+    """`flwr run .` with Flower's 2 default SuperNodes fails in round 1; the same command with 3 must then start
+    in the same run folder, not be refused as if the failed attempt had been a run."""
+    run = RunConfig.from_flat(tiny_flat(tmp_path, **{"rounds.num-server-rounds": 1, "rounds.wait-for-sites": 0.2,
+                                                      "data.sites-root": str(synth_root / "data")}))
+    with pytest.raises(RoundFailed, match=r"only 2 site\(s\) connected.*--federation-config num-supernodes=3"):
+        Federation(run).run_rounds(InProcessGrid(client_app, run.to_flat(), num_nodes=2))
+    assert RunFolder(run).outputs() == []
+    Federation(run)  # accepted: nothing of a run is there
 
 
 def test_sampling_respects_fraction_and_minimum() -> None:

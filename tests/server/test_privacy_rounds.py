@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -31,7 +33,18 @@ def test_dp_rounds_report_cumulative_epsilon_and_survive_restart(synth_root: Pat
     run = _dp_run(synth_root, tmp_path, rounds=2)
     budget = {"max-epsilon": 100.0, **NO_SECAGG}  # tiny sites spend a lot per round; the budget is the site's
     federation = Federation(run)
-    federation.export(federation.run_rounds(InProcessGrid(client_app, run.to_flat(), num_nodes=2, node_config=budget)))
+    umask = os.umask(0o022)  # a colleague may read the model and its report; nobody but the site its ledger
+    try:
+        federation.export(federation.run_rounds(InProcessGrid(client_app, run.to_flat(), num_nodes=2,
+                                                              node_config=budget)))
+    finally:
+        os.umask(umask)
+    out = Path(run.output.run_dir)
+    for name in ("model.onnx", "model_card.json", "report/report.html", "report/evaluation.json", "metrics.jsonl"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o644, name
+    private = [p for p in (out / "site-state").rglob("*") if p.is_file()]
+    assert {p.name for p in private} >= {"privacy_ledger.jsonl", "outbound_audit.jsonl", "site-0.ledger-head"}
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in private), private
     lines = RunStore(run.output.run_dir).read_metrics()
     eps = [line["privacy"]["site-0"]["epsilon"] for line in lines]
     assert 0 < eps[0] < eps[1] and lines[0]["privacy"]["site-0"]["delta"] == 1e-5
