@@ -153,7 +153,8 @@ def _plain_train(grid: Grid | SiteDirectory, run: RunConfig, strategy: ServerStr
             if sharing else None)
     summary = {"loss": loss, "num-examples": total, "sites": {r.site: r.shared or {} for r in trained}}
     if summed is not None:
-        return strategy.aggregate_mean(server_round, weights, summed.sum, summed.total), summary, failures, trained
+        return (strategy.aggregate_mean(server_round, weights, summed.sum, summed.total, sites=len(trained)), summary,
+                failures, trained)
     updates = [Update(r.weights, r.weight, (r.shared or {}).get("train-loss")) for r in trained]
     return strategy.aggregate_updates(server_round, weights, updates), summary, failures, trained
 
@@ -173,7 +174,8 @@ def run_round(grid: Grid | SiteDirectory, run: RunConfig, strategy: ServerStrate
                               "secure-rng": run.privacy.secure_rng}
     if run.secagg.enabled:
         secure = secure_train(grid, run, weights, server_round, chosen, train_config)
-        new_weights = strategy.aggregate_mean(server_round, weights, secure.delta_sum, secure.total_weight)
+        new_weights = strategy.aggregate_mean(server_round, weights, secure.delta_sum, secure.total_weight,
+                                              sites=len(secure.summed.sites))
         failures, summed = list(secure.summed.failures), secure.summed
         record["train"] = {"loss": secure.loss, "num-examples": secure.total_weight,
                            "sites": {site: summed.shared.get(site, {}) for site in summed.sites}}

@@ -105,8 +105,12 @@ class ServerStrategy:
         config = messages[0].content.config_records.get("config", ConfigRecord())
         return {k: v for k, v in config.items() if isinstance(v, bool | int | float | str)}
 
-    def aggregate_mean(self, server_round: int, weights: Weights, delta_sum: Weights, total_weight: int) -> Weights:
+    def aggregate_mean(self, server_round: int, weights: Weights, delta_sum: Weights, total_weight: int, *,
+                       sites: int | None = None) -> Weights:
         """The new global weights from the secure sum: one reply holding the mean, weighted by the total."""
+        if sites is not None:  # Flower's own line below counts replies: the sum is one
+            log.info("round %d: %d sites' updates, summed, go to %s as one reply (their weighted mean): Flower's "
+                     "'Received 1 results' counts that reply", server_round, sites, self.label)
         reply = RecordDict({"arrays": _record(mean_of(weights, delta_sum, total_weight)),
                             "metrics": MetricRecord({"num-examples": total_weight})})
         return self._aggregate(server_round, weights, [reply])

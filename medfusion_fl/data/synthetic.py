@@ -125,11 +125,12 @@ def write_site(folder: Path, run: RunConfig, *, site: int, patients: int,
     header = [ID_COLUMN, data.label_column, *(c.name for c in data.columns), *data.views,
               *([v + MASK_SUFFIX for v in data.views] if masks else [])]
     marked = site in synth.shortcut_site_numbers
+    prefix = f"s{site}" if site >= 0 else "heldout"  # site -1: the held-out folder, not site 1's look-alike
     rows = []
     for i in range(patients):
         k = int(rng.choice(len(classes), p=class_probs))
         s = 2.0 * k / (len(classes) - 1) - 1.0
-        row: dict[str, object] = {ID_COLUMN: f"s{site}-p{i:04d}", data.label_column: classes[k]}
+        row: dict[str, object] = {ID_COLUMN: f"{prefix}-p{i:04d}", data.label_column: classes[k]}
         for j, column in enumerate(data.columns):
             row[column.name] = f"{_tabular_value(rng, s, j, column):.4f}"
         with_mask = masks and (site < 0 or extra.random() < synth.mask_fraction)  # site -1: the test folder

@@ -25,6 +25,9 @@ def test_synth_cli_is_deterministic(tmp_path: Path) -> None:
         assert _manifest(tmp_path / "a" / name) == _manifest(tmp_path / "b" / name)
     first = sorted((tmp_path / "a" / "site-0" / "images").iterdir())[0]
     assert first.read_bytes() == (tmp_path / "b" / "site-0" / "images" / first.name).read_bytes()
+    ids = {name: {r["patient_id"] for r in _manifest(tmp_path / "a" / name)} for name in ("site-0", "site-1", "test")}
+    assert all(i.startswith("heldout-p") for i in ids["test"]) and all(i.startswith("s1-p") for i in ids["site-1"])
+    assert not ids["test"] & (ids["site-0"] | ids["site-1"])  # a held-out id never reads as a site's
 
 
 def test_missing_views_label_skew_and_signal(synth_root: Path) -> None:

@@ -71,6 +71,7 @@ def test_sites_decline_past_their_budget_and_the_run_ends_cleanly(synth_root: Pa
     one_round = RunStore(probe.output.run_dir).read_metrics()[0]["privacy"]["site-0"]["epsilon"]
     budget = {"max-epsilon": one_round * 1.2, **NO_SECAGG}  # room for one round, not two: set by the SITE
     federation = Federation(run)
+    caplog.set_level(logging.INFO, logger="medfusion_fl")
     logging.getLogger("medfusion_fl").addHandler(caplog.handler)  # the package's logger does not propagate
     try:
         federation.export(federation.run_rounds(InProcessGrid(client_app, run.to_flat(), num_nodes=2,
