@@ -21,7 +21,7 @@ from flwr.serverapp import Grid
 from medfusion_fl.config import RunConfig
 from medfusion_fl.errors import ParameterMismatch, RoundFailed
 from medfusion_fl.parameters import Weights
-from medfusion_fl.release.evaluation import PooledEvaluation, ReleaseLayout
+from medfusion_fl.release.evaluation import PooledEvaluation, ReleaseLayout, noise_spread
 from server.secure_round import secure_release
 from server.sites import (
     SiteDirectory,
@@ -99,6 +99,9 @@ def federated_evaluation(grid: Grid | SiteDirectory, run: RunConfig, weights: We
     evaluation.record = {**{k.replace("_", "-"): _finite(v) for k, v in asdict(pooled).items()}, "status": "ok",
                          "summed": sites,
                          "released": how + noise, "overflow": overflow, "sites": dict(sorted(shared.items()))}
+    if run.privacy.enabled:  # what the noise does to these figures, said wherever they are shown
+        std = run.evaluation.noise_multiplier * layout.sensitivity * math.sqrt(len(sites))
+        evaluation.record["dp-noise"] = noise_spread(layout, total, std)
     if layout.binary:  # the pooled histograms themselves: the temperature of the export is fitted on them
         cells = [round(float(c), 4) for c in total[: layout.cells]]
         evaluation.record["score-histogram"] = {"negative": cells[: layout.bins], "positive": cells[layout.bins:]}

@@ -160,9 +160,12 @@ class Federation:
               if "accuracy-at-threshold" in held else "")
         loss = record["train"]["loss"]
         train_loss = _fmt(loss) if loss is not None or not self.run.privacy.enabled else "not released (DP)"
-        log.info("round %d/%d: train loss %s (%s) | site eval AUROC %s | held-out AUROC %s "
+        band = (evaluation.get("dp-noise") or {}).get("auroc")
+        pooled = _fmt(evaluation.get("auroc")) + (f" (DP noise alone spans {band[0]:.2f}-{band[1]:.2f})"
+                                                  if band else "")
+        log.info("round %d/%d: train loss %s (%s) | sites' pooled AUROC %s | held-out AUROC %s "
                  "acc %s%s | %d failure(s) | %.1f s", record["round"], total, train_loss,
-                 how, _fmt(evaluation.get("auroc")), _fmt(held.get("auroc")),
+                 how, pooled, _fmt(held.get("auroc")),
                  _fmt(held.get("accuracy")), at, len(record["failures"]), record["wall_time_s"])
         for site, privacy in sorted((record.get("privacy") or {}).items()):
             log.info("  %s: epsilon %.3f of %g (delta %g)", site, privacy["epsilon"], privacy["max-epsilon"],

@@ -107,6 +107,24 @@ class PooledEvaluation:
         return cls(count, loss, accuracy, binned_auroc(pos, neg), threshold, binned_auprc(pos, neg), *at)
 
 
+def noise_spread(layout: ReleaseLayout, total: np.ndarray, std: float, *, draws: int = 200) -> dict[str, object]:
+    """How far the DP noise may move what the coordinator reads from a noisy sum (std per entry): 95% ranges over
+    `draws` re-noised copies of the released sum (a parametric bootstrap: post-processing, no privacy cost;
+    seeded, so a report repeats)."""
+    rng = np.random.default_rng(0)
+    read = [PooledEvaluation.from_sum(layout, total + rng.normal(0.0, std, total.shape)) for _ in range(draws)]
+
+    def band(values: list[float | None]) -> list[float] | None:
+        known = [v for v in values if v is not None]
+        if len(known) < draws // 2:
+            return None
+        return [round(float(np.percentile(known, 2.5)), 4), round(float(np.percentile(known, 97.5)), 4)]
+
+    return {"std-per-entry": round(std, 4), "num-examples": band([r.num_examples for r in read]),
+            "auroc": band([r.auroc for r in read]), "accuracy": band([r.accuracy for r in read]),
+            "threshold": band([r.threshold for r in read])}
+
+
 def binned_auroc(pos: np.ndarray, neg: np.ndarray) -> float | None:
     """P(score of a positive > score of a negative), ties within a bin counted half; None without both."""
     p, n = float(pos.sum()), float(neg.sum())

@@ -21,8 +21,9 @@ from medfusion_fl.durable import write_bytes_atomic, write_json_atomic
 from medfusion_fl.report import figures
 from medfusion_fl.report.calibration import Temperature, scale_probs, scale_threshold
 from medfusion_fl.report.config import ReportConfig
+from medfusion_fl.report.decisions import at_threshold, decision_warnings
 from medfusion_fl.report.html import render
-from medfusion_fl.report.metrics import areas_with_intervals, check_evaluable, confusion, curves, reliability
+from medfusion_fl.report.metrics import areas_with_intervals, check_evaluable, curves, reliability
 
 log = logging.getLogger(__name__)
 SHARED_KEYS = ("eval-patients", "eval-auroc", "eval-sensitivity", "eval-specificity", "eval-ece", "eval-threshold")
@@ -43,17 +44,6 @@ class ReportInputs:
     images: dict[str, bytes] = field(default_factory=dict)  # more figures (explanation maps), name -> PNG
     notes: list[str] = field(default_factory=list)  # what the report leaves out, and why
     localisation: dict[str, Any] | None = None  # the pointing game, when the folder has lesion masks
-
-
-def _at(labels: np.ndarray, probs: np.ndarray, threshold: float | None, num_classes: int) -> dict[str, Any]:
-    predicted = (probs[:, 1] >= threshold).astype(int) if threshold is not None else probs.argmax(axis=1)
-    matrix = confusion(labels, predicted, num_classes)
-    out: dict[str, Any] = {"threshold": threshold, "confusion": matrix,
-                           "accuracy": float(np.trace(np.asarray(matrix)) / max(len(labels), 1))}
-    if num_classes == 2:
-        (tn, fp), (fn, tp) = matrix
-        out |= {"sensitivity": tp / max(tp + fn, 1), "specificity": tn / max(tn + fp, 1)}
-    return out
 
 
 def site_table(lines: list[dict[str, Any]]) -> dict[str, Any]:
@@ -86,8 +76,8 @@ def evaluation_numbers(inputs: ReportInputs, cfg: ReportConfig, *, seed: int) ->
                          else "uncalibrated (temperature 1)",
         "auroc": auroc.as_dict(), "auprc": auprc.as_dict(),
         "bootstrap": {"resamples": cfg.bootstrap, "seed": seed, "method": "percentile, patients resampled"},
-        "at_operating_threshold": _at(labels, probs, threshold, k) if threshold is not None else None,
-        "at_0.5" if k == 2 else "at_argmax": _at(labels, probs, 0.5 if k == 2 else None, k),
+        "at_operating_threshold": at_threshold(labels, probs, threshold, k) if threshold is not None else None,
+        "at_0.5" if k == 2 else "at_argmax": at_threshold(labels, probs, 0.5 if k == 2 else None, k),
         "calibration": {"temperature": inputs.temperature.card(), "bins": cfg.reliability_bins,
                         "before": asdict(before), "after": asdict(after)},
         "sites": site_table(inputs.lines),
@@ -95,6 +85,7 @@ def evaluation_numbers(inputs: ReportInputs, cfg: ReportConfig, *, seed: int) ->
         "pointing_game": inputs.localisation,
         "notes": list(inputs.notes),
     }
+    numbers["warnings"] = decision_warnings(numbers, list(inputs.classes))
     return numbers, probs, (before, after)
 
 
@@ -102,6 +93,8 @@ def _round_row(line: dict[str, Any]) -> dict[str, Any]:
     held, pooled = line.get("held_out") or {}, line.get("evaluate") or {}
     return {"round": line["round"], "held_out_loss": held.get("loss"), "held_out_auroc": held.get("auroc"),
             "held_out_auprc": held.get("auprc"), "pooled_loss": pooled.get("loss"), "pooled_auroc": pooled.get("auroc"),
+            "pooled_threshold": pooled.get("threshold"), "pooled_patients": pooled.get("num-examples"),
+            "pooled_dp_noise": pooled.get("dp-noise"),
             "epsilon": {s: r.get("epsilon") for s, r in (line.get("privacy") or {}).items()}}
 
 

@@ -17,6 +17,7 @@ text-align:right;font-size:.9em}th{background:#f1f3f6}td:first-child,th:first-ch
 .meta{color:#5b6475;font-size:.9em}.figs{display:flex;flex-wrap:wrap;gap:14px}.figs img{max-width:100%;
 border:1px solid #e4e7ec}.pointing{font-weight:600}
 .note{background:#fff8e1;border-left:4px solid #f0b400;padding:6px 10px;margin:6px 0}
+.warn{background:#fdecea;border-left:4px solid #c62828;padding:6px 10px;margin:6px 0}.warn h2{margin-top:4px}
 """
 
 
@@ -54,14 +55,26 @@ def _summary(n: dict[str, Any]) -> str:
         at = n.get(key)
         if at:
             where = f"at {label}" + (f" ({at['threshold']:.3f})" if key == "at_operating_threshold" else "")
-            rows.append([f"accuracy {where}", at["accuracy"]])
-            if "sensitivity" in at:
-                rows += [[f"sensitivity {where}", at["sensitivity"]], [f"specificity {where}", at["specificity"]]]
+            names = ("accuracy", "sensitivity", "specificity", "ppv", "npv") if "sensitivity" in at else ("accuracy",)
+            rows += [[f"{FIGURE[name]} {where} [95% CI]", format_interval(at["intervals"][name])] for name in names]
+            if "called_positive" in at:
+                rows.append([f"called positive {where}", f"{at['called_positive']} of {at['patients']}"])
     rows += [["ECE before / after calibration", f"{cal['before']['ece']:.3f} / {cal['after']['ece']:.3f}"],
              ["Brier score before / after", f"{cal['before']['brier']:.3f} / {cal['after']['brier']:.3f}"],
              ["temperature", f"{cal['temperature']['value']:.4g}" + ("" if cal["temperature"]["fitted"]
                                                                       else " (not fitted)")]]
     return _table(["figure", "value"], rows)
+
+
+FIGURE = {"accuracy": "accuracy", "sensitivity": "sensitivity", "specificity": "specificity",
+          "ppv": "PPV (positive predictive value)", "npv": "NPV (negative predictive value)"}
+
+
+def _warnings(warnings: list[str]) -> str:
+    if not warnings:
+        return ""
+    items = "".join(f"<li>{_e(w)}</li>" for w in warnings)
+    return f"<div class='warn' id='warnings'><h2>Read this first</h2><ul>{items}</ul></div>"
 
 
 def _sites(sites: dict[str, Any]) -> str:
@@ -80,14 +93,37 @@ def _sites(sites: dict[str, Any]) -> str:
     return "".join(out)
 
 
+def _banded(value: Any, band: list[float] | None) -> str:
+    return _num(value) + (f" [{band[0]:.2f}, {band[1]:.2f}]" if band else "")
+
+
 def _rounds(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return ""
     sites = sorted({s for r in rows for s in r["epsilon"]})
     table = [[r["round"], r["held_out_loss"], r["held_out_auroc"], r["held_out_auprc"], r["pooled_loss"],
-              r["pooled_auroc"], *(r["epsilon"].get(s) for s in sites)] for r in rows]
-    return _table(["round", "held-out loss", "held-out AUROC", "held-out AUPRC", "pooled loss", "pooled AUROC",
-                   *(f"epsilon {s}" for s in sites)], table)
+              _banded(r["pooled_auroc"], (r.get("pooled_dp_noise") or {}).get("auroc")),
+              _banded(r.get("pooled_threshold"), (r.get("pooled_dp_noise") or {}).get("threshold")),
+              _banded(r.get("pooled_patients"), (r.get("pooled_dp_noise") or {}).get("num-examples")),
+              *(r["epsilon"].get(s) for s in sites)] for r in rows]
+    out = _table(["round", "held-out loss", "held-out AUROC", "held-out AUPRC", "sites' pooled loss",
+                  "sites' pooled AUROC", "sites' threshold", "sites' validation patients",
+                  *(f"epsilon {s}" for s in sites)], table)
+    noisy = next((r["pooled_dp_noise"] for r in reversed(rows) if r.get("pooled_dp_noise")), None)
+    if noisy:
+        out += f"<p class='note'>{_e(pooled_noise_note(noisy))}</p>"
+    return out
+
+
+def pooled_noise_note(noise: dict[str, Any]) -> str:
+    """What DP noise does to the sites' pooled figures, in words (the report and the card say the same)."""
+    return (f"The sites' pooled figures are read from the sum of their validation score histograms, each cell of "
+            f"which carries Gaussian noise of std {noise['std-per-entry']:.2f} patients under DP. Where the sites "
+            "have few validation patients the noise outweighs the counts: cells, and so the patient count, can come "
+            "out fractional or negative, and the pooled AUROC and the threshold read from them can land far from the "
+            "truth and jump between rounds. Brackets: the 95% range "
+            "the noise alone gives each figure, from re-noised copies of the released sum. The held-out columns, "
+            "scored by the coordinator on its own folder, carry no noise.")
 
 
 def _pointing(game: dict[str, Any] | None) -> str:
@@ -111,6 +147,7 @@ def render(n: dict[str, Any], images: dict[str, bytes], classes: Sequence[str]) 
         f"<p class='meta'>model: {_e(n['model'])}<br>data: {_e(data['folder'])} ({data['patients']} patients: "
         f"{per_class})<br>written {_e(n['created'])}; probabilities {_e(n['probabilities'])}; bootstrap "
         f"{n['bootstrap']['resamples']} resamples</p>",
+        _warnings(n.get("warnings", [])),
         *(f"<p class='note'>{_e(note)}</p>" for note in n["notes"]),
         "<h2>Summary</h2>", _summary(n),
         "<h2>Discrimination</h2><div class='figs'>", _img(images, "roc.png", "ROC curve"),

@@ -3,6 +3,7 @@ API), every request recorded, every figure rendered, a screenshot kept beside th
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -25,7 +26,10 @@ def test_report_renders_in_headless_chromium(exported_run: Path) -> None:
         page.goto(report.as_uri())
         assert page.title() == "MedFusion-FL evaluation report"
         headings = page.locator("h2").all_inner_texts()
-        assert headings[:4] == ["Summary", "Discrimination", "Confusion matrices", "Calibration"]
+        warned = json.loads((report.parent / "evaluation.json").read_text())["warnings"]
+        expected = [*(["Read this first"] if warned else []), "Summary", "Discrimination", "Confusion matrices",
+                    "Calibration"]
+        assert headings[: len(expected)] == expected
         assert "Explanation maps" in headings and "Per-site results" in headings
         widths = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.naturalWidth)")
         assert len(widths) >= 6 and all(w > 100 for w in widths)  # every figure decoded and drawn
