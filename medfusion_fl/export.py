@@ -22,6 +22,7 @@ from medfusion_fl.models import MedFusionModel, build_model, example_inputs
 from medfusion_fl.models.medfusion import view_shape
 from medfusion_fl.parameters import set_weights
 from medfusion_fl.report.calibration import Temperature, run_temperature, scale_threshold
+from medfusion_fl.report.card import input_views
 from medfusion_fl.report.run import ReportOutcome
 from medfusion_fl.runstore import RunStore, load_checkpoint
 
@@ -58,6 +59,9 @@ class TemperatureScaled(nn.Module):
 
 
 Exported = MedFusionModel | TemperatureScaled
+# What a deployer reads first, in this order, right after the model's name
+CARD_TOP = ("run_status", "read_first", "intended_use", "data", "performance", "operating_threshold", "calibration",
+            "limitations")
 
 
 def calibration_card(final: dict[str, Any], run: RunConfig, temperature: Temperature) -> dict[str, Any]:
@@ -67,7 +71,7 @@ def calibration_card(final: dict[str, Any], run: RunConfig, temperature: Tempera
     threshold = (final.get("evaluate") or {}).get("threshold")
     if threshold is not None:  # class 1 when its calibrated probability >= value
         out["operating_threshold"] = {
-            "value": scale_threshold(threshold, temperature.value), "before_calibration": threshold,
+            "value": round(scale_threshold(threshold, temperature.value), 6), "before_calibration": threshold,
             "class": run.data.class_names[1],
             "chosen_by": "maximum sensitivity + specificity (Youden) on the sites' pooled validation score "
                          "histograms of the last round, mapped through the temperature"}
@@ -145,14 +149,14 @@ def build_card(run: RunConfig, model: MedFusionModel, check: ExportCheck,
     """The model card: what the model is, how it was trained, how well it did, what it guarantees."""
     spec = model.spec
     data = run.data
-    top = {key: extra.pop(key) for key in ("run_status",) if key in extra}
+    top = {key: extra.pop(key) for key in CARD_TOP if key in extra}
     return {
         "model": "MedFusion",
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         **top,
         "inputs": {
-            "views": f"float32 {['batch', spec.num_views, *view_shape(spec)]}, views {list(data.views)}, "
-                     "intensities as loaded from the site folder",
+            "views": f"float32 {['batch', spec.num_views, *view_shape(spec)]}, views {list(data.views)}: "
+                     + input_views(run),
             "view_mask": f"float32 [batch, {spec.num_views}], 1 = view present, 0 = missing",
             "tabular": f"float32 [batch, {spec.num_tabular}], columns {[c.name for c in data.columns]}, "
                        "ranged columns scaled to [-1, 1]",
@@ -287,7 +291,23 @@ def export_run(model: MedFusionModel, run: RunConfig, out_dir: Path, *, held_out
                                temperature=temperature, threshold=(final.get("evaluate") or {}).get("threshold"),
                                lines=lines, label=label, predictions=predictions)
     card["report"] = outcome.card()
+    card |= deployer_sections(run, card, final, outcome.numbers)
     return export_model(model, run, out_dir, held_out=held_out, card=card, temperature=temperature.value), outcome
+
+
+def deployer_sections(run: RunConfig, card: dict[str, Any], final: dict[str, Any],
+                      numbers: dict[str, Any] | None) -> dict[str, Any]:
+    """The card's sections for a deployer (medfusion_fl/report/card.py), from the report's numbers."""
+    from medfusion_fl.report import card as sections
+
+    status = card.get("run_status") or {}
+    out: dict[str, Any] = {
+        "read_first": sections.read_first(run, numbers, status), "intended_use": sections.intended_use(run),
+        "data": sections.data_provenance(run, final, numbers), "performance": sections.performance(numbers, final),
+        "limitations": sections.limitations(run, numbers, status)}
+    if "operating_threshold" in card:
+        out["operating_threshold"] = {**card["operating_threshold"], **sections.threshold_effect(numbers, final)}
+    return out
 
 
 def export_checkpoint(checkpoint: Path, out_dir: Path) -> ExportCheck:
@@ -300,7 +320,9 @@ def export_checkpoint(checkpoint: Path, out_dir: Path) -> ExportCheck:
     held_out = load_test_set(test_path, run.data) if test_path is not None else None
     every = RunStore(Path(checkpoint).parent.parent).read_metrics()
     lines = [line for line in every if int(line.get("round", 0)) <= ckpt.round]
-    card = {"run_status": run_status(run, ckpt.round, _stop_reason(every, ckpt.round), checkpoint=checkpoint),
+    went_on = max((int(line["round"]) for line in every if line.get("status") == "ok"), default=0)
+    card = {"run_status": run_status(run, ckpt.round, _stop_reason(every, ckpt.round), checkpoint=checkpoint,
+                                     went_on=went_on),
             "rounds": ckpt.round, "sites": ckpt.sites, "final_metrics": ckpt.metrics,
             "source_checkpoint": str(checkpoint), "privacy_sites": ckpt.privacy,
             "sharing_sites": ckpt.release.get("sharing_sites", []),
@@ -310,15 +332,21 @@ def export_checkpoint(checkpoint: Path, out_dir: Path) -> ExportCheck:
     return check
 
 
-def run_status(run: RunConfig, rounds: int, reason: str = "", *, checkpoint: Path | None = None) -> dict[str, Any]:
+def run_status(run: RunConfig, rounds: int, reason: str = "", *, checkpoint: Path | None = None,
+               went_on: int = 0) -> dict[str, Any]:
     """How the run behind a model ended: every configured round, or fewer (and why), for the card's top and the
-    run's last log line."""
+    run's last log line. `went_on`: for a checkpoint, the last round the run completed after it."""
     planned = run.rounds.num_server_rounds
     source = f"the checkpoint of round {rounds}" if checkpoint is not None else f"the global model after round {rounds}"
     if rounds >= planned:
         return {"status": "complete", "rounds": rounds, "planned": planned,
                 "summary": f"run complete: {rounds} of {planned} rounds; the model is {source}"}
-    why = reason or ("exported from an earlier checkpoint" if checkpoint is not None else "the run stopped early")
+    if went_on > rounds:
+        return {"status": "intermediate", "rounds": rounds, "planned": planned,
+                "summary": f"an INTERMEDIATE model: the checkpoint of round {rounds}; the run went on to round "
+                           f"{went_on} of {planned} (export its last checkpoint for the final model)"}
+    why = reason or ("its metrics end here: it was stopped, or is still running" if checkpoint is not None
+                     else "the run stopped early")
     return {"status": "ended early", "rounds": rounds, "planned": planned, "reason": why,
             "summary": f"run ENDED EARLY: {rounds} of {planned} rounds ({why}); the model is {source}"}
 

@@ -54,6 +54,10 @@ def test_a_default_federation_releases_only_what_the_privacy_statement_covers(tm
     assert "explanations/explain-1" in events.Tags()["images"]
     assert card["report"]["page"] == "report/report.html" and (out / "report" / "report.html").is_file()
     assert "calibration" in card and "held_out_ece" in card["report"]  # fitted or not, the card says which
+    pooled = card["performance"]["sites_pooled_validation"]  # the DP figures come with what the noise does to them
+    assert pooled["dp_noise"] == lines[-1]["evaluate"]["dp-noise"] and "Gaussian noise of std" in pooled["note"]
+    assert pooled["dp_noise"]["std-per-entry"] == pytest.approx(2.0 * 2**0.5 * 3**0.5, abs=1e-4)  # 3 sites, sigma 2
+    assert "DP-noised" in card["data"]["validation_patients"] and card["run_status"]["status"] == "complete"
     privacy = card["privacy"]
     assert privacy["warnings"] == [] and privacy["sites_sharing_figures_in_clear"] == "none"
     assert {row["record"] for row in privacy["released"]} == {"secagg", "site", "privacy", "error"}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -123,6 +124,17 @@ def noise_spread(layout: ReleaseLayout, total: np.ndarray, std: float, *, draws:
     return {"std-per-entry": round(std, 4), "num-examples": band([r.num_examples for r in read]),
             "auroc": band([r.auroc for r in read]), "accuracy": band([r.accuracy for r in read]),
             "threshold": band([r.threshold for r in read])}
+
+
+def pooled_noise_note(noise: dict[str, Any]) -> str:
+    """What DP noise does to the sites' pooled figures, in words (the report and the card say the same)."""
+    return (f"The sites' pooled figures are read from the sum of their validation score histograms, each cell of "
+            f"which carries Gaussian noise of std {noise['std-per-entry']:.2f} patients under DP. Where the sites "
+            "have few validation patients the noise outweighs the counts: cells, and so the patient count, can come "
+            "out fractional or negative, and the pooled AUROC and the threshold read from them can land far from the "
+            "truth and jump between rounds. Brackets: the 95% range "
+            "the noise alone gives each figure, from re-noised copies of the released sum. The held-out columns, "
+            "scored by the coordinator on its own folder, carry no noise.")
 
 
 def binned_auroc(pos: np.ndarray, neg: np.ndarray) -> float | None:

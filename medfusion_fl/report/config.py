@@ -29,3 +29,7 @@ class ReportConfig(Section):
         "lesion patients: 31 of 32 hits for hirescam, 0 of 32 for gradcam).")
     reliability_bins: int = Field(10, ge=2, le=50, description="Equal-width confidence bins of the reliability "
                                   "diagram and of the expected calibration error (ECE).")
+    intended_use: str = Field("", max_length=2000, description="The model card's intended use in the deployer's "
+                              "words: the clinical question, the patients and the setting it is meant for. '' = the "
+                              "statement for data.source: a synthetic run is a demonstration, a run on site folders "
+                              "is for research until it is validated where it would be used.")

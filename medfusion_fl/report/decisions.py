@@ -19,6 +19,8 @@ from medfusion_fl.report.metrics import confusion
 Z95 = 1.959964  # the standard normal's 97.5th percentile
 ONE_BIN_SHARE = 0.9  # at least this share of patients in one probability bin: the probabilities barely separate them
 ECE_LIMIT = 0.1  # a mean gap above this between probability and observed rate: the probabilities are not risks
+FEW = 0.1  # a sensitivity or specificity at or below this: the decisions miss (or flag) nearly every patient
+CHANCE = 0.6  # a balanced accuracy below this: decisions barely better than a coin
 
 
 def wilson(successes: int, trials: int) -> dict[str, float | None]:
@@ -54,13 +56,21 @@ def at_threshold(labels: np.ndarray, probs: np.ndarray, threshold: float | None,
 def _threshold_warnings(at: dict[str, Any], where: str, classes: list[str], majority: tuple[str, float]) -> list[str]:
     out = []
     if "sensitivity" in at:
-        positives = sum(at["confusion"][1])
-        if at["sensitivity"] == 0:
-            out.append(f"{where} the model calls none of the {positives} {classes[1]} patients {classes[1]} "
-                       "(sensitivity 0.000): its decisions there miss every case.")
-        if at["specificity"] == 0:
-            out.append(f"{where} the model calls every {classes[0]} patient {classes[1]} (specificity 0.000): its "
-                       "decisions there flag every patient.")
+        (tn, fp), (fn, tp) = at["confusion"]
+        if at["sensitivity"] <= FEW:
+            found = "none" if tp == 0 else f"only {tp}"
+            out.append(f"{where} the model calls {found} of the {tp + fn} {classes[1]} patients {classes[1]} "
+                       f"(sensitivity {at['sensitivity']:.3f}): its decisions there miss "
+                       f"{'every' if tp == 0 else 'nearly every'} case.")
+        if at["specificity"] <= FEW:
+            which = "every" if tn == 0 else f"all but {tn} of the {tn + fp}"
+            out.append(f"{where} the model calls {which} {classes[0]} patient{'s' if tn else ''} {classes[1]} "
+                       f"(specificity {at['specificity']:.3f}): its decisions there flag "
+                       f"{'every' if tn == 0 else 'nearly every'} patient.")
+        balanced = (at["sensitivity"] + at["specificity"]) / 2
+        if not out and balanced < CHANCE:
+            out.append(f"{where} the decisions are barely better than chance (balanced accuracy {balanced:.3f}: "
+                       f"sensitivity {at['sensitivity']:.3f}, specificity {at['specificity']:.3f}).")
     else:
         never = [classes[k] for k, r in enumerate(at["recall"]) if r == 0]
         if never:

@@ -7,6 +7,7 @@ import html
 from collections.abc import Sequence
 from typing import Any
 
+from medfusion_fl.release.evaluation import pooled_noise_note
 from medfusion_fl.report.metrics import format_interval
 
 STYLE = """
@@ -113,17 +114,6 @@ def _rounds(rows: list[dict[str, Any]]) -> str:
     if noisy:
         out += f"<p class='note'>{_e(pooled_noise_note(noisy))}</p>"
     return out
-
-
-def pooled_noise_note(noise: dict[str, Any]) -> str:
-    """What DP noise does to the sites' pooled figures, in words (the report and the card say the same)."""
-    return (f"The sites' pooled figures are read from the sum of their validation score histograms, each cell of "
-            f"which carries Gaussian noise of std {noise['std-per-entry']:.2f} patients under DP. Where the sites "
-            "have few validation patients the noise outweighs the counts: cells, and so the patient count, can come "
-            "out fractional or negative, and the pooled AUROC and the threshold read from them can land far from the "
-            "truth and jump between rounds. Brackets: the 95% range "
-            "the noise alone gives each figure, from re-noised copies of the released sum. The held-out columns, "
-            "scored by the coordinator on its own folder, carry no noise.")
 
 
 def _pointing(game: dict[str, Any] | None) -> str:

@@ -26,6 +26,7 @@ class ReportOutcome:
     reason: str = ""  # why there is no page
     ece: tuple[float, float] | None = None  # held-out ECE before and after calibration
     images: dict[str, bytes] = field(default_factory=dict)  # explanation maps, for TensorBoard
+    numbers: dict[str, Any] | None = None  # evaluation.json: the card's performance and warnings come from it
 
     def card(self) -> dict[str, Any] | str:
         if self.page is None:
@@ -66,4 +67,4 @@ def report_for_model(model: MedFusionModel, run: RunConfig, out_dir: Path, *, he
         log.error("evaluation report not written: %s", exc)
         return ReportOutcome(None, str(exc))
     cal = numbers["calibration"]
-    return ReportOutcome(page, ece=(cal["before"]["ece"], cal["after"]["ece"]), images=images)
+    return ReportOutcome(page, ece=(cal["before"]["ece"], cal["after"]["ece"]), images=images, numbers=numbers)

@@ -63,6 +63,11 @@ def test_a_model_that_decides_badly_is_said_so_at_the_top(tmp_path: Path) -> Non
     assert any("ECE" in w for w in warnings)
     every = _report(tmp_path / "every", labels, p1, threshold=0.05)["warnings"]
     assert any("calls every negative patient positive (specificity 0.000)" in w for w in every)  # type: ignore[union-attr]
+    few = np.where(np.arange(300) % 50 == 0, 0.95, p1)  # 3 of 150 positives above the threshold
+    nearly = _report(tmp_path / "few", labels, few, threshold=0.9)["warnings"]
+    assert "calls only 3 of the 150 positive patients positive (sensitivity 0.020)" in nearly[0]  # type: ignore[index]
+    coin = np.where(labels == 1, rng.uniform(0.3, 0.8, 300), rng.uniform(0.25, 0.75, 300))
+    assert any("barely better than chance" in w for w in _report(tmp_path / "coin", labels, coin, 0.5)["warnings"])  # type: ignore[union-attr]
 
     good = rng.beta(0.7, 0.7, 1000)  # a usable model: calibrated by construction, separating; no warning
     assert _report(tmp_path / "good", (rng.random(1000) < good).astype(int), good, threshold=0.5)["warnings"] == []
