@@ -84,7 +84,8 @@ class PrivacyGuard:
                     "evaluation), or raise max-epsilon in the site's policy.")
             raise PrivacyBudgetExhausted(
                 head + f"The site has spent {before:.3f} of its budget and the rest "
-                f"({policy.max_epsilon - before:.3f}) does not cover this release; it releases nothing more under DP in this federation.")
+                f"({policy.max_epsilon - before:.3f}) does not cover this release; it releases nothing more under DP "
+                "in this federation.")
 
     def record(self, step: DPStep, *, key: str, server_round: int, work: Kind = "train") -> PrivacyReport:
         """Append the release to the ledger (atomically) and report the cumulative guarantee."""

@@ -9,7 +9,8 @@ from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel, Field
 
 from medfusion_fl.errors import ConfigError
-from medfusion_fl.webconsole.control import field_errors, presets, schema
+from medfusion_fl.presets import presets
+from medfusion_fl.webconsole.control import field_errors, schema
 from medfusion_fl.webconsole.db import audit
 from medfusion_fl.webconsole.deps import DB, Operator, Viewer
 
