@@ -44,6 +44,7 @@ class ReportInputs:
     images: dict[str, bytes] = field(default_factory=dict)  # more figures (explanation maps), name -> PNG
     notes: list[str] = field(default_factory=list)  # what the report leaves out, and why
     localisation: dict[str, Any] | None = None  # the pointing game, when the folder has lesion masks
+    warnings: list[str] = field(default_factory=list)  # what the caller knows a reader must see first
 
 
 def site_table(lines: list[dict[str, Any]]) -> dict[str, Any]:
@@ -85,7 +86,7 @@ def evaluation_numbers(inputs: ReportInputs, cfg: ReportConfig, *, seed: int) ->
         "pointing_game": inputs.localisation,
         "notes": list(inputs.notes),
     }
-    numbers["warnings"] = decision_warnings(numbers, list(inputs.classes))
+    numbers["warnings"] = [*inputs.warnings, *decision_warnings(numbers, list(inputs.classes))]
     return numbers, probs, (before, after)
 
 

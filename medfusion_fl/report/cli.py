@@ -17,11 +17,14 @@ log = logging.getLogger("medfusion_fl.cli")
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from medfusion_fl.explain import explanation_figures
     from medfusion_fl.report.build import ReportInputs, write_report
-    from medfusion_fl.report.evaluate import load_folder, load_saved
+    from medfusion_fl.report.evaluate import load_folder, load_saved, training_overlap
     from medfusion_fl.report.metrics import format_interval  # scikit-learn: 1.5 s no other command needs
 
     saved = load_saved(Path(args.model), parse_overrides(args.set or []))
     dataset = load_folder(Path(args.data), saved.run)
+    overlap = training_overlap(saved.run, dataset)
+    if overlap:
+        log.warning("%s", overlap)
     probs, labels = saved.probabilities(dataset)
     images: dict[str, bytes] = {}
     notes: list[str] = []
@@ -37,7 +40,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                      "`medfusion-fl explain CHECKPOINT --data FOLDER --out DIR` draws them")
     inputs = ReportInputs(model=saved.label, data=str(args.data), classes=saved.run.data.class_names, labels=labels,
                           probs=probs, temperature=saved.temperature, threshold=saved.threshold, lines=saved.lines,
-                          images=images, notes=notes, localisation=game)
+                          images=images, notes=notes, localisation=game, warnings=[overlap] if overlap else [])
     page, numbers = write_report(Path(args.out), inputs, saved.run.report, seed=saved.run.train.seed)
     sys.stdout.write(f"{page}: {len(labels)} patients, AUROC {format_interval(numbers['auroc'])}, "
                      f"AUPRC {format_interval(numbers['auprc'])}, "

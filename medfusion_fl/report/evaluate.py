@@ -129,6 +129,30 @@ def load_folder(folder: Path, run: RunConfig) -> SiteDataset:
     return load_test_set(Path(folder), run.data)
 
 
+def training_overlap(run: RunConfig, dataset: SiteDataset) -> str | None:
+    """A warning when the folder holds training patients of the run's own sites (a simulation's
+    <sites-root>/site-*, where the evaluating machine has them): the same id, label and clinical values."""
+    from medfusion_fl.data.dataset import is_validation
+    from medfusion_fl.data.manifest import read_manifest
+
+    root = Path(run.data.sites_root)
+    mine = {(r.patient_id, r.label, r.tabular.tobytes()) for r in dataset.records}
+    found = {}
+    for folder in sorted(root.glob("site-*")) if root.is_dir() else []:
+        if (folder / "manifest.csv").is_file():
+            records, _ = read_manifest(folder, run.data)
+            train = {(r.patient_id, r.label, r.tabular.tobytes()) for r in records
+                     if not is_validation(r.patient_id, run.data.val_fraction)}
+            if mine & train:
+                found[folder.name] = len(mine & train)
+    if not found:
+        return None
+    where = ", ".join(f"{n} of {site}" for site, n in found.items())
+    return (f"{sum(found.values())} of these {len(dataset)} patients trained this model ({where}: same id, label and "
+            "clinical values): figures on them are optimistic. Evaluate on patients it never saw: a held-out folder, "
+            "or a hospital that did not take part.")
+
+
 def require_torch(saved: SavedModel) -> MedFusionModel:
     if saved.torch_model is None:
         raise FeatureNotAvailable(f"{saved.label}: class-activation maps need the model's gradients, which an "

@@ -14,6 +14,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from medfusion_fl.cli import main
 from medfusion_fl.data import load_test_set
+from medfusion_fl.data.dataset import is_validation
 from medfusion_fl.models import build_model
 from medfusion_fl.parameters import set_weights
 from medfusion_fl.report.calibration import scale_probs
@@ -71,6 +72,15 @@ def test_evaluate_a_checkpoint_and_its_onnx_export_alike(exported_run: Path, syn
     assert a["bootstrap"]["resamples"] == 1000 and b["bootstrap"]["resamples"] == 200
     assert not any(p.name.startswith("explain") for p in onnx.iterdir()) and "ONNX" in " ".join(a["notes"])
     assert (ckpt / "explain-1.png").is_file()
+    data = load_checkpoint(exported_run / "run" / "checkpoints" / "round-0002.pt").config.data
+    records = load_test_set(synth_root / "data" / "site-1", data).records
+    train = sum(1 for r in records if not is_validation(r.patient_id, data.val_fraction))
+    said = f"{train} of these 40 patients trained this model ({train} of site-1: same id, label and clinical values)"
+    assert a["warnings"][0].startswith(said) and b["warnings"][0].startswith(said)  # figures on training patients
+    held = exported_run / "eval-held-out"
+    assert main(["evaluate", str(exported_run / "exported" / "model.onnx"), "--data", str(synth_root / "data" / "test"),
+                 "--out", str(held)]) == 0
+    assert not any("trained this model" in w for w in _numbers(held)["warnings"])
 
 
 def test_explain_writes_maps_and_their_numbers(exported_run: Path, synth_root: Path) -> None:
