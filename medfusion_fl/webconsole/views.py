@@ -34,6 +34,14 @@ def _block(line: dict[str, Any], key: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def _band(line: dict[str, Any], key: str) -> list[float] | None:
+    """The 95% range the DP noise alone gives a pooled figure (`dp-noise` of the evaluate entry), if any."""
+    band = _block(_block(line, "evaluate"), "dp-noise").get(key)
+    if isinstance(band, list) and len(band) == 2 and all(_number(b) is not None for b in band):
+        return [float(_number(b) or 0.0) for b in band]
+    return None
+
+
 def _privacy(line: dict[str, Any]) -> dict[str, tuple[float | None, float | None]]:
     privacy = line.get("privacy")
     if not isinstance(privacy, dict):
@@ -54,7 +62,7 @@ def summary(line: dict[str, Any]) -> dict[str, Any]:
         "held_out": _metrics(line.get("held_out")), "evaluate": _metrics(line.get("evaluate")),
         "sites": len(train.get("sites") or {}) if isinstance(train.get("sites"), dict) else 0,
         "failed": len(line.get("failures") or []) if isinstance(line.get("failures"), list) else 0,
-        "budgets": budgets,
+        "budgets": budgets, "dp_noise": _band(line, "auroc") is not None,
     }
     if len(spent) <= PER_SITE_CURVES:
         out["epsilon"] = {site: e for site, (e, _) in sorted(spent.items())}
@@ -91,5 +99,6 @@ def detail(line: dict[str, Any]) -> dict[str, Any]:
     return {"round": line["round"], "status": str(line.get("status", "unknown")),
             "wall_time_s": _number(line.get("wall_time_s")), "sites": dict(sorted(sites.items())),
             "held_out": _metrics(line.get("held_out")), "evaluate": _metrics(line.get("evaluate")),
+            "evaluate_noise": {"auroc": _band(line, "auroc"), "threshold": _band(line, "threshold")},
             "reason": str(line.get("reason", "")) if line.get("reason") else ""}
 

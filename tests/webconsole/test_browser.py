@@ -24,7 +24,9 @@ def _line(number: int) -> str:
     return json.dumps({
         "round": number, "status": "ok", "wall_time_s": 5.0 + number,
         "train": {"loss": None, "sites": {"site-0": {}, "site-1": {}, "site-2": {}}},
-        "evaluate": {"status": "ok", "auroc": 0.6 + number / 20, "loss": 0.7},
+        "evaluate": {"status": "ok", "auroc": 0.6 + number / 20, "loss": 0.7,
+                     **({"dp-noise": {"std-per-entry": 4.9, "auroc": [0.41, 0.88], "threshold": [0.1, 0.9]}}
+                        if number == 3 else {})},
         "held_out": {"auroc": 0.8 + number / 50, "loss": 0.6, "sensitivity": 0.7, "specificity": 0.8},
         "privacy": {f"site-{k}": {"epsilon": 2.0 * number + k / 4, "max-epsilon": 8.0} for k in range(3)},
         "failures": [{"site": "site-3", "node_id": 104, "stage": "train", "reason": "privacy budget spent"}]
@@ -60,6 +62,7 @@ def test_log_in_open_a_run_and_see_a_round_arrive_live(console: tuple[str, Path]
         page.wait_for_url("**/runs/r1")
         expect(page.locator("#round-2")).to_contain_text("privacy budget spent")
         expect(page.locator("#who")).to_have_text("vera (viewer)")
+        expect(page.locator("#noise")).to_be_hidden()  # no DP-noised pooled figure yet
         page.screenshot(path=str(tmp_path / "run-before.png"), full_page=True)
         with (runs / "demo" / "metrics.jsonl").open("a") as handle:  # the coordinator finishes round 3
             handle.write(_line(3) + "\n")
@@ -67,6 +70,8 @@ def test_log_in_open_a_run_and_see_a_round_arrive_live(console: tuple[str, Path]
         expect(page.locator("#round-3")).to_be_visible(timeout=2000)  # within 2 s, without reload
         lag = time.monotonic() - written
         expect(page.locator("#state")).to_contain_text("live: 3 round(s)")
+        expect(page.locator("#round-3")).to_contain_text("0.750 [0.410, 0.880]")  # the range the noise alone gives
+        expect(page.locator("#noise")).to_contain_text("read from their DP-noised validation release")
         assert page.locator(".chart svg polyline").count() >= 6  # AUROC x2, loss x2, sens/spec, 3 epsilons
         page.screenshot(path=str(tmp_path / "run-live.png"), full_page=True)
         page.goto(base + "/")

@@ -19,6 +19,16 @@ function runCharts(summaries) {
     chart("epsilon per site (dashed: budget)", epsilon, budgets)];
 }
 
+// Under DP the sites' pooled curves are read from noisy sums: say so beside them, with where the ranges are.
+function noiseNote(summaries) {
+  const note = document.getElementById("noise");
+  note.hidden = !summaries.some(s => s.dp_noise);
+  note.textContent = "The sites' pooled curves are read from their DP-noised validation release: with few " +
+    "validation patients the noise can outweigh the counts, so these curves may sit far from the held-out ones " +
+    "and jump between rounds. The rounds table gives, in brackets, the 95% range the noise alone gives each " +
+    "round's pooled AUROC; the held-out curves carry no noise.";
+}
+
 function drawSites(details) {
   const latest = {};
   for (const d of details) for (const [site, info] of Object.entries(d.sites)) latest[site] = {...info, round: d.round};
@@ -53,7 +63,8 @@ function drawTimeline(details) {
     cell(row, Object.entries(d.sites).filter(([, i]) => i.reason).map(([s, i]) => s + " (" + i.status + "): " +
       i.reason).join("; ") || "none");
     cell(row, fmt(d.held_out.auroc));
-    cell(row, fmt(d.evaluate.auroc));
+    const band = (d.evaluate_noise || {}).auroc;
+    cell(row, fmt(d.evaluate.auroc) + (band ? " [" + fmt(band[0]) + ", " + fmt(band[1]) + "]" : ""));
     cell(row, d.wall_time_s);
   }
 }
@@ -165,6 +176,7 @@ function openLive(runId, page) {  // the run's rounds as they come, over WebSock
     state.textContent = "live: " + summaries.length + " round(s)" + (last ? ", last round " + last.round + " " +
       last.status : "") + (problems.length ? "; " + problems.join("; ") : "");
     document.getElementById("charts").replaceChildren(...runCharts(summaries));
+    noiseNote(summaries);
     drawSites(details);
     drawTimeline(details);
     if (page.run && summaries.length !== versionsAt) {  // a round ends with a checkpoint: a new version
