@@ -36,10 +36,11 @@ from medfusion_fl.training import autocast  # noqa: E402
 DP_FAMILIES = [f for f in FAMILIES if f not in {"swin", "maxvit"}]
 
 
-def family_model(family: str, checkpointing: bool, aggregation: str = "attention") -> torch.nn.Module:
+def family_model(family: str, checkpointing: bool, aggregation: str = "attention",
+                 norm: str = "group") -> torch.nn.Module:
     flat = {**FAMILIES[family].ci_config(), "model.dropout": 0.0, "model.image-dim": 16,
             "model.tabular-hidden": 8, "model.checkpointing": checkpointing, "model.view-aggregation": aggregation,
-            "privacy.enabled": True}
+            "model.norm": norm, "privacy.enabled": True}
     return build_model(RunConfig.from_flat(flat), seed=0).train()
 
 

@@ -18,6 +18,7 @@ from medfusion_fl.attention.config import AttentionConfig, unsupported
 from medfusion_fl.config_base import WHERE, Scalar, Section, kebab
 from medfusion_fl.config_sources import read_toml_flat
 from medfusion_fl.errors import ConfigError
+from medfusion_fl.pretrained.config import InitConfig
 from medfusion_fl.report.config import ReportConfig
 from medfusion_fl.secagg_config import SecAggConfig
 from medfusion_fl.strategy_config import StrategyConfig, refuse_under_secure_sum
@@ -142,14 +143,15 @@ class ModelConfig(Section):
     backbone: str = Field("resnet10t", description="Any timm model name (pretrained=False), or one of our 3D "
                           "backbones for data.depth > 0; list_backbones() shows the tested families.")
     shared_backbone: bool = Field(True, description="One backbone for all views (true) or one per view.")
-    backbone_weights: str = Field("", description="Optional local file of backbone weights (.pt/.pth/.safetensors); "
-                                  "nothing is ever downloaded.")
     checkpointing: bool = Field(False, description="Gradient checkpointing in the backbone: less memory, more "
                                 "time, same gradients (reentrant, as Opacus needs).")
     view_aggregation: str = Field("mean", description="How per-view features combine (see list_aggregations()).")
     fusion: str = Field("concatenate", description="How image and tabular features combine (list_fusions()).")
-    norm: Literal["group", "batch"] = Field("group", description="'group' replaces BatchNorm by GroupNorm: "
-                                            "averaging BatchNorm statistics across hospitals and DP both break.")
+    norm: Literal["group", "fold", "batch"] = Field(
+        "group", description="What becomes of a backbone's BatchNorm, whose batch statistics mix patients (per-patient "
+        "DP breaks) and average meaninglessly across hospitals: 'group' replaces it by GroupNorm (pretrained scale and "
+        "shift kept, statistics dropped), 'fold' folds it into the convolution before it (a pretrained backbone "
+        "computes exactly what it did; no normalisation afterwards), 'batch' keeps it (refused under DP).")
     image_dim: int = Field(64, ge=1, description="Width of the projected image embedding (per view).")
     fusion_dim: int = Field(64, ge=1, description="Common width the gated/attention/cross-attention/bilinear "
                             "fusions project both modalities to.")
@@ -239,11 +241,14 @@ class RoundsConfig(Section):
     reply_timeout: float = Field(1800.0, gt=0.0, description="Seconds to wait for site replies each stage.")
 
 
+# Keys that existed once: what replaced them (checkpoints of older runs carry them, empty)
+RETIRED = {"model.backbone-weights": "set init.source = 'file', init.path = the file and init.part = 'backbone' "
+                                    "(only the coordinator reads it now; the sites receive its weights)"}
 _SECTIONS: dict[str, type[Section]] = {
     "output": OutputConfig, "data": DataConfig, "synth": SynthConfig, "model": ModelConfig,
     "train": TrainConfig, "privacy": PrivacyConfig, "secagg": SecAggConfig,
     "evaluation": EvaluationConfig, "strategy": StrategyConfig, "rounds": RoundsConfig, "report": ReportConfig,
-    "attention": AttentionConfig,
+    "attention": AttentionConfig, "init": InitConfig,
 }
 
 
@@ -262,12 +267,17 @@ class RunConfig(Section):
     rounds: RoundsConfig = RoundsConfig()
     report: ReportConfig = ReportConfig()
     attention: AttentionConfig = AttentionConfig()
+    init: InitConfig = InitConfig()
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> RunConfig:
         """Build from Flower's flat run_config (`{"train.lr": 0.01, ...}`)."""
         nested: dict[str, dict[str, Any]] = {}
         for key, value in flat.items():
+            if key in RETIRED:  # older configs and checkpoints: empty is dropped, a value says what replaced it
+                if value in ("", None):
+                    continue
+                raise ConfigError(f"config key {key!r} = {value!r} was retired: {RETIRED[key]}")
             section, _, field = key.partition(".")
             if section not in _SECTIONS or not field:
                 raise ConfigError(unknown_key(key, all_keys(), value))

@@ -24,6 +24,7 @@ from medfusion_fl.parameters import set_weights
 from medfusion_fl.report.calibration import Temperature, run_temperature, scale_threshold
 from medfusion_fl.report.card import input_views
 from medfusion_fl.report.run import ReportOutcome
+from medfusion_fl.runfolder import read_init
 from medfusion_fl.runstore import RunStore, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -60,8 +61,8 @@ class TemperatureScaled(nn.Module):
 
 Exported = MedFusionModel | TemperatureScaled
 # What a deployer reads first, in this order, right after the model's name
-CARD_TOP = ("run_status", "read_first", "intended_use", "data", "performance", "operating_threshold", "calibration",
-            "limitations")
+CARD_TOP = ("run_status", "read_first", "intended_use", "data", "initial_weights", "performance", "operating_threshold",
+            "calibration", "limitations")
 
 
 def calibration_card(final: dict[str, Any], run: RunConfig, temperature: Temperature) -> dict[str, Any]:
@@ -139,6 +140,13 @@ def export_model(model: MedFusionModel, run: RunConfig, out_dir: Path, *, held_o
         raise ExportError(f"onnxruntime differs from PyTorch by {diff:.3g} (> {TOLERANCE}); "
                           "model.onnx was not written.")
     write_bytes_atomic(out_dir / "model.onnx", onnx_bytes)
+    from safetensors.torch import save
+
+    from medfusion_fl.models.dp_form import plain_state
+
+    # the global model's own tensors (before the temperature), named in the plain form whether or not the run
+    # trained under DP: init.source = 'run' starts a federation from them
+    write_bytes_atomic(out_dir / "model.safetensors", save({k: v.contiguous() for k, v in plain_state(base).items()}))
     write_json_atomic(out_dir / "model_card.json", build_card(run, base, check, card))
     log.info("exported %s (onnxruntime max |diff| %.2e on %s)", out_dir / "model.onnx", diff, source)
     return check
@@ -162,7 +170,9 @@ def build_card(run: RunConfig, model: MedFusionModel, check: ExportCheck,
                        "ranged columns scaled to [-1, 1]",
         },
         "outputs": {"logits": f"float32 [batch, {spec.num_classes}], classes {list(data.class_names)}; divided by "
-                              "calibration.temperature (softmax of them: the calibrated probabilities)"},
+                              "calibration.temperature (softmax of them: the calibrated probabilities)",
+                    "weights": "model.safetensors beside model.onnx: the global model's tensors, before the "
+                               "temperature (init.source = 'run' with init.path = this folder continues from them)"},
         "privacy": privacy_section(run, extra.pop("privacy_sites", {}), sharing_sites=extra.pop("sharing_sites", []),
                                    refusals=extra.pop("refused_by_site_policy", {})),
         "aggregation": aggregation_statement(run),
@@ -304,7 +314,7 @@ def deployer_sections(run: RunConfig, card: dict[str, Any], final: dict[str, Any
     out: dict[str, Any] = {
         "read_first": sections.read_first(run, numbers, status), "intended_use": sections.intended_use(run),
         "data": sections.data_provenance(run, final, numbers), "performance": sections.performance(numbers, final),
-        "limitations": sections.limitations(run, numbers, status)}
+        "limitations": sections.limitations(run, numbers, status, card.get("initial_weights") or {})}
     if "operating_threshold" in card:
         out["operating_threshold"] = {**card["operating_threshold"], **sections.threshold_effect(numbers, final)}
     return out
@@ -323,6 +333,7 @@ def export_checkpoint(checkpoint: Path, out_dir: Path) -> ExportCheck:
     went_on = max((int(line["round"]) for line in every if line.get("status") == "ok"), default=0)
     card = {"run_status": run_status(run, ckpt.round, _stop_reason(every, ckpt.round), checkpoint=checkpoint,
                                      went_on=went_on),
+            "initial_weights": read_init(Path(checkpoint).parent.parent),
             "rounds": ckpt.round, "sites": ckpt.sites, "final_metrics": ckpt.metrics,
             "source_checkpoint": str(checkpoint), "privacy_sites": ckpt.privacy,
             "sharing_sites": ckpt.release.get("sharing_sites", []),

@@ -25,7 +25,8 @@ from medfusion_fl.runstore import Checkpoint, RunStore, checkpoint_round, load_c
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 RUN_FORMAT = "medfusion-fl-run/1"
-OUTPUTS = ("metrics.jsonl", "checkpoints", "model.onnx", "model_card.json", "site-state", "tensorboard", RUN_FILE)
+OUTPUTS = ("metrics.jsonl", "checkpoints", "model.onnx", "model.safetensors", "model_card.json", "site-state",
+           "tensorboard", RUN_FILE)
 LOCATION_KEYS = ("sites_root", "test_path")  # where the data is, not what it is: a moved run folder resumes
 
 
@@ -42,6 +43,16 @@ def config_mismatch(trained: RunConfig, run: RunConfig) -> str | None:
             changed = [f"{section}.{k.replace('_', '-')}" for k in sorted(new) if old.get(k) != new[k]]
             return f"{section} ({', '.join(changed)})"
     return None
+
+
+def read_init(run_dir: Path) -> dict[str, object]:
+    """run.json's record of where the run's initial model came from ({} if none)."""
+    try:
+        doc = json.loads((Path(run_dir) / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    init = doc.get("init") if isinstance(doc, dict) else None
+    return init if isinstance(init, dict) else {}
 
 
 class RunFolder:
@@ -101,6 +112,15 @@ class RunFolder:
         takes, so the console can stop a deployment run it did not start."""
         doc = json.loads(self.run_file.read_text(encoding="utf-8"))
         write_json_atomic(self.run_file, {**doc, "flower_run_id": int(flower_run_id)})
+
+    def record_init(self, provenance: dict[str, object]) -> None:
+        """Note where the run's initial model came from (init.*): a resume, `export` and the card read it here."""
+        doc = json.loads(self.run_file.read_text(encoding="utf-8"))
+        write_json_atomic(self.run_file, {**doc, "init": provenance})
+
+    def init_record(self) -> dict[str, object]:
+        """The provenance of the run's initial model ({} for runs from before it was recorded)."""
+        return read_init(self.root)
 
     def _move_aside(self) -> None:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())

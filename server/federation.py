@@ -45,7 +45,7 @@ class Federation:
         log.info("strategy %s(%s): %s", self.strategy.label, arguments,
                  "one reply a round, the sites' mean from the secure sum" if run.secagg.enabled else
                  "the sites' own updates, as the coordinator sees them (secure aggregation off)")
-        self.model: MedFusionModel = build_model(run, seed=run.train.seed)
+        self.model = self._initial_model()
         self.held_out = self._load_held_out()
         self.sites: set[str] = set()
         self.privacy: dict[str, dict[str, Any]] = {}  # latest privacy report of each site
@@ -56,6 +56,18 @@ class Federation:
         self.paused = False  # a pause request (runcontrol) stopped the run after a round: no export
         for line in privacy_warnings(run):
             log.warning("%s", line)
+
+    def _initial_model(self) -> MedFusionModel:
+        """init.* for a fresh run (only the coordinator reads weights files or hubs: the sites receive the weights
+        as round 1's arrays); a resumed run starts from its checkpoint instead."""
+        if self.resume_point is not None:
+            return build_model(self.run, seed=self.run.train.seed)
+        from medfusion_fl.pretrained.start import initial_model
+
+        model, start = initial_model(self.run, seed=self.run.train.seed)
+        self.folder.record_init(start.card())
+        log.info("initial model: %s (weights sha256 %s)", start.statement, start.weights_sha256[:16])
+        return model
 
     def _load_held_out(self) -> SiteDataset | None:
         path = resolve_test_path(self.run)
@@ -173,8 +185,9 @@ class Federation:
 
     def export(self, final: dict[str, Any]) -> None:
         status = run_status(self.run, self.rounds_done, self.stop_reason)
-        card = {"run_status": status, "rounds": self.rounds_done, "sites": sorted(self.sites), "final_metrics": final,
-                "privacy_sites": self.privacy, "sharing_sites": sorted(self.shared)}
+        card = {"run_status": status, "initial_weights": self.folder.init_record(), "rounds": self.rounds_done,
+                "sites": sorted(self.sites), "final_metrics": final, "privacy_sites": self.privacy,
+                "sharing_sites": sorted(self.shared)}
         if self.refusals:
             card["refused_by_site_policy"] = dict(sorted(self.refusals.items()))
         if self.stop_reason:

@@ -46,6 +46,16 @@ def test_clipped_sum_equals_per_patient_loop(family: str, mode: str) -> None:
     assert result["norm_error"] < 5e-5, result
 
 
+@pytest.mark.parametrize("family", ["resnet", "efficientnet", "mobilenetv3", "regnety"])
+def test_a_backbone_with_its_batchnorm_folded_keeps_patients_exact(family: str) -> None:
+    """model.norm = 'fold' (BatchNorm folded into the convolution before it: biases, no norm layer)."""
+    model = family_model(family, checkpointing=False, norm="fold")
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm | nn.GroupNorm) for m in model.image.modules())
+    assert any(isinstance(m, nn.Conv2d) and m.bias is not None for m in model.image.modules())
+    result = clipped_error(model, patients(model, CPU), bf16=False)
+    assert result["clipped"] >= 1 and result["error"] < 5e-5 and result["norm_error"] < 5e-5, result
+
+
 @pytest.mark.parametrize("aggregation", ["mean", "max", "gated", "transformer"])
 def test_every_view_aggregation_keeps_patients_exact(aggregation: str) -> None:
     model = family_model("resnet", checkpointing=False, aggregation=aggregation)

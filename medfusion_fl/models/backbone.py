@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Protocol
 
 import timm
 import torch
@@ -14,7 +14,7 @@ from torch import nn
 from medfusion_fl.errors import ConfigError, ModelError
 from medfusion_fl.models.backbone3d import BACKBONES_3D, RESNET3D, create_backbone_3d
 from medfusion_fl.models.monai3d import MONAI3D
-from medfusion_fl.models.norms import replace_batchnorm
+from medfusion_fl.models.norms import fold_batchnorm, replace_batchnorm
 from medfusion_fl.models.swin3d import SWIN3D
 
 
@@ -64,62 +64,64 @@ def list_backbones() -> dict[str, tuple[str, ...]]:
     return {family: spec.names for family, spec in FAMILIES.items()}
 
 
-def _create_timm(name: str, in_chans: int, image_size: int) -> nn.Module:
+def create_timm(name: str, in_chans: int, image_size: int, *, pretrained: bool = False,
+                file: str | None = None) -> nn.Module:
+    """A timm 2D model without its classifier, BatchNorm still in place. `pretrained`: with timm's pretrained
+    weights, from its hub cache or the internet, or from `file` (timm's pretrained_cfg_overlay); only the
+    coordinator asks for them."""
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, [*timm.list_models(), *BACKBONES_3D], n=5, cutoff=0.6)
         hint = f" Closest names: {', '.join(close)}." if close else ""
         raise ModelError(f"model.backbone = {name!r} is not a timm model.{hint} Tested families: "
                          f"{', '.join(FAMILIES)} (list_backbones()).")
+    kwargs: dict[str, object] = {"pretrained": pretrained, "num_classes": 0, "in_chans": in_chans}
+    if file is not None:
+        kwargs["pretrained_cfg_overlay"] = {"file": file}
     try:
         try:  # ViT, Swin and MaxViT are built for the configured size
-            return timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans, img_size=image_size)
+            return timm.create_model(name, img_size=image_size, **kwargs)  # type: ignore[arg-type]
         except TypeError as exc:
             if "img_size" not in str(exc):
                 raise
-            return timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans)
-    except Exception as exc:  # timm raises many types for unsupported arguments
-        raise ModelError(f"timm could not build model.backbone = {name!r} for {in_chans}-channel "
+            return timm.create_model(name, **kwargs)  # type: ignore[arg-type]
+    except Exception as exc:  # timm raises many types for unsupported arguments and failed downloads
+        what = "with its pretrained weights " + (f"from {file} " if file else "") if pretrained else ""
+        raise ModelError(f"timm could not build model.backbone = {name!r} {what}for {in_chans}-channel "
                          f"{image_size}px images: {exc}") from exc
 
 
-def load_backbone_weights(backbone: nn.Module, path: Path) -> None:
-    """Load a local weights file into the backbone; classifier weights in the file are ignored."""
-    if not path.is_file():
-        raise ConfigError(f"model.backbone-weights = {str(path)!r}: file not found (weights are never downloaded).")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+class Pretrained(Protocol):
+    """A source of a 2D backbone with weights (medfusion_fl.pretrained): it builds the timm model with them,
+    BatchNorm still in place; create_backbone converts the norms as it does for a fresh one."""
 
-        state = load_file(str(path))
-    else:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-        state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else {}
-    own = backbone.state_dict()
-    unexpected = [k for k in state if k not in own and k.split(".")[0] not in {"fc", "head", "classifier"}]
-    missing = [k for k in own if k not in state]
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-             if k in state and state[k].shape != v.shape]
-    if unexpected or missing or wrong:
-        raise ConfigError(
-            f"model.backbone-weights = {str(path)!r} does not fit the backbone: missing {missing[:3]}, unexpected "
-            f"{unexpected[:3]}, shape mismatches {wrong[:3]}. Use weights of the same model and data.channels "
-            "(3 for ImageNet weights); with model.norm = 'group' BatchNorm weights no longer apply.")
-    backbone.load_state_dict({k: state[k] for k in own}, strict=True)
+    def create(self, name: str, in_chans: int, image_size: int) -> nn.Module: ...
+
+
+def convert_norms(backbone: nn.Module, norm: str, example: torch.Tensor) -> None:
+    """model.norm on a 2D backbone: BatchNorm to GroupNorm ('group'), folded into its convolution ('fold'), kept."""
+    if norm == "group":
+        replace_batchnorm(backbone)
+    elif norm == "fold":
+        fold_batchnorm(backbone, example)
 
 
 def create_backbone(name: str, *, in_chans: int, image_size: int, depth: int, norm: str,
-                    checkpointing: bool = False, weights: str = "") -> nn.Module:
-    """A feature extractor (images -> pooled (B, D)), never with downloaded weights; with
-    `checkpointing` it is checked to support set_checkpointing()."""
+                    checkpointing: bool = False, pretrained: Pretrained | None = None) -> nn.Module:
+    """A feature extractor (images -> pooled (B, D)), from scratch unless the coordinator gives `pretrained`
+    (the sites never do: they receive the weights); with `checkpointing` it is checked to support
+    set_checkpointing()."""
     if depth > 0:
+        if pretrained is not None:
+            raise ConfigError(f"init.source = 'timm' or a backbone file: {name!r} is one of our 3D backbones, which "
+                              "have no pretrained weights here; start from an earlier run (init.source = 'run').")
         backbone = create_backbone_3d(name, in_chans=in_chans, volume=(depth, image_size, image_size))
     elif name in BACKBONES_3D:
         raise ConfigError(f"model.backbone = {name!r} is a 3D backbone; set data.depth > 0 for volumes.")
     else:
-        backbone = _create_timm(name, in_chans, image_size)
-        if norm == "group":
-            replace_batchnorm(backbone)
-    if weights:
-        load_backbone_weights(backbone, Path(weights))
+        backbone = create_timm(name, in_chans, image_size) if pretrained is None else pretrained.create(
+            name, in_chans, image_size)
+        example = torch.randn(2, in_chans, image_size, image_size, generator=torch.Generator().manual_seed(0))
+        convert_norms(backbone, norm, example)
     if checkpointing and not hasattr(backbone, "set_grad_checkpointing"):
         raise ConfigError(f"model.checkpointing = true but {name!r} has no gradient checkpointing; "
                           "pick a tested family (list_backbones()) or set it to false.")

@@ -83,8 +83,9 @@ def prepare_for_dp(model: nn.Module, backbone_name: str, *, engine: str = "bookk
             "Choose another family under privacy.enabled = true (e.g. resnet, efficientnet, convnext, vit, swin3d).")
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            raise ConfigError("BatchNorm mixes patients in a batch and breaks per-patient privacy; "
-                              "set model.norm = 'group' for DP training.")
+            raise ConfigError("BatchNorm mixes patients in a batch and breaks per-patient privacy; set model.norm = "
+                              "'group' (GroupNorm) or 'fold' (folded into its convolution: exact for pretrained "
+                              "weights) for DP training.")
         if hasattr(module, "inplace"):
             module.inplace = False  # type: ignore[assignment]
     _guard_norm_outputs(model)
@@ -110,3 +111,49 @@ def _guard_norm_outputs(module: nn.Module) -> None:
             setattr(module, name, nn.Sequential(child, OutOfPlace()))
         else:
             _guard_norm_outputs(child)
+
+
+def _is_guarded_norm(module: nn.Module) -> bool:
+    return (isinstance(module, nn.Sequential) and len(module) == 2 and isinstance(module[1], OutOfPlace)
+            and isinstance(module[0], nn.GroupNorm | nn.LayerNorm))
+
+
+def plain_names(model: nn.Module) -> dict[str, str]:
+    """Each state_dict key of `model` (built in the DP form or not) -> the key it has in the plain form: weights
+    move between a DP run and a plain one, or a file, by these names."""
+    renames: list[tuple[str, str]] = []
+    for name, module in model.named_modules():
+        at = f"{name}." if name else ""
+        if _is_guarded_norm(module):
+            renames.append((f"{at}0.", at))
+        if isinstance(module, ConvNeXtBlock) and isinstance(module.mlp, nn.Sequential) and len(module.mlp) == 2 \
+                and isinstance(module.mlp[1], LayerScale):
+            renames += [(f"{at}mlp.1.gamma", f"{at}gamma"), (f"{at}mlp.0.", f"{at}mlp.")]
+    renames.sort(key=lambda pair: len(pair[0]), reverse=True)  # inner paths first: outer prefixes still match
+    out = {}
+    for key in model.state_dict():
+        plain = key
+        for old, new in renames:
+            if plain.startswith(old):
+                plain = new + plain[len(old):]
+        out[key] = plain
+    return out
+
+
+def plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors under their plain-form names."""
+    names = plain_names(model)
+    return {names[k]: v for k, v in model.state_dict().items()}
+
+
+def load_plain(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load tensors named in the plain form into `model` (in the DP form or not); strict, shapes checked."""
+    names = plain_names(model)
+    own = model.state_dict()
+    missing = [names[k] for k in own if names[k] not in state]
+    wrong = [names[k] for k, v in own.items() if names[k] in state and state[names[k]].shape != v.shape]
+    extra = sorted(set(state) - set(names.values()))
+    if missing or wrong or extra:
+        raise ConfigError(f"weights do not fit the model: missing {missing[:4]}, unexpected {extra[:4]}, shape "
+                          f"mismatches {wrong[:4]}")
+    model.load_state_dict({k: state[names[k]] for k in own}, strict=True)

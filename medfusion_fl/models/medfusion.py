@@ -11,7 +11,7 @@ from medfusion_fl.config import RunConfig
 from medfusion_fl.errors import ConfigError
 from medfusion_fl.models.aggregation import AGGREGATIONS
 from medfusion_fl.models.attention_gate import AttentionGate, StepSupervision, install_gate
-from medfusion_fl.models.backbone import create_backbone, feature_dim, set_checkpointing
+from medfusion_fl.models.backbone import Pretrained, create_backbone, feature_dim, set_checkpointing
 from medfusion_fl.models.dp_form import prepare_for_dp
 from medfusion_fl.models.fusion import FUSIONS
 from medfusion_fl.models.stages import pick_stage
@@ -42,13 +42,13 @@ class ImageBranch(nn.Module):
     projection, masking of missing views, view aggregation. Under attention.method each backbone
     carries an AttentionGate at one stage (models/attention_gate.py)."""
 
-    def __init__(self, run: RunConfig, spec: ModelSpec) -> None:
+    def __init__(self, run: RunConfig, spec: ModelSpec, pretrained: Pretrained | None = None) -> None:
         super().__init__()
         cfg = run.model
         count = 1 if cfg.shared_backbone else spec.num_views
         self.backbones = nn.ModuleList(
             create_backbone(cfg.backbone, in_chans=spec.channels, image_size=spec.image_size, depth=spec.depth,
-                            norm=cfg.norm, checkpointing=cfg.checkpointing, weights=cfg.backbone_weights)
+                            norm=cfg.norm, checkpointing=cfg.checkpointing, pretrained=pretrained)
             for _ in range(count))
         example = torch.zeros(1, *view_shape(spec))
         width = feature_dim(self.backbones[0], example)
@@ -126,11 +126,11 @@ class MedFusionModel(nn.Module):
     their first input only); every parameterised layer sees patients as dimension 0.
     """
 
-    def __init__(self, run: RunConfig, spec: ModelSpec) -> None:
+    def __init__(self, run: RunConfig, spec: ModelSpec, pretrained: Pretrained | None = None) -> None:
         super().__init__()
         self.spec = spec
         cfg = run.model
-        self.image = ImageBranch(run, spec) if spec.num_views else None
+        self.image = ImageBranch(run, spec, pretrained) if spec.num_views else None
         self.tabular = TabularBranch(spec.num_tabular, cfg.tabular_hidden) if spec.num_tabular else None
         image_dim = cfg.image_dim if self.image is not None else 0
         tabular_dim = cfg.tabular_hidden if self.tabular is not None else 0
@@ -159,13 +159,13 @@ def spec_from_config(run: RunConfig) -> ModelSpec:
     )
 
 
-def build_model(run: RunConfig, *, seed: int | None = None) -> MedFusionModel:
-    """Build the configured model; `seed` makes the initial weights reproducible. Under
-    privacy.enabled the structure is prepared for Opacus here, so that server and sites build the
-    same modules (and state_dict keys)."""
+def build_model(run: RunConfig, *, seed: int | None = None, pretrained: Pretrained | None = None) -> MedFusionModel:
+    """Build the configured model; `seed` makes the initial weights reproducible; `pretrained` (the coordinator's
+    initial model only: medfusion_fl.pretrained) gives the backbone its weights. Under privacy.enabled the
+    structure is prepared for Opacus here, so that server and sites build the same modules (and state_dict keys)."""
     if seed is not None:
         torch.manual_seed(seed)
-    model = MedFusionModel(run, spec_from_config(run))
+    model = MedFusionModel(run, spec_from_config(run), pretrained)
     if run.privacy.enabled:
         prepare_for_dp(model, run.model.backbone, engine=run.privacy.engine)
     return model

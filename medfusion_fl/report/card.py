@@ -121,7 +121,8 @@ def _num(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def limitations(run: RunConfig, numbers: dict[str, Any] | None, status: dict[str, Any]) -> list[str]:
+def limitations(run: RunConfig, numbers: dict[str, Any] | None, status: dict[str, Any],
+                init: dict[str, Any] | None = None) -> list[str]:
     out = []
     if run.data.source == "synthetic":
         out.append("Trained and evaluated on synthetic patients only: no figure here describes real patients.")
@@ -139,9 +140,9 @@ def limitations(run: RunConfig, numbers: dict[str, Any] | None, status: dict[str
         out.append("No differential privacy (privacy.enabled = false): the patients have no DP guarantee.")
     out.append("Every clinical column must be present: missing values are refused, not imputed. Missing views are "
                "accepted (view_mask 0); performance with missing views was not measured apart.")
-    weights = run.model.backbone_weights
-    out.append(f"Backbone initialised from {weights}." if weights else
-               f"Trained from random initialisation ({run.model.backbone}); no pretrained weights.")
+    statement = (init or {}).get("statement")
+    out.append(f"Initial weights: {statement}." if statement else
+               "Initial weights: not recorded (a run from before their provenance was kept).")
     return out
 
 

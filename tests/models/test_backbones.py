@@ -1,4 +1,4 @@
-"""Backbone options: tested family names exist, local weights files, 3D volume sites end to end."""
+"""Backbone options: tested family names exist, 3D volume sites end to end (weights files: tests/pretrained)."""
 
 from __future__ import annotations
 
@@ -23,22 +23,6 @@ def test_every_listed_name_is_buildable_by_name() -> None:
     for family, names in families.items():
         for name in names:
             assert timm.is_model(name) or name in BACKBONES_3D, (family, name)
-
-
-def test_local_weights_file_is_loaded_and_misfits_are_refused(tmp_path: Path) -> None:
-    flat = {"model.backbone": "test_resnet", "privacy.enabled": False}  # the model without DP preparation
-    source = build_model(RunConfig.from_flat(flat), seed=1)
-    path = tmp_path / "backbone.pt"
-    torch.save(source.image.backbones[0].state_dict(), path)  # type: ignore[union-attr]
-    loaded = build_model(RunConfig.from_flat({**flat, "model.backbone-weights": str(path)}), seed=2)
-    for (name, a), (_, b) in zip(source.image.backbones[0].state_dict().items(),  # type: ignore[union-attr]
-                                 loaded.image.backbones[0].state_dict().items(), strict=True):  # type: ignore[union-attr]
-        assert torch.equal(a, b), name
-    with pytest.raises(ConfigError, match="file not found"):
-        build_model(RunConfig.from_flat({**flat, "model.backbone-weights": str(tmp_path / "none.pt")}))
-    rgb = {**flat, "data.channels": 3, "model.backbone-weights": str(path)}
-    with pytest.raises(ConfigError, match="shape mismatches.*data.channels"):
-        build_model(RunConfig.from_flat(rgb))
 
 
 def _volume_site(folder: Path, rng: np.random.Generator) -> None:
