@@ -298,6 +298,7 @@ def export_run(model: MedFusionModel, run: RunConfig, out_dir: Path, *, held_out
     temperature = run_temperature(final, run)
     card = {**card, **calibration_card(final, run, temperature)}
     outcome = report_for_model(model, run, Path(out_dir), held_out=held_out, data=str(resolve_test_path(run)),
+                               initial=card.get("initial_weights"),
                                temperature=temperature, threshold=(final.get("evaluate") or {}).get("threshold"),
                                lines=lines, label=label, predictions=predictions)
     card["report"] = outcome.card()

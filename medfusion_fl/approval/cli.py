@@ -38,6 +38,17 @@ def _entry_line(entry: dict[str, Any]) -> str:
            f"{entry['by']}{note}"
 
 
+def initial_weights(info: FabInfo) -> str:
+    """What the app's run defaults start the model from (init.*): what this site would train on top of."""
+    config = info.config
+    keys = ("init.source", "init.path", "init.sha256", "init.part", "model.backbone", "model.norm")
+    said = ", ".join(f"{k} = {config[k]!r}" for k in keys if k in config and config[k] != "")
+    if "init.source" not in config:
+        return "not stated in the app's pyproject (an app from before init.*): the model starts at random"
+    return (f"{said} (the app's run defaults; a run may override them with --run-config: its model card records "
+            "what it started from, with the SHA-256 of those weights)")
+
+
 def cmd_review(args: argparse.Namespace) -> int:
     apps = SiteApps.of_site_file(args.config)
     info, _ = _resolve(args.fab, apps)
@@ -47,6 +58,7 @@ def cmd_review(args: argparse.Namespace) -> int:
     _out(f"sha256   {info.sha256}")
     _out(f"size     {info.size} B, {len(info.files)} files, {len(info.sources)} Python sources")
     _out(f"status   {status} at {apps.site_id} ({apps.approvals})")
+    _out(f"initial  {initial_weights(info)}")
     _out("files:")
     for path, size in info.files:
         _out(f"  {size:>9}  {path}")

@@ -13,9 +13,10 @@ import io
 import re
 import tomllib
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from medfusion_fl.config_sources import flatten
 from medfusion_fl.errors import ConfigError
 
 HASH_RE = re.compile(r"^(?:sha256:)?([0-9a-f]{64})$")
@@ -42,6 +43,7 @@ class FabInfo:
     files: tuple[tuple[str, int], ...]  # (path, size in bytes), as listed in the archive
     sources: dict[str, str]  # every .py file's text
     size: int
+    config: dict[str, object] = field(default_factory=dict)  # [tool.flwr.app.config], flat: the run defaults
 
     @property
     def app_id(self) -> str:
@@ -84,7 +86,9 @@ def read_fab(content: bytes, *, where: str = "FAB") -> FabInfo:
         if path.endswith(".py"):
             sources[path] = raw.decode("utf-8", errors="replace")
     files = tuple((path, len(raw)) for path, raw in data.items() if not path.startswith(".info/"))
-    return FabInfo(hashlib.sha256(content).hexdigest(), publisher, name, version, files, sources, len(content))
+    app = project.get("tool", {}).get("flwr", {}).get("app", {})
+    config = flatten(app.get("config", {})) if isinstance(app.get("config"), dict) else {}
+    return FabInfo(hashlib.sha256(content).hexdigest(), publisher, name, version, files, sources, len(content), config)
 
 
 def _check_manifest(data: dict[str, bytes], where: str) -> None:

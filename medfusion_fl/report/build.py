@@ -45,6 +45,7 @@ class ReportInputs:
     notes: list[str] = field(default_factory=list)  # what the report leaves out, and why
     localisation: dict[str, Any] | None = None  # the pointing game, when the folder has lesion masks
     warnings: list[str] = field(default_factory=list)  # what the caller knows a reader must see first
+    initial: dict[str, Any] | None = None  # where the model's initial weights came from (the run's provenance)
 
 
 def site_table(lines: list[dict[str, Any]]) -> dict[str, Any]:
@@ -70,7 +71,7 @@ def evaluation_numbers(inputs: ReportInputs, cfg: ReportConfig, *, seed: int) ->
                                                                                           cfg.reliability_bins)
     numbers: dict[str, Any] = {
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "model": inputs.model,
+        "model": inputs.model, "initial_weights": inputs.initial,
         "data": {"folder": inputs.data, "patients": len(labels),
                  "per_class": {c: int((labels == i).sum()) for i, c in enumerate(inputs.classes)}},
         "probabilities": "after calibration (as model.onnx gives them)" if inputs.temperature.fitted

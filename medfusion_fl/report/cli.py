@@ -40,7 +40,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                      "`medfusion-fl explain CHECKPOINT --data FOLDER --out DIR` draws them")
     inputs = ReportInputs(model=saved.label, data=str(args.data), classes=saved.run.data.class_names, labels=labels,
                           probs=probs, temperature=saved.temperature, threshold=saved.threshold, lines=saved.lines,
-                          images=images, notes=notes, localisation=game, warnings=[overlap] if overlap else [])
+                          images=images, notes=notes, localisation=game, warnings=[overlap] if overlap else [],
+                          initial=saved.initial or None)
     page, numbers = write_report(Path(args.out), inputs, saved.run.report, seed=saved.run.train.seed)
     sys.stdout.write(f"{page}: {len(labels)} patients, AUROC {format_interval(numbers['auroc'])}, "
                      f"AUPRC {format_interval(numbers['auprc'])}, "

@@ -23,6 +23,7 @@ from medfusion_fl.models import MedFusionModel, build_model
 from medfusion_fl.models.medfusion import spec_from_config, view_shape
 from medfusion_fl.parameters import set_weights
 from medfusion_fl.report.calibration import Temperature, run_temperature
+from medfusion_fl.runfolder import read_init
 from medfusion_fl.runstore import RunStore, load_checkpoint
 from medfusion_fl.training import predict
 
@@ -38,6 +39,7 @@ class SavedModel:
     lines: list[dict[str, Any]] = field(default_factory=list)
     torch_model: MedFusionModel | None = None  # checkpoints only
     onnx_path: Path | None = None
+    initial: dict[str, Any] = field(default_factory=dict)  # where its initial weights came from (card or run.json)
 
     def probabilities(self, dataset: SiteDataset) -> tuple[np.ndarray, np.ndarray]:
         """Uncalibrated class probabilities (N, K) and labels (N,) over the dataset."""
@@ -75,7 +77,9 @@ def load_saved(path: Path, overrides: dict[str, Any]) -> SavedModel:
                                   str(calibration.get("method", "not stated in the card")))
         threshold = (card.get("operating_threshold") or {}).get("before_calibration")
         lines = RunStore(path.parent).read_metrics()
-        saved = SavedModel(str(path), _with_report_keys(run, overrides), temperature, threshold, lines, onnx_path=path)
+        initial = card.get("initial_weights") if isinstance(card.get("initial_weights"), dict) else {}
+        saved = SavedModel(str(path), _with_report_keys(run, overrides), temperature, threshold, lines, onnx_path=path,
+                           initial=initial)
         _check_onnx_inputs(saved)
         return saved
     ckpt = load_checkpoint(path)
@@ -85,7 +89,8 @@ def load_saved(path: Path, overrides: dict[str, Any]) -> SavedModel:
     lines = RunStore(path.parent.parent).metrics_until(ckpt.round)
     return SavedModel(f"checkpoint {path} (round {ckpt.round})", run,
                       run_temperature(ckpt.metrics, run),
-                      (ckpt.metrics.get("evaluate") or {}).get("threshold"), lines, torch_model=model)
+                      (ckpt.metrics.get("evaluate") or {}).get("threshold"), lines, torch_model=model,
+                      initial=read_init(path.parent.parent))
 
 
 def _session(saved: SavedModel) -> Any:

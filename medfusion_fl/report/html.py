@@ -71,6 +71,15 @@ FIGURE = {"accuracy": "accuracy", "sensitivity": "sensitivity", "specificity": "
           "ppv": "PPV (positive predictive value)", "npv": "NPV (negative predictive value)"}
 
 
+def _initial(init: dict[str, Any] | None) -> str:
+    """The meta line of the initial weights' provenance ('' when the run did not record it)."""
+    if not init:
+        return ""
+    extra = [f"{label} {_e(init[key])}" for key, label in (("licence", "licence"), ("file_sha256", "file sha256"),
+                                                            ("weights_sha256", "weights sha256")) if init.get(key)]
+    return f"initial weights: {_e(init.get('statement', ''))}{'; ' if extra else ''}{'; '.join(extra)}<br>"
+
+
 def _warnings(warnings: list[str]) -> str:
     if not warnings:
         return ""
@@ -134,7 +143,8 @@ def render(n: dict[str, Any], images: dict[str, bytes], classes: Sequence[str]) 
         "style-src 'unsafe-inline'\">",
         f"<title>MedFusion-FL evaluation report</title><style>{STYLE}</style></head><body>",
         "<h1>MedFusion-FL evaluation report</h1>",
-        f"<p class='meta'>model: {_e(n['model'])}<br>data: {_e(data['folder'])} ({data['patients']} patients: "
+        f"<p class='meta'>model: {_e(n['model'])}<br>{_initial(n.get('initial_weights'))}data: "
+        f"{_e(data['folder'])} ({data['patients']} patients: "
         f"{per_class})<br>written {_e(n['created'])}; probabilities {_e(n['probabilities'])}; bootstrap "
         f"{n['bootstrap']['resamples']} resamples</p>",
         _warnings(n.get("warnings", [])),

@@ -40,7 +40,8 @@ class ReportOutcome:
 
 def report_for_model(model: MedFusionModel, run: RunConfig, out_dir: Path, *, held_out: SiteDataset | None,
                      data: str, temperature: Temperature, threshold: float | None, lines: list[dict[str, Any]],
-                     label: str, predictions: tuple[np.ndarray, np.ndarray] | None = None) -> ReportOutcome:
+                     label: str, predictions: tuple[np.ndarray, np.ndarray] | None = None,
+                     initial: dict[str, Any] | None = None) -> ReportOutcome:
     """Score the held-out folder (unless its `predictions`, probabilities and labels, are given), draw the
     explanation maps and write `<out_dir>/report/`. A report that cannot be written is logged as an error
     and named in the card; the export goes on."""
@@ -61,7 +62,7 @@ def report_for_model(model: MedFusionModel, run: RunConfig, out_dir: Path, *, he
         game = localisation(model, held_out, min_side=run.report.cam_min_side, method=run.report.cam_method)
         inputs = ReportInputs(model=label, data=data, classes=run.data.class_names, labels=labels,
                               probs=probs, temperature=temperature, threshold=threshold, lines=lines, images=images,
-                              notes=notes, localisation=game)
+                              notes=notes, localisation=game, initial=initial or None)
         page, numbers = write_report(Path(out_dir) / FOLDER, inputs, run.report, seed=run.train.seed)
     except (MedFusionError, ValueError, RuntimeError, OSError) as exc:
         log.error("evaluation report not written: %s", exc)

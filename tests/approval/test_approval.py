@@ -16,6 +16,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client.approval import app_hash, approval_mod
 from medfusion_fl.approval import ApprovalList, SiteApps, check_app, parse_hash, read_fab
+from medfusion_fl.approval.cli import initial_weights
 from medfusion_fl.approval.clientapp import admit
 from medfusion_fl.approval.fab import build_app
 from medfusion_fl.cli import main
@@ -23,6 +24,7 @@ from medfusion_fl.config import RunConfig
 from medfusion_fl.errors import AppNotApproved, ApprovalListDamaged, ConfigError
 from medfusion_fl.protocol import APP_NOT_APPROVED
 from medfusion_fl.site_config import SiteConfig
+from tests.conftest import REPO
 
 PYPROJECT = """[project]
 name = "tinyapp"
@@ -102,6 +104,7 @@ def test_review_approve_revoke_as_hospital_it_does(tmp_path: Path, capsys: pytes
     assert main(["site", "review", str(second), "--config", str(site)]) == 0
     out = capsys.readouterr().out
     assert "Python sources against the approved 1.0.0" in out and "+upload = True" in out
+    assert "initial  not stated in the app's pyproject" in out  # the tiny app has no init.* defaults
     assert main(["site", "approve", str(second), "--config", str(site)]) == 0
     assert main(["site", "revoke", sha1, "--config", str(site), "--note", "superseded"]) == 0
     capsys.readouterr()
@@ -192,3 +195,19 @@ def test_a_simulated_site_whose_policy_asks_checks_the_app(tmp_path: Path) -> No
     ApprovalList(apps).chain.append({"action": "approve", "sha256": app_hash(), "app": "medfusion-fl/medfusion-fl",
                                      "version": "0.1.0", "note": "", "by": "test"})
     assert not approval_mod(msg, context, handler).has_error() and served == ["train", "train"]
+
+
+def test_review_shows_what_the_app_starts_the_model_from(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    site = _site(tmp_path)
+    app = tmp_path / "app"
+    _app(app)
+    sha = "ab" * 32
+    with (app / "pyproject.toml").open("a") as handle:
+        handle.write(f'\n[tool.flwr.app.config]\n"init.source" = "timm"\n"init.path" = "weights/rn50gn.pth"\n'
+                     f'"init.sha256" = "{sha}"\n"model.backbone" = "resnet50_gn"\n')
+    assert main(["site", "review", str(app), "--config", str(site)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("initial"))
+    assert f"init.source = 'timm', init.path = 'weights/rn50gn.pth', init.sha256 = '{sha}'" in line
+    assert "model.backbone = 'resnet50_gn'" in line and "--run-config" in line
+    # the real app: its defaults, as every site reviewing it sees them
+    assert "init.source = 'random'" in initial_weights(read_fab(build_app(REPO)))

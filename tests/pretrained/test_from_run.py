@@ -68,7 +68,7 @@ def test_a_new_consortium_with_another_schema_takes_the_backbone_and_is_told_why
 
 def test_only_the_coordinator_reads_the_weights(synth_root: Path, tmp_path: Path) -> None:
     flat = tiny_flat(tmp_path, **{**PLAIN, "data.sites-root": str(synth_root / "data"), "rounds.num-server-rounds": 1,
-                                  "report.enabled": False})
+                                  "report.explain-patients": 0})
     source = build_model(RunConfig.from_flat(flat), seed=11)
     path = tmp_path / "start.pt"
     torch.save(source.state_dict(), path)
@@ -84,3 +84,6 @@ def test_only_the_coordinator_reads_the_weights(synth_root: Path, tmp_path: Path
     card = json.loads((tmp_path / "run" / "model_card.json").read_text())
     assert card["initial_weights"]["file_sha256"] == sha and card["initial_weights"]["part"] == "model"
     assert any(line.startswith("Initial weights: the whole model from") for line in card["limitations"])
+    numbers = json.loads((tmp_path / "run" / "report" / "evaluation.json").read_text())
+    assert numbers["initial_weights"] == card["initial_weights"]  # the report records it too
+    assert f"file sha256 {sha}" in (tmp_path / "run" / "report" / "report.html").read_text()
