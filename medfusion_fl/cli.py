@@ -21,6 +21,7 @@ from medfusion_fl.config import RunConfig, all_keys, privacy_warnings
 from medfusion_fl.config_sources import flatten, parse_overrides, read_toml_flat
 from medfusion_fl.console import ensure_logging
 from medfusion_fl.errors import ConfigError, MedFusionError, RunStopped, SimulationFailed
+from medfusion_fl.pretrained.cli import add_commands as add_pretrain_commands
 from medfusion_fl.report.cli import add_commands as add_report_commands
 from medfusion_fl.webconsole.cli import add_commands as add_console_commands
 
@@ -42,6 +43,16 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from medfusion_fl.data import write_federation
 
     run = _run_config(args)
+    if args.public is not None:
+        from medfusion_fl.data.synthetic import write_public
+
+        if args.public < 10:
+            raise ConfigError(f"--public {args.public}: a pretraining folder needs at least 10 patients")
+        folder = write_public(Path(args.out) / "public", run, args.public)
+        log.info("wrote the public folder %s (%d patients, synth.seed %d)", folder, args.public, run.synth.seed)
+        return 0
+    if args.sites is None:
+        raise ConfigError("synth needs --sites N (site folders and a held-out folder) or --public N")
     folders = write_federation(Path(args.out), run, args.sites)
     log.info("wrote %d site folders and a held-out folder under %s", len(folders) - 1, args.out)
     return 0
@@ -252,7 +263,9 @@ def _parser() -> argparse.ArgumentParser:
         return p
 
     p = with_config(sub.add_parser("synth", help="write synthetic site folders + a held-out folder"))
-    p.add_argument("--sites", type=int, required=True)
+    p.add_argument("--sites", type=int, help="site folders site-0 .. site-(N-1), and the held-out folder test")
+    p.add_argument("--public", type=int, metavar="N", help="instead: OUT/public, N patients that are no site's (a "
+                   "pretraining folder: give it its own --set synth.seed=... and synth.lesion-contrast=...)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_synth)
     site = sub.add_parser("site", help="hospital-side commands").add_subparsers(dest="site_command", required=True)
@@ -313,6 +326,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export)
     add_report_commands(sub)
+    add_pretrain_commands(sub)
     add_console_commands(sub)
     config = sub.add_parser("config", help="run configuration").add_subparsers(dest="config_command", required=True)
     p = with_config(config.add_parser("show", help="print the effective value of every config key"))

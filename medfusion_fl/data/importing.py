@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from medfusion_fl.config import DataConfig
+from medfusion_fl.data.folder_role import FILE as ROLE_FILE
+from medfusion_fl.data.folder_role import SITE, role_record
 from medfusion_fl.data.manifest import ID_COLUMN, MANIFEST, MASK_SUFFIX
 from medfusion_fl.durable import write_bytes_atomic
 from medfusion_fl.errors import DataError
@@ -110,6 +112,7 @@ def write_site_folder(out: Path, data: DataConfig, rows: list[dict[str, str]],
             writer = csv.DictWriter(handle, fieldnames=header, extrasaction="ignore")  # empty mask columns left out
             writer.writeheader()
             writer.writerows(rows)
+        (tmp / ROLE_FILE).write_bytes(role_record(SITE, made_by="medfusion-fl site import"))  # patients of a site
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

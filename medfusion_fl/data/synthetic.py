@@ -29,6 +29,8 @@ import numpy as np
 from PIL import Image
 
 from medfusion_fl.config import RunConfig, TabularColumn
+from medfusion_fl.data.folder_role import FILE as ROLE_FILE
+from medfusion_fl.data.folder_role import HELD_OUT, PUBLIC, SITE, role_record
 from medfusion_fl.data.importing import npy_bytes
 from medfusion_fl.data.manifest import ID_COLUMN, MANIFEST, MASK_SUFFIX
 
@@ -115,8 +117,9 @@ def write_site(folder: Path, run: RunConfig, *, site: int, patients: int,
     folder = Path(folder)
     if (folder / MANIFEST).is_file():
         return
-    rng = _site_rng(synth.seed, site + 1)
-    extra = np.random.default_rng([synth.seed, site + 1, 1])  # masks and markers: the main stream stays as it was
+    stream = site + 1 if site >= -1 else 20_000 - site  # the sites 1.., the held-out folder 0, a public folder apart
+    rng = _site_rng(synth.seed, stream)
+    extra = np.random.default_rng([synth.seed, stream, 1])  # masks and markers: the main stream stays as it was
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     (tmp / "images").mkdir()
@@ -125,7 +128,8 @@ def write_site(folder: Path, run: RunConfig, *, site: int, patients: int,
     header = [ID_COLUMN, data.label_column, *(c.name for c in data.columns), *data.views,
               *([v + MASK_SUFFIX for v in data.views] if masks else [])]
     marked = site in synth.shortcut_site_numbers
-    prefix = f"s{site}" if site >= 0 else "heldout"  # site -1: the held-out folder, not site 1's look-alike
+    # site -1: the held-out folder (not site 1's look-alike); -2: a public pretraining folder
+    prefix = f"s{site}" if site >= 0 else {-1: "heldout", -2: "public"}[site]
     rows = []
     for i in range(patients):
         k = int(rng.choice(len(classes), p=class_probs))
@@ -157,6 +161,9 @@ def write_site(folder: Path, run: RunConfig, *, site: int, patients: int,
         writer = csv.DictWriter(handle, fieldnames=header, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+    role = SITE if site >= 0 else {-1: HELD_OUT, -2: PUBLIC}[site]
+    (tmp / ROLE_FILE).write_bytes(role_record(role, made_by="medfusion-fl synth", synthetic=True,
+                                              site=f"site-{site}" if site >= 0 else None, seed=synth.seed))
     try:
         os.rename(tmp, folder)
     except OSError:  # another process finished the same site first
@@ -189,6 +196,14 @@ def write_test_set(root: Path, run: RunConfig) -> Path:
     write_site(folder, run, site=-1, patients=run.synth.test_patients,
                class_probs=np.full(k, 1.0 / k), shift=(1.0, 0.0))
     return folder
+
+
+def write_public(folder: Path, run: RunConfig, patients: int) -> Path:
+    """A balanced public-style folder (role 'public', ids public-pNNNN, no site shift) to pretrain a starting point
+    on: with its own synth.seed and synth.lesion-contrast it is other patients than any site's."""
+    k = len(run.data.class_names)
+    write_site(Path(folder), run, site=-2, patients=patients, class_probs=np.full(k, 1.0 / k), shift=(1.0, 0.0))
+    return Path(folder)
 
 
 def write_federation(root: Path, run: RunConfig, num_sites: int) -> list[Path]:

@@ -1,0 +1,62 @@
+"""`medfusion-fl pretrain` trains a starting point on a public folder only, and a federation starts from it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from medfusion_fl.cli import main
+from medfusion_fl.config import RunConfig
+from medfusion_fl.models.dp_form import plain_state
+from medfusion_fl.pretrained.start import initial_model, weights_sha256
+from tests.conftest import tiny_flat
+
+SMALL = ["--set", "model.backbone=test_resnet", "--set", "synth.test-patients=20"]
+
+
+def test_pretrain_on_a_public_folder_and_start_a_federation_from_it(tmp_path: Path) -> None:
+    assert main(["synth", "--public", "60", "--out", str(tmp_path / "pub"), "--set", "synth.seed=99",
+                 "--set", "synth.lesion-contrast=0.7"]) == 0
+    folder = tmp_path / "pub" / "public"
+    assert json.loads((folder / "folder.json").read_text())["role"] == "public"
+    out = tmp_path / "start.safetensors"
+    assert main(["pretrain", str(folder), "--out", str(out), "--epochs", "2", *SMALL]) == 0
+    card = json.loads((tmp_path / "start.card.json").read_text())
+    assert card["patients"]["train"] + card["patients"]["validation"] == 60 and len(card["history"]) == 2
+    assert card["folder_role"]["role"] == "public" and card["file_sha256"] and card["form"].startswith("plain")
+    run = RunConfig.from_flat({**tiny_flat(tmp_path), "init.source": "file", "init.path": str(out),
+                               "init.sha256": card["file_sha256"]})  # a DP run: weights land in the DP form
+    model, start = initial_model(run, seed=0)
+    assert (start.part, start.file_sha256) == ("model", card["file_sha256"])
+    assert weights_sha256(plain_state(model)) == card["weights_sha256"]  # exactly the pretrained weights, DP form
+
+
+def test_pretrain_refuses_patients_of_the_federation(tmp_path: Path, synth_root: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    sites = ["--set", f"data.sites-root={synth_root / 'data'}"]
+    copy = tmp_path / "copy"
+    shutil.copytree(synth_root / "data" / "site-1", copy)
+    (copy / "folder.json").unlink()  # its marker gone: its patients are still site-1's
+    held = tmp_path / "held"
+    shutil.copytree(synth_root / "data" / "test", held)
+    cases = [(synth_root / "data" / "site-0", "its folder.json says it holds the patients of a site (site-0)"),
+             (held, "its folder.json says it is the held-out folder"),
+             (copy, "of its patients (e.g. 's1-p0000') are patients of"),
+             (synth_root / "data" / "site-1", "holds the patients of a site (site-1)")]
+    for folder, why in cases:
+        assert main(["pretrain", str(folder), "--out", str(tmp_path / "w.safetensors"), *sites]) == 1, folder
+        assert why in capsys.readouterr().err, folder
+    (copy / "folder.json").write_text('{"role": "public"}')
+    shutil.copytree(copy, synth_root / "data" / "public-copy")  # under sites-root: refused whatever it says
+    try:
+        assert main(["pretrain", str(synth_root / "data" / "public-copy"), "--out", str(tmp_path / "w.safetensors"),
+                     *sites]) == 1
+        assert "lies under data.sites-root" in capsys.readouterr().err
+    finally:
+        shutil.rmtree(synth_root / "data" / "public-copy")
+    assert main(["pretrain", str(copy), "--out", str(tmp_path / "w.pt"), "--epochs", "1"]) == 1
+    assert "write a .safetensors file" in capsys.readouterr().err
+    assert not list(tmp_path.glob("w.*"))  # nothing written for any refusal
