@@ -97,10 +97,11 @@ class Pretrained(Protocol):
     def create(self, name: str, in_chans: int, image_size: int) -> nn.Module: ...
 
 
-def convert_norms(backbone: nn.Module, norm: str, example: torch.Tensor) -> None:
-    """model.norm on a 2D backbone: BatchNorm to GroupNorm ('group'), folded into its convolution ('fold'), kept."""
+def convert_norms(backbone: nn.Module, norm: str, example: torch.Tensor, *, pretrained: bool = False) -> None:
+    """model.norm on a 2D backbone: BatchNorm to GroupNorm ('group'; a pretrained one's scale and shift kept),
+    folded into its convolution ('fold'), or kept."""
     if norm == "group":
-        replace_batchnorm(backbone)
+        replace_batchnorm(backbone, keep_affine=pretrained)
     elif norm == "fold":
         fold_batchnorm(backbone, example)
 
@@ -121,7 +122,7 @@ def create_backbone(name: str, *, in_chans: int, image_size: int, depth: int, no
         backbone = create_timm(name, in_chans, image_size) if pretrained is None else pretrained.create(
             name, in_chans, image_size)
         example = torch.randn(2, in_chans, image_size, image_size, generator=torch.Generator().manual_seed(0))
-        convert_norms(backbone, norm, example)
+        convert_norms(backbone, norm, example, pretrained=pretrained is not None)
     if checkpointing and not hasattr(backbone, "set_grad_checkpointing"):
         raise ConfigError(f"model.checkpointing = true but {name!r} has no gradient checkpointing; "
                           "pick a tested family (list_backbones()) or set it to false.")

@@ -146,14 +146,15 @@ def plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {names[k]: v for k, v in model.state_dict().items()}
 
 
-def load_plain(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load tensors named in the plain form into `model` (in the DP form or not); strict, shapes checked."""
-    names = plain_names(model)
-    own = model.state_dict()
+def load_plain(model: nn.Module, state: dict[str, torch.Tensor], *, skip: str = "") -> None:
+    """Load tensors named in the plain form into `model` (in the DP form or not); strict, shapes checked. `skip`:
+    a plain-name prefix left as it is (and not expected in `state`)."""
+    names = {k: v for k, v in plain_names(model).items() if not (skip and v.startswith(skip))}
+    own = {k: v for k, v in model.state_dict().items() if k in names}
     missing = [names[k] for k in own if names[k] not in state]
     wrong = [names[k] for k, v in own.items() if names[k] in state and state[names[k]].shape != v.shape]
-    extra = sorted(set(state) - set(names.values()))
+    extra = sorted(k for k in set(state) - set(names.values()) if not (skip and k.startswith(skip)))
     if missing or wrong or extra:
         raise ConfigError(f"weights do not fit the model: missing {missing[:4]}, unexpected {extra[:4]}, shape "
                           f"mismatches {wrong[:4]}")
-    model.load_state_dict({k: state[names[k]] for k in own}, strict=True)
+    model.load_state_dict({k: state[names[k]] for k in own}, strict=False)

@@ -28,11 +28,11 @@ def _activation_of(bn: nn.Module) -> nn.Module:
     return nn.Sequential(bn.drop, bn.act) if isinstance(bn, BatchNormAct2d) else nn.Identity()
 
 
-def _group_norm_like(bn: _BatchNorm, groups: int | None) -> nn.Module:
-    """A GroupNorm with the same channels and the BatchNorm's scale and shift (and timm's activation)."""
+def _group_norm_like(bn: _BatchNorm, groups: int | None, keep: bool) -> nn.Module:
+    """A GroupNorm with the same channels (and timm's activation); `keep`: with the BatchNorm's scale and shift."""
     channels = bn.num_features
     norm = nn.GroupNorm(groups or math.gcd(32, channels), channels, eps=bn.eps, affine=bn.affine)
-    if bn.affine:
+    if bn.affine and keep:
         with torch.no_grad():
             norm.weight.copy_(bn.weight)
             norm.bias.copy_(bn.bias)
@@ -41,16 +41,19 @@ def _group_norm_like(bn: _BatchNorm, groups: int | None) -> nn.Module:
     return norm
 
 
-def replace_batchnorm(module: nn.Module, *, groups: int | None = None) -> int:
+def replace_batchnorm(module: nn.Module, *, groups: int | None = None, keep_affine: bool = False) -> int:
     """Swap every BatchNorm (incl. timm's BatchNormAct2d) for GroupNorm in place; returns the count.
-    `groups`: of every GroupNorm (None: gcd(32, channels))."""
+    `groups`: of every GroupNorm (None: gcd(32, channels)). `keep_affine`: the GroupNorm takes the BatchNorm's
+    scale and shift (pretrained weights); a fresh backbone's GroupNorms start at scale 1, shift 0 instead, not at
+    timm's zero scale for a block's last BatchNorm, which trains worse under DP here (a held-out AUROC of 0.77-0.84
+    against 0.93-0.96 in the demo, 2026-12-07)."""
     count = 0
     for name, child in list(module.named_children()):
         if isinstance(child, _BatchNorm):
-            setattr(module, name, _group_norm_like(child, groups))
+            setattr(module, name, _group_norm_like(child, groups, keep_affine))
             count += 1
         else:
-            count += replace_batchnorm(child, groups=groups)
+            count += replace_batchnorm(child, groups=groups, keep_affine=keep_affine)
     return count
 
 

@@ -98,13 +98,34 @@ class FileBackbone:
             load_fitting(net, self.state, what=f"{self.where} (the original {name!r}, BatchNorm in place)")
             return net
         example = torch.randn(2, in_chans, image_size, image_size, generator=torch.Generator().manual_seed(0))
-        convert_norms(net, self.norm, example)
+        convert_norms(net, self.norm, example, pretrained=True)
         load_fitting(net, self.state, what=f"{self.where} ({name!r} with model.norm = {self.norm!r})")
         return net
 
 
 def _backbone_of(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k.removeprefix(BACKBONE): v for k, v in model_state.items() if k.startswith(BACKBONE)}
+
+
+def _load_whole(run: RunConfig, seed: int, state: dict[str, torch.Tensor],
+                what: str) -> tuple[MedFusionModel, FileBackbone]:
+    """The whole model from plain-form tensors. A BatchNorm backbone among them (a model pretrained with
+    model.norm = 'batch') is converted as this run's model.norm says, the rest loaded as it is."""
+    backbone = FileBackbone(_backbone_of(state), run.model.norm, f"{what} (its backbone)")
+    batchnorm = any(k.startswith("image.backbones.") and k.endswith("running_mean") for k in state)
+    if not batchnorm or run.model.norm == "batch":
+        model = build_model(run, seed=seed)
+        skip = ""
+    elif any(k.startswith("image.backbones.1.") for k in state):
+        raise ConfigError(f"{what}: per-view BatchNorm backbones (model.shared-backbone = false) are not converted; "
+                          "pretrain with model.norm = 'group' or 'fold' instead")
+    else:
+        model, skip = build_model(run, seed=seed, pretrained=backbone), "image.backbones."
+    try:
+        load_plain(model, state, skip=skip)
+    except ConfigError as exc:
+        raise ConfigError(f"{what} (the whole model): {exc}") from None
+    return model, backbone
 
 
 def _plain_whole(run: RunConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -163,17 +184,13 @@ def _from_file(run: RunConfig, seed: int, path: Path) -> tuple[MedFusionModel, P
         if not whole:
             raise ConfigError(f"init.part = 'model' but {path} holds a backbone's weights (no image./head. keys); "
                               "set init.part = 'backbone'")
-        model = build_model(run, seed=seed)
-        try:
-            load_plain(model, state)
-        except ConfigError as exc:
-            raise ConfigError(f"init.path = {str(path)!r} (the whole model): {exc}") from None
+        model, converted = _load_whole(run, seed, state, f"init.path = {str(path)!r}")
         statement = f"the whole model from {path}"
     else:
         backbone = FileBackbone(_backbone_of(state) if whole else state, run.model.norm, f"init.path = {str(path)!r}")
         model = build_model(run, seed=seed, pretrained=backbone)
         statement = f"the backbone from {path}; the rest of the model from scratch (train.seed {seed})"
-    batchnorm = _batchnorm_statement(backbone.batchnorms, run.model.norm) if part == "backbone" else ""
+    batchnorm = _batchnorm_statement((backbone if part == "backbone" else converted).batchnorms, run.model.norm)
     return model, Provenance("file", statement, part=part, path=str(path), file_sha256=sha, batchnorm=batchnorm,
                              weights_sha256=weights_sha256(model.state_dict() if part == "model"
                                                            else _backbone_of(model.state_dict())))
@@ -189,8 +206,7 @@ def _from_run(run: RunConfig, seed: int, earlier: RunWeights) -> tuple[MedFusion
             raise ConfigError(f"init.path = {str(earlier.file)!r}: its model differs from this run's ({differs}), so "
                               "its weights do not fit the whole model; set those keys as it had them, or init.part = "
                               "'backbone' to take its backbone only")
-        model = build_model(run, seed=seed)
-        load_plain(model, state)
+        model, _ = _load_whole(run, seed, state, f"init.path = {str(earlier.file)!r}")
         statement = f"the global model of {earlier.label}: this run continues it"
     else:
         if earlier.config.model.backbone != run.model.backbone or earlier.config.data.channels != run.data.channels:

@@ -135,3 +135,29 @@ def test_weights_move_between_the_dp_form_and_the_plain_form(backbone: str) -> N
         torch.testing.assert_close(dp(views, mask, tabular), plain(views, mask, tabular), rtol=0, atol=1e-6)
     with pytest.raises(ConfigError, match=r"weights do not fit the model: missing \['head.weight'\]"):
         load_plain(dp, {k: v for k, v in plain_state(plain).items() if k != "head.weight"})
+
+
+def test_a_whole_batchnorm_model_starts_a_dp_run_folded_exactly(tmp_path: Path) -> None:
+    """A model pretrained with model.norm = 'batch' (centrally, where BatchNorm is allowed) as a DP run's start:
+    its backbone folded, everything else as it was; the DP model computes what the pretrained one did."""
+    from safetensors.torch import save_file
+
+    from medfusion_fl.models.dp_form import plain_state
+
+    pretrained = build_model(_run(**{"model.norm": "batch", "privacy.enabled": False}), seed=4).train()
+    views, mask, tabular = torch.randn(6, 2, 1, 32, 32), torch.ones(6, 2), torch.randn(6, 6)
+    with torch.no_grad():
+        pretrained(views * 2 + 0.3, mask, tabular)  # running statistics away from their defaults
+    pretrained.eval()
+    path = tmp_path / "bn-model.safetensors"
+    save_file({k: v.contiguous() for k, v in plain_state(pretrained).items()}, str(path))
+    folded, start = initial_model(_run(**{"init.source": "file", "init.path": str(path), "model.norm": "fold"}), seed=0)
+    assert start.part == "model" and start.batchnorm.startswith("15 BatchNorm layers folded")
+    with torch.no_grad():
+        torch.testing.assert_close(folded.eval()(views, mask, tabular), pretrained(views, mask, tabular),
+                                   rtol=1e-4, atol=1e-5)
+    grouped, start = initial_model(_run(**{"init.source": "file", "init.path": str(path)}), seed=0)
+    assert "replaced by GroupNorm" in start.batchnorm  # converted too, at the cost docs/benchmarks.md measures
+    with torch.no_grad():
+        drift = (grouped.eval()(views, mask, tabular) - pretrained(views, mask, tabular)).abs().max()
+    assert drift > 1e-3  # GroupNorm's statistics are not BatchNorm's: the function moves
