@@ -8,7 +8,9 @@ runs through the real ClientApp and the coordinator's round loop over an in-proc
 threshold the sites' noisy release gave; the starting point's own held-out AUROC (round 0); rounds to AUROC 0.9.
 
 Scales: `demo` (3 sites x 120 patients, 32 px, 3 rounds: the README's demo) and `large` (4 sites x 1,000
-patients, 64 px).
+patients, 64 px). `--batchnorm` adds a start pretrained with BatchNorm (model.norm = batch, allowed centrally),
+converted for the DP federation by folding (exact) and by GroupNorm (scale and shift kept): round 0's AUROC shows
+what each conversion costs before any training.
 
     python bench/pretrained_start.py --scale demo --out bench/results/pretrained-start-demo-cpu2.json
     python bench/pretrained_start.py --scale large --rounds 5 --out bench/results/pretrained-start-large-cpu2.json
@@ -88,6 +90,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, help="default: the scale's")
     parser.add_argument("--pretrain-epochs", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=1, help="federations per start (DP noise from the OS)")
+    parser.add_argument("--batchnorm", action="store_true", help="also a start pretrained with BatchNorm "
+                        "(model.norm = batch), converted for DP by folding and by GroupNorm: the conversions' cost")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     ensure_logging(logging.WARNING)
@@ -106,6 +110,12 @@ def main() -> None:
     starts = {"scratch": {"init.source": "random"},
               "pretrained": {"init.source": "file", "init.path": str(root / "start.safetensors"),
                              "init.sha256": card["file_sha256"]}}
+    if args.batchnorm:
+        bn_run = RunConfig.from_flat({**base, **PUBLIC, "model.norm": "batch"})
+        bn_card = pretrain(folder, root / "start-bn.safetensors", bn_run, epochs=args.pretrain_epochs, seed=1)
+        bn = {"init.source": "file", "init.path": str(root / "start-bn.safetensors"),
+              "init.sha256": bn_card["file_sha256"]}
+        starts |= {"batchnorm-fold": {**bn, "model.norm": "fold"}, "batchnorm-group": {**bn, "model.norm": "group"}}
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in starts}
     for repeat in range(args.repeats):
         for name, init in starts.items():
