@@ -36,14 +36,7 @@ class RunWeights:
 
     def model_differences(self, run: RunConfig) -> str:
         """The keys that make this run's model another shape than the earlier one's: '' when the same."""
-        changed = []
-        for section, keys in (("data", SCHEMA), ("model", tuple(type(run.model).model_fields))):
-            old, new = getattr(self.config, section), getattr(run, section)
-            changed += [f"{section}.{k.replace('_', '-')} {getattr(old, k)!r} -> {getattr(new, k)!r}" for k in keys
-                        if k not in NOT_WEIGHTS and getattr(old, k) != getattr(new, k)]
-        if self.config.attention.enabled != run.attention.enabled:
-            changed.append(f"attention.method {self.config.attention.method!r} -> {run.attention.method!r}")
-        return "; ".join(changed)
+        return model_differences(self.config, run)
 
     def plain(self) -> dict[str, torch.Tensor]:
         """The weights under their plain-form names (a checkpoint keeps its run's form, DP or not)."""
@@ -64,6 +57,27 @@ class RunWeights:
         if self.run_id:
             out["run_id"] = self.run_id
         return out
+
+
+def model_differences(earlier: RunConfig, run: RunConfig) -> str:
+    """The keys that give `run`'s model another shape than `earlier`'s (data schema, model, attention): '' if none."""
+    changed = []
+    for section, keys in (("data", SCHEMA), ("model", tuple(type(run.model).model_fields))):
+        old, new = getattr(earlier, section), getattr(run, section)
+        changed += [f"{section}.{k.replace('_', '-')} {getattr(old, k)!r} -> {getattr(new, k)!r}" for k in keys
+                    if k not in NOT_WEIGHTS and getattr(old, k) != getattr(new, k)]
+    if earlier.attention.enabled != run.attention.enabled:
+        changed.append(f"attention.method {earlier.attention.method!r} -> {run.attention.method!r}")
+    return "; ".join(changed)
+
+
+def card_config(weights: Path) -> RunConfig | None:
+    """The config in the card `pretrain` writes beside a weights file (`W.card.json`), if there is one."""
+    card = Path(weights).with_suffix(".card.json")
+    try:
+        return RunConfig.from_flat(json.loads(card.read_text(encoding="utf-8"))["config"])
+    except (OSError, ValueError, KeyError, TypeError):  # ConfigError is a ValueError too
+        return None
 
 
 def _export(folder: Path) -> RunWeights:

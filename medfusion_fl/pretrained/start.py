@@ -19,7 +19,7 @@ from medfusion_fl.errors import ConfigError
 from medfusion_fl.models import MedFusionModel, build_model
 from medfusion_fl.models.backbone import convert_norms, create_timm
 from medfusion_fl.models.dp_form import load_plain, plain_state
-from medfusion_fl.pretrained.origin import RunWeights, run_weights
+from medfusion_fl.pretrained.origin import RunWeights, card_config, model_differences, run_weights
 from medfusion_fl.pretrained.weights import checked_sha256, load_fitting, misfit, read_state
 
 BACKBONE = "image.backbones.0."  # a whole model's (first) backbone
@@ -177,19 +177,25 @@ def _from_file(run: RunConfig, seed: int, path: Path) -> tuple[MedFusionModel, P
     sha = checked_sha256(path, run.init.sha256)
     state = read_state(path)
     whole = _is_whole_model(state)
-    part = run.init.part if run.init.part != "auto" else ("model" if whole else "backbone")
+    carded = card_config(path)  # pretrain's card says what model the file holds
+    differs = model_differences(carded, run) if carded is not None else ""
+    part = run.init.part if run.init.part != "auto" else ("model" if whole and not differs else "backbone")
     if whole:
         state = _plain_whole(run, state)
     if part == "model":
         if not whole:
             raise ConfigError(f"init.part = 'model' but {path} holds a backbone's weights (no image./head. keys); "
                               "set init.part = 'backbone'")
+        if differs:
+            raise ConfigError(f"init.path = {str(path)!r}: its card says its model differs from this run's "
+                              f"({differs}); set those keys as it had them, or init.part = 'backbone'")
         model, converted = _load_whole(run, seed, state, f"init.path = {str(path)!r}")
         statement = f"the whole model from {path}"
     else:
         backbone = FileBackbone(_backbone_of(state) if whole else state, run.model.norm, f"init.path = {str(path)!r}")
         model = build_model(run, seed=seed, pretrained=backbone)
-        statement = f"the backbone from {path}; the rest of the model from scratch (train.seed {seed})"
+        statement = f"the backbone from {path}; the rest of the model from scratch (train.seed {seed})" + (
+            f" (its model differs: {differs})" if differs else "")
     batchnorm = _batchnorm_statement((backbone if part == "backbone" else converted).batchnorms, run.model.norm)
     return model, Provenance("file", statement, part=part, path=str(path), file_sha256=sha, batchnorm=batchnorm,
                              weights_sha256=weights_sha256(model.state_dict() if part == "model"

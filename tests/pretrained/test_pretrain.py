@@ -10,6 +10,7 @@ import pytest
 
 from medfusion_fl.cli import main
 from medfusion_fl.config import RunConfig
+from medfusion_fl.errors import ConfigError
 from medfusion_fl.models.dp_form import plain_state
 from medfusion_fl.pretrained.start import initial_model, weights_sha256
 from tests.conftest import tiny_flat
@@ -32,6 +33,11 @@ def test_pretrain_on_a_public_folder_and_start_a_federation_from_it(tmp_path: Pa
     model, start = initial_model(run, seed=0)
     assert (start.part, start.file_sha256) == ("model", card["file_sha256"])
     assert weights_sha256(plain_state(model)) == card["weights_sha256"]  # exactly the pretrained weights, DP form
+    other = {**run.to_flat(), "data.classes": "none,mild,severe"}  # a consortium with another question
+    _, start = initial_model(RunConfig.from_flat(other), seed=0)  # its card says what differs: the backbone only
+    assert start.part == "backbone" and "data.classes 'negative,positive' -> 'none,mild,severe'" in start.statement
+    with pytest.raises(ConfigError, match="its card says its model differs from this run's"):
+        initial_model(RunConfig.from_flat({**other, "init.part": "model"}), seed=0)
 
 
 def test_pretrain_refuses_patients_of_the_federation(tmp_path: Path, synth_root: Path,
