@@ -12,10 +12,11 @@ from medfusion_fl import runcontrol
 from medfusion_fl.config import RunConfig, privacy_warnings
 from medfusion_fl.data import SiteDataset, load_test_set, write_test_set
 from medfusion_fl.errors import RoundFailed, RunStopped
-from medfusion_fl.export import export_run, resolve_test_path, run_status
+from medfusion_fl.export import export_run, resolve_test_path
 from medfusion_fl.models import MedFusionModel, build_model
 from medfusion_fl.parameters import Weights, get_weights, set_weights
 from medfusion_fl.protocol import APP_NOT_APPROVED, POLICY_REFUSED
+from medfusion_fl.report.card import run_status
 from medfusion_fl.report.metrics import areas_with_intervals
 from medfusion_fl.runfolder import RunFolder
 from medfusion_fl.tracking import RunTracker

@@ -1,14 +1,27 @@
-"""The model card's sections for whoever deploys the model, after Mitchell et al. (2019) and radiology AI
-checklists (CLAIM): what to read first, intended use, data provenance, performance with 95% intervals, the
-decision threshold and its effect, limitations. Everything comes from the run's config, its last metrics line
-and the report's numbers (evaluation.json); nothing here is a site's own figure."""
+"""The model card (`model_card.json`): what the model is and takes, how it was trained, what it guarantees, and
+first the sections for whoever deploys it, after Mitchell et al. (2019) and radiology AI checklists (CLAIM): what
+to read first, intended use, data provenance, performance with 95% intervals, the decision threshold and its
+effect, limitations. Everything comes from the run's config, its metrics lines and the report's numbers
+(evaluation.json); nothing here is a site's own figure."""
 
 from __future__ import annotations
 
-from typing import Any
+import datetime as dt
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from medfusion_fl.config import RunConfig
+from medfusion_fl.config import RunConfig, privacy_warnings
+from medfusion_fl.models.medfusion import view_shape
 from medfusion_fl.release.evaluation import pooled_noise_note
+
+if TYPE_CHECKING:
+    from medfusion_fl.export import ExportCheck
+    from medfusion_fl.models import MedFusionModel
+
+# What a deployer reads first, in this order, right after the model's name
+CARD_TOP = ("run_status", "read_first", "intended_use", "data", "initial_weights", "performance", "operating_threshold",
+            "calibration", "limitations")
 
 INTERVALS = ("AUROC and AUPRC: percentile bootstrap over the held-out patients (report.bootstrap resamples); "
              "accuracy, sensitivity, specificity, PPV and NPV: Wilson score 95% intervals")
@@ -157,3 +170,183 @@ def read_first(run: RunConfig, numbers: dict[str, Any] | None, status: dict[str,
     if run.data.source == "synthetic":
         out.append("Synthetic data: this model is a demonstration, not for clinical use.")
     return out
+
+
+def build_card(run: RunConfig, model: MedFusionModel, check: ExportCheck,
+               extra: dict[str, Any]) -> dict[str, Any]:
+    """The model card: what the model is, how it was trained, how well it did, what it guarantees."""
+    spec = model.spec
+    data = run.data
+    top = {key: extra.pop(key) for key in CARD_TOP if key in extra}
+    return {
+        "model": "MedFusion",
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        **top,
+        "inputs": {
+            "views": f"float32 {['batch', spec.num_views, *view_shape(spec)]}, views {list(data.views)}: "
+                     + input_views(run),
+            "view_mask": f"float32 [batch, {spec.num_views}], 1 = view present, 0 = missing",
+            "tabular": f"float32 [batch, {spec.num_tabular}], columns {[c.name for c in data.columns]}, "
+                       "ranged columns scaled to [-1, 1]",
+        },
+        "outputs": {"logits": f"float32 [batch, {spec.num_classes}], classes {list(data.class_names)}; divided by "
+                              "calibration.temperature (softmax of them: the calibrated probabilities)",
+                    "weights": "model.safetensors beside model.onnx: the global model's tensors, before the "
+                               "temperature (init.source = 'run' with init.path = this folder continues from them)"},
+        "privacy": privacy_section(run, extra.pop("privacy_sites", {}), sharing_sites=extra.pop("sharing_sites", []),
+                                   refusals=extra.pop("refused_by_site_policy", {})),
+        "aggregation": aggregation_statement(run),
+        "attention_supervision": attention_statement(run, model),
+        "reproducibility": {"seed": run.train.seed, "secure_rng": run.privacy.secure_rng, "statement": (
+            "the sites drew their DP noise, sampling and rounding from the OS CSPRNG: the run repeats up to them"
+            if run.privacy.secure_rng else "privacy.secure-rng = false: every random draw came from train.seed; "
+            "the same config and seed repeat this run bit for bit on one machine, and anyone with the config can "
+            "recompute the sites' noise (a simulation, never a deployment)")},
+        **extra,
+        "export_check": asdict(check),
+        "config": run.to_flat(),
+    }
+
+
+def attention_statement(run: RunConfig, model: MedFusionModel) -> str | dict[str, Any]:
+    """How the model was taught where to look (attention.*), for the card."""
+    from medfusion_fl.models.attention_gate import gates
+
+    attention = run.attention
+    found = gates(model)
+    if not attention.enabled or not found:
+        return "none: the model's attention was not supervised"
+    what = {"mask": "its spatial attention pulled toward the sites' lesion masks",
+            "cam": "the share of its spatial attention outside the sites' lesion masks penalised",
+            "consistency": "its spatial attention kept the same under left-right mirroring (no masks)"}
+    return {"method": attention.method, "weight": attention.weight,
+            "gate": f"a spatial attention map of {found[0].side}x{found[0].side} cells after a backbone stage, "
+                    "part of model.onnx", "what": what[attention.method]}
+
+
+def privacy_section(run: RunConfig, sites: dict[str, Any], *, sharing_sites: list[str],
+                    refusals: dict[str, str]) -> dict[str, Any]:
+    """The model card's privacy statement: every kind of figure that left the sites with its protection,
+    the mechanisms, and per site everything to recompute its epsilon (training and evaluation apart)."""
+    from medfusion_fl.release.inventory import released
+
+    dp = _dp_statement(run, sites)
+    spent = ({site: {part: report[part]["epsilon"] for part in ("training", "evaluation")}
+              for site, report in dp["sites"].items()} if isinstance(dp, dict) else None)
+    section: dict[str, Any] = {
+        "warnings": privacy_warnings(run),
+        "differential_privacy": dp,
+        "secure_aggregation": _secagg_statement(run),
+        "released": released(run, sharing_sites=sharing_sites, epsilon=spent),
+        "validation_patients": (
+            f"covered: each evaluation release is a Gaussian mechanism (evaluation.noise-multiplier "
+            f"{run.evaluation.noise_multiplier:g} x its sensitivity) charged to the site's ledger"
+            if run.privacy.enabled else "NOT covered: privacy.enabled = false, their evaluation sums carry no noise"),
+        "training_loss": ("not released: no accounted mechanism covers it under DP" if run.privacy.enabled
+                          else "released inside the secure sum" if run.secagg.enabled else "not released"),
+        "sites_sharing_figures_in_clear": sharing_sites or "none",
+    }
+    if refusals:
+        section["refused_by_site_policy"] = refusals
+    return section
+
+
+def aggregation_statement(run: RunConfig) -> dict[str, Any]:
+    """The model card's account of how the sites' updates became the model, and what bounds one site's pull."""
+    cfg = run.strategy
+    if run.secagg.enabled:
+        saw = "only the example-weighted mean of the sites' updates (the secure sum), as one reply to the strategy"
+    else:
+        saw = "each site's update (secagg.enabled = false)" + (
+            f"; {cfg.name} aggregated them one by one" if cfg.needs_individual_updates else "")
+    return {"strategy": cfg.name, "arguments": cfg.arguments(), "coordinator_saw": saw,
+            "update_norm_bound": f"each site scaled its update to L2 norm <= {run.secagg.update_norm_bound:g} "
+                                 "before it left the site (secagg.update-norm-bound): one site's pull on the mean is "
+                                 "at most its weight share of that bound. It bounds a site whose data or training "
+                                 "went wrong, not a site whose software was altered."}
+
+
+def _secagg_statement(run: RunConfig) -> str | dict[str, Any]:
+    if not run.secagg.enabled:
+        return "none: secagg.enabled = false, so the coordinator saw each site's update and evaluation release"
+    sa = run.secagg
+    return {"protocol": "SecAgg+ (Bell et al. 2020), honest-but-curious coordinator and sites",
+            "coordinator_learned": "sums over sites only: of the example-weighted updates, of the cohort sizes and of "
+                                   "the evaluation releases; which sites took part; never one site's input",
+            "threshold": sa.threshold, "neighbours": sa.neighbours or "all", "clip": sa.clip, "bits": sa.bits,
+            "sent_in_clear": "each site's id and, under DP, its privacy report (epsilon, delta, DP history)"}
+
+
+def _dp_statement(run: RunConfig, sites: dict[str, Any]) -> str | dict[str, Any]:
+    if not run.privacy.enabled:
+        return ("none: privacy.enabled = false, so this model carries NO differential-privacy guarantee for the "
+                "patients it was trained or evaluated on")
+    from medfusion_fl.privacy.accountant import DPStep, epsilon
+
+    p = run.privacy
+    per_site = {}
+    for site, report in sites.items():
+        history = report.get("history", [])
+        parts = {}
+        for kind, name in (("train", "training"), ("evaluate", "evaluation")):
+            events = [h for h in history if h.get("kind", "train") == kind]  # older reports: training only
+            steps = [DPStep(h["noise_multiplier"], h["sample_rate"], h["steps"]) for h in events]
+            parts[name] = {"epsilon": epsilon(steps, delta=report["delta"], accountant=report["accountant"]),
+                           "history": events}
+        per_site[site] = {k: v for k, v in report.items() if k != "history"} | parts
+    return {
+        "unit": "patient (all views and clinical features of one patient form one sample)",
+        "training": {"mechanism": "DP-SGD: Poisson sampling, per-patient gradient clipping, Gaussian noise",
+                     "noise_multiplier": p.noise_multiplier, "max_grad_norm": p.max_grad_norm},
+        "evaluation": {"mechanism": "Gaussian mechanism on the sums of the validation patients' release (sample "
+                                    "rate 1, one step per evaluation)",
+                       "noise_multiplier": run.evaluation.noise_multiplier},
+        "accountant": p.accountant, "sites": per_site,
+        "how_to_recompute": "each site's epsilon is Opacus' accountant over its whole history (training and "
+                            "evaluation events together, at the site's delta); 'training' and 'evaluation' give "
+                            "each part alone",
+    }
+
+
+def deployer_sections(run: RunConfig, card: dict[str, Any], final: dict[str, Any],
+                      numbers: dict[str, Any] | None) -> dict[str, Any]:
+    """The card's sections for a deployer (medfusion_fl/report/card.py), from the report's numbers."""
+    status = card.get("run_status") or {}
+    out: dict[str, Any] = {
+        "read_first": read_first(run, numbers, status), "intended_use": intended_use(run),
+        "data": data_provenance(run, final, numbers), "performance": performance(numbers, final),
+        "limitations": limitations(run, numbers, status, card.get("initial_weights") or {})}
+    if "operating_threshold" in card:
+        out["operating_threshold"] = {**card["operating_threshold"], **threshold_effect(numbers, final)}
+    return out
+
+
+def run_status(run: RunConfig, rounds: int, reason: str = "", *, checkpoint: Path | None = None,
+               went_on: int = 0) -> dict[str, Any]:
+    """How the run behind a model ended: every configured round, or fewer (and why), for the card's top and the
+    run's last log line. `went_on`: for a checkpoint, the last round the run completed after it."""
+    planned = run.rounds.num_server_rounds
+    source = f"the checkpoint of round {rounds}" if checkpoint is not None else f"the global model after round {rounds}"
+    if rounds >= planned:
+        return {"status": "complete", "rounds": rounds, "planned": planned,
+                "summary": f"run complete: {rounds} of {planned} rounds; the model is {source}"}
+    if went_on > rounds:
+        return {"status": "intermediate", "rounds": rounds, "planned": planned,
+                "summary": f"an INTERMEDIATE model: the checkpoint of round {rounds}; the run went on to round "
+                           f"{went_on} of {planned} (export its last checkpoint for the final model)"}
+    why = reason or ("its metrics end here: it was stopped, or is still running" if checkpoint is not None
+                     else "the run stopped early")
+    return {"status": "ended early", "rounds": rounds, "planned": planned, "reason": why,
+            "summary": f"run ENDED EARLY: {rounds} of {planned} rounds ({why}); the model is {source}"}
+
+
+def stop_reason(lines: list[dict[str, Any]], last: int) -> str:
+    """Why a run did not go past round `last`, from the metrics line of the round after it (if it failed)."""
+    after = next((line for line in lines if line.get("round") == last + 1 and line.get("status") != "ok"), None)
+    if after is None:
+        return ""
+    failures = after.get("failures") or []
+    first = f": {failures[0].get('reason')}" if failures else ""
+    if after.get("status") == "budget-exhausted":
+        return f"round {last + 1} was declined: the sites' privacy budgets are spent{first}"
+    return f"round {last + 1} {after.get('status')}{first}"
