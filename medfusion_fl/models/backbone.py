@@ -86,8 +86,11 @@ def create_timm(name: str, in_chans: int, image_size: int, *, pretrained: bool =
             return timm.create_model(name, **kwargs)  # type: ignore[arg-type]
     except Exception as exc:  # timm raises many types for unsupported arguments and failed downloads
         what = "with its pretrained weights " + (f"from {file} " if file else "") if pretrained else ""
+        hint = (" Without a hub cache or internet at the coordinator, fetch the weights file elsewhere and give it "
+                "as init.path (timm reads it as its pretrained file); HF_HUB_OFFLINE=1 fails at once instead of "
+                "retrying." if pretrained and file is None else "")
         raise ModelError(f"timm could not build model.backbone = {name!r} {what}for {in_chans}-channel "
-                         f"{image_size}px images: {exc}") from exc
+                         f"{image_size}px images: {str(exc).rstrip('.')}.{hint}") from exc
 
 
 class Pretrained(Protocol):

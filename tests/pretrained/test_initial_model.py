@@ -161,3 +161,14 @@ def test_a_whole_batchnorm_model_starts_a_dp_run_folded_exactly(tmp_path: Path) 
     with torch.no_grad():
         drift = (grouped.eval()(views, mask, tabular) - pretrained(views, mask, tabular)).abs().max()
     assert drift > 1e-3  # GroupNorm's statistics are not BatchNorm's: the function moves
+
+
+def test_a_hub_out_of_reach_says_how_to_give_the_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline(*_args: object, **_kwargs: object) -> None:
+        raise OSError("cannot find the requested files in the local cache.")
+
+    monkeypatch.setattr(timm, "create_model", offline)  # what timm raises with no cache and no internet
+    with pytest.raises(ModelError, match=r"with its pretrained weights for 1-channel 32px images: cannot find the "
+                                         r"requested files in the local cache\. Without a hub cache or internet .* "
+                                         r"give it as init.path"):
+        initial_model(_run(**{"init.source": "timm"}), seed=0)
