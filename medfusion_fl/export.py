@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from medfusion_fl.models import MedFusionModel, build_model, example_inputs
 from medfusion_fl.models.medfusion import view_shape
 from medfusion_fl.parameters import set_weights
 from medfusion_fl.report.calibration import Temperature, run_temperature, scale_threshold
-from medfusion_fl.report.card import build_card, deployer_sections, run_status, stop_reason
+from medfusion_fl.report.card import ExportCheck, build_card, deployer_sections, run_status, stop_reason
 from medfusion_fl.report.run import ReportOutcome
 from medfusion_fl.runfolder import read_init
 from medfusion_fl.runstore import RunStore, load_checkpoint
@@ -30,18 +29,6 @@ log = logging.getLogger(__name__)
 INPUTS = ("views", "view_mask", "tabular")
 TOLERANCE = 1e-4
 PARITY_SAMPLES = 64
-
-
-@dataclass(frozen=True)
-class ExportCheck:
-    """How closely onnxruntime reproduces PyTorch on the check inputs."""
-
-    max_abs_diff: float
-    tolerance: float
-    num_inputs: int
-    input_source: str
-    onnxruntime_version: str
-    opset: int
 
 
 class TemperatureScaled(nn.Module):

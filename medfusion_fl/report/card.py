@@ -7,7 +7,7 @@ effect, limitations. Everything comes from the run's config, its metrics lines a
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +16,6 @@ from medfusion_fl.models.medfusion import view_shape
 from medfusion_fl.release.evaluation import pooled_noise_note
 
 if TYPE_CHECKING:
-    from medfusion_fl.export import ExportCheck
     from medfusion_fl.models import MedFusionModel
 
 # What a deployer reads first, in this order, right after the model's name
@@ -25,6 +24,18 @@ CARD_TOP = ("run_status", "read_first", "intended_use", "data", "initial_weights
 
 INTERVALS = ("AUROC and AUPRC: percentile bootstrap over the held-out patients (report.bootstrap resamples); "
              "accuracy, sensitivity, specificity, PPV and NPV: Wilson score 95% intervals")
+
+
+@dataclass(frozen=True)
+class ExportCheck:
+    """How closely onnxruntime reproduces PyTorch on the check inputs."""
+
+    max_abs_diff: float
+    tolerance: float
+    num_inputs: int
+    input_source: str
+    onnxruntime_version: str
+    opset: int
 
 
 def input_views(run: RunConfig) -> str:
