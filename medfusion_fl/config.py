@@ -23,10 +23,7 @@ from medfusion_fl.report.config import ReportConfig
 from medfusion_fl.secagg_config import SecAggConfig
 from medfusion_fl.strategy_config import StrategyConfig, refuse_under_secure_sum
 from medfusion_fl.synth_config import SynthConfig
-
-
-def _split_list(value: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in value.split(",") if part.strip())
+from medfusion_fl.train_config import TrainConfig, split_list
 
 
 class TabularColumn(BaseModel):
@@ -76,7 +73,7 @@ class DataConfig(Section):
     @field_validator("view_names", "classes")
     @classmethod
     def _non_empty_unique(cls, value: str) -> str:
-        items = _split_list(value)
+        items = split_list(value)
         if len(set(items)) != len(items):
             raise ValueError(f"names must be unique, got {list(items)}")
         return value
@@ -101,7 +98,7 @@ class DataConfig(Section):
 
     @property
     def views(self) -> tuple[str, ...]:
-        return _split_list(self.view_names)
+        return split_list(self.view_names)
 
     @property
     def columns(self) -> tuple[TabularColumn, ...]:
@@ -109,7 +106,7 @@ class DataConfig(Section):
 
     @property
     def class_names(self) -> tuple[str, ...]:
-        return _split_list(self.classes)
+        return split_list(self.classes)
 
 
 def default_source_side(size: int, depth: int) -> int:
@@ -119,7 +116,7 @@ def default_source_side(size: int, depth: int) -> int:
 
 def _parse_columns(spec: str) -> tuple[TabularColumn, ...]:
     columns = []
-    for item in _split_list(spec):
+    for item in split_list(spec):
         parts = item.split(":")
         if len(parts) == 1:
             columns.append(TabularColumn(name=parts[0]))
@@ -160,24 +157,6 @@ class ModelConfig(Section):
     transformer_layers: int = Field(1, ge=1, le=12, description="Blocks of the transformer view aggregation.")
     tabular_hidden: int = Field(32, ge=1, description="Width of the tabular MLP encoder.")
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout before the classifier head.")
-
-
-class TrainConfig(Section):
-    local_epochs: int = Field(1, ge=1, description="Epochs over the site's data per round. 1 keeps a ~100-patient "
-                              "site (6 DP steps a round) within the default budget of epsilon 8 for the default "
-                              "3 rounds, evaluation releases included; tests/test_config.py checks that it fits.")
-    batch_size: int = Field(16, ge=1, description="Patients per step.")
-    optimizer: Literal["sgd", "adamw"] = Field("adamw", description="Local optimiser, fresh each round.")
-    lr: float = Field(0.002, gt=0.0, le=10.0, description="Local learning rate (AdamW's 0.002 suits the noisy "
-                      "DP-SGD gradient of small sites; docs/benchmarks.md has the levers measured).")
-    weight_decay: float = Field(0.0001, ge=0.0, description="Decoupled weight decay.")
-    seed: int = Field(0, ge=0, description="The run's seed: the global model's initial weights, each site's data "
-                      "order and dropout (mixed with site and round), which sites a round samples, and under "
-                      "privacy.secure-rng = false the sites' noise and sampling too. Same config and seed on one "
-                      "machine: the same run.")
-    precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="Autocast of local training: bf16 (CPU or GPU), fp16 (CUDA only, with a gradient "
-        "scaler; refused under DP because loss scaling would scale the clipping bound).")
 
 
 class PrivacyConfig(Section):
@@ -350,6 +329,15 @@ def _refuse_unavailable(config: RunConfig) -> None:
     if config.privacy.cuda_graphs and (config.privacy.engine != "bookkeeping" or config.model.checkpointing):
         raise ConfigError("privacy.cuda-graphs = true needs privacy.engine = 'bookkeeping' and model.checkpointing = "
                           "false (graphs of reentrant checkpoints are not verified). Set privacy.cuda-graphs = false.")
+    classes = len(config.data.class_names)
+    if config.train.weights and len(config.train.weights) != classes:
+        raise ConfigError(f"train.class-weights = {config.train.class_weights!r} gives {len(config.train.weights)} "
+                          f"weights for {classes} classes {list(config.data.class_names)}: give one per class.")
+    if config.train.weights and config.privacy.enabled and (config.privacy.engine != "bookkeeping" or
+                                                            config.privacy.cuda_graphs):
+        raise ConfigError("train.class-weights under DP is applied by the bookkeeping engine's eager step only: "
+                          "set privacy.engine = 'bookkeeping' and privacy.cuda-graphs = false, or leave "
+                          "train.class-weights empty.")
     privacy = config.privacy
     if why := unsupported(config.attention, views=len(config.data.views), depth=config.data.depth,
                           dp_engine=privacy.engine if privacy.enabled else None, cuda_graphs=privacy.cuda_graphs,

@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from medfusion_fl.attention.config import AttentionConfig
 from medfusion_fl.attention.supervise import supervise
-from medfusion_fl.config import TrainConfig
 from medfusion_fl.errors import ConfigError
+from medfusion_fl.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 if TYPE_CHECKING:
@@ -118,7 +118,10 @@ def train_local(model: nn.Module, dataset: Dataset[Batch], cfg: TrainConfig, *, 
                     with autocast(cfg.precision, device):
                         logits, labels = _forward(model, batch, device)
                     # the loss in fp32, whatever the autocast
-                    loss = F.cross_entropy(logits.float(), labels, reduction="sum") / total_n
+                    per_patient = F.cross_entropy(logits.float(), labels, reduction="none")
+                    if cfg.weights:  # train.class-weights: as under DP, each patient's weight by its class
+                        per_patient = per_patient * torch.tensor(cfg.weights, device=labels.device)[labels]
+                    loss = per_patient.sum() / total_n
                     total = loss + proximal_term(model, reference, proximal_mu) if pull else loss
                     scaler.scale(total).backward()  # type: ignore[no-untyped-call]
                 if step is not None:

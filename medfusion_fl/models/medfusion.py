@@ -168,7 +168,26 @@ def build_model(run: RunConfig, *, seed: int | None = None, pretrained: Pretrain
     model = MedFusionModel(run, spec_from_config(run), pretrained)
     if run.privacy.enabled:
         prepare_for_dp(model, run.model.backbone, engine=run.privacy.engine)
+    freeze(model, run.train.frozen)
     return model
+
+
+def freeze(model: nn.Module, prefixes: tuple[str, ...]) -> None:
+    """train.freeze: the parameters under these name prefixes stop requiring gradients (sites keep them as the
+    global model has them); a prefix that names no parameter, or freezing all of them, is a config error."""
+    names = [name for name, _ in model.named_parameters()]
+    for prefix in prefixes:
+        if not any(name == prefix or name.startswith(prefix + ".") for name in names):
+            tops = sorted({".".join(name.split(".")[:2]) for name in names})
+            raise ConfigError(f"train.freeze: {prefix!r} names no parameter of this model; its parameters start "
+                              f"with {tops}")
+    frozen = 0
+    for name, param in model.named_parameters():
+        if any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes):
+            param.requires_grad_(False)
+            frozen += 1
+    if prefixes and frozen == len(names):
+        raise ConfigError(f"train.freeze = {','.join(prefixes)!r} freezes every parameter: nothing would train")
 
 
 def example_inputs(spec: ModelSpec, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -193,24 +193,30 @@ class PerPatientClipper:
             return {p: t for p, t in parts[0].items() if p in self.trainable}
         return {p: torch.cat([part[p] for part in parts]) for p in parts[0] if p in self.trainable}
 
-    def clip_backward(self, losses: torch.Tensor) -> torch.Tensor:
+    def clip_backward(self, losses: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """One backward pass; p.grad = clipped per-patient sum for every trainable parameter.
+        `weights` (B,) in [0, 1]: each patient's clipped gradient is scaled by its weight after clipping
+        (sum_i w_i clip_C(grad_i)), so that no patient moves the sum by more than C.
         Returns each patient's gradient norm before clipping (B,)."""
         state = self.state
-        if losses.shape != (state.patients,):
+        if losses.shape != (state.patients,) or (weights is not None and weights.shape != losses.shape):
             self._release()
-            raise ValueError(f"clip_backward needs one loss per patient, shape ({state.patients},), "
-                             f"got {tuple(losses.shape)}")
+            raise ValueError(f"clip_backward needs one loss (and weight) per patient, shape ({state.patients},), "
+                             f"got {tuple(losses.shape)}{'' if weights is None else f', {tuple(weights.shape)}'}")
+        if weights is not None and not bool(((weights >= 0) & (weights <= 1)).all()):
+            self._release()
+            raise ValueError("clip_backward's weights must lie in [0, 1]: a larger weight would let one patient "
+                             "move the sum by more than max-grad-norm")
         state.phase = "backward"
         try:
             losses.sum().backward()  # type: ignore[no-untyped-call]
-            return self._finish(losses.device)
+            return self._finish(losses.device, weights)
         finally:
             self._release()
 
     @torch.no_grad()
     @record_function("bookkeeping.finish")
-    def _finish(self, device: torch.device) -> torch.Tensor:
+    def _finish(self, device: torch.device, weights: torch.Tensor | None = None) -> torch.Tensor:
         state = self.state
         self.last_bytes = {"kept_mb": state.kept_bytes / 2**20, "formed_mb": state.formed_bytes / 2**20}
         formed = list(state.grads)  # trainable only (_patient_grads keeps those)
@@ -221,6 +227,8 @@ class PerPatientClipper:
         parts = [*state.sq_norms, *([] if flat is None else [_row_sq(flat)])]
         norms = (torch.stack(parts).sum(dim=0) if parts else torch.zeros(state.patients, device=device)).sqrt()
         factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # Opacus' flat clipping rule
+        if weights is not None:
+            factors = factors * weights.to(factors)
         total: Grads = {}
         if flat is not None:
             summed = factors.to(flat.device) @ flat  # (P,)

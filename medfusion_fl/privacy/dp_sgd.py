@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from medfusion_fl.attention.config import AttentionConfig
 from medfusion_fl.attention.supervise import supervise
-from medfusion_fl.config import PrivacyConfig, TrainConfig
+from medfusion_fl.config import PrivacyConfig
 from medfusion_fl.errors import ConfigError
 from medfusion_fl.models.dp_form import LayerScale
 from medfusion_fl.multigpu.shard import Shard, require_bookkeeping
@@ -41,6 +41,7 @@ from medfusion_fl.privacy.conv_sampler import grouped_conv2d_grad_sample
 from medfusion_fl.privacy.graphed import PaddedClippedStep
 from medfusion_fl.privacy.persample import patient_grads
 from medfusion_fl.randomness import derive
+from medfusion_fl.train_config import TrainConfig
 from medfusion_fl.training import NO_ATTENTION, TrainResult, autocast, make_optimizer
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,8 @@ def train_local_dp(model: nn.Module, dataset: Dataset[Batch], cfg: TrainConfig, 
                         torch.Generator().manual_seed(shard.shared_seed(seeded, "poisson")))
             poisson = DPDataLoader.from_data_loader(loader, generator=sampling)
             expected = max(1, int(len(cast(Sized, dataset)) * poisson.sample_rate))  # as Opacus' mean reduction
-            step = BookkeepingStep(model, privacy, noise, expected=expected, attention=attention, shard=shard)
+            step = BookkeepingStep(model, privacy, noise, expected=expected, attention=attention, shard=shard,
+                                   class_weights=cfg.weights)
             try:
                 batches = poisson if shard is None else shard.batches(poisson)
                 loss_mean, seen, steps = _run_epochs(model, batches, optimizer, cfg, device, pull, proximal_mu, step)
@@ -158,6 +160,9 @@ def train_local_dp(model: nn.Module, dataset: Dataset[Batch], cfg: TrainConfig, 
                 loss_mean, seen = loss_sum / max(count, 1), int(count)
             sample_rate = float(poisson.sample_rate)
         else:
+            if cfg.weights:
+                raise ConfigError("train.class-weights needs privacy.engine = 'bookkeeping' (Opacus' optimizer "
+                                  "clips inside its step, where a weight after clipping cannot be applied)")
             loss_mean, seen, steps, sample_rate = _opacus_epochs(model, loader, optimizer, cfg, privacy, device,
                                                                  pull, proximal_mu, noise, attention,
                                                                  _secret_generator(torch.device("cpu"), seeded,
@@ -175,13 +180,16 @@ class BookkeepingStep:
     processes' sums are summed, before the division by the site's expected batch size."""
 
     def __init__(self, model: nn.Module, privacy: PrivacyConfig, noise: torch.Generator, *, expected: int,
-                 attention: AttentionConfig = NO_ATTENTION, shard: Shard | None = None) -> None:
+                 attention: AttentionConfig = NO_ATTENTION, shard: Shard | None = None,
+                 class_weights: tuple[float, ...] = ()) -> None:
         self.model, self.expected, self.noise, self.privacy = model, expected, noise, privacy
         self.attention, self.shard = attention, shard
         self.std = privacy.noise_multiplier * privacy.max_grad_norm
         self.clipper = PerPatientClipper(model, max_grad_norm=privacy.max_grad_norm)
         self._draw: torch.Tensor | None = None  # the step's noise, one draw for all parameters
         self._graphed: PaddedClippedStep | None = None  # privacy.cuda-graphs
+        # train.class-weights: each class's factor on its patients' clipped gradients (each in (0, 1])
+        self.class_weights = torch.tensor(class_weights) if class_weights else None
 
     def __call__(self, batch: Batch, device: torch.device, precision: str) -> tuple[float, int]:
         n = len(batch["label"])
@@ -197,7 +205,9 @@ class BookkeepingStep:
                     # layers' weight gradients on CUDA, where GroupNorm runs in fp32)
                     losses = _patient_losses(self.model, batch, device, precision, cast_cache=False)
                 with record_function("dp.backward"):
-                    self.clipper.clip_backward(losses)
+                    weights = (None if self.class_weights is None else
+                               self.class_weights.to(losses.device)[batch["label"].to(losses.device)])
+                    self.clipper.clip_backward(losses, weights)
         with record_function("dp.noise"):  # one draw for all parameters: a kernel, not one per parameter
             params = self.clipper.params
             grads = [p.grad if (n and p.grad is not None) else torch.zeros_like(p) for p in params]

@@ -12,11 +12,12 @@ import json
 import math
 from dataclasses import asdict, dataclass
 
-from medfusion_fl.config import EvaluationConfig, PrivacyConfig, TrainConfig
+from medfusion_fl.config import EvaluationConfig, PrivacyConfig
 from medfusion_fl.errors import ConfigError, PrivacyBudgetExhausted
 from medfusion_fl.privacy.accountant import DPStep, epsilon
 from medfusion_fl.privacy.ledger import Kind, PrivacyLedger
 from medfusion_fl.site_config import SiteConfig
+from medfusion_fl.train_config import TrainConfig
 
 
 @dataclass(frozen=True)
