@@ -12,7 +12,11 @@ or one of two model changes that have no config key (`hook.NAME=1`, applied wher
 build the model): `kaiming`, the tabular MLP and the image projection initialised for ReLU (He) instead of
 PyTorch's default; `headnorm`, a LayerNorm over the fused features before the head.
 
-    python bench/dp_recipe.py --repeats 2 --out bench/results/dp-recipe-demo-cpu2.json
+`--start pretrained` starts every federation from `medfusion-fl pretrain` on a public-style synthetic folder (as
+bench/pretrained_start.py: other patients, fainter lesions, never a site's) instead of random weights.
+
+    python bench/dp_recipe.py --repeats 3 --out bench/results/dp-recipe-demo-cpu2.json
+    python bench/dp_recipe.py --start pretrained --repeats 3 --out bench/results/dp-recipe-pretrained-cpu2.json
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from pretrained_start import PUBLIC  # noqa: E402
 from stepbench import write_report  # noqa: E402
 
 import medfusion_fl.pretrained.start as start_module  # noqa: E402
@@ -42,8 +47,10 @@ from client.client_app import app as client_app  # noqa: E402
 from medfusion_fl.config import RunConfig  # noqa: E402
 from medfusion_fl.console import ensure_logging  # noqa: E402
 from medfusion_fl.data import write_federation  # noqa: E402
+from medfusion_fl.data.synthetic import write_public  # noqa: E402
 from medfusion_fl.models import medfusion  # noqa: E402
 from medfusion_fl.parameters import set_weights  # noqa: E402
+from medfusion_fl.pretrained.pretrain import pretrain  # noqa: E402
 from medfusion_fl.training import predict  # noqa: E402
 from server.federation import Federation  # noqa: E402
 from simulations.inprocess import InProcessGrid  # noqa: E402
@@ -150,6 +157,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lever", action="append", help="NAME:key=value,... (default: the list in LEVERS)")
     parser.add_argument("--repeats", type=int, default=1, help="federations per lever (DP noise from the OS)")
+    parser.add_argument("--start", choices=("scratch", "pretrained"), default="scratch")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     ensure_logging(logging.WARNING)
@@ -157,6 +165,13 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="dp-recipe-"))
     base = {"data.sites-root": str(root / "data"), "report.enabled": False}
     write_federation(root / "data", RunConfig.from_flat(base), 3)
+    start: dict[str, Any] = {}
+    if args.start == "pretrained":
+        public_run = RunConfig.from_flat({**base, **PUBLIC})
+        card = pretrain(write_public(root / "public", public_run, 300), root / "start.safetensors", public_run,
+                        epochs=5, seed=1)
+        start = {"init.source": "file", "init.path": str(root / "start.safetensors"),
+                 "init.sha256": card["file_sha256"]}
     results: dict[str, Any] = {}
     for lever in args.lever or LEVERS:
         name, flat, hooks = parse(lever)
@@ -164,7 +179,7 @@ def main() -> None:
         policy = NO_DP_POLICY if flat.get("privacy.enabled") is False else {}
         results[name] = {"config": {**flat, **{f"hook.{k}": v for k, v in hooks.items()}}, "runs": []}
         for repeat in range(args.repeats):
-            run = RunConfig.from_flat({**base, **flat, "output.run-dir": str(root / f"{name}-{repeat}")})
+            run = RunConfig.from_flat({**base, **start, **flat, "output.run-dir": str(root / f"{name}-{repeat}")})
             result = federate(run, 3, policy)
             results[name]["runs"].append(result)
             last = result["rounds"][-1]
@@ -175,7 +190,7 @@ def main() -> None:
     apply_hooks({})
     write_report({"what": "levers of the private recipe on the demo federation (3 synthetic sites x 120 patients, "
                   "32 px, 3 rounds), the private defaults and no DP in the same run",
-                  "cpus": os.cpu_count(), "repeats": args.repeats, "levers": results}, args.out)
+                  "cpus": os.cpu_count(), "repeats": args.repeats, "start": args.start, "levers": results}, args.out)
 
 
 if __name__ == "__main__":

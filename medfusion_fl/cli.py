@@ -22,6 +22,7 @@ from medfusion_fl.config_sources import flatten, parse_overrides, read_toml_flat
 from medfusion_fl.console import ensure_logging
 from medfusion_fl.errors import ConfigError, MedFusionError, RunStopped, SimulationFailed
 from medfusion_fl.pretrained.cli import add_commands as add_pretrain_commands
+from medfusion_fl.pretrained.cli import public_start
 from medfusion_fl.report.cli import add_commands as add_report_commands
 from medfusion_fl.webconsole.cli import add_commands as add_console_commands
 
@@ -189,6 +190,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         from medfusion_fl.data import write_federation
 
         write_federation(Path(run.data.sites_root), run, num_sites)
+    if int(sim.get("public-patients", 0)) > 0:
+        run = public_start(run, out, int(sim["public-patients"]), int(sim.get("pretrain-epochs", 5)))
     _write_site_policies(Path(run.data.sites_root), args.site_policy or [], num_sites)
     sys.path.insert(0, str(app_dir))
     from simulations.runner import run_app

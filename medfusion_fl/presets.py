@@ -11,7 +11,9 @@ from medfusion_fl.errors import ConfigError
 
 FOLDER = Path("simulations") / "presets"
 DEFAULT = "tiny-cpu"  # what `medfusion-fl simulate` runs without --preset
-SIMULATION_KEYS = {"num-sites": (int, 1), "cpus-per-site": (float, 0.01), "gpus-per-site": (float, 0.0)}
+SIMULATION_KEYS = {"num-sites": (int, 1), "cpus-per-site": (float, 0.01), "gpus-per-site": (float, 0.0),
+                   # > 0: a public synthetic folder of this many patients, `pretrain`ed on, starts the federation
+                   "public-patients": (int, 0), "pretrain-epochs": (int, 1)}
 
 
 def find_app(app: str | Path) -> Path:

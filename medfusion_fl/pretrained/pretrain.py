@@ -65,7 +65,8 @@ def pretrain(folder: Path, out: Path, run: RunConfig, *, epochs: int, seed: int)
         raise DataError(f"--out {out}: write a .safetensors file (init.path reads it without unpickling anything)")
     role = refuse_patient_folders(folder, run)
     plain = RunConfig.from_flat({**run.to_flat(), "privacy.enabled": False, "secagg.enabled": False,
-                                 "init.source": "random", "init.path": "", "init.sha256": ""})
+                                 "init.source": "random", "init.path": "", "init.sha256": "",
+                                 "train.freeze": "", "train.class-weights": ""})  # the federation's levers, not its
     data = load_site(folder, plain.data)
     model = build_model(plain, seed=seed)
     cfg = plain.train.model_copy(update={"local_epochs": 1})  # an epoch at a time: its AUROC logged

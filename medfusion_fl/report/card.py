@@ -308,7 +308,10 @@ def _dp_statement(run: RunConfig, sites: dict[str, Any]) -> str | dict[str, Any]
     return {
         "unit": "patient (all views and clinical features of one patient form one sample)",
         "training": {"mechanism": "DP-SGD: Poisson sampling, per-patient gradient clipping, Gaussian noise",
-                     "noise_multiplier": p.noise_multiplier, "max_grad_norm": p.max_grad_norm},
+                     "noise_multiplier": p.noise_multiplier, "max_grad_norm": p.max_grad_norm,
+                     **({"class_weights_after_clipping": dict(zip(run.data.class_names, run.train.weights,
+                                                                  strict=True))} if run.train.weights else {}),
+                     **({"not_trained_at_sites": list(run.train.frozen)} if run.train.frozen else {})},
         "evaluation": {"mechanism": "Gaussian mechanism on the sums of the validation patients' release (sample "
                                     "rate 1, one step per evaluation)",
                        "noise_multiplier": run.evaluation.noise_multiplier},

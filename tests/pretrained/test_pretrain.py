@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -66,3 +67,25 @@ def test_pretrain_refuses_patients_of_the_federation(tmp_path: Path, synth_root:
     assert main(["pretrain", str(copy), "--out", str(tmp_path / "w.pt"), "--epochs", "1"]) == 1
     assert "write a .safetensors file" in capsys.readouterr().err
     assert not list(tmp_path.glob("w.*"))  # nothing written for any refusal
+
+
+def test_simulate_can_start_from_a_public_pretrained_model(tmp_path: Path) -> None:
+    """simulation.public-patients: the public folder is another seed's patients (none of a site's ids), its
+    weights start the run (init.source = file, pinned by SHA-256), and freeze/class-weights do not leak into it."""
+    from medfusion_fl.data import write_federation
+    from medfusion_fl.pretrained.cli import public_start
+
+    def ids(folder: Path) -> set[str]:
+        return {row["patient_id"] for row in csv.DictReader((folder / "manifest.csv").open())}
+
+    run = RunConfig.from_flat({**tiny_flat(tmp_path), "train.freeze": "image.backbones",
+                               "train.class-weights": "0.5,1"})
+    write_federation(tmp_path / "data", run, 2)
+    started = public_start(run, tmp_path / "run", 40, 1)
+    folder = tmp_path / "run" / "pretrained" / "public"
+    assert json.loads((folder / "folder.json").read_text())["role"] == "public"
+    assert ids(folder) and not ids(folder) & ids(tmp_path / "data" / "site-0")
+    card = json.loads((tmp_path / "run" / "pretrained" / "start.card.json").read_text())
+    assert (started.init.source, started.init.sha256) == ("file", card["file_sha256"])
+    assert card["config"]["train.freeze"] == "" and started.train.freeze == "image.backbones"
+    assert public_start(started, tmp_path / "again", 40, 1) is started  # a run with its own start keeps it
