@@ -22,6 +22,7 @@ bench/pretrained_start.py: other patients, fainter lesions, never a site's) inst
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -187,10 +188,16 @@ def main() -> None:
                      "held-out loss %s; %.0f s", name, repeat + 1, last["auroc"], last["accuracy_at_threshold"],
                      last["sensitivity"], last["threshold"], last["z_negative"], last["z_positive"],
                      last["z_spread_within_class"], [round(r["loss"], 2) for r in result["rounds"]], result["wall_s"])
+        if args.out:  # after each lever: an interrupted run keeps what it measured
+            args.out.write_text(json.dumps(report(args, results), indent=2) + "\n")
     apply_hooks({})
-    write_report({"what": "levers of the private recipe on the demo federation (3 synthetic sites x 120 patients, "
-                  "32 px, 3 rounds), the private defaults and no DP in the same run",
-                  "cpus": os.cpu_count(), "repeats": args.repeats, "start": args.start, "levers": results}, args.out)
+    write_report(report(args, results), args.out)
+
+
+def report(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, Any]:
+    return {"what": "levers of the private recipe on the demo federation (3 synthetic sites x 120 patients, 32 px, "
+            "3 rounds), the private defaults and no DP in the same run", "cpus": os.cpu_count(),
+            "repeats": args.repeats, "start": args.start, "levers": results}
 
 
 if __name__ == "__main__":

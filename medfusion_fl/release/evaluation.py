@@ -86,7 +86,9 @@ class PooledEvaluation:
     specificity: float | None = None
 
     @classmethod
-    def from_sum(cls, layout: ReleaseLayout, total: np.ndarray) -> PooledEvaluation:
+    def from_sum(cls, layout: ReleaseLayout, total: np.ndarray, noise_std: float = 0.0) -> PooledEvaluation:
+        """`noise_std`: the std of the DP noise on each entry of `total` (0 without DP): the operating threshold
+        follows youden_threshold's one-standard-error rule under noise."""
         if total.shape != (layout.length,):
             raise ValueError(f"an evaluation sum of {total.shape} entries; expected {layout.length}")
         cells = total[: layout.cells]
@@ -100,7 +102,7 @@ class PooledEvaluation:
         neg, pos = np.clip(cells[: layout.bins], 0, None), np.clip(cells[layout.bins:], 0, None)
         half = layout.bins // 2  # predicted positive when s_1 >= 0.5, the edge of bin bins/2
         accuracy = (float(pos[half:].sum()) + float(neg[:half].sum())) / max(float(pos.sum() + neg.sum()), 1e-12)
-        threshold = youden_threshold(pos, neg)
+        threshold = youden_threshold(pos, neg, noise_std)
         at: tuple[float | None, float | None] = (None, None)
         if threshold is not None:
             edge = round(threshold * layout.bins)
@@ -113,7 +115,7 @@ def noise_spread(layout: ReleaseLayout, total: np.ndarray, std: float, *, draws:
     `draws` re-noised copies of the released sum (a parametric bootstrap: post-processing, no privacy cost;
     seeded, so a report repeats)."""
     rng = np.random.default_rng(0)
-    read = [PooledEvaluation.from_sum(layout, total + rng.normal(0.0, std, total.shape)) for _ in range(draws)]
+    read = [PooledEvaluation.from_sum(layout, total + rng.normal(0.0, std, total.shape), std) for _ in range(draws)]
 
     def band(values: list[float | None]) -> list[float] | None:
         known = [v for v in values if v is not None]
@@ -156,12 +158,26 @@ def binned_auprc(pos: np.ndarray, neg: np.ndarray) -> float | None:
     return float((pos[::-1] * precision).sum() / p)
 
 
-def youden_threshold(pos: np.ndarray, neg: np.ndarray) -> float | None:
-    """The bin edge k / bins maximising sensitivity + specificity (predict positive when score >= it)."""
+def youden_threshold(pos: np.ndarray, neg: np.ndarray, noise_std: float = 0.0) -> float | None:
+    """The bin edge k / bins maximising sensitivity + specificity (predict positive when score >= it).
+
+    `noise_std` > 0 (DP: the std of every cell's noise): the edge nearest 0.5, the model's own decision point,
+    among those whose sum lies within one standard error of the largest (the one-standard-error rule). With few
+    patients a bin, noise alone makes some edge's sum the largest, most often one far out where few patients sit;
+    the rule moves the threshold from 0.5 only where the release shows a better one beyond its noise. The
+    standard error counts the noise of the cells summed on each side of the edge (their totals' own noise is left
+    out)."""
     p, n = float(pos.sum()), float(neg.sum())
     if p <= 0 or n <= 0:
         return None
     bins = len(pos)
     sensitivity = (p - np.cumsum(pos)[:-1]) / p  # positives at or above edge k, for k = 1 .. bins - 1
     specificity = np.cumsum(neg)[:-1] / n  # negatives below edge k
-    return float((1 + int(np.argmax(sensitivity + specificity))) / bins)
+    youden = sensitivity + specificity
+    best = int(np.argmax(youden))
+    if noise_std > 0:
+        edges = np.arange(1, bins)
+        error = noise_std * (np.sqrt(bins - edges) / p + np.sqrt(edges) / n)
+        near = np.flatnonzero(youden >= youden[best] - error[best])
+        best = int(near[np.argmin(np.abs(edges[near] / bins - 0.5))])
+    return float((1 + best) / bins)
