@@ -2,6 +2,7 @@
 alternating, in one process: wall time, held-out AUROC and accuracy at the sites' threshold, epsilon.
 
     python bench/demo_compare.py --baseline 1a345b5 --runs 2 > bench/results/demo-compare.json
+    python bench/demo_compare.py --baseline fe3392f --runs 5 > bench/results/demo-compare-recipe-cpu2.json
 
 The baseline runs from a temporary `git worktree` of the ref (its own code, imported from its folder).
 Prints one JSON object: every run, and per side the median wall time; `wall_time_ratio` = current /
@@ -35,10 +36,13 @@ def _demo(code: Path, out: Path) -> dict[str, Any]:
     seconds = time.monotonic() - start
     if done.returncode != 0:
         raise RuntimeError(f"the demo at {code} failed:\n{done.stderr[-3000:]}")
-    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    last = lines[-1]
     held = last["held_out"] or {}
     return {"wall_s": round(seconds, 1), "held_out_auroc": held.get("auroc"),
             "accuracy_at_threshold": held.get("accuracy-at-threshold"), "threshold": held.get("threshold"),
+            "sensitivity": held.get("sensitivity"), "specificity": held.get("specificity"),
+            "held_out_loss_by_round": [round((line["held_out"] or {}).get("loss", float("nan")), 4) for line in lines],
             "site_eval_auroc": (last["evaluate"] or {}).get("auroc"),
             "epsilon": {site: round(p["epsilon"], 3) for site, p in (last.get("privacy") or {}).items()}}
 

@@ -215,11 +215,14 @@ def test_simulate_help_names_the_default_preset_and_lists_them(capsys: pytest.Ca
 
 
 def test_config_show_without_a_preset_is_what_simulate_runs_without_one(tmp_path: Path) -> None:
-    """`config show` (no preset) prints the defaults; `simulate` (no preset) runs tiny-cpu: the same config."""
+    """`config show` (no preset) prints the defaults; `simulate` (no preset) runs tiny-cpu: the same config but for
+    the demo's fine-tuning of its pretrained start: class weights (a consortium's expected prevalence, which no
+    default can know), a frozen backbone and half the learning rate."""
     import argparse
 
     from medfusion_fl.cli import _preset_config
 
     args = argparse.Namespace(app=str(REPO), preset="tiny-cpu", config=None, set=[])
     simulated = _preset_config(args)[0].to_flat()
-    assert {k: v for k, v in RunConfig().to_flat().items() if simulated[k] != v} == {}
+    assert {k: simulated[k] for k, v in RunConfig().to_flat().items() if simulated[k] != v} == {
+        "train.class-weights": "0.5,1", "train.freeze": "image.backbones", "train.lr": 0.001}

@@ -18,7 +18,8 @@ from tests.conftest import REPO
 from tests.release.outbound_checks import check_outbound
 
 SMALL = ["--set", "model.backbone=test_resnet", "--set", "synth.patients-per-site=60", "--set",
-         "synth.test-patients=40", "--set", "train.local-epochs=1"]  # sizes only: every privacy key at its default
+         "synth.test-patients=40", "--set", "train.local-epochs=1", "--set", "simulation.public-patients=60",
+         "--set", "simulation.pretrain-epochs=1"]  # sizes only: every privacy key at its default
 
 
 def _simulate(out: Path, sites: int, rounds: int, *extra: str) -> tuple[list[dict[str, Any]], dict[str, Any], str]:
@@ -43,6 +44,9 @@ def test_a_default_federation_releases_only_what_the_privacy_statement_covers(tm
     assert all(line["train"]["loss"] is None for line in lines)  # not released under DP
     assert card["export_check"]["max_abs_diff"] <= 1e-4 and (out / "model.onnx").is_file()
     assert "round 2/2" in log and "not released (DP)" in log
+    start = card["initial_weights"]  # the preset's start: pretrained on a public folder, pinned by its hash
+    assert start["source"] == "file" and start["path"].endswith("pretrained/start.safetensors") and start["file_sha256"]
+    assert card["privacy"]["training"]["class_weights_after_clipping"] == {"negative": 0.5, "positive": 1.0}
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(out / "tensorboard"))
