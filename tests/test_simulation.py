@@ -46,7 +46,9 @@ def test_a_default_federation_releases_only_what_the_privacy_statement_covers(tm
     assert "round 2/2" in log and "not released (DP)" in log
     start = card["initial_weights"]  # the preset's start: pretrained on a public folder, pinned by its hash
     assert start["source"] == "file" and start["path"].endswith("pretrained/start.safetensors") and start["file_sha256"]
-    assert card["privacy"]["training"]["class_weights_after_clipping"] == {"negative": 0.5, "positive": 1.0}
+    training = card["privacy"]["differential_privacy"]["training"]
+    assert training["class_weights_after_clipping"] == {"negative": 0.5, "positive": 1.0}
+    assert training["not_trained_at_sites"] == ["image.backbones"]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(out / "tensorboard"))

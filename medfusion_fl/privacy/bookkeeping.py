@@ -201,8 +201,9 @@ class PerPatientClipper:
         state = self.state
         if losses.shape != (state.patients,) or (weights is not None and weights.shape != losses.shape):
             self._release()
-            raise ValueError(f"clip_backward needs one loss (and weight) per patient, shape ({state.patients},), "
-                             f"got {tuple(losses.shape)}{'' if weights is None else f', {tuple(weights.shape)}'}")
+            got = tuple(losses.shape) if weights is None else (tuple(losses.shape), tuple(weights.shape))
+            raise ValueError(f"clip_backward needs one loss per patient (and one weight each), shape "
+                             f"({state.patients},), got {got}")
         if weights is not None and not bool(((weights >= 0) & (weights <= 1)).all()):
             self._release()
             raise ValueError("clip_backward's weights must lie in [0, 1]: a larger weight would let one patient "
