@@ -54,19 +54,23 @@ def test_temperature_from_the_pooled_histograms_lowers_ece(factor: float) -> Non
 @pytest.mark.parametrize("factor", [4.0, 2.0, 1.0, 0.3])
 def test_under_dp_noise_a_temperature_is_applied_only_when_it_stands_out(factor: float) -> None:
     """The default evaluation noise (2 x sqrt 2 per count and site, three sites): a calibrated model keeps
-    T = 1, a strongly overconfident one is still corrected, and no fit makes the ECE worse."""
+    T = 1, a strongly overconfident one is still corrected, no fit makes the ECE worse, and a fit goes the right
+    way (T > 1 for an overconfident model, T < 1 for an underconfident one). Moderate miscalibration mostly stays
+    within the noise: over 10 seeds, factor 4 was fitted 9 times, 2.0 once (T 2.08), 1.0 and 0.3 never."""
     sd = 2.0 * np.sqrt(2)
     val_labels, val_probs = _overconfident(300, seed=1, factor=factor)
     test_labels, test_probs = _overconfident(5000, seed=2, factor=factor)
     before = reliability(test_labels, test_probs, 10).ece
-    fitted = 0
+    fitted: list[float] = []
     for seed in range(10):
         temperature = fit_temperature(**_pooled(val_labels, val_probs, noise_sd=sd, seed=seed),
                                       noise_sd=sd * np.sqrt(3))
-        fitted += temperature.fitted
+        fitted += [temperature.value] if temperature.fitted else []
         assert temperature.fitted or (temperature.value == 1.0 and "not applied" in temperature.method)
         assert reliability(test_labels, scale_probs(test_probs, temperature.value), 10).ece <= before + 0.005
-    assert fitted >= 8 if factor == 4.0 else fitted <= 2 if factor == 1.0 else True
+    if factor != 1.0:  # each fit corrects in the model's direction
+        assert all((t > 1) == (factor > 1) for t in fitted), fitted
+    assert len(fitted) >= 8 if factor == 4.0 else len(fitted) <= 2, fitted
 
 
 def test_a_calibrated_model_keeps_temperature_1_without_noise() -> None:
