@@ -4,7 +4,7 @@ Under secure aggregation the coordinator holds only sum n_i (w_i - w) and sum n_
 depends only on the weighted mean (FedAvg, FedProx, FedAvgM, FedAdagrad, FedAdam, FedYogi) get one reply:
 the mean w + sum n_i (w_i - w) / sum n_i, weighted by the total. FedAvg's weighted mean of that one reply is
 the reply itself (factor N / N = 1.0), and every later step of those classes reads only that mean
-(tests/test_strategies.py feeds both forms). Without secure aggregation the sites' replies go to the
+(tests/strategy/test_mean.py feeds both forms). Without secure aggregation the sites' replies go to the
 strategy one by one, as Flower's own loop would pass them.
 """
 
