@@ -27,5 +27,5 @@ def test_every_cited_test_file_exists() -> None:
 
 
 def test_the_pattern_finds_our_paths_and_skips_another_trees() -> None:
-    text = "see tests/strategy/test_mean.py and (tests/x.py); opacus/tests/accountants_test.py is theirs"
-    assert CITED.findall(text) == ["tests/strategy/test_mean.py", "tests/x.py"]
+    text = "see tests/strategy/test_mean.py and (tests/conftest.py); opacus/tests/accountants_test.py is theirs"
+    assert CITED.findall(text) == ["tests/strategy/test_mean.py", "tests/conftest.py"]
