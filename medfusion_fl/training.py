@@ -103,6 +103,7 @@ def train_local(model: nn.Module, dataset: Dataset[Batch], cfg: TrainConfig, *, 
     pull = proximal_mu > 0 and (shard is None or shard.rank == 0)  # the FedProx term's gradient counts once
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(model, cfg)
+    class_weights = torch.tensor(cfg.weights, device=device) if cfg.weights else None
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     steps, epoch_loss, seen = 0, 0.0, 0
     for epoch in range(cfg.local_epochs):
@@ -119,8 +120,8 @@ def train_local(model: nn.Module, dataset: Dataset[Batch], cfg: TrainConfig, *, 
                         logits, labels = _forward(model, batch, device)
                     # the loss in fp32, whatever the autocast
                     per_patient = F.cross_entropy(logits.float(), labels, reduction="none")
-                    if cfg.weights:  # train.class-weights: as under DP, each patient's weight by its class
-                        per_patient = per_patient * torch.tensor(cfg.weights, device=labels.device)[labels]
+                    if class_weights is not None:  # train.class-weights: as under DP, each patient's by its class
+                        per_patient = per_patient * class_weights[labels]
                     loss = per_patient.sum() / total_n
                     total = loss + proximal_term(model, reference, proximal_mu) if pull else loss
                     scaler.scale(total).backward()  # type: ignore[no-untyped-call]

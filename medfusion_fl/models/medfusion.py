@@ -175,19 +175,21 @@ def build_model(run: RunConfig, *, seed: int | None = None, pretrained: Pretrain
 def freeze(model: nn.Module, prefixes: tuple[str, ...]) -> None:
     """train.freeze: the parameters under these name prefixes stop requiring gradients (sites keep them as the
     global model has them); a prefix that names no parameter, or freezing all of them, is a config error."""
-    names = [name for name, _ in model.named_parameters()]
+    params = dict(model.named_parameters())
+
+    def under(name: str, prefix: str) -> bool:
+        return name == prefix or name.startswith(prefix + ".")
+
     for prefix in prefixes:
-        if not any(name == prefix or name.startswith(prefix + ".") for name in names):
-            tops = sorted({".".join(name.split(".")[:2]) for name in names})
+        if not any(under(name, prefix) for name in params):
+            tops = sorted({".".join(name.split(".")[:2]) for name in params})
             raise ConfigError(f"train.freeze: {prefix!r} names no parameter of this model; its parameters start "
                               f"with {tops}")
-    frozen = 0
-    for name, param in model.named_parameters():
-        if any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes):
-            param.requires_grad_(False)
-            frozen += 1
-    if prefixes and frozen == len(names):
+    frozen = [param for name, param in params.items() if any(under(name, prefix) for prefix in prefixes)]
+    if prefixes and len(frozen) == len(params):
         raise ConfigError(f"train.freeze = {','.join(prefixes)!r} freezes every parameter: nothing would train")
+    for param in frozen:
+        param.requires_grad_(False)
 
 
 def example_inputs(spec: ModelSpec, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

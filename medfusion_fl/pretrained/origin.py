@@ -34,10 +34,6 @@ class RunWeights:
     run_id: str = ""
     is_plain: bool = False  # the tensors are named in the plain form (an export), not their run's form
 
-    def model_differences(self, run: RunConfig) -> str:
-        """The keys that make this run's model another shape than the earlier one's: '' when the same."""
-        return model_differences(self.config, run)
-
     def plain(self) -> dict[str, torch.Tensor]:
         """The weights under their plain-form names (a checkpoint keeps its run's form, DP or not)."""
         state = {k: torch.from_numpy(np.asarray(v)) for k, v in self.weights.items()}

@@ -204,7 +204,7 @@ def _from_file(run: RunConfig, seed: int, path: Path) -> tuple[MedFusionModel, P
 
 def _from_run(run: RunConfig, seed: int, earlier: RunWeights) -> tuple[MedFusionModel, Provenance]:
     sha = checked_sha256(earlier.file, run.init.sha256)
-    differs = earlier.model_differences(run)
+    differs = model_differences(earlier.config, run)
     part = run.init.part if run.init.part != "auto" else ("model" if not differs else "backbone")
     state = earlier.plain()
     if part == "model":
