@@ -99,6 +99,17 @@ def test_weights_outside_0_1_or_of_the_wrong_shape_are_refused_and_parameters_re
     clipper.detach()
 
 
+def test_a_weighted_step_is_refused_where_it_would_run_unweighted() -> None:
+    """The CUDA-graphs step clips without weights: the step itself refuses class weights there, not only
+    RunConfig."""
+    from medfusion_fl.config import PrivacyConfig
+    from medfusion_fl.privacy.dp_sgd import BookkeepingStep
+
+    model = family_model("resnet", checkpointing=False)
+    with pytest.raises(ConfigError, match="eager step only"):
+        BookkeepingStep(model, PrivacyConfig(cuda_graphs=True), torch.Generator(), expected=4, class_weights=(0.5, 1))
+
+
 def test_frozen_parameters_leave_a_dp_site_and_a_plain_site_unchanged(synth_root: Path, tiny_run: RunConfig) -> None:
     from medfusion_fl.privacy.dp_sgd import train_local_dp
 

@@ -189,6 +189,8 @@ class BookkeepingStep:
         self._draw: torch.Tensor | None = None  # the step's noise, one draw for all parameters
         self._graphed: PaddedClippedStep | None = None  # privacy.cuda-graphs
         # train.class-weights: each class's factor on its patients' clipped gradients (each in (0, 1])
+        if class_weights and privacy.cuda_graphs:  # the captured step clips without weights: refuse, not ignore
+            raise ConfigError("train.class-weights is applied by the eager step only: set privacy.cuda-graphs = false")
         self.class_weights = torch.tensor(class_weights) if class_weights else None
 
     def __call__(self, batch: Batch, device: torch.device, precision: str) -> tuple[float, int]:
