@@ -85,15 +85,22 @@ def audit_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
     state_dir = _state_dir(context)
     server_round = _server_round(msg, context)
     kind, items = describe(reply)
-    if state_dir is None:
-        log.error("no state-dir known for this site: the %s reply to %s is sent unaudited (fix the node config)",
-                  kind, msg.metadata.message_type)
-        return reply
+    if state_dir is None:  # nowhere to record it: the reply is not sent (an error's reason stays in this log)
+        log.error("no state-dir known for this site: refusing to send the %s reply to %s unaudited (set state-dir in "
+                  "site.toml or the node config)%s", kind, msg.metadata.message_type,
+                  f"; it said: {reply.error.reason}" if reply.has_error() else "")
+        return _unrecorded(msg, "no state folder is known for its outbound audit log")
     try:
         OutboundAudit(state_dir).append(run=int(msg.metadata.run_id), server_round=server_round,
                                         stage=msg.metadata.message_type, kind=kind, items=items)
-    except OSError as exc:  # a message the site cannot record is not sent
-        log.error("outbound audit %s not writable (%s): refusing to send the %s reply", state_dir, exc, kind)
-        return Message(error=Error(code=SITE_ERROR, reason="site error: its outbound audit log is not writable"),
-                       reply_to=msg)
+    except Exception as exc:  # unwritable, a full disk, a damaged chain: a message the site cannot record is not sent
+        log.error("outbound audit in %s could not record the %s reply to %s (%s: %s): refusing to send it",
+                  state_dir, kind, msg.metadata.message_type, type(exc).__name__, exc)
+        return _unrecorded(msg, "its outbound audit log could not record the reply")
     return reply
+
+
+def _unrecorded(msg: Message, why: str) -> Message:
+    """What a site sends instead of a reply its audit log did not record: a generic error, no content."""
+    return Message(error=Error(code=SITE_ERROR, reason=f"site error: {why}; the reply was not sent (the details "
+                                                       "stay in the site's own log)"), reply_to=msg)

@@ -111,10 +111,13 @@ def test_weights_of_another_model_are_refused(plain_run: RunConfig) -> None:
     assert reply.has_error() and f"parameter {key!r}" in reply.error.reason
 
 
-def test_bad_node_config_is_refused(tiny_run: RunConfig) -> None:
+def test_bad_node_config_is_refused(tiny_run: RunConfig, caplog: pytest.LogCaptureFixture) -> None:
+    """Without a state-dir the site has no audit log to record its refusal in, so the coordinator gets a generic
+    error (tests/client/test_outbound_fail_closed.py) and the site's own log names the bad key."""
     weights = get_weights(build_model(tiny_run, seed=0))
     reply = app(_message(MessageType.EVALUATE, weights), _context(tiny_run, {"data-pth": "/x"}))
-    assert reply.has_error() and "Unknown config key 'data-pth'" in reply.error.reason
+    assert reply.has_error() and "no state folder" in reply.error.reason
+    assert "Unknown config key 'data-pth'" in caplog.text
 
 
 def test_synthetic_site_is_created_on_first_use(tmp_path: Path) -> None:
