@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,3 +68,16 @@ def tiny_run(synth_root: Path) -> RunConfig:
 @pytest.fixture
 def plain_run(synth_root: Path) -> RunConfig:
     return RunConfig.from_flat(tiny_flat(synth_root, **PLAIN))
+
+
+@pytest.fixture
+def package_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """caplog that sees the package's records (INFO and up) even after a CLI test has set the package's logger
+    not to propagate (console.configure_logging), whatever order the tests run in."""
+    logger = logging.getLogger("medfusion_fl")
+    caplog.set_level(logging.INFO, logger="medfusion_fl")
+    logger.addHandler(caplog.handler)
+    try:
+        yield caplog
+    finally:
+        logger.removeHandler(caplog.handler)

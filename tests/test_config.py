@@ -133,22 +133,16 @@ def test_simulated_sites_read_their_own_policy_file(tmp_path: Path) -> None:
 
 
 def test_config_show_prints_the_effective_config(capsys: pytest.CaptureFixture[str],
-                                                 caplog: pytest.LogCaptureFixture) -> None:
-    import logging
-
+                                                 package_log: pytest.LogCaptureFixture) -> None:
     from medfusion_fl.cli import main
 
-    logging.getLogger("medfusion_fl").addHandler(caplog.handler)  # the CLI's logger does not propagate
-    try:
-        args = ["config", "show", "--app", str(REPO), "--preset", "tiny-3d-cpu", "--set", "secagg.enabled=false"]
-        assert main(args) == 0
-    finally:
-        logging.getLogger("medfusion_fl").removeHandler(caplog.handler)
+    args = ["config", "show", "--app", str(REPO), "--preset", "tiny-3d-cpu", "--set", "secagg.enabled=false"]
+    assert main(args) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == len(all_keys())
     assert "model.backbone = 'resnet3d-10'  # default 'resnet10t'" in lines  # from the preset
     assert "secagg.enabled = False  # default True" in lines and "privacy.enabled = True" in lines
-    assert "secagg.enabled = false: no secure aggregation" in caplog.text
+    assert "secagg.enabled = false: no secure aggregation" in package_log.text
 
 
 def test_simulation_keys_override_the_preset_and_are_checked() -> None:

@@ -80,25 +80,19 @@ def test_a_dp_evaluation_is_noised_and_charged_to_the_ledger(tiny_run: RunConfig
 
 
 def test_bad_site_folder_gives_a_clear_error_reply(synth_root: Path, plain_run: RunConfig, tmp_path: Path,
-                                                   caplog: pytest.LogCaptureFixture) -> None:
-    import logging
-
+                                                   package_log: pytest.LogCaptureFixture) -> None:
     folder = tmp_path / "broken"
     shutil.copytree(synth_root / "data" / "site-0", folder)
     first_image = sorted((folder / "images").iterdir())[0]
     first_image.write_bytes(b"garbage")
     weights = get_weights(build_model(plain_run, seed=0))
     node = {"data-path": str(folder), "site-id": "H9", "state-dir": str(tmp_path / "state"), **OPEN_POLICY}
-    logging.getLogger("medfusion_fl").addHandler(caplog.handler)  # the CLI's logger may not propagate
-    try:
-        reply = app(_message(MessageType.TRAIN, weights), _context(plain_run, node))
-    finally:
-        logging.getLogger("medfusion_fl").removeHandler(caplog.handler)
+    reply = app(_message(MessageType.TRAIN, weights), _context(plain_run, node))
     assert reply.has_error() and reply.error.code == SITE_ERROR
     # by default the file and row stay at the site: they are its own log's, not the coordinator's
     assert reply.error.reason.startswith("H9:") and "site's own log" in reply.error.reason
     assert "row 2" not in reply.error.reason and first_image.name not in reply.error.reason
-    assert "not a readable image" in caplog.text and "row 2" in caplog.text
+    assert "not a readable image" in package_log.text and "row 2" in package_log.text
     shared = app(_message(MessageType.TRAIN, weights), _context(plain_run, {**node, "share-metrics": True}))
     assert "not a readable image" in shared.error.reason and "row 2" in shared.error.reason
 
@@ -111,13 +105,13 @@ def test_weights_of_another_model_are_refused(plain_run: RunConfig) -> None:
     assert reply.has_error() and f"parameter {key!r}" in reply.error.reason
 
 
-def test_bad_node_config_is_refused(tiny_run: RunConfig, caplog: pytest.LogCaptureFixture) -> None:
+def test_bad_node_config_is_refused(tiny_run: RunConfig, package_log: pytest.LogCaptureFixture) -> None:
     """Without a state-dir the site has no audit log to record its refusal in, so the coordinator gets a generic
     error (tests/client/test_outbound_fail_closed.py) and the site's own log names the bad key."""
     weights = get_weights(build_model(tiny_run, seed=0))
     reply = app(_message(MessageType.EVALUATE, weights), _context(tiny_run, {"data-pth": "/x"}))
     assert reply.has_error() and "no state folder" in reply.error.reason
-    assert "Unknown config key 'data-pth'" in caplog.text
+    assert "Unknown config key 'data-pth'" in package_log.text
 
 
 def test_synthetic_site_is_created_on_first_use(tmp_path: Path) -> None:

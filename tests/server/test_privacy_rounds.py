@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import stat
 from pathlib import Path
@@ -64,21 +63,16 @@ def test_dp_rounds_report_cumulative_epsilon_and_survive_restart(synth_root: Pat
 
 
 def test_sites_decline_past_their_budget_and_the_run_ends_cleanly(synth_root: Path, tmp_path: Path,
-                                                                  caplog: pytest.LogCaptureFixture) -> None:
+                                                                  package_log: pytest.LogCaptureFixture) -> None:
     run = _dp_run(synth_root, tmp_path, rounds=3)
     probe = _dp_run(synth_root, tmp_path / "probe", rounds=1)
     Federation(probe).run_rounds(InProcessGrid(client_app, probe.to_flat(), num_nodes=2, node_config=NO_SECAGG))
     one_round = RunStore(probe.output.run_dir).read_metrics()[0]["privacy"]["site-0"]["epsilon"]
     budget = {"max-epsilon": one_round * 1.2, **NO_SECAGG}  # room for one round, not two: set by the SITE
     federation = Federation(run)
-    caplog.set_level(logging.INFO, logger="medfusion_fl")
-    logging.getLogger("medfusion_fl").addHandler(caplog.handler)  # the package's logger does not propagate
-    try:
-        federation.export(federation.run_rounds(InProcessGrid(client_app, run.to_flat(), num_nodes=2,
-                                                              node_config=budget)))
-    finally:
-        logging.getLogger("medfusion_fl").removeHandler(caplog.handler)
-    last = [r for r in caplog.records if r.name.startswith("medfusion_fl")][-1]
+    federation.export(federation.run_rounds(InProcessGrid(client_app, run.to_flat(), num_nodes=2,
+                                                          node_config=budget)))
+    last = [r for r in package_log.records if r.name.startswith("medfusion_fl")][-1]
     assert last.levelname == "WARNING" and "run ENDED EARLY: 1 of 3 rounds" in last.getMessage()
     lines = RunStore(run.output.run_dir).read_metrics()
     assert [line["status"] for line in lines] == ["ok", "budget-exhausted"]

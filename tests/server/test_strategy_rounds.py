@@ -4,7 +4,6 @@ secagg.update-norm-bound allows."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -68,17 +67,14 @@ def _scaled_site(monkeypatch: pytest.MonkeyPatch, site_id: str, factor: float) -
 
 
 def test_a_x100_update_moves_the_secure_mean_no_further_than_the_bound(
-        synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+        synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        package_log: pytest.LogCaptureFixture) -> None:
     bound = 0.5  # DP and secure aggregation on, the sites' default policy
     start = Federation(RunConfig.from_flat(tiny_flat(synth_root, **{"output.run-dir": str(tmp_path / "x")})))
     before = {k: v.detach().numpy().astype(np.float64) for k, v in start.model.state_dict().items()}
     _scaled_site(monkeypatch, "site-0", 100.0)
-    logging.getLogger("medfusion_fl").addHandler(caplog.handler)
-    try:
-        bounded = _rounds(synth_root, tmp_path / "bounded", 1, {}, **{"secagg.update-norm-bound": bound})
-        _rounds(synth_root, tmp_path / "unbounded", 1, {}, **{"secagg.update-norm-bound": 1e9, "secagg.clip": 50.0})
-    finally:
-        logging.getLogger("medfusion_fl").removeHandler(caplog.handler)
+    bounded = _rounds(synth_root, tmp_path / "bounded", 1, {}, **{"secagg.update-norm-bound": bound})
+    _rounds(synth_root, tmp_path / "unbounded", 1, {}, **{"secagg.update-norm-bound": 1e9, "secagg.clip": 50.0})
     run = bounded.run
     level = 2 * run.secagg.clip / (2**run.secagg.bits - 1)  # one quantisation level of each entry of the mean
     params = sum(v.size for v in before.values())
@@ -91,7 +87,7 @@ def test_a_x100_update_moves_the_secure_mean_no_further_than_the_bound(
     assert moved(tmp_path / "bounded") <= bound + level * np.sqrt(params)
     assert moved(tmp_path / "unbounded") > 20 * bound  # the same site, unbounded, drags the model away
     assert any("site-0 round 1: update norm" in r.getMessage() and "scaled down" in r.getMessage()
-               for r in caplog.records)
+               for r in package_log.records)
 
 
 def test_strategies_that_need_each_update_run_without_secure_aggregation(synth_root: Path, tmp_path: Path) -> None:

@@ -186,18 +186,11 @@ def test_a_strategy_result_of_the_wrong_shape_or_nan_fails_the_round() -> None:
         strategy.aggregate_updates(1, weights, bad)
 
 
-def test_the_one_reply_flower_counts_is_explained_in_the_log(caplog: pytest.LogCaptureFixture) -> None:
-    import logging
-
+def test_the_one_reply_flower_counts_is_explained_in_the_log(package_log: pytest.LogCaptureFixture) -> None:
     rng = np.random.default_rng(0)
     start = _global(rng)
     sites = _sites(rng, start, count=True)
-    caplog.set_level(logging.INFO, logger="medfusion_fl")
-    logging.getLogger("medfusion_fl").addHandler(caplog.handler)  # the package's logger does not propagate
-    try:
-        _strategy("fedavg").aggregate_mean(2, start, _delta_sum(start, sites), 120, sites=len(sites))
-    finally:
-        logging.getLogger("medfusion_fl").removeHandler(caplog.handler)
-    said = [r.getMessage() for r in caplog.records if r.name == "medfusion_fl.server"]
+    _strategy("fedavg").aggregate_mean(2, start, _delta_sum(start, sites), 120, sites=len(sites))
+    said = [r.getMessage() for r in package_log.records if r.name == "medfusion_fl.server"]
     assert any(f"round 2: {len(sites)} sites' updates, summed, go to FedAvg as one reply" in m and
                "'Received 1 results' counts that reply" in m for m in said), said
