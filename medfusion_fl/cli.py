@@ -35,9 +35,11 @@ FLOWER_ENV = {
 }
 
 
-def _run_config(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> RunConfig:
-    base = read_toml_flat(args.config) if args.config else {}
-    return RunConfig.from_flat({**base, **(extra or {}), **parse_overrides(args.set or [])})
+def _run_config(args: argparse.Namespace, under: dict[str, Any] | None = None,
+                over: dict[str, Any] | None = None) -> RunConfig:
+    """Defaults, then `under` (a preset), --config, `over` (what the command itself decides) and --set."""
+    config = read_toml_flat(args.config) if args.config else {}
+    return RunConfig.from_flat({**(under or {}), **config, **(over or {}), **parse_overrides(args.set or [])})
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -143,14 +145,16 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _preset_config(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> tuple[RunConfig, dict[str, Any]]:
-    """The run config of a preset (+ --config, --set) and the preset's [simulation] table (+ --set simulation.*)."""
+def _preset_config(args: argparse.Namespace, under: dict[str, Any] | None = None,
+                   over: dict[str, Any] | None = None) -> tuple[RunConfig, dict[str, Any]]:
+    """The run config of a preset (then `under`, --config, `over`, --set) and the preset's [simulation] table
+    (+ --set simulation.*)."""
     preset = presets.read_preset(presets.find_app(args.app), args.preset)
     sets = args.set or []
     simulation = {k.removeprefix("simulation."): v for k, v in parse_overrides(sets).items()
                   if k.startswith("simulation.")}
     args.set = [item for item in sets if not item.strip().startswith("simulation.")]
-    run = _run_config(args, {**flatten(preset.get("config", {})), **(extra or {})})
+    run = _run_config(args, {**flatten(preset.get("config", {})), **(under or {})}, over)
     return run, presets.simulation_table(preset, simulation)
 
 
@@ -181,7 +185,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     os.environ.update(FLOWER_ENV)
     app_dir = presets.find_app(args.app)
     out = Path(args.out)
-    run, sim = _preset_config(args, {"output.run-dir": str(out), "data.sites-root": str(out / "data")})
+    run, sim = _preset_config(args, {"data.sites-root": str(out / "data")}, {"output.run-dir": str(out)})
     num_sites = args.sites or int(sim.get("num-sites", 3))
     from medfusion_fl.runfolder import RunFolder
 

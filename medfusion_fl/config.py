@@ -18,6 +18,7 @@ from medfusion_fl.attention.config import AttentionConfig, unsupported
 from medfusion_fl.config_base import WHERE, Scalar, Section, kebab
 from medfusion_fl.config_sources import read_toml_flat
 from medfusion_fl.errors import ConfigError
+from medfusion_fl.evaluation_config import EvaluationConfig
 from medfusion_fl.pretrained.config import InitConfig
 from medfusion_fl.report.config import ReportConfig
 from medfusion_fl.secagg_config import SecAggConfig
@@ -181,32 +182,6 @@ class PrivacyConfig(Section):
                              "noise and secure aggregation's rounding from the OS CSPRNG. false (simulations only, "
                              "for repeatable runs): from generators seeded by train.seed, the site and the round, "
                              "which anyone with the run config could recompute; a deployed site refuses the run.")
-
-
-class EvaluationConfig(Section):
-    """What a site releases about its validation patients: one vector of sums per round (score histograms
-    per true class and the clipped loss sum), summed securely, with DP noise under privacy.enabled."""
-
-    noise_multiplier: float = Field(
-        2.0, ge=0.0, description="Gaussian noise std / sensitivity (sqrt 2: one histogram count and one clipped "
-        "loss per patient) added by each site to its release under privacy.enabled. One evaluation costs "
-        "epsilon ~2.2 alone at delta 1e-5 and is charged to the site's ledger; 3 rounds with DP-SGD at noise 1.0 "
-        "and ~100 training patients reach ~7.5 instead of ~6.2.")
-    bins: int = Field(10, ge=2, le=200, description="Score bins of the released histograms (binary tasks): the "
-                      "operating threshold is chosen among 1/bins, 2/bins, ...; fewer bins, less noise per "
-                      "threshold under DP (10 bins kept the demo's accuracy at the threshold within 0.03 of "
-                      "noiseless 50-bin histograms in a 24-patients-per-site simulation).")
-    calibrate: bool = Field(True, description="Binary tasks: fit a temperature to the last round's pooled score "
-                            "histograms (post-processing of the release: no extra privacy cost); model.onnx divides "
-                            "its logits by it and the model card states it. false: temperature 1.")
-
-    @field_validator("bins")
-    @classmethod
-    def _even_bins(cls, value: int) -> int:
-        if value % 2:
-            raise ValueError(f"bins = {value} must be even, so that 0.5 is a bin edge (accuracy at 0.5 is read "
-                             "from the histograms)")
-        return value
 
 
 class RoundsConfig(Section):

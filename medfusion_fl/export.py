@@ -57,9 +57,38 @@ def calibration_card(final: dict[str, Any], run: RunConfig, temperature: Tempera
         out["operating_threshold"] = {
             "value": round(scale_threshold(threshold, temperature.value), 6), "before_calibration": threshold,
             "class": run.data.class_names[1],
-            "chosen_by": "maximum sensitivity + specificity (Youden) on the sites' pooled validation score "
-                         "histograms of the last round, mapped through the temperature"}
+            "chosen_by": _chosen_by(run, (final.get("evaluate") or {}).get("released-at-round"))}
+        target, pooled = run.evaluation.target_sensitivity, (final.get("evaluate") or {}).get("sensitivity")
+        if target > 0 and pooled is not None:
+            out["operating_threshold"]["target_sensitivity"] = {
+                "target": target, "pooled_sensitivity": pooled, "reached": pooled >= target,
+                "note": "the sites' pooled (noisy under DP) sensitivity at this threshold; the report gives the "
+                        "held-out sensitivity with its interval" + ("" if pooled >= target else
+                                                                    ": the target was NOT reached at any edge")}
     return out
+
+
+def _chosen_by(run: RunConfig, released_at: int | None) -> str:
+    target = run.evaluation.target_sensitivity
+    rule = (f"the highest score bin edge whose pooled sensitivity reaches evaluation.target-sensitivity = {target:g}"
+            + (" (less one standard error of the DP noise)" if run.privacy.enabled else "") if target > 0 else
+            "maximum sensitivity + specificity (Youden" + ("; under DP the edge nearest 0.5 within one standard "
+                                                          "error of the best" if run.privacy.enabled else "") + ")")
+    release = f"the release of round {released_at}" if released_at is not None else "the last round's release"
+    return f"{rule} on the sites' pooled validation score histograms of {release}, mapped through the temperature"
+
+
+def with_last_release(final: dict[str, Any], lines: list[dict[str, Any]]) -> dict[str, Any]:
+    """`final` with the evaluation release the model is released under: its own, or where its round released
+    none (evaluation.every, a run that ended early) the latest earlier one, marked with its round."""
+    if (final.get("evaluate") or {}).get("status") == "ok":
+        return final
+    last = final.get("round", 0)
+    released = [line for line in lines if line.get("status") == "ok" and line.get("round", 0) <= last
+                and (line.get("evaluate") or {}).get("status") == "ok"]
+    if not released:
+        return final
+    return {**final, "evaluate": {**released[-1]["evaluate"], "released-at-round": released[-1]["round"]}}
 
 
 def _to_onnx_bytes(model: Exported) -> bytes:
@@ -142,6 +171,7 @@ def export_run(model: MedFusionModel, run: RunConfig, out_dir: Path, *, held_out
     and the card (with the calibration, the operating threshold and the report's place)."""
     from medfusion_fl.report.run import report_for_model
 
+    final = with_last_release(final, lines)
     temperature = run_temperature(final, run)
     card = {**card, **calibration_card(final, run, temperature)}
     outcome = report_for_model(model, run, Path(out_dir), held_out=held_out, data=str(resolve_test_path(run)),

@@ -94,14 +94,15 @@ def federated_evaluation(grid: Grid | SiteDirectory, run: RunConfig, weights: We
         evaluation = Evaluation({}, failures, {r.site: r.privacy for r in releases if r.privacy}, set(shared))
         how = "clear (secagg.enabled = false)"
     std = run.evaluation.noise_multiplier * layout.sensitivity * math.sqrt(len(sites)) if run.privacy.enabled else 0.0
-    pooled = PooledEvaluation.from_sum(layout, total, std)
+    target = run.evaluation.target_sensitivity
+    pooled = PooledEvaluation.from_sum(layout, total, std, target)
     noise = (f", Gaussian noise {run.evaluation.noise_multiplier:g} x {layout.sensitivity:.3g} per site"
              if run.privacy.enabled else ", no DP noise")
     evaluation.record = {**{k.replace("_", "-"): _finite(v) for k, v in asdict(pooled).items()}, "status": "ok",
                          "summed": sites,
                          "released": how + noise, "overflow": overflow, "sites": dict(sorted(shared.items()))}
     if run.privacy.enabled:  # what the noise does to these figures, said wherever they are shown
-        evaluation.record["dp-noise"] = noise_spread(layout, total, std)
+        evaluation.record["dp-noise"] = noise_spread(layout, total, std, target_sensitivity=target)
     if layout.binary:  # the pooled histograms themselves: the temperature of the export is fitted on them
         cells = [round(float(c), 4) for c in total[: layout.cells]]
         evaluation.record["score-histogram"] = {"negative": cells[: layout.bins], "positive": cells[layout.bins:]}

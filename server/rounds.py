@@ -188,7 +188,12 @@ def run_round(grid: Grid | SiteDirectory, run: RunConfig, strategy: ServerStrate
         privacy = {r.site: r.privacy for r in trained if r.privacy is not None}
         shared, trained_sites = {r.site for r in trained if r.shared}, {r.site for r in trained}
     record["evaluate"] = None
-    if cfg.fraction_evaluate > 0:
+    if cfg.fraction_evaluate > 0 and not run.evaluation.releases_at(server_round, cfg.num_server_rounds):
+        record["evaluate"] = {"status": "not scheduled", "threshold": threshold,
+                              "reason": f"evaluation.every = {run.evaluation.every}: the sites release at rounds "
+                                        f"{run.evaluation.every}, {2 * run.evaluation.every}, ... and the last; "
+                                        "the threshold is the last release's"}
+    elif cfg.fraction_evaluate > 0:
         evaluation = federated_evaluation(grid, run, new_weights, server_round, nodes, rng, threshold)
         record["evaluate"] = evaluation.record
         failures += evaluation.failures

@@ -66,6 +66,20 @@ def test_cross_field_and_list_checks() -> None:
         RunConfig.from_flat({"data.classes": "only"})
 
 
+def test_an_evaluation_schedule_and_target_that_cannot_work_are_refused() -> None:
+    for bad in (0, -2):
+        with pytest.raises(ConfigError, match=rf"'evaluation.every' = {bad}.*never release.*rounds.num-server-rounds"):
+            RunConfig.from_flat({"evaluation.every": bad})
+    for bad in (1.0, 1.5, -0.1):
+        with pytest.raises(ConfigError, match=rf"'evaluation.target-sensitivity' = {bad}.*not a sensitivity in "
+                                              r"\(0, 1\).*or 0 for Youden"):
+            RunConfig.from_flat({"evaluation.target-sensitivity": bad})
+    run = RunConfig.from_flat({"evaluation.every": 2, "evaluation.target-sensitivity": 0.9,
+                               "rounds.num-server-rounds": 5})
+    assert [r for r in range(1, 6) if run.evaluation.releases_at(r, 5)] == [2, 4, 5]
+    assert [r for r in range(1, 4) if RunConfig.from_flat({"evaluation.every": 9}).evaluation.releases_at(r, 3)] == [3]
+
+
 def test_column_spec_parsing() -> None:
     config = RunConfig.from_flat({"data.tabular-columns": "age:0:120, marker"})
     age, marker = config.data.columns
@@ -143,6 +157,19 @@ def test_config_show_prints_the_effective_config(capsys: pytest.CaptureFixture[s
     assert "model.backbone = 'resnet3d-10'  # default 'resnet10t'" in lines  # from the preset
     assert "secagg.enabled = False  # default True" in lines and "privacy.enabled = True" in lines
     assert "secagg.enabled = false: no secure aggregation" in package_log.text
+
+
+def test_a_config_file_overrides_the_preset_and_set_overrides_both(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from medfusion_fl.cli import main
+
+    (tmp_path / "run.toml").write_text('[train]\nlr = 0.05\nclass-weights = ""\n[rounds]\nnum-server-rounds = 7\n')
+    args = ["config", "show", "--app", str(REPO), "--preset", "tiny-cpu", "--config", str(tmp_path / "run.toml"),
+            "--set", "rounds.num-server-rounds=9"]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "train.lr = 0.05  # default 0.002" in lines  # the preset's 0.001 gives way to the file
+    assert "train.class-weights = ''" in lines and "rounds.num-server-rounds = 9  # default 3" in lines
 
 
 def test_simulation_keys_override_the_preset_and_are_checked() -> None:

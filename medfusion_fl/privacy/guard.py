@@ -12,8 +12,9 @@ import json
 import math
 from dataclasses import asdict, dataclass
 
-from medfusion_fl.config import EvaluationConfig, PrivacyConfig
+from medfusion_fl.config import PrivacyConfig
 from medfusion_fl.errors import ConfigError, PrivacyBudgetExhausted
+from medfusion_fl.evaluation_config import EvaluationConfig
 from medfusion_fl.privacy.accountant import DPStep, epsilon
 from medfusion_fl.privacy.ledger import Kind, PrivacyLedger
 from medfusion_fl.site_config import SiteConfig

@@ -80,15 +80,17 @@ class PooledEvaluation:
     loss: float | None
     accuracy: float | None
     auroc: float | None  # binary tasks only
-    threshold: float | None  # binary tasks: the Youden threshold of the pooled histograms
+    threshold: float | None  # binary tasks: the operating threshold read from the pooled histograms
     auprc: float | None = None  # binary tasks: average precision with the bin edges as thresholds
     sensitivity: float | None = None  # binary tasks: at the threshold
     specificity: float | None = None
 
     @classmethod
-    def from_sum(cls, layout: ReleaseLayout, total: np.ndarray, noise_std: float = 0.0) -> PooledEvaluation:
-        """`noise_std`: the std of the DP noise on each entry of `total` (0 without DP): the operating threshold
-        follows youden_threshold's one-standard-error rule under noise."""
+    def from_sum(cls, layout: ReleaseLayout, total: np.ndarray, noise_std: float = 0.0,
+                 target_sensitivity: float = 0.0) -> PooledEvaluation:
+        """`noise_std`: the std of the DP noise on each entry of `total` (0 without DP). The operating threshold is
+        youden_threshold's (its one-standard-error rule under noise), or with a `target_sensitivity` in (0, 1)
+        sensitivity_threshold's."""
         if total.shape != (layout.length,):
             raise ValueError(f"an evaluation sum of {total.shape} entries; expected {layout.length}")
         cells = total[: layout.cells]
@@ -102,7 +104,8 @@ class PooledEvaluation:
         neg, pos = np.clip(cells[: layout.bins], 0, None), np.clip(cells[layout.bins:], 0, None)
         half = layout.bins // 2  # predicted positive when s_1 >= 0.5, the edge of bin bins/2
         accuracy = (float(pos[half:].sum()) + float(neg[:half].sum())) / max(float(pos.sum() + neg.sum()), 1e-12)
-        threshold = youden_threshold(pos, neg, noise_std)
+        threshold = (sensitivity_threshold(pos, neg, target_sensitivity, noise_std) if target_sensitivity > 0
+                     else youden_threshold(pos, neg, noise_std))
         at: tuple[float | None, float | None] = (None, None)
         if threshold is not None:
             edge = round(threshold * layout.bins)
@@ -110,12 +113,14 @@ class PooledEvaluation:
         return cls(count, loss, accuracy, binned_auroc(pos, neg), threshold, binned_auprc(pos, neg), *at)
 
 
-def noise_spread(layout: ReleaseLayout, total: np.ndarray, std: float, *, draws: int = 200) -> dict[str, object]:
+def noise_spread(layout: ReleaseLayout, total: np.ndarray, std: float, *, draws: int = 200,
+                 target_sensitivity: float = 0.0) -> dict[str, object]:
     """How far the DP noise may move what the coordinator reads from a noisy sum (std per entry): 95% ranges over
     `draws` re-noised copies of the released sum (a parametric bootstrap: post-processing, no privacy cost;
     seeded, so a report repeats)."""
     rng = np.random.default_rng(0)
-    read = [PooledEvaluation.from_sum(layout, total + rng.normal(0.0, std, total.shape), std) for _ in range(draws)]
+    read = [PooledEvaluation.from_sum(layout, total + rng.normal(0.0, std, total.shape), std, target_sensitivity)
+            for _ in range(draws)]
 
     def band(values: list[float | None]) -> list[float] | None:
         known = [v for v in values if v is not None]
@@ -181,3 +186,19 @@ def youden_threshold(pos: np.ndarray, neg: np.ndarray, noise_std: float = 0.0) -
         near = np.flatnonzero(youden >= youden[best] - error[best])
         best = int(near[np.argmin(np.abs(edges[near] / bins - 0.5))])
     return float((1 + best) / bins)
+
+
+def sensitivity_threshold(pos: np.ndarray, neg: np.ndarray, target: float, noise_std: float = 0.0) -> float | None:
+    """The highest bin edge k / bins at which the pooled sensitivity (positives scoring >= the edge) reaches
+    `target`; under DP (`noise_std` > 0, the std of every cell's noise) the sensitivity less one standard error of
+    the noise on the cells above the edge must reach it, so that noise alone rarely places the threshold where the
+    target is missed. The lowest edge, 1 / bins, when none does (the sensitivity read there says by how much)."""
+    p, n = float(pos.sum()), float(neg.sum())
+    if p <= 0 or n <= 0:
+        return None
+    bins = len(pos)
+    edges = np.arange(1, bins)
+    sensitivity = (p - np.cumsum(pos)[:-1]) / p  # positives at or above edge k, for k = 1 .. bins - 1
+    shown = sensitivity - noise_std * np.sqrt(bins - edges) / p
+    reached = np.flatnonzero(shown >= target)
+    return float(edges[reached[-1]] / bins) if len(reached) else float(1 / bins)

@@ -56,7 +56,8 @@ FIGURES: tuple[Figure, ...] = (
            "(privacy.noise-multiplier) and the overflow count is computed from it", ("secagg",), "training"),
     Figure((SECURE_EVAL[2],), "secagg", ("masked",),
            "masked evaluation release of the validation patients: score histograms per true class (counts "
-           "and correct per class for K > 2), clipped loss sum, overflow count",
+           "and correct per class for K > 2), clipped loss sum, overflow count; at the rounds evaluation.every "
+           "schedules",
            "secure sum; under DP Gaussian noise (evaluation.noise-multiplier x sqrt 2, sqrt 3 for K > 2) on every "
            "entry, charged to the site's ledger", ("secagg",), "evaluation"),
     Figure((SECURE_TRAIN[3], SECURE_EVAL[3]), "secagg", ("round-id", "share-<j>"),

@@ -93,6 +93,8 @@ def evaluation_numbers(inputs: ReportInputs, cfg: ReportConfig, *, seed: int) ->
 
 def _round_row(line: dict[str, Any]) -> dict[str, Any]:
     held, pooled = line.get("held_out") or {}, line.get("evaluate") or {}
+    if pooled.get("status") != "ok":  # no release this round (evaluation.every, a failure): no pooled figures
+        pooled = {}
     return {"round": line["round"], "held_out_loss": held.get("loss"), "held_out_auroc": held.get("auroc"),
             "held_out_auprc": held.get("auprc"), "pooled_loss": pooled.get("loss"), "pooled_auroc": pooled.get("auroc"),
             "pooled_threshold": pooled.get("threshold"), "pooled_patients": pooled.get("num-examples"),

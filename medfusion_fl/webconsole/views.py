@@ -26,6 +26,8 @@ def _number(value: Any) -> float | None:
 
 def _metrics(block: Any) -> dict[str, float | None]:
     block = block if isinstance(block, dict) else {}
+    if "status" in block and block["status"] != "ok":  # a round without its evaluation release: nothing to plot
+        block = {}
     return {key: _number(block.get(key)) for key in METRICS}
 
 
