@@ -14,11 +14,13 @@ what each conversion costs before any training.
 
     python bench/pretrained_start.py --scale demo --out bench/results/pretrained-start-demo-cpu2.json
     python bench/pretrained_start.py --scale large --rounds 5 --out bench/results/pretrained-start-large-cpu2.json
+    python bench/pretrained_start.py --scale large --plain --recipe --out bench/results/hospital-size-cpu2.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -51,14 +53,21 @@ SCALES: dict[str, dict[str, Any]] = {
               "flat": {"synth.patients-per-site": 1000, "synth.test-patients": 500, "data.image-size": 64}},
 }
 PUBLIC = {"synth.seed": 99, "synth.lesion-contrast": 0.7}  # other patients, lesions that look otherwise
+# --recipe: the demo preset's levers (simulations/presets/tiny-cpu.toml gives the reasons); class weights after
+# clipping counter DP's drift to the majority class, so the plain arms go without them
+RECIPE = {"pretrained": {"train.freeze": "image.backbones", "train.lr": 0.001}}
+DP_RECIPE = {"train.class-weights": "0.5,1"}
 
 
 def federate(run: RunConfig, sites: int) -> dict[str, Any]:
-    """One federation; its per-round figures."""
+    """One federation (exported, with its report when report.enabled); its per-round figures."""
     start = time.perf_counter()
     federation = Federation(run)
     before = federation.held_out_eval(get_weights(federation.model))  # the starting point itself
-    federation.run_rounds(InProcessGrid(client_app, run.to_flat(), num_nodes=sites))
+    node = {} if run.privacy.enabled else {"require-dp": False}  # a site policy that allows the plain arm
+    final = federation.run_rounds(InProcessGrid(client_app, run.to_flat(), num_nodes=sites, node_config=node))
+    if run.report.enabled:
+        federation.export(final)
     lines = federation.store.read_metrics()
     rows = [{"round": line["round"], "status": line["status"],
              "held_out_auroc": (line.get("held_out") or {}).get("auroc"),
@@ -72,6 +81,11 @@ def federate(run: RunConfig, sites: int) -> dict[str, Any]:
     to_09 = next((r["round"] for r in done if (r["held_out_auroc"] or 0) >= 0.9), None)
     result = {"round_0_auroc": before["auroc"] if before else None, "rounds": rows, "rounds_to_auroc_0.9": to_09,
               "last": done[-1] if done else None, "wall_s": round(time.perf_counter() - start, 1)}
+    report = Path(run.output.run_dir) / "report" / "evaluation.json"
+    if report.is_file():  # ECE of the held-out patients before and after the released calibration
+        calibration = json.loads(report.read_text())["calibration"]
+        result |= {"ece_before": calibration["before"]["ece"], "ece_after": calibration["after"]["ece"],
+                   "temperature": calibration["temperature"]["value"]}
     last = result["last"] or {}
     log.info("  AUROC %s -> %s, accuracy %s, sensitivity %s at the released threshold %s, epsilon %s, %.0f s",
              _f(result["round_0_auroc"]), _f(last.get("held_out_auroc")), _f(last.get("accuracy_at_threshold")),
@@ -92,6 +106,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="federations per start (DP noise from the OS)")
     parser.add_argument("--batchnorm", action="store_true", help="also a start pretrained with BatchNorm "
                         "(model.norm = batch), converted for DP by folding and by GroupNorm: the conversions' cost")
+    parser.add_argument("--plain", action="store_true", help="also each start without DP (privacy.enabled = false, "
+                        "the sites' policy allowing it; secure aggregation stays), in the same run")
+    parser.add_argument("--recipe", action="store_true", help="DP arms: the demo preset's recipe (class weights "
+                        "0.5,1; a pretrained start trains all but its backbone at lr 0.001) and a report with "
+                        "the calibrated ECE per arm")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     ensure_logging(logging.WARNING)
@@ -100,7 +119,7 @@ def main() -> None:
     rounds = args.rounds or scale["rounds"]
     root = Path(tempfile.mkdtemp(prefix=f"pretrained-start-{args.scale}-"))
     base = {**scale["flat"], "data.sites-root": str(root / "data"), "rounds.num-server-rounds": rounds,
-            "report.enabled": False}
+            "report.enabled": args.recipe}
     write_federation(root / "data", RunConfig.from_flat(base), scale["sites"])
     public_run = RunConfig.from_flat({**base, **PUBLIC})
     folder = write_public(root / "public", public_run, scale["public"])
@@ -116,16 +135,22 @@ def main() -> None:
         bn = {"init.source": "file", "init.path": str(root / "start-bn.safetensors"),
               "init.sha256": bn_card["file_sha256"]}
         starts |= {"batchnorm-fold": {**bn, "model.norm": "fold"}, "batchnorm-group": {**bn, "model.norm": "group"}}
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in starts}
+    arms: dict[str, dict[str, Any]] = {}
+    for name, init in starts.items():
+        recipe = RECIPE.get(name, {}) if args.recipe else {}
+        arms[name] = {**init, **recipe, **(DP_RECIPE if args.recipe else {})}
+        if args.plain:
+            arms[f"{name}-no-dp"] = {**init, **recipe, "privacy.enabled": False}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in arms}
     for repeat in range(args.repeats):
-        for name, init in starts.items():
-            log.info("%s, %s start, run %d", args.scale, name, repeat + 1)
-            run = RunConfig.from_flat({**base, **init, "output.run-dir": str(root / f"{name}-{repeat}")})
+        for name, arm in arms.items():
+            log.info("%s, %s, run %d", args.scale, name, repeat + 1)
+            run = RunConfig.from_flat({**base, **arm, "output.run-dir": str(root / f"{name}-{repeat}")})
             runs[name].append(federate(run, scale["sites"]))
     write_report({"what": "held-out AUROC and decisions at the released threshold, from scratch and from a start "
                   "pretrained on a public-style synthetic folder, under the private defaults",
                   "cpus": os.cpu_count(), "scale": args.scale, "sites": scale["sites"], "rounds": rounds,
-                  "config": base, "public_folder": {**PUBLIC, "patients": scale["public"],
+                  "config": base, "arms": arms, "public_folder": {**PUBLIC, "patients": scale["public"],
                                                     "pretrain_epochs": args.pretrain_epochs,
                                                     "pretrain_s": pretrain_s, "history": card["history"]},
                   "runs": runs}, args.out)

@@ -304,6 +304,14 @@ def _refuse_unavailable(config: RunConfig) -> None:
     if config.privacy.cuda_graphs and (config.privacy.engine != "bookkeeping" or config.model.checkpointing):
         raise ConfigError("privacy.cuda-graphs = true needs privacy.engine = 'bookkeeping' and model.checkpointing = "
                           "false (graphs of reentrant checkpoints are not verified). Set privacy.cuda-graphs = false.")
+    share = config.evaluation.budget_share
+    if share > 0 and not config.privacy.enabled:
+        raise ConfigError(f"evaluation.budget-share = {share:g} with privacy.enabled = false: there is no privacy "
+                          "budget to split; leave evaluation.budget-share = 0.")
+    if share > 0 and config.rounds.fraction_evaluate == 0:
+        raise ConfigError(f"evaluation.budget-share = {share:g} with rounds.fraction-evaluate = 0 would keep "
+                          "budget for evaluation releases that never happen; set evaluation.budget-share = 0, or "
+                          "rounds.fraction-evaluate > 0.")
     classes = len(config.data.class_names)
     if config.train.weights and len(config.train.weights) != classes:
         raise ConfigError(f"train.class-weights = {config.train.class_weights!r} gives {len(config.train.weights)} "

@@ -148,11 +148,14 @@ class SiteRunner:
     def _train_dp(self, model: MedFusionModel, data: SiteData, server_round: int, proximal_mu: float,
                   event_key: str) -> tuple[TrainResult, PrivacyReport]:
         from medfusion_fl.privacy.dp_sgd import train_local_dp  # imports opacus: only under DP
-        from medfusion_fl.privacy.guard import PrivacyGuard, planned_step
+        from medfusion_fl.privacy.guard import PrivacyGuard, planned_evaluation, planned_step
 
         guard = PrivacyGuard(self.site, self.run.privacy)
         planned = planned_step(len(data.train), self.run.train, self.run.privacy)
-        guard.check(planned, num_patients=len(data.train), server_round=server_round)
+        evaluation, rounds = self.run.evaluation, self.run.rounds.num_server_rounds
+        reserve = ([planned_evaluation(evaluation, self.evaluation_noise())] *
+                   evaluation.releases_from(server_round, rounds) if evaluation.budget_share > 0 else [])
+        guard.check(planned, num_patients=len(data.train), server_round=server_round, reserve=reserve)
         if len(self.devices) > 1:
             from medfusion_fl.privacy.accountant import DPStep
 
@@ -176,6 +179,13 @@ class SiteRunner:
         set_weights(model, done.weights)
         return done
 
+    def evaluation_noise(self) -> float:
+        """This site's evaluation noise multiplier (its own split of its budget under evaluation.budget-share)."""
+        from medfusion_fl.privacy.guard import evaluation_noise
+
+        return evaluation_noise(self.run.evaluation, self.run.rounds.num_server_rounds, self.site,
+                                self.run.privacy.accountant)
+
     def release_evaluation(self, global_weights: Weights, *, server_round: int, event_key: str = "",
                            threshold: float = 0.5) -> EvalRelease:
         """Score the global model on the site's validation patients; the release is their sums
@@ -194,15 +204,15 @@ class SiteRunner:
         if self.run.privacy.enabled:  # the budget is checked before anything is computed
             from medfusion_fl.privacy.guard import PrivacyGuard, planned_evaluation
 
-            guard, step = PrivacyGuard(self.site, self.run.privacy), planned_evaluation(self.run.evaluation)
+            noise = self.evaluation_noise()
+            guard, step = PrivacyGuard(self.site, self.run.privacy), planned_evaluation(self.run.evaluation, noise)
             guard.check(step, num_patients=len(data.train) + len(data.val), server_round=server_round,
                         work="evaluate")
         probs, labels = predict(self._model(global_weights), data.val, batch_size=self.run.train.batch_size,
                                 device=self.device)
         sums = layout.sums(labels, probs)
         if guard is not None and step is not None:
-            sums = layout.noised(sums, self.run.evaluation.noise_multiplier,
-                                 seed=self.seeded(server_round, "evaluate"))
+            sums = layout.noised(sums, step.noise_multiplier, seed=self.seeded(server_round, "evaluate"))
             key = event_key or f"{self.site.site_id}/evaluate-{server_round}/{uuid.uuid4()}"
             report = guard.record(step, key=key, server_round=server_round, work="evaluate")
         local = score(probs, labels)

@@ -93,11 +93,11 @@ def federated_evaluation(grid: Grid | SiteDirectory, run: RunConfig, weights: We
         shared = {r.site: r.shared for r in releases if r.shared}
         evaluation = Evaluation({}, failures, {r.site: r.privacy for r in releases if r.privacy}, set(shared))
         how = "clear (secagg.enabled = false)"
-    std = run.evaluation.noise_multiplier * layout.sensitivity * math.sqrt(len(sites)) if run.privacy.enabled else 0.0
+    std = _noise_std(run, layout, evaluation.privacy, sites)
     target = run.evaluation.target_sensitivity
     pooled = PooledEvaluation.from_sum(layout, total, std, target)
-    noise = (f", Gaussian noise {run.evaluation.noise_multiplier:g} x {layout.sensitivity:.3g} per site"
-             if run.privacy.enabled else ", no DP noise")
+    noise = (f", Gaussian noise of std {std:.3g} per entry of the sum ({len(sites)} sites)" if run.privacy.enabled
+             else ", no DP noise")
     evaluation.record = {**{k.replace("_", "-"): _finite(v) for k, v in asdict(pooled).items()}, "status": "ok",
                          "summed": sites,
                          "released": how + noise, "overflow": overflow, "sites": dict(sorted(shared.items()))}
@@ -107,6 +107,20 @@ def federated_evaluation(grid: Grid | SiteDirectory, run: RunConfig, weights: We
         cells = [round(float(c), 4) for c in total[: layout.cells]]
         evaluation.record["score-histogram"] = {"negative": cells[: layout.bins], "positive": cells[layout.bins:]}
     return evaluation
+
+
+def _noise_std(run: RunConfig, layout: ReleaseLayout, reports: dict[str, dict[str, Any]], sites: list[str]) -> float:
+    """The std of the DP noise on each entry of the summed release: sqrt(sum of the sites' variances), each site's
+    noise multiplier as its privacy report states it for this release (its last evaluation event: under
+    evaluation.budget-share each site sets its own), else evaluation.noise-multiplier."""
+    if not run.privacy.enabled:
+        return 0.0
+    variance = 0.0
+    for site in sites:
+        events = [e for e in (reports.get(site) or {}).get("history", []) if e.get("kind") == "evaluate"]
+        sigma = float(events[-1]["noise_multiplier"]) if events else run.evaluation.noise_multiplier
+        variance += (sigma * layout.sensitivity) ** 2
+    return math.sqrt(variance)
 
 
 def _finite(value: float | None) -> float | None:

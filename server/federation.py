@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import random
 import time
+from dataclasses import asdict
 from typing import Any
 
 from flwr.serverapp import Grid
@@ -21,8 +23,9 @@ from medfusion_fl.report.metrics import areas_with_intervals
 from medfusion_fl.runfolder import RunFolder
 from medfusion_fl.tracking import RunTracker
 from medfusion_fl.training import at_threshold, predict, score
+from server.evaluation import federated_evaluation
 from server.rounds import run_round
-from server.sites import SiteDirectory
+from server.sites import SiteDirectory, wait_for_sites
 from strategies import build_strategy
 
 log = logging.getLogger("medfusion_fl.server")
@@ -135,6 +138,7 @@ class Federation:
                 if exc.budget_exhausted and self.rounds_done:
                     self.stop_reason = f"stopped before round {server_round}: the sites' privacy budgets are spent"
                     log.warning("%s (%s)", self.stop_reason, exc)
+                    record = self._release_on_stop(sites, weights, record)
                     break
                 log.error("%s", exc)
                 raise
@@ -163,6 +167,26 @@ class Federation:
         set_weights(self.model, weights)
         log.info("%d round(s) done in %.1f s", self.rounds_done, time.monotonic() - start)
         return record
+
+    def _release_on_stop(self, sites: SiteDirectory, weights: Weights, record: dict[str, Any]) -> dict[str, Any]:
+        """A run stopped by spent budgets whose last round released no evaluation (evaluation.every) asks the
+        sites for the release of the model it exports: under evaluation.budget-share they kept room for it. The
+        release is a metrics line of its own (status 'release at stop') and the returned record carries it."""
+        if self.run.rounds.fraction_evaluate == 0 or (record.get("evaluate") or {}).get("status") == "ok":
+            return record
+        rng = random.Random(self.run.train.seed * 100_003 + self.rounds_done + 1)
+        nodes = wait_for_sites(sites, self.run.rounds.min_sites, self.run.rounds.wait_for_sites)
+        evaluation = federated_evaluation(sites, self.run, weights, self.rounds_done, nodes, rng,
+                                          (record.get("evaluate") or {}).get("threshold"))
+        self.privacy |= evaluation.privacy
+        line = {"round": self.rounds_done, "status": "release at stop", "evaluate": evaluation.record,
+                "privacy": {site: {k: v for k, v in report.items() if k != "history"}
+                            for site, report in evaluation.privacy.items()} or None,
+                "failures": [asdict(f) for f in evaluation.failures]}
+        self.store.append_metrics(line)
+        log.info("the release of round %d's model at the stop: %s", self.rounds_done,
+                 evaluation.record.get("status"))
+        return {**record, "evaluate": evaluation.record, "privacy": line["privacy"] or record.get("privacy")}
 
     def _log_round(self, record: dict[str, Any], total: int) -> None:
         evaluation = record["evaluate"] or {}

@@ -26,8 +26,8 @@ def check_run(policy: SitePolicy, run: RunConfig, *, site: str, work: Work) -> N
     if policy.require_dp and not run.privacy.enabled:
         raise _refuse(site, work, "require-dp", True, "the run has privacy.enabled = false",
                       "set privacy.enabled = true")
-    if not run.privacy.enabled:
-        return
+    if not run.privacy.enabled or (work == "evaluate" and run.evaluation.budget_share > 0):
+        return  # under evaluation.budget-share the site sets its evaluation noise, never below its minimum
     key, sigma = (("privacy.noise-multiplier", run.privacy.noise_multiplier) if work == "train"
                   else ("evaluation.noise-multiplier", run.evaluation.noise_multiplier))
     if sigma < policy.min_noise_multiplier:

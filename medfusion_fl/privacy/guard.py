@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from medfusion_fl.config import PrivacyConfig
 from medfusion_fl.errors import ConfigError, PrivacyBudgetExhausted
 from medfusion_fl.evaluation_config import EvaluationConfig
-from medfusion_fl.privacy.accountant import DPStep, epsilon
+from medfusion_fl.privacy.accountant import Accountant, DPStep, epsilon
 from medfusion_fl.privacy.ledger import Kind, PrivacyLedger
 from medfusion_fl.site_config import SiteConfig
 from medfusion_fl.train_config import TrainConfig
@@ -46,10 +46,43 @@ def planned_step(num_patients: int, train: TrainConfig, privacy: PrivacyConfig) 
     return DPStep(privacy.noise_multiplier, 1.0 / batches, train.local_epochs * batches)
 
 
-def planned_evaluation(evaluation: EvaluationConfig) -> DPStep:
+def planned_evaluation(evaluation: EvaluationConfig, noise_multiplier: float | None = None) -> DPStep:
     """One evaluation release: a Gaussian mechanism over all validation patients (sample rate 1, one step)
-    with noise std = noise-multiplier x its L2 sensitivity."""
-    return DPStep(evaluation.noise_multiplier, 1.0, 1)
+    with noise std = noise-multiplier x its L2 sensitivity (`noise_multiplier`: the site's own, evaluation_noise's)."""
+    return DPStep(evaluation.noise_multiplier if noise_multiplier is None else noise_multiplier, 1.0, 1)
+
+
+MAX_EVALUATION_NOISE = 50.0  # beyond this the noise on a count outweighs any hospital's validation set
+
+
+def evaluation_noise(evaluation: EvaluationConfig, rounds: int, site: SiteConfig, accountant: Accountant) -> float:
+    """The site's evaluation noise multiplier: evaluation.noise-multiplier, or under evaluation.budget-share the
+    smallest (to 0.01, at least the policy's min-noise-multiplier) at which the releases the schedule asks for
+    over the run's `rounds` cost at most budget-share x max-epsilon alone, at the policy's delta."""
+    share = evaluation.budget_share
+    if share == 0:
+        return evaluation.noise_multiplier
+    policy = site.policy
+    releases = evaluation.releases_from(1, rounds)
+    allowed = share * policy.max_epsilon
+
+    def cost(sigma: float) -> float:
+        return epsilon([DPStep(sigma, 1.0, releases)], delta=policy.delta, accountant=accountant)
+
+    if cost(MAX_EVALUATION_NOISE) > allowed:
+        raise ConfigError(f"{site.site_id}: evaluation.budget-share = {share:g} of its max-epsilon "
+                          f"{policy.max_epsilon:g} leaves its {releases} scheduled evaluation release(s) epsilon "
+                          f"{allowed:.3g}: they would need noise above {MAX_EVALUATION_NOISE:g} x their sensitivity, "
+                          "more than any validation count. Raise evaluation.budget-share or release less often "
+                          "(evaluation.every).")
+    low, high = max(policy.min_noise_multiplier, 0.01), MAX_EVALUATION_NOISE
+    if cost(low) <= allowed:
+        return low
+    fails, fits = math.floor(low * 100), math.ceil(high * 100)  # in hundredths: cost falls as the noise grows
+    while fits - fails > 1:
+        middle = (fails + fits) // 2
+        fails, fits = (fails, middle) if cost(middle / 100) <= allowed else (middle, fits)
+    return fits / 100
 
 
 class PrivacyGuard:
@@ -64,15 +97,24 @@ class PrivacyGuard:
         return self.ledger.epsilon(self.site.federation, delta=self.site.policy.delta,
                                    accountant=self.privacy.accountant)
 
-    def check(self, step: DPStep, *, num_patients: int, server_round: int, work: Kind = "train") -> None:
-        """Refuse a release that would exceed the site's budget (or that uses a delta too large)."""
+    def check(self, step: DPStep, *, num_patients: int, server_round: int, work: Kind = "train",
+              reserve: list[DPStep] | None = None) -> None:
+        """Refuse a release that would exceed the site's budget (or that uses a delta too large); `reserve`:
+        releases still to come that the budget must keep room for (evaluation.budget-share)."""
         policy = self.site.policy
         if policy.delta >= 1.0 / num_patients:
             raise ConfigError(f"{self.site.site_id}: delta = {policy.delta:g} is not below 1 / {num_patients} "
                               "patients; set a smaller delta in the site's policy (site.toml [policy]).")
         before = self.spent()
-        after = self.ledger.epsilon(self.site.federation, delta=policy.delta, accountant=self.privacy.accountant,
-                                    extra=step)
+        history = self.ledger.history(self.site.federation)
+        after = epsilon([*history, step], delta=policy.delta, accountant=self.privacy.accountant)
+        kept = epsilon([*history, step, *(reserve or [])], delta=policy.delta, accountant=self.privacy.accountant)
+        if after <= policy.max_epsilon < kept:
+            raise PrivacyBudgetExhausted(
+                f"{self.site.site_id} declines round {server_round}: it would raise epsilon from {before:.3f} to "
+                f"{after:.3f}, leaving too little for the {len(reserve or [])} evaluation release(s) still "
+                f"scheduled (with them {kept:.3f} > max-epsilon {policy.max_epsilon:g}; evaluation.budget-share "
+                "keeps their share). The model is released with the evaluation it has.")
         if after > policy.max_epsilon:
             what = "round" if work == "train" else "the evaluation of round"
             head = (f"{self.site.site_id} declines {what} {server_round}: it would raise epsilon from {before:.3f} to "

@@ -107,8 +107,9 @@ def from_evaluation(record: dict[str, Any] | None, *, enabled: bool, noise_per_s
                   "federated evaluation failed or was off)")
         return Temperature(1.0, False, f"not fitted: {reason}")
     sites = max(len(evaluation.get("summed") or []), 1)
-    return fit_temperature(histogram.get("negative", []), histogram.get("positive", []),
-                           noise_sd=noise_per_site * math.sqrt(sites))
+    recorded = (evaluation.get("dp-noise") or {}).get("std-per-entry")  # the sum's own, from the sites' reports
+    noise = float(recorded) if noise_per_site > 0 and recorded is not None else noise_per_site * math.sqrt(sites)
+    return fit_temperature(histogram.get("negative", []), histogram.get("positive", []), noise_sd=noise)
 
 
 def run_temperature(record: dict[str, Any] | None, run: RunConfig) -> Temperature:

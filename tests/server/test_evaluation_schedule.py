@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from client.client_app import app as client_app
 from medfusion_fl.config import RunConfig
 from medfusion_fl.export import with_last_release
@@ -16,12 +18,15 @@ from simulations.inprocess import InProcessGrid
 from tests.conftest import tiny_flat
 
 NO_SECAGG = {"require-secure-aggregation": False, "min-sites": 2, "max-epsilon": 100.0}
+# 16 validation patients over two sites: noise from seeds, so that every run of the test reads the same release
+SEEDED = {"privacy.secure-rng": False}
 
 
 def test_sites_release_and_pay_only_at_the_scheduled_rounds(synth_root: Path, tmp_path: Path) -> None:
     run = RunConfig.from_flat(tiny_flat(tmp_path, **{
         "data.sites-root": str(synth_root / "data"), "rounds.num-server-rounds": 3, "secagg.enabled": False,
-        "rounds.min-sites": 2, "evaluation.every": 2, "evaluation.target-sensitivity": 0.8}))
+        "rounds.min-sites": 2, "evaluation.every": 2, "evaluation.target-sensitivity": 0.8,
+        "evaluation.noise-multiplier": 0.5, **SEEDED}))
     federation = Federation(run)
     federation.export(federation.run_rounds(InProcessGrid(client_app, run.to_flat(), num_nodes=2,
                                                           node_config=NO_SECAGG)))
@@ -50,3 +55,30 @@ def test_a_model_released_after_a_round_without_evaluation_carries_the_last_rele
     assert with_last_release(lines[0], lines) is lines[0]
     nothing = {"round": 1, "status": "ok", "evaluate": {"status": "not scheduled", "threshold": None}}
     assert with_last_release(nothing, [nothing]) is nothing
+
+
+def test_under_a_budget_split_the_model_a_spent_federation_exports_has_its_release(synth_root: Path,
+                                                                                 tmp_path: Path) -> None:
+    """evaluation.budget-share 0.3 of max-epsilon 9, one release at the end of 3 rounds: alone the third round's
+    training would fit (epsilon 8.98), not with the release kept for the end, so the sites decline it; the
+    coordinator stops and asks for the release of the model it exports, which they can still afford."""
+    run = RunConfig.from_flat(tiny_flat(tmp_path, **{
+        "data.sites-root": str(synth_root / "data"), "rounds.num-server-rounds": 3, "secagg.enabled": False,
+        "rounds.min-sites": 2, "evaluation.every": 3, "evaluation.budget-share": 0.3, **SEEDED}))
+    federation = Federation(run)
+    federation.export(federation.run_rounds(InProcessGrid(client_app, run.to_flat(), num_nodes=2,
+                                                          node_config={**NO_SECAGG, "max-epsilon": 9.0})))
+    lines = RunStore(run.output.run_dir).read_metrics()
+    assert [(line["round"], line["status"]) for line in lines] == [(1, "ok"), (2, "ok"), (3, "budget-exhausted"),
+                                                                   (2, "release at stop")]
+    assert "leaving too little for the 1 evaluation release(s)" in lines[2]["failures"][0]["reason"]
+    assert lines[3]["evaluate"]["status"] == "ok" and lines[3]["evaluate"]["threshold"] is not None
+    ledger = PrivacyLedger(Path(run.output.run_dir) / "site-state" / "site-0")
+    events = [(e.round, e.kind, e.noise_multiplier) for e in ledger.entries("default")]
+    assert events == [(1, "train", 1.0), (2, "train", 1.0), (2, "evaluate", 1.65)]  # 0.3 x 9 for one release
+    assert ledger.epsilon("default", delta=1e-5) <= 9.0
+    std = lines[3]["evaluate"]["dp-noise"]["std-per-entry"]
+    assert std == pytest.approx(1.65 * 2**0.5 * 2**0.5, abs=1e-4)  # two sites' noise, as they reported it
+    card = json.loads((Path(run.output.run_dir) / "model_card.json").read_text())
+    assert card["run_status"]["status"] == "ended early" and "operating_threshold" in card
+    assert card["operating_threshold"]["before_calibration"] == lines[3]["evaluate"]["threshold"]
