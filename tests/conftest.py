@@ -81,3 +81,17 @@ def package_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureF
         yield caplog
     finally:
         logger.removeHandler(caplog.handler)
+
+
+SLOW_KINDS = ("simulation", "deployment", "browser")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that opens a page (tests/browser.open_page) is a browser test; every simulation, deployment and
+    browser test is slow: `-m 'not slow'` is the fast tier (README), CI runs everything."""
+    for item in items:
+        function = getattr(item, "function", None)
+        if function is not None and "open_page" in function.__code__.co_names:
+            item.add_marker(pytest.mark.browser)
+        if any(item.get_closest_marker(kind) for kind in SLOW_KINDS):
+            item.add_marker(pytest.mark.slow)

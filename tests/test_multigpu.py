@@ -58,9 +58,10 @@ def test_two_processes_train_the_one_process_round(synth_root: Path, tmp_path: P
     moved = max(float(np.abs(one.weights[k] - start[k]).max()) for k in start)
     differ = max(float(np.abs(one.weights[k] - two.weights[k]).max()) for k in start)
     assert moved > 1e-3  # the round trained
-    assert differ < 1e-6, f"two processes differ from one by {differ:.2e}"
+    # summation order only: measured 6.0e-8 (DP) and 1.19e-7 (FedProx), one float32 ulp at 1; two ulps allowed
+    assert differ < 2.4e-7, f"two processes differ from one by {differ:.2e}"
     assert (one.result.num_examples, one.result.steps) == (two.result.num_examples, two.result.steps)
-    assert abs(one.result.loss - two.result.loss) < 1e-5
+    assert abs(one.result.loss - two.result.loss) < 2.4e-7  # measured 2.1e-8 and 7.3e-8
     if setting != "dp":
         assert one.privacy is None and two.privacy is None
         return

@@ -75,9 +75,9 @@ def test_opacus_hooks_clip_each_patients_whole_loss(method: str) -> None:
     got = torch.cat([p.summed_grad.flatten() for p in model.parameters() if p.requires_grad])
     hooks.cleanup()
     assert (norms > clip * 1.01).any()
-    # Opacus' own fp32 precision, as tests/test_dp_sgd.py allows it (measured 2e-4 and 3e-4; without the
-    # supervision the same step is 2.5e-3 (cam) and 1.0 (mask) off)
-    assert float((got - expected).norm() / expected.norm()) < 1e-3  # type: ignore[union-attr]
+    # Opacus' own fp32 precision (measured 3.0e-4 mask, 2.1e-4 cam): twice the larger is allowed; without the
+    # supervision the same step is 2.5e-3 (cam) and 1.0 (mask) off, 4x and more beyond it
+    assert float((got - expected).norm() / expected.norm()) < 6e-4  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize(("flat", "words"), [

@@ -28,6 +28,7 @@ from medfusion_fl.config import RunConfig
 from medfusion_fl.errors import ParameterMismatch, RoundFailed
 from medfusion_fl.models import build_model
 from medfusion_fl.parameters import get_weights
+from medfusion_fl.release.audit import read_lines, verify
 from medfusion_fl.site_config import SiteConfig
 from server.rounds import _parse_train_reply
 from server.secure_round import secure_sum
@@ -93,6 +94,8 @@ def test_the_client_app_refuses_malformed_messages_naming_the_field(
     context = Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config=run.to_flat())
     ledger = state / "site" / "privacy_ledger.jsonl"
     before = ledger.read_bytes() if ledger.exists() else b""
+    audit = state / "site" / "outbound_audit.jsonl"
+    audited = len(read_lines(audit)) if audit.exists() else 0
     reply = app(Message(content=content, dst_node_id=7, message_type=kind), context)
     if reply.has_error():
         assert reply.error.reason and reply.error.code > 0
@@ -100,8 +103,9 @@ def test_the_client_app_refuses_malformed_messages_naming_the_field(
     else:  # what got through was well-formed: a stage-1 reply carries the site's keys, nothing else
         assert kind.endswith("secagg_advertise") and "secagg" in reply.content.config_records
         assert (ledger.read_bytes()).startswith(before)
-    audit = state / "site" / "outbound_audit.jsonl"
-    assert audit.exists()  # every reply, refusals included, was audited before it left
+    lines = read_lines(audit)  # this reply, refusals included, was audited before it left: one more line
+    assert len(lines) == audited + 1 and lines[-1]["stage"] == kind, (audited, lines[-1])
+    assert lines[-1]["kind"] == ("error" if reply.has_error() else "reply") and verify(audit).ok
 
 
 @given(weight=st.one_of(st.integers(1, 10**6), SCALARS, st.none()),

@@ -144,8 +144,14 @@ def test_share_metrics(tiny_run: RunConfig, tmp_path: Path) -> None:
 
 def test_relaxed_lists_every_weaker_key() -> None:
     assert SitePolicy().relaxed() == []
-    weaker = SitePolicy(require_dp=False, min_sites=2, share_metrics=True, min_noise_multiplier=0.1, max_epsilon=50)
-    assert [line.split(" =")[0] for line in weaker.relaxed()] == [
-        "site policy require-dp", "site policy min-noise-multiplier", "site policy min-sites",
-        "site policy share-metrics"]
+    weaker = {"require_secure_aggregation": False, "require_dp": False, "min_noise_multiplier": 0.1,
+              "min_sites": 2, "require_approved_app": False, "share_metrics": True}
+    # every key but the budget's own has a weaker value here: a key added later must join this test
+    assert set(weaker) == set(SitePolicy.model_fields) - {"max_epsilon", "delta"}
+    named = [line.split(" =")[0].removeprefix("site policy ") for line in SitePolicy(**weaker).relaxed()]
+    assert named == [name.replace("_", "-") for name in SitePolicy.model_fields if name in weaker]
+    for name, value in weaker.items():  # and each alone, named alone
+        assert [line.split(" =")[0] for line in SitePolicy(**{name: value}).relaxed()] == [
+            f"site policy {name.replace('_', '-')}"]
+    assert SitePolicy(max_epsilon=50, delta=1e-7).relaxed() == []  # a budget is the site's to size
     assert np.isfinite(SitePolicy().max_epsilon)

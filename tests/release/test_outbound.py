@@ -34,8 +34,6 @@ def test_the_chain_names_the_first_broken_line(tmp_path: Path) -> None:
     check = verify(path)
     assert check.ok and check.messages == 4 and check.bytes_by_round == {"1": {"train.secagg_mask (reply)": 1056},
                                                                          "2": {"train.secagg_mask (reply)": 1056}}
-    assert "528" not in {str(v) for line in read_lines(path) for i in line["items"] for v in i.values()
-                         if not isinstance(v, int)}  # sizes only; there is no value to find
     original = path.read_bytes()
     lines = original.splitlines()
     lines[1] = lines[1].replace(b'"bytes":528', b'"bytes":529')  # an edit in the middle, totals kept consistent
@@ -49,6 +47,36 @@ def test_the_chain_names_the_first_broken_line(tmp_path: Path) -> None:
     assert verify(path).broken_line == 3 and HEAD in verify(path).problem
     path.write_bytes(original + b"not json\n")
     assert verify(path).broken_line == 5 and verify(path).problem == "not a JSON line"
+
+
+def test_the_log_describes_a_reply_without_any_of_its_values(tmp_path: Path) -> None:
+    """A reply with distinctive values in an array, a config value, a metric and a list: the audit line names
+    each item with its dtype, shape and size, and not one of the values appears anywhere in the log's bytes."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from client.outbound import describe
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # what a Flower message needs
+
+    secret = np.full((3, 5), 271828.18, np.float32)
+    content = RecordDict({"arrays": ArrayRecord({"w": Array(secret)}),
+                          "privacy": ConfigRecord({"history": "PATIENT-0042-SECRET", "epsilon": 3.14159265}),
+                          "shared": MetricRecord({"auroc": 0.918273645, "counts": [61803, 39887]})})
+    kind, items = describe(Message(content=content, dst_node_id=1, message_type="train"))
+    audit = OutboundAudit(tmp_path)
+    audit.append(run=9, server_round=1, stage="train", kind=kind, items=items)
+    text = audit.path.read_text()
+    described = {(i["record"], i["key"]): (i["dtype"], i["shape"], i["bytes"])
+                 for i in read_lines(audit.path)[0]["items"]}
+    assert described == {("arrays", "w"): ("float32", [3, 5], len(Array(secret).data)),  # serialised size
+                         ("privacy", "history"): ("str", [], 19),
+                         ("privacy", "epsilon"): ("float", [], 8), ("shared", "auroc"): ("float", [], 8),
+                         ("shared", "counts"): ("list[int]", [2], 16)}
+    leaked = [v for v in ("271828", "PATIENT-0042", "3.14159", "0.918273", "61803", "39887") if v in text]
+    leaked += [v for v in (secret.tobytes().hex()[:16],) if v in text]
+    assert not leaked, leaked
 
 
 def test_site_audit_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
