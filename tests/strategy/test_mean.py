@@ -75,32 +75,90 @@ class _OneNode:
         return [1]
 
 
+def _encoded(weights: dict[str, np.ndarray], updates: list[Update]) -> tuple[list[np.ndarray], Encoding]:
+    """Each site's SecAgg+ input (its update quantised, times its weight): one stochastic rounding per site."""
+    dtype = modulus_dtype(num_sites=len(updates), bits=BITS, max_weight=4096)
+    encoding = Encoding(CLIP, BITS, dtype, with_loss=False)
+    return [encoding.encode(flat_delta(weights, u.weights), weight=u.weight, loss=None)[0] for u in updates], encoding
+
+
+def _decoded(weights: dict[str, np.ndarray], vectors: list[np.ndarray], encoding: Encoding
+             ) -> tuple[dict[str, np.ndarray], int]:
+    """The integer vectors summed modulo 2^k and decoded: sum n_i q(delta_i) and sum n_i."""
+    delta, weight, _, overflow = encoding.decode(np.asarray(sum(vectors), encoding.dtype))
+    assert overflow == 0
+    return unflatten(delta, weights), weight
+
+
+LEVEL = 2 * CLIP / (2**BITS - 1)  # one quantisation level of a site's update entry
+MOMENTUM = 0.9  # FedAvgM's server momentum in SETTINGS (server learning rate: Flower's 1.0)
+# How far the model of the secure sum may lie from the model of the exact sum after round 3, in levels. Each site's
+# entry is rounded to a neighbouring level (error < 1), so the weighted mean handed to the strategy is within 1
+# level of the exact mean. FedAvg and FedProx add it to the model: 1 level. FedAvgM carries it in its momentum:
+# after 3 rounds (1 + beta + beta (1 - beta)) levels (the next round's updates are taken from the secure model,
+# which corrects the model's own error). Measured 0.66, 0.63 and 0.75 levels. The adaptive strategies divide by
+# the square root of their second moment, which amplifies an input error wherever an entry's update is near 0
+# (FedAdagrad: 20 levels measured, FedAdam 0.82, FedYogi 0.41): no bound from the levels alone; for them the
+# equivalence below, on the same quantised replies, is the test.
+PROPAGATED = {"fedavg": 1.0, "fedprox": 1.0, "fedavgm": 1 + MOMENTUM + MOMENTUM * (1 - MOMENTUM)}
+
+
+def _carried(weights: dict[str, np.ndarray], weighted_delta: dict[str, np.ndarray], weight: int) -> Update:
+    """A site's reply rebuilt from its quantised update (integer buffers rounded back to integers)."""
+    out = {}
+    for key, ref in weights.items():
+        value = ref.astype(np.float64) + weighted_delta[key] / weight
+        out[key] = value.astype(ref.dtype) if ref.dtype.kind == "f" else np.rint(value).astype(ref.dtype)
+    return Update(out, weight)
+
+
 @pytest.mark.parametrize("name", sorted(MEAN_ONLY))
 def test_one_aggregated_reply_gives_the_model_of_the_sites_replies(name: str) -> None:
+    """Per round: Flower's step on one reply holding the mean is its step on the sites' replies (bit for bit);
+    our mean from the float64 delta sum gives Flower's model on the sites' replies, and our mean from the secure
+    sum gives Flower's model on the sites' quantised replies, each to float32 rounding; the secure sum's mean is
+    within one quantisation level of the exact mean, and the linear strategies' models stay within the level
+    bound of PROPAGATED."""
     rng = np.random.default_rng(3)
     start = _global(rng)
-    replies, one_reply, from_sum, secure = (_strategy(name) for _ in range(4))
-    w = {"replies": start, "one": start, "sum": start, "secure": start}
+    replies, one_reply, from_sum, secure, quantised = (_strategy(name) for _ in range(5))
+    w = {"replies": start, "one": start, "sum": start, "secure": start, "quantised": start}
+    ulp = float(np.spacing(np.float32(max(float(np.abs(v).max()) for v in start.values()) + 1.0)))
+    rounding = (8 if name in ("fedadagrad", "fedadam", "fedyogi") else 2) * ulp  # measured 6 and 1 ulp at most
+    before = start
     for server_round in (1, 2, 3):  # three rounds: the moments and momentum carry over
         sites = _sites(rng, w["replies"])
-        for s, key in ((replies, "replies"), (one_reply, "one"), (from_sum, "sum"), (secure, "secure")):
+        for s, key in ((replies, "replies"), (one_reply, "one"), (from_sum, "sum"), (secure, "secure"),
+                       (quantised, "quantised")):
             s.train_config(server_round, w[key], {"server-round": server_round})
+        total = sum(u.weight for u in sites)
+        vectors, encoding = _encoded(w["secure"], sites)
+        delta, weight = _decoded(w["secure"], vectors, encoding)
+        exact = _delta_sum(w["secure"], sites)
+        assert weight == total
+        assert max(float(np.abs(delta[k] - exact[k]).max()) for k in exact) / total < LEVEL
+        # each site's reply as the secure sum carries it: the global model plus its quantised update
+        carried = [_carried(w["quantised"], _decoded(w["secure"], [v], encoding)[0], u.weight)
+                   for u, v in zip(sites, vectors, strict=True)]
         w["one"] = _flower_one_reply(one_reply, server_round, w["one"], sites)
         w["replies"] = replies.aggregate_updates(server_round, w["replies"], sites)
-        total = sum(u.weight for u in sites)
         w["sum"] = from_sum.aggregate_mean(server_round, w["sum"], _delta_sum(w["sum"], sites), total)
-        delta, weight = _secure_delta_sum(w["secure"], sites)
-        assert weight == total
         w["secure"] = secure.aggregate_mean(server_round, w["secure"], delta, weight)
-        for key in w["replies"]:  # bit for bit: Flower's step reads nothing of the replies but their mean
-            np.testing.assert_array_equal(w["one"][key], w["replies"][key])
+        w["quantised"] = quantised.aggregate_updates(server_round, w["quantised"], carried)
+        for key, ref in w["replies"].items():
+            np.testing.assert_array_equal(w["one"][key], ref)  # Flower reads nothing of the replies but their mean
             assert w["sum"][key].dtype == start[key].dtype
+            np.testing.assert_allclose(w["sum"][key], ref, rtol=0, atol=rounding)
+            np.testing.assert_allclose(w["secure"][key], w["quantised"][key], rtol=0, atol=rounding)
         sites = [Update({k: v.copy() for k, v in u.weights.items()}, u.weight) for u in sites]
-    level = 2 * CLIP / (2**BITS - 1)  # one quantisation level of a site's update
-    for key, ref in w["replies"].items():  # the mean formed from the delta sum in float64, and from the secure sum
-        np.testing.assert_allclose(w["sum"][key], ref, rtol=0, atol=1e-5)
-        np.testing.assert_allclose(w["secure"][key], ref, rtol=0, atol=10 * level if name in ("fedavg", "fedprox",
-                                                                                              "fedavgm") else 2e-2)
+        if server_round == 3:  # controls: a site left out of the sum, or the round left out of the model, shows
+            short, short_weight = _decoded(before, vectors[:-1], encoding)
+            assert max(float(np.abs(short[k] / short_weight - exact[k] / total).max()) for k in exact) > 10 * LEVEL
+            assert max(float(np.abs(before[k] - w["quantised"][k]).max()) for k in start) > 100 * rounding
+        before = w["secure"]
+    if name in PROPAGATED:
+        for key, ref in w["replies"].items():
+            np.testing.assert_allclose(w["secure"][key], ref, rtol=0, atol=PROPAGATED[name] * LEVEL + rounding)
     assert int(w["replies"]["steps"]) == int(w["sum"]["steps"])
 
 
