@@ -79,7 +79,8 @@ def _instruction_setup(content: RecordDict, run: RunConfig, *, length: int, modu
         raise SecAggError(f"modulus-bits {_int(record, 'modulus-bits')} differs from what {n} sites need "
                           f"({np.dtype(dtype).itemsize * 8}); refusing")
     if _int(record, "length") != length:
-        raise SecAggError(f"input length {_int(record, 'length')} differs from this site's {length}; refusing")
+        raise SecAggError(f"secagg 'length' = {_int(record, 'length')} differs from this site's input length {length} "
+                          "(another model or config than the site's); refusing")
     setup = Setup(_bytes(record, "round-id"), tuple(range(1, n + 1)), run.secagg.threshold,
                   run.secagg.neighbours, length, dtype)
     setup.validate()

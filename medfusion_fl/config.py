@@ -8,6 +8,7 @@ pyproject.toml's [tool.flwr.app.config] mirrors the defaults (a test keeps them 
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -281,11 +282,18 @@ def explain_invalid(exc: ValidationError, flat: Mapping[str, Any]) -> str:
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"] if p != "__root__")
         if key in _SECTIONS:  # a check across the section's keys (a model validator): its message names them
-            lines.append(f"config section {key!r}: {err['msg'].removeprefix('Value error, ')}")
+            lines.append(f"config section {key!r}: {_qualified(key, err['msg'].removeprefix('Value error, '))}")
             continue
         value = flat.get(key, err.get("input"))
         lines.append(f"config key {key!r} = {value!r}: {err['msg']}")
     return "Invalid run configuration:\n  " + "\n  ".join(lines) + f"\nSet these in {WHERE}."
+
+
+def _qualified(section: str, message: str) -> str:
+    """A section check's message with its keys as the user types them: 'neighbours' -> 'secagg.neighbours'."""
+    for field in sorted(_SECTIONS[section].model_fields, key=len, reverse=True):
+        message = re.sub(rf"(?<![\w.-]){re.escape(kebab(field))}(?![\w-])", f"{section}.{kebab(field)}", message)
+    return message
 
 
 def _refuse_unavailable(config: RunConfig) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from medfusion_fl.config import RunConfig, all_keys
@@ -25,6 +25,34 @@ VALUES = st.one_of(
     st.integers(-(2**70), 2**70).map(str),
 )
 KEY = st.one_of(st.sampled_from(KEYS), st.sampled_from(KEYS).map(lambda k: k.replace("-", "_")), st.text(max_size=12))
+DEFAULTS = RunConfig().to_flat()
+
+
+def _plausible(key: str) -> st.SearchStrategy[str]:
+    """A value of the key's own type near its default, as a person would set it: mostly valid."""
+    default = DEFAULTS[key]
+    if isinstance(default, bool):
+        return st.sampled_from(["true", "false"])
+    if isinstance(default, int):
+        return st.integers(max(default - 1, 0), default + 2).map(str)
+    if isinstance(default, float):
+        return st.sampled_from([default, default * 0.5, default * 2, default + 0.1]).map(repr)
+    return st.just(f'"{default}"')
+
+
+PLAUSIBLE = st.sampled_from(KEYS).flatmap(lambda k: _plausible(k).map(lambda v: f"{k}={v}"))
+ANY_ITEM = st.tuples(KEY, VALUES).map(lambda kv: f"{kv[0]}={kv[1]}") | st.text(max_size=20)
+# half the examples as a person sets keys (most of them valid), half anything at all
+OVERRIDES = st.lists(PLAUSIBLE, max_size=4) | st.lists(ANY_ITEM, max_size=5)
+
+
+def _names_what_was_wrong(message: str, items: list[str]) -> None:
+    """A refusal names a key the user typed (or the item it could not read), with the valid keys' home."""
+    typed = [item.partition("=")[0].strip() for item in items]
+    named = [key for key in typed if key and (key in message or repr(key) in message)]
+    named += [item for item in items if repr(item) in message]  # an item it could not read, as typed
+    assert named, (message, items)
+    assert "--set" in message or "KEY=VALUE" in message or "pyproject.toml" in message, message
 
 
 def _accepted_is_sane(run: RunConfig) -> None:
@@ -35,15 +63,30 @@ def _accepted_is_sane(run: RunConfig) -> None:
         assert run.privacy.noise_multiplier > 0 and run.evaluation.noise_multiplier > 0
 
 
-@given(items=st.lists(st.tuples(KEY, VALUES).map(lambda kv: f"{kv[0]}={kv[1]}") | st.text(max_size=20),
-                      max_size=5))
+@given(items=OVERRIDES)
 def test_any_set_overrides_give_a_config_or_a_config_error(items: list[str]) -> None:
     try:
         run = RunConfig.from_flat(parse_overrides(items))
     except ConfigError as exc:
-        assert str(exc)
+        _names_what_was_wrong(str(exc), items)
         return
     _accepted_is_sane(run)
+
+
+def test_the_override_fuzzing_reaches_valid_configs_about_as_often_as_invalid_ones() -> None:
+    accepted: list[bool] = []
+
+    @settings(max_examples=300, derandomize=True, database=None)
+    @given(items=OVERRIDES)
+    def draw(items: list[str]) -> None:
+        try:
+            RunConfig.from_flat(parse_overrides(items))
+            accepted.append(True)
+        except ConfigError:
+            accepted.append(False)
+
+    draw()
+    assert 0.3 <= sum(accepted) / len(accepted) <= 0.7, sum(accepted) / len(accepted)
 
 
 @given(lines=st.lists(st.tuples(KEY, VALUES).map(lambda kv: f"\"{kv[0]}\" = {kv[1]}") | st.text(max_size=25),
@@ -70,8 +113,10 @@ NODE_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 10**12), st.fl
 def test_any_node_config_gives_a_site_or_a_config_error(node: dict[str, object]) -> None:
     try:
         site = SiteConfig.from_node_config({k: v for k, v in node.items() if v is not None}, RunConfig())
-    except ConfigError as exc:
-        assert str(exc)
+    except ConfigError as exc:  # names a key it was given, or the one it lacks
+        given_keys = [k for k, v in node.items() if v is not None]
+        assert any(f"'{k}'" in str(exc) or f"'policy.{k}'" in str(exc) for k in given_keys) or \
+            "no 'data-path'" in str(exc) or "partition-id" in str(exc), (str(exc), node)
         return
     policy = site.policy
     assert isinstance(site.gpus, int) and 1 <= site.gpus <= 64
