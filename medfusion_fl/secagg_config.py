@@ -34,5 +34,5 @@ class SecAggConfig(Section):
                              "(complete graph)")
         if self.neighbours and self.threshold > self.neighbours + 1:
             raise ValueError(f"threshold = {self.threshold} > neighbours + 1 = {self.neighbours + 1}: a site's "
-                             "secrets are shared among itself and its neighbours only; lower threshold")
+                             "secrets are shared among itself and the sites next to it only; lower threshold")
         return self

@@ -91,7 +91,7 @@ def test_secure_aggregation_settings_are_checked() -> None:
     assert RunConfig.from_flat({"secagg.enabled": True}).secagg.enabled
     with pytest.raises(ConfigError, match="must be even"):
         RunConfig.from_flat({"secagg.neighbours": 3})
-    with pytest.raises(ConfigError, match="lower threshold"):
+    with pytest.raises(ConfigError, match="lower secagg.threshold"):
         RunConfig.from_flat({"secagg.neighbours": 2, "secagg.threshold": 4})
     with pytest.raises(ConfigError, match="Raise rounds.min-sites or lower secagg.threshold"):
         RunConfig.from_flat({"secagg.enabled": True, "secagg.threshold": 3, "rounds.min-sites": 2})

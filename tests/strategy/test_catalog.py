@@ -61,7 +61,7 @@ def test_wrong_keys_name_the_key_and_what_the_class_takes() -> None:
         _build(**{"strategy.proximal-mu": 0.5})
     with pytest.raises(ConfigError, match=r"takes no strategy.server-momentum.*It takes: strategy.beta-1"):
         _build(**{"strategy.name": "fedadam", "strategy.server-momentum": 0.9})
-    with pytest.raises(ConfigError, match=r"strategy.etaa \(did you mean eta"):
+    with pytest.raises(ConfigError, match=r"strategy.etaa \(did you mean strategy.eta,"):
         RunConfig.from_flat({"strategy.name": "fedadam", "strategy.etaa": 0.1})
     with pytest.raises(ConfigError, match="Did you mean fedadam"):
         RunConfig.from_flat({"strategy.name": "fedadamm"})
