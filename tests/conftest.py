@@ -84,6 +84,25 @@ def package_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureF
 
 
 SLOW_KINDS = ("simulation", "deployment", "browser")
+# Over ~10 s each on a 2-core VM (pytest's slowest-durations list, 2026-12-07), beyond the kinds above: node ids,
+# a prefix marking every parameter of a test
+SLOW_TESTS = (
+    "tests/models/test_contract.py::test_every_backbone_family[",
+    "tests/models/test_contract.py::test_every_2d_family_takes_attention_supervision[",
+    "tests/test_dp_sgd.py::test_clipped_gradient_equals_per_patient_loop[efficientnet",
+    "tests/test_dp_sgd.py::test_clipped_gradient_equals_per_patient_loop[resnet-bf16]",
+    "tests/server/test_volumes.py::",
+    "tests/server/test_privacy_rounds.py::",
+    "tests/server/test_pause.py::",
+    "tests/server/test_evaluation_schedule.py::test_sites_release",
+    "tests/server/test_evaluation_schedule.py::test_under_a_budget_split",
+    "tests/server/test_federation.py::test_bad_site_is_recorded_and_the_federation_goes_on",
+    "tests/release/test_outbound.py::test_what_left_the_sites_of_a_default_federation",
+    "tests/test_multigpu.py::test_two_processes_train_the_one_process_round[",
+    "tests/attention/test_training.py::test_the_gate_sits_on_the_deepest_stage",
+    "tests/test_export.py::test_export_cli_redoes_export_from_a_checkpoint",
+    "tests/test_tracking.py::test_a_run_writes_event_files_with_the_round_curves",
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -93,5 +112,5 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         function = getattr(item, "function", None)
         if function is not None and "open_page" in function.__code__.co_names:
             item.add_marker(pytest.mark.browser)
-        if any(item.get_closest_marker(kind) for kind in SLOW_KINDS):
+        if any(item.get_closest_marker(kind) for kind in SLOW_KINDS) or item.nodeid.startswith(SLOW_TESTS):
             item.add_marker(pytest.mark.slow)
