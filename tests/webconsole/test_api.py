@@ -18,6 +18,12 @@ from medfusion_fl.webconsole.db import Audit, User, open_database
 PASSWORD = "correct horse battery"
 
 
+@pytest.fixture(autouse=True)
+def _on_each_database(console_database: str) -> str:
+    """Every test here runs on SQLite and on PostgreSQL (tests/webconsole/conftest.py)."""
+    return console_database
+
+
 def _run_folder(root: Path, name: str, lines: list[str], run_id: str | None = None) -> Path:
     folder = root / name
     folder.mkdir(parents=True)

@@ -21,6 +21,12 @@ from medfusion_fl.webconsole.views import detail, summary
 PASSWORD = "correct horse battery"
 
 
+@pytest.fixture(autouse=True)
+def _on_each_database(console_database: str) -> str:
+    """Every test here runs on SQLite and on PostgreSQL (tests/webconsole/conftest.py)."""
+    return console_database
+
+
 def _line(number: int, sites: int = 3, failed: dict[str, str] | None = None) -> dict[str, Any]:
     failed = failed or {}
     names = [f"site-{k}" for k in range(sites)]

@@ -1,11 +1,10 @@
-"""The console on PostgreSQL (`--database postgresql+psycopg://...`): the same login, index, sites, versions and
-users as on SQLite. Runs where MEDFUSION_TEST_POSTGRES names a scratch database (its tables are dropped
-first); skipped, saying so, elsewhere (CI has no PostgreSQL server)."""
+"""The console on PostgreSQL (`--database postgresql+psycopg://...`): two consoles on one database see one index,
+the same login, sites, versions and users. The server is the session's scratch PostgreSQL
+(tests/webconsole/conftest.py); test_api.py and test_library.py run on it as well as on SQLite."""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -13,28 +12,26 @@ from fastapi.testclient import TestClient
 
 from medfusion_fl.webconsole.app import create_app
 from medfusion_fl.webconsole.auth import add_user
-from medfusion_fl.webconsole.db import Base, open_database
+from medfusion_fl.webconsole.db import open_database
+from tests.webconsole.postgres import fresh_database
 from tests.webconsole.test_library import _append, _line
 
-URL = os.environ.get("MEDFUSION_TEST_POSTGRES")
 PASSWORD = "correct horse battery"
 
 
-@pytest.mark.skipif(URL is None, reason="set MEDFUSION_TEST_POSTGRES=postgresql+psycopg://... to run it")
-def test_the_console_on_postgresql(tmp_path: Path) -> None:
-    assert URL is not None
-    from sqlalchemy import create_engine
-
-    Base.metadata.drop_all(create_engine(URL))
+def test_the_console_on_postgresql(tmp_path: Path, postgres_base: str | None) -> None:
+    if postgres_base is None:
+        pytest.skip("PostgreSQL is not installed here (apt-get install postgresql); .ci/run installs it")
+    url = fresh_database(postgres_base)
     runs = tmp_path / "runs"
     folder = runs / "r"
     folder.mkdir(parents=True)
     (folder / "run.json").write_text(json.dumps({"format": "medfusion-fl-run/1", "run_id": "pg1"}))
     _append(folder, _line(1), _line(2, failed={"site-2": "secagg_mask"}))
-    with open_database(URL)() as db:
+    with open_database(url)() as db:
         add_user(db, "ada", "admin", PASSWORD)
-    first, second = TestClient(create_app(runs_dir=runs, database=URL)), TestClient(create_app(runs_dir=runs,
-                                                                                             database=URL))
+    first, second = TestClient(create_app(runs_dir=runs, database=url)), TestClient(create_app(runs_dir=runs,
+                                                                                             database=url))
     csrf = first.post("/api/login", json={"name": "ada", "password": PASSWORD}).json()["csrf"]
     second.post("/api/login", json={"name": "ada", "password": PASSWORD})
     assert first.get("/api/runs").json() == second.get("/api/runs").json()  # two consoles, one database
