@@ -172,7 +172,7 @@ class Federation:
         """A run stopped by spent budgets whose last round released no evaluation (evaluation.every) asks the
         sites for the release of the model it exports: under evaluation.budget-share they kept room for it. The
         release is a metrics line of its own (status 'release at stop') and the returned record carries it."""
-        if self.run.rounds.fraction_evaluate == 0 or (record.get("evaluate") or {}).get("status") == "ok":
+        if (record.get("evaluate") or {}).get("status") != "not scheduled":  # released, failed, or evaluation off
             return record
         rng = random.Random(self.run.train.seed * 100_003 + self.rounds_done + 1)
         nodes = wait_for_sites(sites, self.run.rounds.min_sites, self.run.rounds.wait_for_sites)
