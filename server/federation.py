@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import asdict
 from typing import Any
 
 from flwr.serverapp import Grid
@@ -132,13 +131,17 @@ class Federation:
                             "output.resume = true)", server_round, total, last)
                 raise
             except RoundFailed as exc:
+                stopping = exc.budget_exhausted and self.rounds_done > 0
+                release = self._release_on_stop(sites, weights, record) if stopping else None
                 if exc.record is not None:
-                    self.store.append_metrics(exc.record)
-                    self.tracker.log_round(exc.record)
-                if exc.budget_exhausted and self.rounds_done:
+                    failed = {**exc.record, **(release or {})}  # the declined round's line carries the release
+                    self.store.append_metrics(failed)
+                    self.tracker.log_round(failed)
+                if stopping:
                     self.stop_reason = f"stopped before round {server_round}: the sites' privacy budgets are spent"
                     log.warning("%s (%s)", self.stop_reason, exc)
-                    record = self._release_on_stop(sites, weights, record)
+                    if release:
+                        record = {**record, **release}
                     break
                 log.error("%s", exc)
                 raise
@@ -170,23 +173,20 @@ class Federation:
 
     def _release_on_stop(self, sites: SiteDirectory, weights: Weights, record: dict[str, Any]) -> dict[str, Any]:
         """A run stopped by spent budgets whose last round released no evaluation (evaluation.every) asks the
-        sites for the release of the model it exports: under evaluation.budget-share they kept room for it. The
-        release is a metrics line of its own (status 'release at stop') and the returned record carries it."""
-        if (record.get("evaluate") or {}).get("status") != "not scheduled":  # released, failed, or evaluation off
-            return record
+        sites for the release of the model it exports (under evaluation.budget-share they kept room for it):
+        the `evaluate` and `privacy` entries of the declined round's line. {} when the last round released one
+        (or its evaluation failed, or federated evaluation is off)."""
+        if (record.get("evaluate") or {}).get("status") != "not scheduled":
+            return {}
         rng = random.Random(self.run.train.seed * 100_003 + self.rounds_done + 1)
         nodes = wait_for_sites(sites, self.run.rounds.min_sites, self.run.rounds.wait_for_sites)
-        evaluation = federated_evaluation(sites, self.run, weights, self.rounds_done, nodes, rng,
+        evaluation = federated_evaluation(sites, self.run, weights, self.rounds_done + 1, nodes, rng,
                                           (record.get("evaluate") or {}).get("threshold"))
         self.privacy |= evaluation.privacy
-        line = {"round": self.rounds_done, "status": "release at stop", "evaluate": evaluation.record,
+        log.info("round %d's model released at the stop: %s", self.rounds_done, evaluation.record.get("status"))
+        return {"evaluate": {**evaluation.record, "model-of-round": self.rounds_done},
                 "privacy": {site: {k: v for k, v in report.items() if k != "history"}
-                            for site, report in evaluation.privacy.items()} or None,
-                "failures": [asdict(f) for f in evaluation.failures]}
-        self.store.append_metrics(line)
-        log.info("the release of round %d's model at the stop: %s", self.rounds_done,
-                 evaluation.record.get("status"))
-        return {**record, "evaluate": evaluation.record, "privacy": line["privacy"] or record.get("privacy")}
+                            for site, report in evaluation.privacy.items()} or None}
 
     def _log_round(self, record: dict[str, Any], total: int) -> None:
         evaluation = record["evaluate"] or {}

@@ -69,16 +69,15 @@ def test_under_a_budget_split_the_model_a_spent_federation_exports_has_its_relea
     federation.export(federation.run_rounds(InProcessGrid(client_app, run.to_flat(), num_nodes=2,
                                                           node_config={**NO_SECAGG, "max-epsilon": 9.0})))
     lines = RunStore(run.output.run_dir).read_metrics()
-    assert [(line["round"], line["status"]) for line in lines] == [(1, "ok"), (2, "ok"), (3, "budget-exhausted"),
-                                                                   (2, "release at stop")]
+    assert [(line["round"], line["status"]) for line in lines] == [(1, "ok"), (2, "ok"), (3, "budget-exhausted")]
     assert "leaving too little for the 1 evaluation release(s)" in lines[2]["failures"][0]["reason"]
-    assert lines[3]["evaluate"]["status"] == "ok" and lines[3]["evaluate"]["threshold"] is not None
+    released = lines[2]["evaluate"]  # the declined round's line carries the release of round 2's model
+    assert released["status"] == "ok" and released["model-of-round"] == 2 and released["threshold"] is not None
     ledger = PrivacyLedger(Path(run.output.run_dir) / "site-state" / "site-0")
     events = [(e.round, e.kind, e.noise_multiplier) for e in ledger.entries("default")]
-    assert events == [(1, "train", 1.0), (2, "train", 1.0), (2, "evaluate", 1.65)]  # 0.3 x 9 for one release
+    assert events == [(1, "train", 1.0), (2, "train", 1.0), (3, "evaluate", 1.65)]  # 0.3 x 9 for one release
     assert ledger.epsilon("default", delta=1e-5) <= 9.0
-    std = lines[3]["evaluate"]["dp-noise"]["std-per-entry"]
-    assert std == pytest.approx(1.65 * 2**0.5 * 2**0.5, abs=1e-4)  # two sites' noise, as they reported it
+    assert released["dp-noise"]["std-per-entry"] == pytest.approx(1.65 * 2**0.5 * 2**0.5, abs=1e-4)  # 2 sites'
     card = json.loads((Path(run.output.run_dir) / "model_card.json").read_text())
     assert card["run_status"]["status"] == "ended early" and "operating_threshold" in card
-    assert card["operating_threshold"]["before_calibration"] == lines[3]["evaluate"]["threshold"]
+    assert card["operating_threshold"]["before_calibration"] == released["threshold"]
