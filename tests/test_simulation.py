@@ -23,7 +23,7 @@ SMALL = ["--set", "model.backbone=test_resnet", "--set", "synth.patients-per-sit
 
 
 def _simulate(out: Path, sites: int, rounds: int, *extra: str) -> tuple[list[dict[str, Any]], dict[str, Any], str]:
-    cmd = [sys.executable, "-m", "medfusion_fl.cli", "simulate", "--config", str(REPO / "pyproject.toml"),
+    cmd = [sys.executable, "-m", "medfusion_fl.cli", "simulate",  # the defaults (pyproject's) under the preset
            "--preset", "tiny-cpu", "--out", str(out), "--sites", str(sites), "--set",
            f"rounds.num-server-rounds={rounds}", *SMALL, *extra]
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
