@@ -108,7 +108,8 @@ class PrivacyGuard:
         before = self.spent()
         history = self.ledger.history(self.site.federation)
         after = epsilon([*history, step], delta=policy.delta, accountant=self.privacy.accountant)
-        kept = epsilon([*history, step, *(reserve or [])], delta=policy.delta, accountant=self.privacy.accountant)
+        kept = epsilon([*history, step, *reserve], delta=policy.delta, accountant=self.privacy.accountant) \
+            if reserve else after
         if after <= policy.max_epsilon < kept:
             raise PrivacyBudgetExhausted(
                 f"{self.site.site_id} declines round {server_round}: it would raise epsilon from {before:.3f} to "

@@ -44,16 +44,6 @@ def _delta_sum(weights: dict[str, np.ndarray], updates: list[Update]) -> dict[st
             for k, v in weights.items()}
 
 
-def _secure_delta_sum(weights: dict[str, np.ndarray], updates: list[Update]) -> tuple[dict[str, np.ndarray], int]:
-    """Each site's update encoded as the SecAgg+ input, the integer vectors summed modulo 2^k, decoded."""
-    dtype = modulus_dtype(num_sites=len(updates), bits=BITS, max_weight=4096)
-    encoding = Encoding(CLIP, BITS, dtype, with_loss=False)
-    total = sum(encoding.encode(flat_delta(weights, u.weights), weight=u.weight, loss=None)[0] for u in updates)
-    delta, weight, _, overflow = encoding.decode(np.asarray(total, dtype))
-    assert overflow == 0
-    return unflatten(delta, weights), weight
-
-
 def _flower_one_reply(strategy: ServerStrategy, server_round: int, weights: dict[str, np.ndarray],
                       updates: list[Update]) -> dict[str, np.ndarray]:
     """Flower's class, straight: one reply holding the mean as Flower's FedAvg forms it from the sites' replies."""
