@@ -16,6 +16,7 @@ import importlib
 import logging
 import random
 import signal
+import sys
 import threading
 import time
 import tomllib
@@ -42,6 +43,7 @@ from simulations import processes
 
 log = logging.getLogger("medfusion_fl.simulate")
 GRACE_S = 2.0  # how long the coordinator's thread may take to reach its next poll once asked to stop
+REDELIVER_S = 0.05  # when a signal whose exception was swallowed comes again
 STOP_GRACE_S = 0.5  # how long Ray's processes may take to exit on SIGTERM once the run has been stopped
 
 
@@ -56,6 +58,9 @@ def _stop_on_signals(keep: set[int]) -> Iterator[None]:
     (not its GCS and raylet, which the driver's disconnect still talks to; nor `keep`) at once, so that Ray's own
     shutdown, which stops its processes one after another with a second's grace each, finds them gone."""
 
+    closing = threading.Event()  # set when the block is left: no signal is delivered again after it
+    redeliveries: list[threading.Thread] = []
+
     def handle(signum: int, _frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
         stopping.request(f"{name} received")
@@ -68,15 +73,44 @@ def _stop_on_signals(keep: set[int]) -> Iterator[None]:
         return
     flower = logging.getLogger("flwr")
     level = flower.level
+    unraisable_hook = sys.unraisablehook
+
+    def redeliver_swallowed(unraisable: Any) -> None:
+        """Python runs a signal's handler wherever the main thread is, and some places swallow what it raises
+        ("Exception ignored in"): an at-fork hook (logging's _releaseLock, after Ray forks a process), a __del__.
+        The run would go on until Ray's start timed out, 30 s later. Such a _Signalled is delivered again."""
+        if not isinstance(unraisable.exc_value, _Signalled):
+            unraisable_hook(unraisable)
+            return
+        name = str(unraisable.exc_value)
+        log.debug("%s's exception was swallowed in %r; delivering it again", name, unraisable.object)
+        redelivery = threading.Thread(target=_redeliver, args=(signal.Signals[name], closing),
+                                      name="signal-redelivery", daemon=True)
+        redeliveries.append(redelivery)
+        redelivery.start()
+
     previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    sys.unraisablehook = redeliver_swallowed
     try:
         # ray.init sets its own SIGTERM handler (sys.exit), which would skip the stop of Ray's workers above
         with _replaced("ray._private.utils", "set_sigterm_handler", _keep_ours):
             yield
     finally:
+        closing.set()
+        for redelivery in redeliveries:  # none may send its signal once the default handlers are back
+            redelivery.join()
+        sys.unraisablehook = unraisable_hook
         for sig, old in previous.items():
             signal.signal(sig, old)
         flower.setLevel(level)
+
+
+def _redeliver(signum: signal.Signals, closing: threading.Event) -> None:
+    """Sends `signum` to the main thread REDELIVER_S from now (out of the place that swallowed it), unless the
+    block has been left by then; a real signal, so that a blocking call in the main thread returns."""
+    main = threading.main_thread().ident
+    if main is not None and not closing.wait(REDELIVER_S):
+        signal.pthread_kill(main, signum)
 
 
 def _keep_ours(_handler: Any) -> None:
