@@ -8,6 +8,7 @@ pyproject.toml's [tool.flwr.app.config] mirrors the defaults (a test keeps them 
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -29,11 +30,13 @@ from medfusion_fl.train_config import TrainConfig, split_list
 
 
 class TabularColumn(BaseModel):
-    """One clinical feature: its manifest column and its plausible range (None = unbounded)."""
+    """One clinical feature: its manifest column and its plausible range (None = unbounded); `log`: the range is
+    mapped on a log scale (a skewed, positive measurement: lab values, areas, counts)."""
 
     name: str
     low: float | None = None
     high: float | None = None
+    log: bool = False
 
 
 class OutputConfig(Section):
@@ -59,7 +62,9 @@ class DataConfig(Section):
     view_names: str = Field("frontal,lateral", description="Image views per patient, one manifest column each.")
     tabular_columns: str = Field(
         "age:0:100,marker-a:-6:6,marker-b:-6:6,marker-c:-6:6,noise-a:-6:6,noise-b:-6:6",
-        description="Clinical columns as name[:low:high]; a range both validates and scales the value to [-1, 1].")
+        description="Clinical columns as name[:low:high[:log]]; a range both validates and scales the value to [-1, "
+        "1], linearly or (':log', low > 0) on a log scale. Choose the range so that typical patients sit near its "
+        "middle: DP training converges slowly from inputs that all lie at one end (docs/benchmarks.md).")
     label_column: str = Field("label", description="Manifest column holding the class name.")
     classes: str = Field("negative,positive", description="Class names, in logit order.")
     image_size: int = Field(32, ge=8, le=4096, description="Images are resized to image-size x image-size.")
@@ -123,15 +128,19 @@ def _parse_columns(spec: str) -> tuple[TabularColumn, ...]:
         if len(parts) == 1:
             columns.append(TabularColumn(name=parts[0]))
             continue
-        if len(parts) != 3:
-            raise ValueError(f"column {item!r} must be 'name' or 'name:low:high'")
+        if len(parts) not in (3, 4) or (len(parts) == 4 and parts[3] != "log"):
+            raise ValueError(f"column {item!r} must be 'name', 'name:low:high' or 'name:low:high:log'")
         try:
             low, high = float(parts[1]), float(parts[2])
         except ValueError:
             raise ValueError(f"column {item!r}: low and high must be numbers") from None
-        if not low < high:
-            raise ValueError(f"column {item!r}: low must be below high")
-        columns.append(TabularColumn(name=parts[0], low=low, high=high))
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            raise ValueError(f"column {item!r}: low must be below high, both finite")
+        log = len(parts) == 4
+        if log and low <= 0:
+            raise ValueError(f"column {item!r}: a log scale needs low > 0 (got {low:g}); give the smallest plausible "
+                             "positive value, or drop ':log' for a linear scale")
+        columns.append(TabularColumn(name=parts[0], low=low, high=high, log=log))
     names = [c.name for c in columns]
     if len(set(names)) != len(names):
         raise ValueError(f"column names must be unique, got {names}")

@@ -85,6 +85,13 @@ def test_column_spec_parsing() -> None:
     age, marker = config.data.columns
     assert (age.name, age.low, age.high) == ("age", 0.0, 120.0)
     assert (marker.name, marker.low, marker.high) == ("marker", None, None)
+    crp, = RunConfig.from_flat({"data.tabular-columns": "crp:0.1:500:log"}).data.columns
+    assert (crp.low, crp.high, crp.log) == (0.1, 500.0, True) and not age.log
+    for bad, says in (("crp:0:500:log", r"data.tabular-columns.*'crp:0:500:log'.*log scale needs low > 0 \(got 0\)"),
+                      ("crp:1:500:ln", r"'crp:1:500:ln' must be .*'name:low:high:log'"),
+                      ("crp:5:1", "low must be below high"), ("crp:1:inf", "both finite")):
+        with pytest.raises(ConfigError, match=says):
+            RunConfig.from_flat({"data.tabular-columns": bad})
 
 
 def test_secure_aggregation_settings_are_checked() -> None:

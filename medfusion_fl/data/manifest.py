@@ -42,9 +42,12 @@ class PatientRecord:
 
 
 def scale(value: float, column: TabularColumn) -> float:
-    """Map a ranged column to [-1, 1]; unranged columns pass through."""
+    """Map a ranged column to [-1, 1] (on a log scale for a ':log' column); unranged columns pass through."""
     if column.low is None or column.high is None:
         return value
+    if column.log:
+        low, high = math.log(column.low), math.log(column.high)
+        return 2.0 * (math.log(value) - low) / (high - low) - 1.0
     return 2.0 * (value - column.low) / (column.high - column.low) - 1.0
 
 

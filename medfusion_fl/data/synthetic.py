@@ -48,6 +48,9 @@ def _tabular_value(rng: np.random.Generator, s: float, j: int, column: TabularCo
     z = weight * s + rng.normal()
     if column.low is None or column.high is None:
         return float(z)
+    if column.log:  # typical patients around the range's geometric middle
+        low, high = np.log(column.low), np.log(column.high)
+        return float(np.clip(np.exp((low + high) / 2 + z * (high - low) / 8), column.low, column.high))
     mid, half = (column.low + column.high) / 2, (column.high - column.low) / 2
     return float(np.clip(mid + z * half / 4, column.low, column.high))
 

@@ -198,7 +198,9 @@ def build_card(run: RunConfig, model: MedFusionModel, check: ExportCheck,
                      + input_views(run),
             "view_mask": f"float32 [batch, {spec.num_views}], 1 = view present, 0 = missing",
             "tabular": f"float32 [batch, {spec.num_tabular}], columns {[c.name for c in data.columns]}, "
-                       "ranged columns scaled to [-1, 1]",
+                       "a ranged column (name:low:high) scaled to [-1, 1] as 2 (x - low) / (high - low) - 1, a "
+                       "':log' one the same on log x, log low and log high; the ranges: data.tabular-columns = "
+                       f"{data.tabular_columns!r}",
         },
         "outputs": {"logits": f"float32 [batch, {spec.num_classes}], classes {list(data.class_names)}; divided by "
                               "calibration.temperature (softmax of them: the calibrated probabilities)",

@@ -58,6 +58,27 @@ def test_synthetic_site_loads(synth_root: Path, tiny_run: RunConfig) -> None:
     assert float(sample["tabular"].abs().max()) <= 1.0  # ranged columns scaled to [-1, 1]
 
 
+def test_a_log_column_is_scaled_on_a_log_scale_and_its_range_checked() -> None:
+    """name:low:high:log maps low, the geometric middle and high to -1, 0 and 1; values outside are refused."""
+    from medfusion_fl.data.manifest import _parse_value, scale
+
+    crp, age = RunConfig.from_flat({"data.tabular-columns": "crp:0.5:200:log,age:0:100"}).data.columns
+    assert [scale(v, crp) for v in (0.5, 10.0, 200.0)] == pytest.approx([-1.0, 0.0, 1.0], abs=1e-12)
+    assert scale(50.0, age) == 0.0  # a linear column as before
+    assert _parse_value("0.1", crp) == (None, "0.1 is outside the declared range [0.5, 200]")
+    assert _parse_value("-3", crp)[1] == "-3 is outside the declared range [0.5, 200]"
+
+
+def test_synthetic_log_columns_centre_on_the_geometric_middle(tmp_path: Path) -> None:
+    from medfusion_fl.data import write_federation
+
+    run = RunConfig.from_flat({"data.tabular-columns": "crp:0.5:200:log,age:0:100", "data.view-names": "",
+                               "synth.patients-per-site": 200, "data.val-fraction": 0.0})
+    write_federation(tmp_path, run, 1)
+    values = torch.stack([row["tabular"] for row in load_site(tmp_path / "site-0", run.data).train])
+    assert values.abs().max() <= 1.0 and values.mean(0).abs().max() < 0.2
+
+
 def test_site_check_reports_every_problem_with_its_row(corrupted: Path, tiny_run: RunConfig) -> None:
     records, problems = check_site(corrupted, tiny_run.data)
     text = "\n".join(str(p) for p in problems)
