@@ -40,8 +40,8 @@ ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
 COMMON = {
     "data.source": "folders", "data.view-names": "", "data.classes": "benign,malignant", "data.val-fraction": 0.2,
     "model.tabular-hidden": 32, "model.dropout": 0.0, "train.freeze": "", "train.class-weights": "",
-    "train.batch-size": 16, "train.lr": 0.01, "rounds.num-server-rounds": 15, "rounds.min-sites": 3,
-    "privacy.noise-multiplier": 2.0, "evaluation.every": 15,
+    "train.batch-size": 48, "train.lr": 0.03, "rounds.num-server-rounds": 15, "rounds.min-sites": 3,
+    "privacy.noise-multiplier": 3.0, "evaluation.every": 15,
 }
 ARMS = {"no-dp": ["privacy.enabled=false"], "dp": []}
 OPEN = "[policy]\nrequire-dp = false\n"

@@ -3,7 +3,7 @@
 
 Per seed: a stratified 25% held-out test set; the other patients go to 4 hospitals with Dirichlet
 (alpha 0.5) label skew. Each hospital is a real site folder (manifest.csv, the model's tabular path:
-30 clinical columns scaled by published-style ranges, no image views) read by our data pipeline.
+30 clinical columns scaled by the ranges the data set publishes, some on a log scale, no image views) read by our data pipeline.
 Methods: pooled (one site holding everyone), each single site, FedAvg and FedProx (mu 0.1), each
 without and with DP-SGD (noise 1.5, clip 1.0, per-patient, epsilon at delta 1e-5 reported as the
 largest site's). Federated rounds call the same local training and strategy code as the round loop,
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
+import re
 import sys
 import tempfile
 import warnings
@@ -44,18 +45,33 @@ log = logging.getLogger("medfusion_fl.bench.real_tabular")
 SITES, ALPHA, ROUNDS, DELTA = 4, 0.5, 15, 1e-5
 
 
-def _columns(x: np.ndarray) -> list[tuple[str, float, float]]:
+def _columns() -> list[str]:
+    """Each measurement's range as the data set publishes it (the minimum and maximum in its description, rounded to
+    3 decimals there), widened 20% below and 5% above for that rounding: what a consortium writes from published
+    values, no patient's. A strictly positive measurement spanning 8x or more (areas, standard errors) is given on a
+    log scale, as skewed lab values are, so that typical patients sit near the middle of [-1, 1]. The first version
+    of this benchmark (until 2026-12-08) used 0 to 1.5x the largest value: most patients then sat near -1 on every
+    column, and DP training drifted to the majority class (docs/benchmarks.md, *Real patients*)."""
     from sklearn.datasets import load_breast_cancer
 
-    names = [n.replace(" ", "-") for n in load_breast_cancer().feature_names]
-    return [(n, 0.0, float(np.ceil(x[:, j].max() * 1.5 * 1000) / 1000)) for j, n in enumerate(names)]
+    data = load_breast_cancer()
+    names = [n.replace(" ", "-") for n in data.feature_names]
+    published = re.findall(r"^(.+?) \((?:mean|standard error|worst)\):\s+([0-9.]+)\s+([0-9.]+)\s*$", data.DESCR,
+                           re.MULTILINE)
+    if len(published) != len(names):
+        raise RuntimeError(f"scikit-learn's breast cancer description lists {len(published)} ranges, not 30")
+    columns = []
+    for name, (_, low, high) in zip(names, published, strict=True):
+        lo, hi = float(low) * 0.8, float(high) * 1.05
+        columns.append(f"{name}:{lo:.6g}:{hi:.6g}" + (":log" if lo > 0 and hi / lo >= 8 else ""))
+    return columns
 
 
-def _write(folder: Path, x: np.ndarray, y: np.ndarray, columns: list[tuple[str, float, float]]) -> None:
+def _write(folder: Path, x: np.ndarray, y: np.ndarray, columns: list[str]) -> None:
     folder.mkdir(parents=True)
     with (folder / "manifest.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["patient_id", "label", *(c[0] for c in columns)])
+        writer.writerow(["patient_id", "label", *(c.split(":")[0] for c in columns)])
         for i, (row, label) in enumerate(zip(x, y, strict=True)):
             writer.writerow([f"{folder.name}-{i:04d}", ["malignant", "benign"][label], *(f"{v:.6g}" for v in row)])
 
@@ -65,7 +81,7 @@ def _split(seed: int, root: Path) -> tuple[RunConfig, list[Path], Path]:
     from sklearn.model_selection import train_test_split
 
     x, y = load_breast_cancer(return_X_y=True)
-    columns = _columns(x)
+    columns = _columns()
     x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.25, stratify=y, random_state=seed)
     rng = np.random.default_rng(seed)
     owner = np.empty(len(y_train), int)
@@ -82,7 +98,7 @@ def _split(seed: int, root: Path) -> tuple[RunConfig, list[Path], Path]:
     _write(root / "pooled", x_train, y_train, columns)
     run = RunConfig.from_flat({
         "data.source": "folders", "data.view-names": "", "data.classes": "malignant,benign",
-        "data.val-fraction": 0.0, "data.tabular-columns": ",".join(f"{n}:{lo:g}:{hi:g}" for n, lo, hi in columns),
+        "data.val-fraction": 0.0, "data.tabular-columns": ",".join(columns),
         "model.tabular-hidden": 32, "model.dropout": 0.0, "train.batch-size": 16, "train.lr": 0.01,
         "train.local-epochs": 1, "privacy.noise-multiplier": 1.5, "privacy.max-grad-norm": 1.0})
     return run, folders, root / "test"
