@@ -73,7 +73,8 @@ def _chosen_by(run: RunConfig, released_at: int | None) -> str:
     rule = (f"the highest score bin edge whose pooled sensitivity reaches evaluation.target-sensitivity = {target:g}"
             + (" (less one standard error of the DP noise)" if run.privacy.enabled else "") if target > 0 else
             "maximum sensitivity + specificity (Youden" + ("; under DP the edge nearest 0.5 within one standard "
-                                                          "error of the best" if run.privacy.enabled else "") + ")")
+                                                          "error of the best, or when the noisy cells of a class sum "
+                                                          "to nothing" if run.privacy.enabled else "") + ")")
     release = f"the release of round {released_at}" if released_at is not None else "the last round's release"
     return f"{rule} on the sites' pooled validation score histograms of {release}, mapped through the temperature"
 

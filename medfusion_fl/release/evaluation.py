@@ -171,11 +171,14 @@ def youden_threshold(pos: np.ndarray, neg: np.ndarray, noise_std: float = 0.0) -
     patients a bin, noise alone makes some edge's sum the largest, most often one far out where few patients sit;
     the rule moves the threshold from 0.5 only where the release shows a better one beyond its noise. The
     standard error counts the noise of the cells summed on each side of the edge (their totals' own noise is left
-    out)."""
+    out). A noisy release whose cells of a class sum to nothing shows no better edge either: the edge nearest 0.5.
+    Without noise, a class with no patients gives no threshold (None)."""
     p, n = float(pos.sum()), float(neg.sum())
+    bins = len(pos)
+    if (p <= 0 or n <= 0) and noise_std > 0:
+        return float(max(1, round(bins / 2)) / bins)
     if p <= 0 or n <= 0:
         return None
-    bins = len(pos)
     sensitivity = (p - np.cumsum(pos)[:-1]) / p  # positives at or above edge k, for k = 1 .. bins - 1
     specificity = np.cumsum(neg)[:-1] / n  # negatives below edge k
     youden = sensitivity + specificity

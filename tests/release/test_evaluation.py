@@ -85,6 +85,10 @@ def test_youden_threshold_of_histograms() -> None:
     threshold = youden_threshold(cells[50:], cells[:50])
     assert threshold is not None and 0.33 < threshold <= 0.35  # separates the classes perfectly
     assert youden_threshold(np.zeros(50), cells[:50]) is None  # one class only: no threshold
+    # under DP noise a class whose noisy cells sum to nothing shows no edge better than the model's own 0.5
+    assert youden_threshold(np.full(50, -0.1), cells[:50], noise_std=1.0) == 0.5
+    assert youden_threshold(cells[50:], np.full(50, -0.1), noise_std=1.0) == 0.5
+    assert youden_threshold(np.full(9, -0.1), cells[:9], noise_std=1.0) == 4 / 9  # 9 bins: the edge nearest 0.5
 
 
 def _demo_like_release(rng: np.random.Generator, patients: int, shift: float, noise_std: float, separation: float = 3.0
