@@ -27,10 +27,16 @@ for _key, _value in {
 }.items():
     os.environ.setdefault(_key, _value)
 
+import torch  # noqa: E402
+
 from medfusion_fl.config import RunConfig  # noqa: E402
 from medfusion_fl.data import write_federation  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+# pytest-xdist (pyproject's addopts): the workers share the machine's cores instead of each taking all of them
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // WORKERS))
 TINY = {
     "model.backbone": "test_resnet",
     "synth.patients-per-site": 40,
@@ -112,12 +118,20 @@ SLOW_TESTS = (
 )
 
 
+# Tests that start Ray or Flower's processes, one at a time: they count the processes they leave behind and time
+# their stops, which another worker's Ray would confuse
+ONE_AT_A_TIME = ("simulation", "deployment")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """A test that opens a page (tests/browser.open_page) is a browser test; every simulation, deployment and
-    browser test is slow: `-m 'not slow'` is the fast tier (README), CI runs everything."""
+    browser test is slow: `-m 'not slow'` is the fast tier (README), CI runs everything. Simulation and deployment
+    tests share one pytest-xdist group, so one worker runs them one after another (--dist loadgroup)."""
     for item in items:
         function = getattr(item, "function", None)
         if function is not None and "open_page" in function.__code__.co_names:
             item.add_marker(pytest.mark.browser)
         if any(item.get_closest_marker(kind) for kind in SLOW_KINDS) or item.nodeid.startswith(SLOW_TESTS):
             item.add_marker(pytest.mark.slow)
+        if any(item.get_closest_marker(kind) for kind in ONE_AT_A_TIME):
+            item.add_marker(pytest.mark.xdist_group("processes"))
