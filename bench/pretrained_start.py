@@ -15,6 +15,7 @@ what each conversion costs before any training.
     python bench/pretrained_start.py --scale demo --out bench/results/pretrained-start-demo-cpu2.json
     python bench/pretrained_start.py --scale large --rounds 5 --out bench/results/pretrained-start-large-cpu2.json
     python bench/pretrained_start.py --scale large --plain --recipe --out bench/results/hospital-size-cpu2.json
+    python bench/pretrained_start.py --scale large --plain --only scratch --set model.backbone=test_resnet  # a lever
 """
 
 from __future__ import annotations
@@ -98,6 +99,17 @@ def _f(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def _pairs(items: list[str]) -> dict[str, str]:
+    """--set KEY=VALUE items as run config overrides (RunConfig.from_flat parses the values)."""
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE, e.g. train.batch-size=128")
+        pairs[key.strip()] = value.strip()
+    return pairs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scale", choices=sorted(SCALES), default="demo")
@@ -111,6 +123,12 @@ def main() -> None:
     parser.add_argument("--recipe", action="store_true", help="DP arms: the demo preset's recipe (class weights "
                         "0.5,1; a pretrained start trains all but its backbone at lr 0.001) and a report with "
                         "the calibrated ECE per arm")
+    parser.add_argument("--only", action="append", default=[], choices=["scratch", "pretrained"],
+                        help="these starts only (the public folder is pretrained on only for 'pretrained')")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
+                        help="a run config key for every arm of the chosen starts, DP and plain (a recipe lever)")
+    parser.add_argument("--dp-set", action="append", default=[], metavar="KEY=VALUE", dest="dp_sets",
+                        help="a run config key for the DP arms only (e.g. train.class-weights=)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     ensure_logging(logging.WARNING)
@@ -121,14 +139,20 @@ def main() -> None:
     base = {**scale["flat"], "data.sites-root": str(root / "data"), "rounds.num-server-rounds": rounds,
             "report.enabled": args.recipe}
     write_federation(root / "data", RunConfig.from_flat(base), scale["sites"])
-    public_run = RunConfig.from_flat({**base, **PUBLIC})
-    folder = write_public(root / "public", public_run, scale["public"])
-    began = time.perf_counter()
-    card = pretrain(folder, root / "start.safetensors", public_run, epochs=args.pretrain_epochs, seed=1)
-    pretrain_s = round(time.perf_counter() - began, 1)
-    starts = {"scratch": {"init.source": "random"},
-              "pretrained": {"init.source": "file", "init.path": str(root / "start.safetensors"),
-                             "init.sha256": card["file_sha256"]}}
+    levers, dp_levers = _pairs(args.sets), _pairs(args.dp_sets)
+    starts: dict[str, dict[str, Any]] = {"scratch": {"init.source": "random"}}
+    card: dict[str, Any] = {"history": []}
+    pretrain_s = 0.0
+    if not args.only or "pretrained" in args.only:
+        public_run = RunConfig.from_flat({**base, **PUBLIC, **levers})
+        folder = write_public(root / "public", public_run, scale["public"])
+        began = time.perf_counter()
+        card = pretrain(folder, root / "start.safetensors", public_run, epochs=args.pretrain_epochs, seed=1)
+        pretrain_s = round(time.perf_counter() - began, 1)
+        starts["pretrained"] = {"init.source": "file", "init.path": str(root / "start.safetensors"),
+                                "init.sha256": card["file_sha256"]}
+    if args.only:
+        starts = {name: init for name, init in starts.items() if name in args.only}
     if args.batchnorm:
         bn_run = RunConfig.from_flat({**base, **PUBLIC, "model.norm": "batch"})
         bn_card = pretrain(folder, root / "start-bn.safetensors", bn_run, epochs=args.pretrain_epochs, seed=1)
@@ -137,8 +161,8 @@ def main() -> None:
         starts |= {"batchnorm-fold": {**bn, "model.norm": "fold"}, "batchnorm-group": {**bn, "model.norm": "group"}}
     arms: dict[str, dict[str, Any]] = {}
     for name, init in starts.items():
-        recipe = RECIPE.get(name, {}) if args.recipe else {}
-        arms[name] = {**init, **recipe, **(DP_RECIPE if args.recipe else {})}
+        recipe = {**(RECIPE.get(name, {}) if args.recipe else {}), **levers}
+        arms[name] = {**init, **recipe, **(DP_RECIPE if args.recipe else {}), **dp_levers}
         if args.plain:
             arms[f"{name}-no-dp"] = {**init, **recipe, "privacy.enabled": False}
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in arms}

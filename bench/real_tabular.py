@@ -3,9 +3,9 @@
 
 Per seed: a stratified 25% held-out test set; the other patients go to 4 hospitals with Dirichlet
 (alpha 0.5) label skew. Each hospital is a real site folder (manifest.csv, the model's tabular path:
-30 clinical columns scaled by the ranges the data set publishes, some on a log scale, no image views) read by our data pipeline.
-Methods: pooled (one site holding everyone), each single site, FedAvg and FedProx (mu 0.1), each
-without and with DP-SGD (noise 1.5, clip 1.0, per-patient, epsilon at delta 1e-5 reported as the
+30 clinical columns scaled by the ranges the data set publishes, some on a log scale; no image views) read
+by our data pipeline. Methods: pooled (one site holding everyone), each single site, FedAvg and FedProx
+(mu 0.1), each without and with DP-SGD (noise 1.5, clip 1.0, per-patient, epsilon at delta 1e-5 reported as the
 largest site's). Federated rounds call the same local training and strategy code as the round loop,
 in process (no Flower transport). Prints JSON with test accuracy and AUROC, mean and std over seeds.
 

@@ -118,20 +118,12 @@ SLOW_TESTS = (
 )
 
 
-# Tests that start Ray or Flower's processes, one at a time: they count the processes they leave behind and time
-# their stops, which another worker's Ray would confuse
-ONE_AT_A_TIME = ("simulation", "deployment")
-
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """A test that opens a page (tests/browser.open_page) is a browser test; every simulation, deployment and
-    browser test is slow: `-m 'not slow'` is the fast tier (README), CI runs everything. Simulation and deployment
-    tests share one pytest-xdist group, so one worker runs them one after another (--dist loadgroup)."""
+    browser test is slow: `-m 'not slow'` is the fast tier (README), CI runs everything."""
     for item in items:
         function = getattr(item, "function", None)
         if function is not None and "open_page" in function.__code__.co_names:
             item.add_marker(pytest.mark.browser)
         if any(item.get_closest_marker(kind) for kind in SLOW_KINDS) or item.nodeid.startswith(SLOW_TESTS):
             item.add_marker(pytest.mark.slow)
-        if any(item.get_closest_marker(kind) for kind in ONE_AT_A_TIME):
-            item.add_marker(pytest.mark.xdist_group("processes"))

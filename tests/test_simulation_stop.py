@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -22,20 +23,27 @@ from tests.conftest import REPO
 from tests.test_simulation import SMALL
 
 RAY = ("ray::", "raylet", "gcs_server", "/ray/dashboard", "/ray/_private", "/ray/autoscaler")
+# Every process these tests start carries this in its environment (Ray's GCS, raylet and workers inherit it), so
+# another pytest-xdist worker's simulation running meanwhile is not counted as ours
+TAG = f"MEDFUSION_TEST_SIMULATION={uuid.uuid4().hex}"
 ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-       "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1"}
+       "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1",
+       TAG.split("=")[0]: TAG.split("=")[1]}
 
 
 def _ray_processes() -> set[int]:
+    """Ray's processes started by this module's simulations (alive now)."""
     found = set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                if not any(marker in command for marker in RAY):
+                    continue
+                if TAG.encode() in (entry / "environ").read_bytes().split(b"\0"):
+                    found.add(int(entry.name))
             except OSError:
                 continue
-            if any(marker in command for marker in RAY):
-                found.add(int(entry.name))
     return found
 
 
@@ -126,6 +134,7 @@ def test_sigterm_stops_a_simulation_within_5_s_and_the_run_resumes(tmp_path: Pat
     before = _ray_processes()
     sim = Simulation(out, *rounds)
     sim.wait_for("round 1/2")  # round 2 starts at once (about 1 s on 2 cores)
+    assert len(_ray_processes() - before) >= 3, "the count below would see no Ray process: is TAG inherited?"
     _terminate(sim)
     assert "stopped during round 2 of 2" in sim.text
     _no_ray_left(before)

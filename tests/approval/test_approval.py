@@ -145,7 +145,7 @@ def _fab(content: bytes, announced: str | None = None) -> Fab:
 
 
 def test_the_deployed_check_keeps_an_unapproved_fab_unopened_and_refuses_it(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, package_log: pytest.LogCaptureFixture) -> None:
     site_file = _site(tmp_path)
     apps = SiteApps.of_site_file(site_file)
     site = SiteConfig(site_id="H1", data_path=tmp_path / "data", state_dir=tmp_path / "state" / "H1")
@@ -163,9 +163,9 @@ def test_the_deployed_check_keeps_an_unapproved_fab_unopened_and_refuses_it(
     assert admit(site, apps, _fab(content)) == sha
     other = _app(tmp_path / "app2", body="app = 'changed'\n")
     open_site = site.model_copy(update={"policy": site.policy.model_copy(update={"require_approved_app": False})})
-    capsys.readouterr()
+    package_log.clear()
     assert admit(open_site, apps, _fab(other)) == hashlib.sha256(other).hexdigest()
-    assert "runs unreviewed (site policy require-approved-app = false)" in capsys.readouterr().err
+    assert "runs unreviewed (site policy require-approved-app = false)" in package_log.text
     assert any("require-approved-app = False" in line for line in open_site.policy.relaxed())
 
 
