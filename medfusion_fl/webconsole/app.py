@@ -7,11 +7,13 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.staticfiles import StaticFiles
 
 from medfusion_fl.webconsole.auth import LoginThrottle
 from medfusion_fl.webconsole.control import Jobs
 from medfusion_fl.webconsole.db import open_database
+from medfusion_fl.webconsole.limits import BodyLimit, validation_error
 from medfusion_fl.webconsole.routers import control, live, models, pages, runs, session, users
 from medfusion_fl.webconsole.routers.pages import STATIC
 from medfusion_fl.webconsole.tails import Tails
@@ -37,7 +39,7 @@ def create_app(*, runs_dir: Path, database: str | None = None, secure_cookies: b
         jobs.stop_all()  # no simulation outlives its console
 
     app = FastAPI(title="MedFusion-FL console", docs_url=None, redoc_url=None,  # the docs pages load CDN assets
-                  lifespan=lifespan)
+                  openapi_url=None, lifespan=lifespan)  # the schema: GET /api/openapi.json, logged in
     app.state.runs_dir = Path(runs_dir)
     app.state.sessions = open_database(database or default_database(runs_dir))
     app.state.throttle = LoginThrottle()
@@ -52,6 +54,8 @@ def create_app(*, runs_dir: Path, database: str | None = None, secure_cookies: b
     app.include_router(live.router)
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_middleware(BodyLimit)
 
     @app.middleware("http")
     async def headers(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -60,6 +64,8 @@ def create_app(*, runs_dir: Path, database: str | None = None, secure_cookies: b
             response.headers["Content-Security-Policy"] = CSP
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["Referrer-Policy"] = "no-referrer"
+        if secure_cookies:  # served over TLS: browsers keep to it
+            response.headers["Strict-Transport-Security"] = "max-age=31536000"
         return response
 
     return app

@@ -46,12 +46,19 @@ def add_user(session: Session, name: str, role: str, password: str) -> User:
     return user
 
 
+_UNKNOWN_USER_HASH: list[str] = []  # a hash to verify against when the name is unknown, made once
+
+
 def check_password(user: User | None, password: str) -> bool:
-    """True for the right password; an unknown user costs a hash too (no timing oracle on names)."""
+    """True for the right password. An unknown user costs one verification too, against a hash made once with the
+    same parameters, so that the time of a refusal does not tell whether the name exists."""
+    if not _UNKNOWN_USER_HASH:
+        _UNKNOWN_USER_HASH.append(_HASHER.hash(secrets.token_urlsafe(24)))
     try:
-        return _HASHER.verify(user.password_hash if user else _HASHER.hash("x" * MIN_PASSWORD), password)
+        right = _HASHER.verify(user.password_hash if user else _UNKNOWN_USER_HASH[0], password)
     except (VerificationError, InvalidHashError):
         return False
+    return right and user is not None
 
 
 def has_role(user: User, needed: str) -> bool:
@@ -95,29 +102,41 @@ def close_session(session: Session, token: str) -> None:
 
 @dataclass
 class LoginThrottle:
-    """At most `limit` failed logins per user name within `window` s; then refused until the window passes."""
+    """Failed logins within `window` s: at most `limit` for one user name from one client, then that pair waits;
+    at most `client_limit` from one client whatever the names, then that client waits. A name is never locked
+    for everyone: an attacker elsewhere cannot lock the admin out (their failures count against their own
+    address)."""
 
     limit: int = 5
+    client_limit: int = 20
     window: float = 300.0
-    _failures: dict[str, list[float]] = field(default_factory=dict)
+    _failures: dict[tuple[str, str], list[float]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def _recent(self, name: str) -> list[float]:
+    def _recent(self, key: tuple[str, str]) -> list[float]:
         cutoff = time.monotonic() - self.window
-        kept = [t for t in self._failures.get(name, []) if t > cutoff]
-        self._failures[name] = kept
+        kept = [t for t in self._failures.get(key, []) if t > cutoff]
+        if kept:
+            self._failures[key] = kept
+        else:
+            self._failures.pop(key, None)  # the table holds only keys with recent failures
         return kept
 
-    def blocked_for(self, name: str) -> float:
-        """Seconds until `name` may try again (0: now)."""
-        with self._lock:
-            recent = self._recent(name)
-            return max(0.0, recent[0] + self.window - time.monotonic()) if len(recent) >= self.limit else 0.0
+    def _wait(self, recent: list[float], limit: int) -> float:
+        return max(0.0, recent[-limit] + self.window - time.monotonic()) if len(recent) >= limit else 0.0
 
-    def failed(self, name: str) -> None:
+    def blocked_for(self, client: str, name: str) -> float:
+        """Seconds until `client` may try `name` again (0: now)."""
         with self._lock:
-            self._recent(name).append(time.monotonic())
+            pair = self._wait(self._recent((client, name)), self.limit)
+            return max(pair, self._wait(self._recent((client, "")), self.client_limit))
 
-    def succeeded(self, name: str) -> None:
+    def failed(self, client: str, name: str) -> None:
+        now_ = time.monotonic()
         with self._lock:
-            self._failures.pop(name, None)
+            self._failures[(client, name)] = [*self._recent((client, name)), now_]
+            self._failures[(client, "")] = [*self._recent((client, "")), now_]
+
+    def succeeded(self, client: str, name: str) -> None:
+        with self._lock:
+            self._failures.pop((client, name), None)

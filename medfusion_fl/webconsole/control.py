@@ -101,11 +101,16 @@ class Jobs:
         self.jobs: dict[str, Job] = {}
         self.lock = threading.Lock()
 
-    def start(self, name: str, preset: str, settings: dict[str, Any], who: str) -> Job:
+    def folder(self, name: str) -> Path:
+        """The run folder of `name` under --runs; a name that is not a plain folder name ('..', a slash, an
+        empty one) is refused before anything is read or written."""
         if not NAME.match(name):
             raise ConfigError(f"run name {name!r}: 1-64 letters, digits, '.', '_' or '-', starting with one of the "
                               "first two")
-        folder = self.runs_dir / name
+        return self.runs_dir / name
+
+    def start(self, name: str, preset: str, settings: dict[str, Any], who: str) -> Job:
+        folder = self.folder(name)
         if folder.exists():
             raise ConfigError(f"run {name!r} exists already in {self.runs_dir}; pick another name")
         known = presets(self.app_dir)
@@ -131,7 +136,7 @@ class Jobs:
 
     def pause(self, name: str, who: str) -> None:
         """Ask the run to stop after its current round (runcontrol); any run under --runs, whoever started it."""
-        folder = self.runs_dir / name
+        folder = self.folder(name)
         if not (folder / "metrics.jsonl").is_file() and name not in self.jobs:
             raise ConfigError(f"no run {name!r} under {self.runs_dir}")
         runcontrol.request_pause(folder, by=who)
@@ -140,10 +145,14 @@ class Jobs:
         """Continue a stopped or paused run from its newest checkpoint, with that checkpoint's own config."""
         from medfusion_fl.runstore import RunStore, load_checkpoint  # torch: only when a run is resumed
 
+        folder = self.folder(name)
         running = self.jobs.get(name)
         if running is not None and running.running:
             raise ConfigError(f"run {name!r} is still running; pause or stop it first")
-        latest = RunStore(self.runs_dir / name).latest_checkpoint()
+        if (folder / "model_card.json").exists():
+            raise ConfigError(f"run {name!r} has ended: it exported its model (model_card.json). A resume would "
+                              "train and export over it; start a new run instead")
+        latest = RunStore(folder).latest_checkpoint()
         if latest is None:
             raise ConfigError(f"run {name!r} has no checkpoint to resume from; start it again instead")
         checkpoint = load_checkpoint(latest)
@@ -167,6 +176,7 @@ class Jobs:
     def stop(self, name: str) -> Job | str:
         """A run this console started: SIGTERM to its process group, SIGKILL after STOP_GRACE_S. A deployment
         run (run.json names its Flower run id): `flwr stop ID SUPERLINK`; returns what flwr said."""
+        self.folder(name)  # a plain name, before anything is looked up by it
         job = self.jobs.get(name)
         if job is None:
             return self._flwr_stop(name)

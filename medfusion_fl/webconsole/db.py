@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
+import stat
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event, inspect
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -131,9 +134,15 @@ class Audit(Base):
     detail: Mapped[str] = mapped_column(Text, default="")
 
 
+AUDIT_DETAIL = 2000  # characters of an audit row's detail kept; longer ones are cut, saying how long they were
+
+
 def audit(session: Session, who: str, action: str, detail: str = "") -> None:
-    """Record who did what in the audit table (committed at once: an action is never left unrecorded)."""
-    session.add(Audit(who=who, action=action, detail=detail))
+    """Record who did what in the audit table (committed at once: an action is never left unrecorded). Each
+    field is bounded: a refused 50 MB request must not become a 50 MB row."""
+    if len(detail) > AUDIT_DETAIL:
+        detail = f"{detail[:AUDIT_DETAIL]}... [{len(detail)} characters, cut at {AUDIT_DETAIL}]"
+    session.add(Audit(who=who[:64], action=action[:64], detail=detail))
     session.commit()
 
 
@@ -144,9 +153,34 @@ def _sqlite_wal(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _private_sqlite_file(url: str) -> None:
+    """The SQLite file holds password hashes, session and CSRF token digests and the audit: mode 0600, created so
+    (SQLite gives its -wal and -shm files the database file's mode). A file that other users may write is refused:
+    they could have planted an account."""
+    try:
+        database = make_url(url).database
+    except ArgumentError:  # not a URL: create_engine says so, with the fix
+        return
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    path = Path(database)
+    if path.exists():
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o022:
+            raise ConfigError(f"--database {url!r}: {path} may be written by other users (mode {mode:o}); check "
+                              f"its users table for accounts you did not add, then `chmod 600 {path}`")
+    elif path.parent.is_dir():  # a missing folder: SQLite's own error names it
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    for part in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if part.exists():
+            os.chmod(part, 0o600)
+
+
 def open_database(url: str) -> sessionmaker:  # type: ignore[type-arg]
-    """An engine for `url` with every table created; SQLite files get WAL mode."""
+    """An engine for `url` with every table created; SQLite files get WAL mode and mode 0600."""
     sqlite = url.startswith("sqlite")
+    if sqlite:
+        _private_sqlite_file(url)
     try:
         engine: Engine = create_engine(url, connect_args={"timeout": 30} if sqlite else {}, **POOL)
     except (ImportError, ArgumentError) as exc:  # no driver installed, or not a database URL

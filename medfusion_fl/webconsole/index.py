@@ -25,6 +25,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from medfusion_fl.webconsole.db import RoundRow, RunRow, SiteLatestRow, SiteRoundRow, VersionRow, now
+from medfusion_fl.webconsole.paths import OutsideFolder, contained, inside, run_folder
 from medfusion_fl.webconsole.views import detail
 
 log = logging.getLogger(__name__)
@@ -93,14 +94,17 @@ def read_from(path: Path, offset: int = 0, line_count: int = 0, tail_hash: str =
 
 def _run_id(folder: Path) -> str:
     try:
-        doc = json.loads((folder / RUN_FILE).read_text(encoding="utf-8"))
+        doc = json.loads(contained(folder, RUN_FILE).read_text(encoding="utf-8"))
         return str(doc["run_id"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, OutsideFolder):
         return f"folder:{folder.name}"
 
 
 def is_run(folder: Path) -> bool:
-    return folder.is_dir() and ((folder / METRICS).is_file() or (folder / RUN_FILE).is_file())
+    if not folder.is_dir():
+        return False
+    metrics, run_file = inside(folder, METRICS), inside(folder, RUN_FILE)
+    return (metrics is not None and metrics.is_file()) or (run_file is not None and run_file.is_file())
 
 
 def _site_rows(run_id: str, record: dict[str, Any]) -> list[dict[str, Any]]:
@@ -110,7 +114,10 @@ def _site_rows(run_id: str, record: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _index_metrics(session: Session, folder: Path, row: RunRow) -> None:
-    chunk = read_from(folder / METRICS, row.offset or 0, row.line_count or 0, row.tail_hash or "")
+    metrics = inside(folder, METRICS)
+    if metrics is None:  # a link out of the run folder: not read (logged)
+        return
+    chunk = read_from(metrics, row.offset or 0, row.line_count or 0, row.tail_hash or "")
     if chunk.reset:  # also the first read (offset 0)
         session.execute(delete(SiteLatestRow).where(SiteLatestRow.run_id == row.id))
         session.execute(delete(SiteRoundRow).where(SiteRoundRow.run_id == row.id))
@@ -151,17 +158,18 @@ def _update_latest(session: Session, run_id: str, sites: list[dict[str, Any]]) -
 def _versions(folder: Path) -> list[tuple[str, str, int | None, Path]]:
     """(name, kind, round, path) of every checkpoint and export of a run folder."""
     found: list[tuple[str, str, int | None, Path]] = []
-    for path in sorted((folder / "checkpoints").glob("round-*.pt")):
+    for path in sorted(p for p in (folder / "checkpoints").glob("round-*.pt") if inside(folder, p) is not None):
         match = CHECKPOINT.match(path.name)
         if match:
             found.append((path.stem, "checkpoint", int(match.group(1)), path))
-    exports = [folder, *sorted(p for p in (folder / "exports").glob("*") if p.is_dir())]
+    exports = [folder, *sorted(p for p in (folder / "exports").glob("*") if p.is_dir() and inside(folder, p))]
     for place in exports:
         onnx = place / "model.onnx"
-        if onnx.is_file():
+        if onnx.is_file() and inside(folder, onnx) is not None:
             try:
-                card_round = json.loads((place / "model_card.json").read_text(encoding="utf-8")).get("rounds")
-            except (OSError, ValueError, AttributeError):
+                card = contained(folder, place / "model_card.json")
+                card_round = json.loads(card.read_text(encoding="utf-8")).get("rounds")
+            except (OSError, ValueError, AttributeError, OutsideFolder):
                 card_round = None
             name = "model.onnx" if place == folder else f"exports/{place.name}"
             found.append((name, "export", card_round if isinstance(card_round, int) else None, onnx))
@@ -188,7 +196,7 @@ def _index_versions(session: Session, folder: Path, row: RunRow) -> None:
             continue
         session.add(VersionRow(run_id=row.id, name=name, kind=kind, round=number, path=str(path), created=created))
     row.versions_key = key
-    row.has_model = int((folder / "model.onnx").is_file())
+    row.has_model = int(any(name == "model.onnx" for name, *_ in found))
 
 
 def _guarded(work: Callable[[], T], session: Session) -> T:
@@ -209,15 +217,15 @@ def index_folder(session: Session, folder: Path) -> RunRow:
     """(Re)index one run folder (committed): what its metrics file gained since the last scan, its versions."""
 
     def work() -> RunRow:
-        row = _index_folder(session, folder)
+        known = session.scalar(select(RunRow).where(RunRow.folder == str(folder.resolve())))
+        row = _index_folder(session, folder, known.id if known is not None else _run_id(folder))
         session.commit()
         return row
 
     return _guarded(work, session)
 
 
-def _index_folder(session: Session, folder: Path) -> RunRow:
-    run_id = _run_id(folder)
+def _index_folder(session: Session, folder: Path, run_id: str) -> RunRow:
     row = session.get(RunRow, run_id)
     if row is None:
         row = RunRow(id=run_id, folder=str(folder.resolve()), name=folder.name, rounds=0, status="empty",
@@ -232,16 +240,35 @@ def _index_folder(session: Session, folder: Path) -> RunRow:
     return row
 
 
+def _distinct_ids(session: Session, folders: list[Path]) -> dict[Path, str]:
+    """Each run folder's id: run.json's run id, or for a copy of a folder (two folders, one run id) the folder that
+    held the id first keeps it and the others get the id with their folder's name, so that no run hides another."""
+    ids = {folder: _run_id(folder) for folder in folders}
+    groups: dict[str, list[Path]] = {}
+    for folder, run_id in ids.items():
+        groups.setdefault(run_id, []).append(folder)
+    for run_id, group in groups.items():
+        if len(group) < 2:
+            continue
+        row = session.get(RunRow, run_id)
+        keeper = next((f for f in group if row is not None and row.folder == str(f.resolve())), group[0])
+        for folder in group:
+            if folder != keeper:
+                ids[folder] = f"{run_id[:40]}@{hashlib.sha256(folder.name.encode()).hexdigest()[:16]}"
+                log.warning("run folders %s and %s carry one run id %s (a copy?); %s is listed as %s", keeper.name,
+                            folder.name, run_id, folder.name, ids[folder])
+    return ids
+
+
 def index_runs(session: Session, root: Path) -> list[RunRow]:
     """Index every run folder directly under `root`; a folder gone since the last scan is marked missing."""
     return _guarded(lambda: _index_runs(session, Path(root)), session)
 
 
 def _index_runs(session: Session, root: Path) -> list[RunRow]:
-    seen = []
-    for folder in sorted(root.iterdir()) if root.is_dir() else []:
-        if is_run(folder):
-            seen.append(_index_folder(session, folder))
+    folders = [folder for folder in (sorted(root.iterdir()) if root.is_dir() else [])
+               if is_run(folder) and run_folder(root, folder) is not None]  # a link to a folder elsewhere: refused
+    seen = [_index_folder(session, folder, run_id) for folder, run_id in _distinct_ids(session, folders).items()]
     present = {r.id for r in seen}
     for row in session.query(RunRow).all():
         if row.id not in present and str(Path(row.folder).parent) == str(root.resolve()):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from medfusion_fl.webconsole.index import METRICS, read_from
+from medfusion_fl.webconsole.paths import inside
 from medfusion_fl.webconsole.views import OPENING, RECENT, detail, summary
 
 MIN_INTERVAL_S = 0.1
@@ -39,7 +40,10 @@ class Tail:
         with self.lock:
             if time.monotonic() - self.checked < MIN_INTERVAL_S:
                 return
-            chunk = read_from(self.folder / METRICS, self.offset, self.line_count, self.tail_hash)
+            metrics = inside(self.folder, METRICS)
+            if metrics is None:  # a link out of the run folder: nothing is read (logged by paths.py)
+                return
+            chunk = read_from(metrics, self.offset, self.line_count, self.tail_hash)
             self.checked = time.monotonic()
             if chunk.reset and (self.offset or self.summaries):
                 self.version += 1

@@ -43,7 +43,10 @@ def start_run(body: StartRequest, request: Request, current: Operator, db: DB) -
     known = presets(jobs.app_dir)
     if body.preset not in known:
         raise HTTPException(422, {"errors": {"preset": f"unknown preset {body.preset!r}; one of {sorted(known)}"}})
-    folder = jobs.runs_dir / body.name
+    try:
+        folder = jobs.folder(body.name)
+    except ConfigError as exc:
+        raise HTTPException(422, {"errors": {"name": str(exc)}}) from None
     flat = {**known[body.preset], **body.settings, "output.run-dir": str(folder),
             "data.sites-root": str(folder / "data")}
     errors = field_errors(flat)

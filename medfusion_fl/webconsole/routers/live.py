@@ -29,7 +29,8 @@ def _allowed(websocket: WebSocket, run_id: str) -> str | None:
     """The run's folder, or None when the socket must be refused."""
     origin = websocket.headers.get("origin")
     host = websocket.headers.get("host", "")
-    if origin is not None and origin.split("://", 1)[-1] != host:
+    scheme = "https" if websocket.app.state.secure_cookies else "http"  # the console's own: TLS or not
+    if origin is not None and origin != f"{scheme}://{host}":
         return None
     with websocket.app.state.sessions() as db:
         if find_session(db, websocket.cookies.get(COOKIE)) is None:

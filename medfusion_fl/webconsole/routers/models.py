@@ -16,6 +16,7 @@ from medfusion_fl.errors import ConfigError
 from medfusion_fl.webconsole.db import RunRow, VersionRow, audit
 from medfusion_fl.webconsole.deps import DB, Operator, Viewer
 from medfusion_fl.webconsole.index import index_folder
+from medfusion_fl.webconsole.paths import inside, run_folder
 from medfusion_fl.webconsole.routers.control import JobState, job_state
 from medfusion_fl.webconsole.routers.runs import run_row
 from medfusion_fl.webconsole.versions import DOWNLOADS, EXPORT_FILES, compare, find_version
@@ -81,7 +82,11 @@ def download(run_id: str, file: str, request: Request, current: Viewer, db: DB) 
     if not DOWNLOADS.match(file):
         raise HTTPException(404, f"{file!r} is not served: a run's model.onnx, model_card.json, "
                                  "report/report.html and report/evaluation.json (also under exports/NAME/) are")
-    path = Path(row.folder) / file
+    folder = run_folder(request.app.state.runs_dir, row.folder)
+    path = inside(folder, file) if folder is not None else None
+    if path is None:  # the run folder or the file is a link out of its folder (logged by paths.py)
+        audit(db, current.user.name, "download-refused", f"{row.name}: {file} (a link out of the run folder)")
+        raise HTTPException(403, f"{file} of run {row.name} resolves outside its run folder; it is not served")
     if not path.is_file():
         raise HTTPException(404, f"run {row.name} has no {file}")
     audit(db, current.user.name, "download", f"{row.name}: {file}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, HTTPException, Request, Response
 from pydantic import BaseModel, Field
 from sqlalchemy import select
@@ -28,16 +30,17 @@ class Me(BaseModel):
 def post_login(body: Credentials, request: Request, response: Response, db: DB) -> Me:
     # a JSON body only (FastAPI refuses form posts here): a cross-site form cannot log a browser in
     throttle = request.app.state.throttle
-    wait = throttle.blocked_for(body.name)
+    client = request.client.host if request.client else ""
+    wait = throttle.blocked_for(client, body.name)
     if wait > 0:
-        raise HTTPException(429, f"too many failed logins for {body.name!r}; try again in {wait:.0f} s",
+        raise HTTPException(429, f"too many failed logins from this address; try again in {wait:.0f} s",
                             headers={"Retry-After": str(int(wait) + 1)})
     user = db.scalar(select(User).where(User.name == body.name))
-    if user is None or not check_password(user, body.password):
-        throttle.failed(body.name)
-        audit(db, body.name, "login-failed", request.client.host if request.client else "")
+    if not check_password(user, body.password) or user is None:  # a hash is verified for unknown names too
+        throttle.failed(client, body.name)
+        audit(db, body.name, "login-failed", client)
         raise HTTPException(401, "wrong user name or password")
-    throttle.succeeded(body.name)
+    throttle.succeeded(client, body.name)
     token, csrf = open_session(db, user)
     audit(db, user.name, "login")
     response.set_cookie(COOKIE, token, max_age=SESSION_HOURS * 3600, httponly=True, samesite="strict",
@@ -56,3 +59,10 @@ def post_logout(response: Response, current: Viewer, db: DB) -> dict[str, str]:
 @router.get("/me")
 def get_me(current: LoggedIn) -> Me:
     return Me(name=current.user.name, role=current.user.role, csrf=current.session.csrf)
+
+
+@router.get("/openapi.json")
+def get_openapi(request: Request, _: Viewer) -> dict[str, Any]:
+    """The API's OpenAPI schema, for a logged-in user (it lists every route and field an attacker would probe)."""
+    schema: dict[str, Any] = request.app.openapi()
+    return schema
