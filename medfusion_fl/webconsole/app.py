@@ -28,10 +28,13 @@ def default_database(runs_dir: Path) -> str:
 
 
 def create_app(*, runs_dir: Path, database: str | None = None, secure_cookies: bool = False,
-               app_dir: Path = Path("."), superlink: str | None = None) -> FastAPI:
+               app_dir: Path = Path("."), superlink: str | None = None, data_roots: tuple[Path, ...] = (),
+               strategy_modules: tuple[str, ...] = ()) -> FastAPI:
     """`app_dir`: the Flower app folder whose presets the console starts simulations from; `superlink`: the
-    `flwr` connection name that `flwr stop` uses for deployment runs."""
-    jobs = Jobs(Path(runs_dir), Path(app_dir).resolve(), superlink)
+    `flwr` connection name that `flwr stop` uses for deployment runs; `data_roots`: the folders an operator's
+    start request may name paths in; `strategy_modules`: the modules of module:Class strategies it may name."""
+    jobs = Jobs(Path(runs_dir), Path(app_dir).resolve(), superlink, data_roots=data_roots,
+                strategy_modules=strategy_modules)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

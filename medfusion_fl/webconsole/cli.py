@@ -33,7 +33,9 @@ def cmd_console(args: argparse.Namespace) -> int:
     from medfusion_fl.webconsole.app import create_app
 
     app = create_app(runs_dir=Path(args.runs), database=_database(args), secure_cookies=bool(args.tls_cert),
-                     app_dir=Path(args.app), superlink=args.superlink)
+                     app_dir=Path(args.app), superlink=args.superlink,
+                     data_roots=tuple(Path(root) for root in args.data_root),
+                     strategy_modules=tuple(args.strategy_module))
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.tls_cert:
         log.warning("console on %s without TLS: passwords and session cookies cross the network in clear; "
                     "pass --tls-cert and --tls-key", args.host)
@@ -71,6 +73,12 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--app", default=".", help="the app folder whose presets runs start from (default: current)")
     p.add_argument("--superlink", help="the flwr connection name of the SuperLink that deployment runs use "
                    "(their stop button calls `flwr stop ID NAME`)")
+    p.add_argument("--data-root", action="append", default=[], metavar="FOLDER",
+                   help="a folder whose files operators may name in a start request (data.test-path, init.path, "
+                        "output.resume-from); repeat for several. Default: none")
+    p.add_argument("--strategy-module", action="append", default=[], metavar="MODULE",
+                   help="a module whose module:Class strategies operators may start (the coordinator imports it); "
+                        "repeat for several. Default: none (the built-in strategies only)")
     p.add_argument("--tls-cert", help="PEM certificate (with --tls-key): HTTPS and Secure cookies")
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")
     p.set_defaults(func=cmd_console, console_command=None)

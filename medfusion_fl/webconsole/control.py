@@ -32,6 +32,8 @@ from medfusion_fl.presets import presets
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 FIXED = ("output.run-dir", "data.sites-root")  # the console places every run under its --runs folder
+PATH_KEYS = ("data.test-path", "init.path", "output.resume-from")  # files or folders the coordinator would read
+MODULE_KEYS = ("strategy.name",)  # module:Class makes the coordinator import that module
 STOP_GRACE_S = 15.0
 
 
@@ -95,11 +97,39 @@ class Job:
 class Jobs:
     """The simulations this console started, by run folder name."""
 
-    def __init__(self, runs_dir: Path, app_dir: Path, superlink: str | None = None) -> None:
+    def __init__(self, runs_dir: Path, app_dir: Path, superlink: str | None = None, *,
+                 data_roots: tuple[Path, ...] = (), strategy_modules: tuple[str, ...] = ()) -> None:
         self.runs_dir, self.app_dir = Path(runs_dir), Path(app_dir)
         self.superlink = superlink  # the `flwr` connection name of the SuperLink deployment runs go through
+        # what an admin lets operators name from the start form (`medfusion-fl console --data-root/--strategy-module`)
+        self.data_roots = tuple(Path(root).resolve() for root in data_roots)
+        self.strategy_modules = strategy_modules
         self.jobs: dict[str, Job] = {}
         self.lock = threading.Lock()
+
+    def refused(self, settings: dict[str, Any]) -> dict[str, str]:
+        """Per key, why an operator may not set it so from the console: a path outside every --data-root (a run's
+        held-out folder, weights or checkpoint, read by the coordinator), or a module:Class strategy from a
+        module the admin has not listed with --strategy-module (the coordinator would import it)."""
+        errors = {}
+        for key in PATH_KEYS:
+            value = str(settings.get(key) or "")
+            if not value:
+                continue
+            real = Path(value).resolve()
+            if not any(real == root or real.is_relative_to(root) for root in self.data_roots):
+                roots = ", ".join(map(str, self.data_roots)) or "none: the console was started without --data-root"
+                errors[key] = (f"{value!r} lies outside the folders the console may read data from ({roots}); an "
+                               "admin starts the console with --data-root FOLDER to allow one")
+        for key in MODULE_KEYS:
+            value = str(settings.get(key) or "")
+            module = value.partition(":")[0]
+            if ":" in value and module not in self.strategy_modules:
+                listed = ", ".join(self.strategy_modules) or "none"
+                errors[key] = (f"{value!r} would make the coordinator import module {module!r}, which is not among "
+                               f"the modules an admin allowed ({listed}; `medfusion-fl console --strategy-module "
+                               "MODULE`); the built-in strategies need no module")
+        return errors
 
     def folder(self, name: str) -> Path:
         """The run folder of `name` under --runs; a name that is not a plain folder name ('..', a slash, an

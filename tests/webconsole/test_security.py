@@ -204,3 +204,28 @@ def test_the_schema_needs_a_login_the_socket_checks_the_scheme_and_tls_gets_hsts
     assert "strict-transport-security" not in client.get("/login").headers
     secure = TestClient(create_app(runs_dir=runs, secure_cookies=True), base_url="https://testserver")
     assert secure.get("/login").headers["strict-transport-security"] == "max-age=31536000"
+
+
+def test_an_operator_names_neither_modules_nor_paths_the_admin_did_not_allow(runs: Path, tmp_path: Path) -> None:
+    """strategy.name = module:Class made the coordinator import a module of the operator's choosing; data.test-path
+    and init.path could point anywhere the console's user can read."""
+    allowed = tmp_path / "held-out"
+    allowed.mkdir()
+    client = TestClient(create_app(runs_dir=runs, data_roots=(allowed,), strategy_modules=("mystrategies",)))
+    csrf = _login(client, "otto")
+
+    def start(**settings: str) -> dict[str, str]:
+        response = client.post("/api/runs", json={"name": "x", "preset": "tiny-cpu", "settings": settings},
+                               headers={"X-CSRF-Token": csrf})
+        assert response.status_code == 422, response.text
+        return dict(response.json()["detail"]["errors"])
+
+    errors = start(**{"strategy.name": "this:X", "data.test-path": str(runs / "other-run"), "init.path": "/etc/passwd"})
+    assert "import module 'this'" in errors["strategy.name"] and "mystrategies" in errors["strategy.name"]
+    assert "outside the folders" in errors["data.test-path"] and "--data-root" in errors["init.path"]
+    link = allowed / "escape"
+    link.symlink_to("/etc")
+    assert "init.path" in start(**{"init.path": str(link / "passwd")})  # resolved: the link leads out
+    errors = start(**{"data.test-path": str(allowed), "strategy.name": "fedavg", "train.lr": "x"})
+    assert set(errors) == {"train.lr"}  # the allowed folder and a built-in strategy pass; only the bad lr is left
+    assert "strategy.name" not in start(**{"strategy.name": "mystrategies:Custom", "train.lr": "x"})

@@ -49,7 +49,7 @@ def start_run(body: StartRequest, request: Request, current: Operator, db: DB) -
         raise HTTPException(422, {"errors": {"name": str(exc)}}) from None
     flat = {**known[body.preset], **body.settings, "output.run-dir": str(folder),
             "data.sites-root": str(folder / "data")}
-    errors = field_errors(flat)
+    errors = {**field_errors(flat), **jobs.refused(flat)}
     if errors:
         audit(db, current.user.name, "start-refused", f"{body.name}: {errors}")
         raise HTTPException(422, {"errors": errors})
