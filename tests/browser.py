@@ -26,7 +26,7 @@ def chromium() -> str:
 class Session:
     page: Any  # playwright's Page
     requests: list[str] = field(default_factory=list)  # every URL the page asked for
-    errors: list[str] = field(default_factory=list)  # the page's console errors
+    errors: list[str] = field(default_factory=list)  # the page's console errors and uncaught exceptions
 
 
 @contextmanager
@@ -41,6 +41,7 @@ def open_page(*, width: int = 1280, height: int = 900) -> Iterator[Session]:
             session = Session(browser.new_page(viewport={"width": width, "height": height}))
             session.page.on("request", lambda r: session.requests.append(r.url))
             session.page.on("console", lambda m: session.errors.append(m.text) if m.type == "error" else None)
+            session.page.on("pageerror", lambda e: session.errors.append(f"uncaught: {e}"))  # thrown, not logged
             yield session
         finally:
             browser.close()

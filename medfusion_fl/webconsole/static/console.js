@@ -155,5 +155,7 @@ function chart(title, series, marks = []) {
 // the page scripts (run.js, start.js, compare.js, users.js) add theirs
 const PAGES = {login: loginPage, runs: runsPage};
 document.addEventListener("DOMContentLoaded", () => {
-  PAGES[document.body.dataset.page]().catch(e => { if (e.message !== "not logged in") console.error(e); });
+  // a page function may be plain (the login page) or async: either way its errors end here
+  Promise.resolve().then(() => PAGES[document.body.dataset.page]())
+    .catch(e => { if (e.message !== "not logged in") console.error(e); });
 });
