@@ -14,8 +14,9 @@ import logging
 import os
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+from pydantic import AfterValidator
 from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event, inspect
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
@@ -28,6 +29,14 @@ log = logging.getLogger(__name__)
 
 def now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def as_utc(value: dt.datetime) -> dt.datetime:
+    """A stored time in UTC with its zone: SQLite gives back the UTC times it was given without one."""
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+UTCDateTime = Annotated[dt.datetime, AfterValidator(as_utc)]  # sent as 2026-12-08T01:40:00Z: the page shows it local
 
 
 class Base(DeclarativeBase):

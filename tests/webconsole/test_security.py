@@ -229,3 +229,12 @@ def test_an_operator_names_neither_modules_nor_paths_the_admin_did_not_allow(run
     errors = start(**{"data.test-path": str(allowed), "strategy.name": "fedavg", "train.lr": "x"})
     assert set(errors) == {"train.lr"}  # the allowed folder and a built-in strategy pass; only the bad lr is left
     assert "strategy.name" not in start(**{"strategy.name": "mystrategies:Custom", "train.lr": "x"})
+
+
+def test_times_are_sent_in_utc_with_their_zone(runs: Path) -> None:
+    """SQLite drops the zone of what it stores; a browser read the bare time as its own local time."""
+    client = TestClient(create_app(runs_dir=runs))
+    _login(client, "ada")
+    created = [user["created"] for user in client.get("/api/users").json()]
+    when = [row["when"] for row in client.get("/api/audit").json()]
+    assert created and when and all(value.endswith("Z") for value in created + when), (created, when)

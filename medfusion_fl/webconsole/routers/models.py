@@ -3,7 +3,6 @@ the model library."""
 
 from __future__ import annotations
 
-import datetime as dt
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ from pydantic import BaseModel
 from sqlalchemy import select
 
 from medfusion_fl.errors import ConfigError
-from medfusion_fl.webconsole.db import RunRow, VersionRow, audit
+from medfusion_fl.webconsole.db import RunRow, UTCDateTime, VersionRow, audit
 from medfusion_fl.webconsole.deps import DB, Operator, Viewer
 from medfusion_fl.webconsole.index import index_folder
 from medfusion_fl.webconsole.paths import inside, run_folder
@@ -30,7 +29,7 @@ class Version(BaseModel):
     name: str
     kind: str  # checkpoint or export
     round: int | None
-    created: dt.datetime
+    created: UTCDateTime
     files: list[str]  # what GET /api/runs/{run}/files/{file} serves for it
 
 

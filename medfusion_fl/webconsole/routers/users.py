@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import datetime as dt
-
 from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel, Field
 from sqlalchemy import delete, select
 
 from medfusion_fl.errors import ConfigError
 from medfusion_fl.webconsole.auth import ROLES, add_user
-from medfusion_fl.webconsole.db import Audit, LoginSession, User, audit
+from medfusion_fl.webconsole.db import Audit, LoginSession, User, UTCDateTime, audit
 from medfusion_fl.webconsole.deps import DB, Admin
 
 router = APIRouter(prefix="/api", tags=["users"])
@@ -19,7 +17,7 @@ router = APIRouter(prefix="/api", tags=["users"])
 class UserOut(BaseModel):
     name: str
     role: str
-    created: dt.datetime
+    created: UTCDateTime
 
 
 class NewUser(BaseModel):
@@ -33,7 +31,7 @@ class RoleChange(BaseModel):
 
 
 class AuditOut(BaseModel):
-    when: dt.datetime
+    when: UTCDateTime
     who: str
     action: str
     detail: str

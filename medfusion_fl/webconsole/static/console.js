@@ -61,6 +61,11 @@ function el(tag, text, attrs = {}) {
   return node;
 }
 
+// a time the API sends in UTC, shown in the viewer's own zone, labelled with it
+function when(iso) {
+  return new Date(iso).toLocaleString(undefined, {dateStyle: "medium", timeStyle: "medium", timeZoneName: "short"});
+}
+
 function loginPage() {
   document.getElementById("login").addEventListener("submit", async (event) => {
     event.preventDefault();

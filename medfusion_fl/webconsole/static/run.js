@@ -92,7 +92,7 @@ async function drawVersions(me, run) {
     cell(row, v.name);
     cell(row, v.kind);
     cell(row, v.round);
-    cell(row, new Date(v.created).toLocaleString());
+    cell(row, when(v.created));
     const files = row.insertCell();
     for (const f of v.files) {
       const link = el("a", f.split("/").pop(), {href: "/api/runs/" + encodeURIComponent(run.id) + "/files/" + f});

@@ -16,7 +16,7 @@ async function drawUsers(me) {
     select.addEventListener("change", () => change(() => post("/api/users/" + encodeURIComponent(u.name),
                                                                 {role: select.value}, "PATCH"), me));
     roleCell.appendChild(select);
-    cell(row, new Date(u.created).toLocaleString());
+    cell(row, when(u.created));
     const actions = row.insertCell();
     if (u.name !== me.name) {
       const remove = el("button", "remove");
@@ -29,7 +29,7 @@ async function drawUsers(me) {
   audit.replaceChildren();
   for (const a of await api("/api/audit?limit=50")) {
     const row = audit.insertRow();
-    cell(row, new Date(a.when).toLocaleString());
+    cell(row, when(a.when));
     cell(row, a.who);
     cell(row, a.action);
     cell(row, a.detail);
