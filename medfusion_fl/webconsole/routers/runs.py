@@ -14,6 +14,7 @@ from medfusion_fl import runcontrol
 from medfusion_fl.webconsole.db import RoundRow, RunRow, SiteLatestRow
 from medfusion_fl.webconsole.deps import DB, Viewer
 from medfusion_fl.webconsole.index import index_runs
+from medfusion_fl.webconsole.paths import inside
 from medfusion_fl.webconsole.routers.control import JobState, job_state
 
 router = APIRouter(prefix="/api/runs", tags=["runs"])
@@ -22,7 +23,9 @@ router = APIRouter(prefix="/api/runs", tags=["runs"])
 class RunSummary(BaseModel):
     id: str
     name: str
-    status: str
+    status: str  # the last metrics line's status ("ok", "failed", ...), "empty" before any, "missing"
+    state: str  # running, finished, failed, stopped, unfinished (rounds but no model, not run by this console), empty
+    last_error: str  # why a failed or stopped run ended: the last ERROR line of its console log, "" otherwise
     rounds: int
     last_round: int | None
     has_model: bool
@@ -46,15 +49,51 @@ class RunDetail(RunSummary):
     job: JobState | None  # the simulation process, when this console started it
 
 
-def _summary(row: RunRow) -> dict[str, Any]:
-    return {"id": row.id, "name": row.name, "status": row.status, "rounds": row.rounds,
-            "last_round": row.last_round, "has_model": bool(row.has_model), "problems": list(row.problems or [])}
+STOPPED_CODES = (-2, -9, -15, 130, 137, 143)  # SIGINT, SIGKILL, SIGTERM: as a signal or as 128 + it
+LAST_ERROR_CHARS = 500
+
+
+def _last_error(runs_dir: Path, name: str) -> str:
+    """The last ERROR line of the log the console keeps of a run it started (runs/.NAME.console.log)."""
+    log = inside(runs_dir, f".{name}.console.log")
+    if log is None or not log.is_file():
+        return ""
+    with log.open("rb") as handle:
+        handle.seek(max(0, log.stat().st_size - 64 * 1024))  # the end of it: where a run's last words are
+        lines = handle.read().decode("utf-8", errors="replace").splitlines()
+    errors = [line for line in lines if " ERROR " in line or line.startswith(("Error", "Traceback"))]
+    return errors[-1][:LAST_ERROR_CHARS] if errors else ""
+
+
+def _state(row: RunRow, request: Request) -> tuple[str, str]:
+    """(state, last error) of a run: from the process when this console started it, else from its folder."""
+    job = request.app.state.jobs.jobs.get(row.name)
+    runs_dir = request.app.state.runs_dir
+    if job is not None and job.running:
+        return "running", ""
+    if job is not None and job.process.returncode in STOPPED_CODES:
+        return "stopped", _last_error(runs_dir, row.name)
+    if job is not None and job.process.returncode:
+        return "failed", _last_error(runs_dir, row.name) or f"exit code {job.process.returncode}"
+    if row.has_model:
+        return "finished", ""
+    error = _last_error(runs_dir, row.name)
+    if error:
+        return "failed", error
+    return ("unfinished" if row.rounds else "empty"), ""
+
+
+def _summary(row: RunRow, request: Request) -> dict[str, Any]:
+    state, error = _state(row, request)
+    return {"id": row.id, "name": row.name, "status": row.status, "state": state, "last_error": error,
+            "rounds": row.rounds, "last_round": row.last_round, "has_model": bool(row.has_model),
+            "problems": list(row.problems or [])}
 
 
 @router.get("")
 def list_runs(request: Request, _: Viewer, db: DB) -> list[RunSummary]:
     index_runs(db, request.app.state.runs_dir)  # the folders are the truth: runs made elsewhere appear too
-    return [RunSummary(**_summary(r)) for r in db.scalars(select(RunRow).order_by(RunRow.name))]
+    return [RunSummary(**_summary(r, request)) for r in db.scalars(select(RunRow).order_by(RunRow.name))]
 
 
 def run_row(db: DB, request: Request, run_id: str) -> RunRow:
@@ -74,7 +113,7 @@ def get_run(run_id: str, request: Request, _: Viewer, db: DB) -> RunDetail:
     sites = db.scalars(select(SiteLatestRow).where(SiteLatestRow.run_id == run_id).order_by(SiteLatestRow.site))
     board = Path(row.folder) / "tensorboard"
     job = request.app.state.jobs.jobs.get(row.name)
-    return RunDetail(**_summary(row), folder=row.folder, tensorboard=str(board) if board.is_dir() else None,
+    return RunDetail(**_summary(row, request), folder=row.folder, tensorboard=str(board) if board.is_dir() else None,
                      control=runcontrol.read(Path(row.folder)), job=job_state(job) if job else None,
                      sites=[SiteState(site=s.site, round=s.round, status=s.status, reason=s.reason,
                                       epsilon=s.epsilon, budget=s.budget) for s in sites])

@@ -90,7 +90,8 @@ async function runsPage() {
     link.href = "/runs/" + encodeURIComponent(run.id);
     link.textContent = run.name;
     row.insertCell().appendChild(link);
-    cell(row, run.status, run.status);
+    cell(row, run.state + (run.last_error ? ": " + run.last_error : ""),
+         {finished: "ok", running: "ok", failed: "failed", stopped: "failed"}[run.state] || "");
     cell(row, run.rounds);
     cell(row, run.last_round);
     cell(row, run.has_model ? "model.onnx" : "");

@@ -155,6 +155,7 @@ function jobText(run) {
   if (control.paused_after_round) parts.push("paused after round " + control.paused_after_round);
   else if (control.pause) parts.push("pause requested by " + control.by + ": stops after its current round");
   if (run.has_model) parts.push("finished: model.onnx exported");
+  else if (run.state !== "running") parts.push(run.state + (run.last_error ? ": " + run.last_error : ""));
   return parts.join("; ") || "not started by this console";
 }
 

@@ -1,0 +1,87 @@
+"""A run's state on the runs list and its page: a failed or stopped run says so, with the last error of its console
+log, instead of "empty" with 0 rounds like a run that never started."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from medfusion_fl.webconsole.app import create_app, default_database
+from medfusion_fl.webconsole.auth import add_user
+from medfusion_fl.webconsole.control import Job
+from medfusion_fl.webconsole.db import open_database
+from tests.browser import open_page
+from tests.webconsole.serve import serve
+
+PASSWORD = "correct horse battery"
+
+
+def _folder(runs: Path, name: str, *, rounds: int = 0, model: bool = False) -> None:
+    folder = runs / name
+    folder.mkdir(parents=True)
+    (folder / "run.json").write_text(json.dumps({"format": 1, "run_id": name}))
+    if rounds:
+        (folder / "metrics.jsonl").write_text("".join(json.dumps({"round": r, "status": "ok"}) + "\n"
+                                                      for r in range(1, rounds + 1)))
+    if model:
+        (folder / "model.onnx").write_bytes(b"onnx")
+
+
+def _runs(tmp_path: Path) -> Path:
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    with open_database(default_database(runs))() as session:
+        add_user(session, "vera", "viewer", PASSWORD)
+    _folder(runs, "crashed")
+    (runs / ".crashed.console.log").write_text("12:00:01 INFO medfusion_fl.simulate: starting\n"
+                                               "12:00:09 ERROR medfusion_fl.cli: data.sites-root: no site folders\n")
+    _folder(runs, "done", rounds=3, model=True)
+    _folder(runs, "never")
+    _folder(runs, "halfway", rounds=2)
+    _folder(runs, "killed", rounds=1)
+    return runs
+
+
+def test_failed_stopped_finished_and_empty_runs_are_told_apart(tmp_path: Path) -> None:
+    runs = _runs(tmp_path)
+    app = create_app(runs_dir=runs)
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    killed.terminate()
+    killed.wait()
+    app.state.jobs.jobs["killed"] = Job("killed", runs / "killed", killed, "otto")  # as if this console started it
+    client = TestClient(app)
+    assert client.post("/api/login", json={"name": "vera", "password": PASSWORD}).status_code == 200
+    states = {run["name"]: (run["state"], run["last_error"]) for run in client.get("/api/runs").json()}
+    assert states == {"crashed": ("failed", "12:00:09 ERROR medfusion_fl.cli: data.sites-root: no site folders"),
+                      "done": ("finished", ""), "never": ("empty", ""), "halfway": ("unfinished", ""),
+                      "killed": ("stopped", "")}
+    assert client.get("/api/runs/crashed").json()["last_error"].endswith("no site folders")
+
+
+def test_the_runs_page_shows_why_a_run_failed(tmp_path: Path) -> None:
+    """As a coordinator sees it: the failed run's row names its state and last error; a screenshot is kept (under
+    MEDFUSION_SCREENSHOTS, when set) to look at."""
+    app = create_app(runs_dir=_runs(tmp_path))
+    with serve(app) as base, open_page() as browser:
+        page = browser.page
+        page.goto(base + "/login")
+        page.fill("#name", "vera")
+        page.fill("#password", PASSWORD)
+        page.click("button[type=submit]")
+        page.wait_for_selector("#runs tbody tr")
+        rows = {r.query_selector("td").inner_text(): r.inner_text() for r in page.query_selector_all("#runs tbody tr")}
+        assert "failed: 12:00:09 ERROR medfusion_fl.cli: data.sites-root: no site folders" in rows["crashed"]
+        assert "finished" in rows["done"] and "empty" in rows["never"] and "unfinished" in rows["halfway"]
+        shots = Path(os.environ.get("MEDFUSION_SCREENSHOTS", tmp_path))
+        page.screenshot(path=str(shots / "runs-states.png"), full_page=True)
+        page.click("text=crashed")
+        page.wait_for_selector("#job:has-text('failed')")  # the page's CSP allows no eval'd predicate
+        assert page.inner_text("#job").endswith("failed: 12:00:09 ERROR medfusion_fl.cli: data.sites-root: no site "
+                                                "folders")
+        page.screenshot(path=str(shots / "run-failed.png"), full_page=True)
+    assert not browser.errors, browser.errors
