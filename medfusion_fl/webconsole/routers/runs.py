@@ -24,7 +24,7 @@ class RunSummary(BaseModel):
     id: str
     name: str
     status: str  # the last metrics line's status ("ok", "failed", ...), "empty" before any, "missing"
-    state: str  # running, finished, failed, stopped, unfinished (rounds but no model, not run by this console), empty
+    state: str  # running, finished, failed, stopped, paused, unfinished (rounds, no model, not running), empty
     last_error: str  # why a failed or stopped run ended: the last ERROR line of its console log, "" otherwise
     rounds: int
     last_round: int | None
@@ -69,18 +69,22 @@ def _state(row: RunRow, request: Request) -> tuple[str, str]:
     """(state, last error) of a run: from the process when this console started it, else from its folder."""
     job = request.app.state.jobs.jobs.get(row.name)
     runs_dir = request.app.state.runs_dir
-    if job is not None and job.running:
-        return "running", ""
-    if job is not None and job.process.returncode in STOPPED_CODES:
-        return "stopped", _last_error(runs_dir, row.name)
-    if job is not None and job.process.returncode:
-        return "failed", _last_error(runs_dir, row.name) or f"exit code {job.process.returncode}"
+    paused = bool(runcontrol.read(Path(row.folder)).get("paused_after_round"))
+    if job is not None:
+        code = job.process.returncode
+        if job.running:
+            return "running", ""
+        if code in STOPPED_CODES:
+            return "stopped", _last_error(runs_dir, row.name)
+        if code:
+            return "failed", _last_error(runs_dir, row.name) or f"exit code {code}"
+        return ("finished" if row.has_model else "paused" if paused else "unfinished"), ""  # ended cleanly
     if row.has_model:
         return "finished", ""
     error = _last_error(runs_dir, row.name)
     if error:
         return "failed", error
-    return ("unfinished" if row.rounds else "empty"), ""
+    return ("paused" if paused else "unfinished" if row.rounds else "empty"), ""
 
 
 def _summary(row: RunRow, request: Request) -> dict[str, Any]:
