@@ -127,3 +127,5 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.browser)
         if any(item.get_closest_marker(kind) for kind in SLOW_KINDS) or item.nodeid.startswith(SLOW_TESTS):
             item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("simulation") or item.get_closest_marker("deployment"):
+            item.add_marker(pytest.mark.xdist_group("processes"))  # one worker runs Ray/Flower tests in turn
