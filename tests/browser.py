@@ -30,15 +30,16 @@ class Session:
 
 
 @contextmanager
-def open_page(*, width: int = 1280, height: int = 900) -> Iterator[Session]:
-    """A page of headless Chromium that records its requests and console errors; closed on exit."""
+def open_page(*, width: int = 1280, height: int = 900, timezone: str | None = None) -> Iterator[Session]:
+    """A page of headless Chromium (in the IANA `timezone`, when given) that records its requests and console
+    errors; closed on exit."""
     executable = chromium()
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
         try:
-            session = Session(browser.new_page(viewport={"width": width, "height": height}))
+            session = Session(browser.new_page(viewport={"width": width, "height": height}, timezone_id=timezone))
             session.page.on("request", lambda r: session.requests.append(r.url))
             session.page.on("console", lambda m: session.errors.append(m.text) if m.type == "error" else None)
             session.page.on("pageerror", lambda e: session.errors.append(f"uncaught: {e}"))  # thrown, not logged

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from fastapi.testclient import TestClient
@@ -67,7 +68,7 @@ def test_the_runs_page_shows_why_a_run_failed(tmp_path: Path) -> None:
     """As a coordinator sees it: the failed run's row names its state and last error; a screenshot is kept (under
     MEDFUSION_SCREENSHOTS, when set) to look at."""
     app = create_app(runs_dir=_runs(tmp_path))
-    with serve(app) as base, open_page() as browser:
+    with serve(app) as base, open_page(timezone="Asia/Kolkata") as browser:
         page = browser.page
         page.goto(base + "/login")
         page.fill("#name", "vera")
@@ -84,4 +85,13 @@ def test_the_runs_page_shows_why_a_run_failed(tmp_path: Path) -> None:
         assert page.inner_text("#job").endswith("failed: 12:00:09 ERROR medfusion_fl.cli: data.sites-root: no site "
                                                 "folders")
         page.screenshot(path=str(shots / "run-failed.png"), full_page=True)
+        page.goto(base + "/")
+        page.click("text=done")
+        version = page.locator("#version-model_onnx")
+        version.wait_for()
+        created = datetime.fromisoformat(page.evaluate("""async () => (await (await fetch(
+            "/api/runs/done/versions")).json())[0].created"""))
+        local = created.astimezone(timezone(timedelta(hours=5, minutes=30)))  # Kolkata: +5:30, no summer time
+        assert f"{local.hour % 12 or 12}:{local:%M:%S}" in version.inner_text()  # the viewer's clock,
+        assert "GMT+5:30" in version.inner_text()  # labelled with its zone
     assert not browser.errors, browser.errors

@@ -61,9 +61,10 @@ function el(tag, text, attrs = {}) {
   return node;
 }
 
-// a time the API sends in UTC, shown in the viewer's own zone, labelled with it
+// a time the API sends in UTC, shown in the viewer's own zone, labelled with it ("long" time carries the zone;
+// Intl refuses timeZoneName beside dateStyle)
 function when(iso) {
-  return new Date(iso).toLocaleString(undefined, {dateStyle: "medium", timeStyle: "medium", timeZoneName: "short"});
+  return new Date(iso).toLocaleString(undefined, {dateStyle: "medium", timeStyle: "long"});
 }
 
 function loginPage() {

@@ -182,7 +182,7 @@ function openLive(runId, page) {  // the run's rounds as they come, over WebSock
     drawTimeline(details);
     if (page.run && summaries.length !== versionsAt) {  // a round ends with a checkpoint: a new version
       versionsAt = summaries.length;
-      drawVersions(page.me, page.run).catch(() => {});
+      drawVersions(page.me, page.run).catch(e => console.error("versions:", e));
     }
   };
   socket.onclose = (event) => { state.textContent = "not live (" + (event.reason || "connection closed") + ")"; };
@@ -202,7 +202,10 @@ async function runPage() {
       document.getElementById(verb).addEventListener("click", () => act(verb, () => post(job + "/" + verb)));
     }
   }
-  drawVersions(me, run).catch(e => { document.getElementById("action").textContent = e.message; });
+  drawVersions(me, run).catch(e => {
+    document.getElementById("action").textContent = e.message;
+    console.error("versions:", e);
+  });
   const jobLine = document.getElementById("job");
   showState(run);
   let lastState = jobLine.textContent;
@@ -213,7 +216,7 @@ async function runPage() {
       await drawVersions(me, run);
     }
   };
-  setInterval(() => refresh().catch(() => {}), 2000);
+  setInterval(() => refresh().catch(e => console.warn("refresh:", e)), 2000);
 }
 
 PAGES.run = runPage;
