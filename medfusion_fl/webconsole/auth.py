@@ -31,19 +31,38 @@ _HASHER = PasswordHasher()
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
+def _check_new_password(name: str, password: str) -> None:
+    if len(password) < MIN_PASSWORD:
+        raise ConfigError(f"the password of {name!r} has {len(password)} characters; use at least {MIN_PASSWORD}")
+
+
 def add_user(session: Session, name: str, role: str, password: str) -> User:
     if not _NAME.match(name):
         raise ConfigError(f"user name {name!r}: use 1-64 letters, digits, '.', '_' or '-'")
     if role not in ROLES:
         raise ConfigError(f"--role {role!r}: choose one of {', '.join(ROLES)}")
-    if len(password) < MIN_PASSWORD:
-        raise ConfigError(f"the password of {name!r} has {len(password)} characters; use at least {MIN_PASSWORD}")
+    _check_new_password(name, password)
     if session.scalar(select(User).where(User.name == name)) is not None:
         raise ConfigError(f"user {name!r} exists already; pick another name")
     user = User(name=name, role=role, password_hash=_HASHER.hash(password))
     session.add(user)
     session.commit()
     return user
+
+
+def set_password(session: Session, user: User, password: str, *, keep_token: str | None = None) -> int:
+    """A new password for `user`; every login session of theirs ends but the one of `keep_token` (the user's own,
+    when they change it themselves). Returns how many sessions ended."""
+    _check_new_password(user.name, password)
+    user.password_hash = _HASHER.hash(password)
+    kept = _digest(keep_token) if keep_token else None
+    ended = 0
+    for login in session.scalars(select(LoginSession).where(LoginSession.user_id == user.id)):
+        if login.token_hash != kept:
+            session.delete(login)
+            ended += 1
+    session.commit()
+    return ended
 
 
 _UNKNOWN_USER_HASH: list[str] = []  # a hash to verify against when the name is unknown, made once

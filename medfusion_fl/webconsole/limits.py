@@ -19,7 +19,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 DEFAULT_LIMIT = 64 * 1024  # a start request with every run-config key set is ~10 KB
-LIMITS = {"/api/login": 4 * 1024}  # a name and a password
+LIMITS = {"/api/login": 4 * 1024, "/api/me/password": 4 * 1024}  # a name and a password; two passwords
 
 
 class BodyLimit:

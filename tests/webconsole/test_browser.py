@@ -61,7 +61,7 @@ def test_log_in_open_a_run_and_see_a_round_arrive_live(console: tuple[str, Path]
         page.click("button[type=submit]")
         page.wait_for_url("**/runs/r1")
         expect(page.locator("#round-2")).to_contain_text("privacy budget spent")
-        expect(page.locator("#who")).to_have_text("vera (viewer)")
+        expect(page.locator("#who a")).to_have_text("vera (viewer)")
         expect(page.locator("#noise")).to_be_hidden()  # no DP-noised pooled figure yet
         page.screenshot(path=str(tmp_path / "run-before.png"), full_page=True)
         with (runs / "demo" / "metrics.jsonl").open("a") as handle:  # the coordinator finishes round 3

@@ -1,4 +1,4 @@
-"""The HTML pages (login, runs, a run, start, compare, users) and their static files, served by the package."""
+"""The HTML pages (login, runs, a run, start, compare, users, account) and their static files, served by the package."""
 
 from __future__ import annotations
 
@@ -39,6 +39,11 @@ def compare_page() -> FileResponse:  # the page reads the two versions from its 
 @router.get("/users", include_in_schema=False)
 def users_page() -> FileResponse:
     return FileResponse(STATIC / "users.html")
+
+
+@router.get("/account", include_in_schema=False)
+def account_page() -> FileResponse:
+    return FileResponse(STATIC / "account.html")
 
 
 @router.get("/favicon.ico", include_in_schema=False)

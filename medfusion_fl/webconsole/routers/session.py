@@ -1,4 +1,4 @@
-"""POST /api/login, POST /api/logout, GET /api/me."""
+"""POST /api/login, POST /api/logout, GET /api/me, POST /api/me/password."""
 
 from __future__ import annotations
 
@@ -8,7 +8,15 @@ from fastapi import APIRouter, HTTPException, Request, Response
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
-from medfusion_fl.webconsole.auth import COOKIE, SESSION_HOURS, check_password, close_session, open_session
+from medfusion_fl.errors import ConfigError
+from medfusion_fl.webconsole.auth import (
+    COOKIE,
+    SESSION_HOURS,
+    check_password,
+    close_session,
+    open_session,
+    set_password,
+)
 from medfusion_fl.webconsole.db import User, audit
 from medfusion_fl.webconsole.deps import DB, LoggedIn, Viewer
 
@@ -18,6 +26,11 @@ router = APIRouter(prefix="/api", tags=["session"])
 class Credentials(BaseModel):
     name: str = Field(min_length=1, max_length=64)
     password: str = Field(min_length=1, max_length=1024)
+
+
+class PasswordChange(BaseModel):
+    current: str = Field(min_length=1, max_length=1024)
+    new: str = Field(min_length=1, max_length=1024)
 
 
 class Me(BaseModel):
@@ -59,6 +72,30 @@ def post_logout(response: Response, current: Viewer, db: DB) -> dict[str, str]:
 @router.get("/me")
 def get_me(current: LoggedIn) -> Me:
     return Me(name=current.user.name, role=current.user.role, csrf=current.session.csrf)
+
+
+@router.post("/me/password")
+def change_own_password(body: PasswordChange, request: Request, current: Viewer, db: DB) -> dict[str, str]:
+    """A user changes their own password, proving the current one (throttled like a login); their other sessions
+    end, this one stays."""
+    throttle = request.app.state.throttle
+    client = request.client.host if request.client else ""
+    name = current.user.name
+    wait = throttle.blocked_for(client, name)
+    if wait > 0:
+        raise HTTPException(429, f"too many wrong passwords from this address; try again in {wait:.0f} s",
+                            headers={"Retry-After": str(int(wait) + 1)})
+    if not check_password(current.user, body.current):
+        throttle.failed(client, name)
+        audit(db, name, "password-change-refused", "wrong current password")
+        raise HTTPException(422, {"errors": {"current": "that is not your current password"}})
+    try:
+        ended = set_password(db, current.user, body.new, keep_token=current.token)
+    except ConfigError as exc:
+        raise HTTPException(422, {"errors": {"new": str(exc)}}) from None
+    throttle.succeeded(client, name)
+    audit(db, name, "change-password", f"{ended} other session(s) ended")
+    return {"status": f"password changed; {ended} other session(s) logged out"}
 
 
 @router.get("/openapi.json")

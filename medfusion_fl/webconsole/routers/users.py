@@ -1,4 +1,5 @@
-"""GET/POST /api/users, PATCH/DELETE /api/users/{name}, GET /api/audit: the admin's rooms."""
+"""GET/POST /api/users, PATCH/DELETE /api/users/{name}, POST /api/users/{name}/password, GET /api/audit: the
+admin's rooms."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import delete, select
 
 from medfusion_fl.errors import ConfigError
-from medfusion_fl.webconsole.auth import ROLES, add_user
+from medfusion_fl.webconsole.auth import ROLES, add_user, set_password
 from medfusion_fl.webconsole.db import Audit, LoginSession, User, UTCDateTime, audit
 from medfusion_fl.webconsole.deps import DB, Admin
 
@@ -28,6 +29,10 @@ class NewUser(BaseModel):
 
 class RoleChange(BaseModel):
     role: str = Field(description=f"one of {', '.join(ROLES)}")
+
+
+class PasswordReset(BaseModel):
+    password: str = Field(min_length=1, max_length=1024)
 
 
 class AuditOut(BaseModel):
@@ -86,6 +91,21 @@ def remove_user(name: str, current: Admin, db: DB) -> dict[str, str]:
     db.commit()
     audit(db, current.user.name, "remove-user", name)
     return {"status": f"user {name} removed"}
+
+
+@router.post("/users/{name}/password")
+def reset_password(name: str, body: PasswordReset, current: Admin, db: DB) -> dict[str, str]:
+    """An admin sets another user's password (one they forgot); every session of that user ends. An admin's own
+    password is changed with POST /api/me/password, which asks for the current one."""
+    user = _user(db, name)
+    if user.id == current.user.id:
+        raise HTTPException(409, "change your own password with POST /api/me/password (it asks for the current one)")
+    try:
+        ended = set_password(db, user, body.password)
+    except ConfigError as exc:
+        raise HTTPException(422, {"errors": {"password": str(exc)}}) from None
+    audit(db, current.user.name, "reset-password", f"{name}: {ended} session(s) ended")
+    return {"status": f"password of {name} reset; {ended} session(s) logged out"}
 
 
 @router.get("/audit")

@@ -36,7 +36,13 @@ function can(me, role) { return ROLES.indexOf(me.role) >= ROLES.indexOf(role); }
 
 async function showUser() {
   const me = await api("/api/me");
-  document.getElementById("who").textContent = me.name + " (" + me.role + ")";
+  const who = document.getElementById("who");
+  const account = el("a", me.name + " (" + me.role + ")", {href: "/account", title: "your account: change password"});
+  const logout = el("button", "log out", {id: "logout", type: "button"});
+  logout.addEventListener("click", async () => {
+    try { await post("/api/logout"); } finally { location.replace("/login"); }
+  });
+  who.replaceChildren(account, logout);
   window.CSRF = me.csrf;
   const nav = document.getElementById("nav");
   if (nav) {
@@ -46,6 +52,17 @@ async function showUser() {
       const a = document.createElement("a"); a.href = href; a.textContent = text; return a; }));
   }
   return me;
+}
+
+// A page for `role` and above: its #allowed part shown, or for a lower role only a line saying why (the API refuses
+// that role anyway; the page does not offer what it cannot do).
+function onlyFor(me, role, what) {
+  if (can(me, role)) { document.getElementById("allowed").hidden = false; return true; }
+  const refused = document.getElementById("refused");
+  refused.textContent = "You are signed in as " + me.name + ", a " + me.role + ". " + what + " needs the " + role +
+    " role; ask an admin of this console.";
+  refused.hidden = false;
+  return false;
 }
 
 // A state-changing request: JSON body, the session's CSRF token.

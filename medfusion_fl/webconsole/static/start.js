@@ -29,7 +29,7 @@ function valueOf(input) {
 function shown(value) { return typeof value === "boolean" ? String(value) : value === null ? "" : String(value); }
 
 async function startPage() {
-  await showUser();
+  if (!onlyFor(await showUser(), "operator", "Starting a run")) return;
   const config = await api("/api/config");
   const presetBox = document.getElementById("preset");
   for (const name of Object.keys(config.presets).sort()) presetBox.appendChild(el("option", name, {value: name}));

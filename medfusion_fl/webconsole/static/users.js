@@ -19,6 +19,12 @@ async function drawUsers(me) {
     cell(row, when(u.created));
     const actions = row.insertCell();
     if (u.name !== me.name) {
+      const password = el("input", null, {type: "password", autocomplete: "new-password", class: "reset",
+                                          "aria-label": "new password for " + u.name, placeholder: "new password"});
+      const reset = el("button", "reset password", {class: "reset"});
+      reset.addEventListener("click", () => change(() => post("/api/users/" + encodeURIComponent(u.name) +
+                                                                "/password", {password: password.value}), me));
+      actions.append(password, reset);
       const remove = el("button", "remove");
       remove.addEventListener("click", () => change(() => post("/api/users/" + encodeURIComponent(u.name),
                                                                  undefined, "DELETE"), me));
@@ -39,12 +45,22 @@ async function drawUsers(me) {
 async function change(call, me) {
   const note = document.getElementById("error-");
   note.textContent = "";
-  try { await call(); } catch (e) { note.textContent = e.message; }
+  note.className = "error";
+  try {
+    const answer = await call();
+    if (answer && answer.status) { note.textContent = answer.status; note.className = "done"; }
+  } catch (e) { note.textContent = formError(e); }
   await drawUsers(me);
+}
+
+function formError(e) {  // a form's {errors: {key: message}} as one line, or the plain message
+  const errors = e.detail && e.detail.errors;
+  return errors ? Object.values(errors).join("; ") : e.message;
 }
 
 async function usersPage() {
   const me = await showUser();
+  if (!onlyFor(me, "admin", "Managing users")) return;
   await drawUsers(me);
   document.getElementById("add").addEventListener("submit", async (event) => {
     event.preventDefault();
