@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -202,8 +204,23 @@ def export_checkpoint(checkpoint: Path, out_dir: Path) -> ExportCheck:
             "source_checkpoint": str(checkpoint), "privacy_sites": ckpt.privacy,
             "sharing_sites": ckpt.release.get("sharing_sites", []),
             "refused_by_site_policy": ckpt.release.get("refusals", {})}
-    check, _ = export_run(model, run, out_dir, held_out=held_out, final=ckpt.metrics, card=card,
-                          lines=lines, label=f"checkpoint {checkpoint} (round {ckpt.round})")
+    out_dir = Path(out_dir)
+    if out_dir.exists():  # a folder of other things (a run folder): the files are written into it
+        check, _ = export_run(model, run, out_dir, held_out=held_out, final=ckpt.metrics, card=card,
+                              lines=lines, label=f"checkpoint {checkpoint} (round {ckpt.round})")
+        return check
+    # a new folder appears whole: written beside it under a dot name, then renamed, so that a reader (the
+    # console's index) never lists an export without its card, and an interrupted export leaves no version
+    staging = out_dir.parent / f".{out_dir.name}.partial"
+    if staging.exists():
+        shutil.rmtree(staging)  # an earlier export that was interrupted
+    try:
+        check, _ = export_run(model, run, staging, held_out=held_out, final=ckpt.metrics, card=card,
+                              lines=lines, label=f"checkpoint {checkpoint} (round {ckpt.round})")
+        os.replace(staging, out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
     return check
 
 

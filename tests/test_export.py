@@ -7,11 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 import torch
 
 from medfusion_fl.cli import main
 from medfusion_fl.config import RunConfig
 from medfusion_fl.data import load_test_set
+from medfusion_fl.errors import ExportError
 from medfusion_fl.export import TOLERANCE, export_model
 from medfusion_fl.models import build_model
 from medfusion_fl.parameters import get_weights
@@ -55,3 +57,27 @@ def test_export_cli_redoes_export_from_a_checkpoint(tiny_run: RunConfig, tmp_pat
     assert card["rounds"] == 2 and card["sites"] == ["site-0", "site-1"]
     assert card["export_check"]["max_abs_diff"] <= TOLERANCE
     assert main(["export", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "x")]) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "run"]  # no staging folder left beside it
+
+
+def test_an_export_into_a_new_folder_appears_whole_or_not_at_all(tiny_run: RunConfig, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The console lists exports/NAME as a version as soon as its model.onnx is there: a new folder is written
+    under a dot name and renamed when complete, and a failed export leaves nothing."""
+    import medfusion_fl.export as export
+
+    store = RunStore(tmp_path / "run")
+    path = store.save_checkpoint(round=1, weights=get_weights(build_model(tiny_run, seed=3)), config=tiny_run,
+                                 strategy_state={}, sites=["site-0"], metrics={"round": 1}, keep=3)
+    seen: list[list[str]] = []
+
+    def failing(model: object, run: object, out_dir: Path, **kwargs: object) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "model.onnx").write_bytes(b"half")
+        seen.append(sorted(p.name for p in out_dir.parent.iterdir()))
+        raise ExportError("parity failed (made to fail here)")
+
+    monkeypatch.setattr(export, "export_model", failing)
+    assert main(["export", str(path), "--out", str(tmp_path / "run" / "exports" / "round-0001")]) == 1
+    assert seen == [[".round-0001.partial"]]  # written under the dot name
+    assert list((tmp_path / "run" / "exports").iterdir()) == []  # and gone, with no half version

@@ -88,10 +88,24 @@ class Job:
     folder: Path
     process: subprocess.Popen[bytes]
     started_by: str
+    stopped_by: str | None = None  # who pressed stop (the console's own shutdown: "console")
 
     @property
     def running(self) -> bool:
         return self.process.poll() is None
+
+    @property
+    def ended(self) -> str | None:
+        """How the process ended, in words ("exit code 1", "signal SIGTERM"); None while it runs."""
+        code = self.process.poll()
+        if code is None:
+            return None
+        if code < 0:
+            try:
+                return f"signal {signal.Signals(-code).name}"
+            except ValueError:
+                return f"signal {-code}"
+        return f"exit code {code}"
 
 
 class Jobs:
@@ -203,7 +217,7 @@ class Jobs:
         command = [sys.executable, "-m", "medfusion_fl.cli", "export", str(checkpoint), "--out", str(out)]
         return self._launch(name, command, who)
 
-    def stop(self, name: str) -> Job | str:
+    def stop(self, name: str, who: str = "console") -> Job | str:
         """A run this console started: SIGTERM to its process group, SIGKILL after STOP_GRACE_S. A deployment
         run (run.json names its Flower run id): `flwr stop ID SUPERLINK`; returns what flwr said."""
         self.folder(name)  # a plain name, before anything is looked up by it
@@ -211,6 +225,7 @@ class Jobs:
         if job is None:
             return self._flwr_stop(name)
         if job.running:
+            job.stopped_by = who
             os.killpg(job.process.pid, signal.SIGTERM)
 
             def finish() -> None:

@@ -162,7 +162,8 @@ def _versions(folder: Path) -> list[tuple[str, str, int | None, Path]]:
         match = CHECKPOINT.match(path.name)
         if match:
             found.append((path.stem, "checkpoint", int(match.group(1)), path))
-    exports = [folder, *sorted(p for p in (folder / "exports").glob("*") if p.is_dir() and inside(folder, p))]
+    exports = [folder, *sorted(p for p in (folder / "exports").glob("*")  # .NAME.partial: an export being written
+                               if p.is_dir() and not p.name.startswith(".") and inside(folder, p))]
     for place in exports:
         onnx = place / "model.onnx"
         if onnx.is_file() and inside(folder, onnx) is not None:

@@ -28,7 +28,8 @@ def _line(number: int) -> str:
                      **({"dp-noise": {"std-per-entry": 4.9, "auroc": [0.41, 0.88], "threshold": [0.1, 0.9]}}
                         if number == 3 else {})},
         "held_out": {"auroc": 0.8 + number / 50, "loss": 0.6, "sensitivity": 0.7, "specificity": 0.8},
-        "privacy": {f"site-{k}": {"epsilon": 2.0 * number + k / 4, "max-epsilon": 8.0} for k in range(3)},
+        "privacy": {f"site-{k}": {"epsilon": 2.0 * number + min(k, 1) / 4, "max-epsilon": 8.0}  # 1 and 2 coincide
+                    for k in range(3)},
         "failures": [{"site": "site-3", "node_id": 104, "stage": "train", "reason": "privacy budget spent"}]
         if number == 2 else []})
 
@@ -73,6 +74,13 @@ def test_log_in_open_a_run_and_see_a_round_arrive_live(console: tuple[str, Path]
         expect(page.locator("#round-3")).to_contain_text("0.750 [0.410, 0.880]")  # the range the noise alone gives
         expect(page.locator("#noise")).to_contain_text("read from their DP-noised validation release")
         assert page.locator(".chart svg polyline").count() >= 6  # AUROC x2, loss x2, sens/spec, 3 epsilons
+        epsilon = page.locator(".chart", has_text="epsilon per site")
+        assert epsilon.locator(".axis-title").all_text_contents() == ["round", "epsilon (at the run's delta)"]
+        assert page.locator(".chart", has_text="AUROC").locator(".axis-title.y").text_content() == "AUROC (0 to 1)"
+        dashes = [line.get_attribute("stroke-dasharray") for line in epsilon.locator("polyline").all()]
+        assert len(set(dashes)) == 3  # a line under another still shows through its dashes and markers
+        assert epsilon.locator(".legend span").last.inner_text() == "\u25b2 site-2 (on site-1's line)"
+        assert epsilon.locator("circle title").first.text_content() == "site-0, round 1: 2.000"
         page.screenshot(path=str(tmp_path / "run-live.png"), full_page=True)
         page.goto(base + "/")
         expect(page.locator("#runs tbody tr")).to_have_count(1)

@@ -74,6 +74,7 @@ def test_start_watch_pause_resume_export_compare_download(console: tuple[str, Pa
         page.click("#version-round-0001 .export")
         expect(page.locator("#version-exports_round-0001")).to_be_visible(timeout=240_000)
         expect(page.locator("#action")).to_have_text("exported: exports/round-0001")
+        expect(page.locator("#version-exports_round-0001")).to_contain_text("model_card.json")  # without reload
         expect(page.locator("#tensorboard")).to_contain_text("tensorboard --logdir")
         assert page.locator("#resume").is_disabled() and page.locator("#pause").is_disabled()  # finished
         page.screenshot(path=str(shots / "4-finished-and-exported.png"), full_page=True)

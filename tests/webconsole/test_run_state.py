@@ -64,10 +64,36 @@ def test_failed_stopped_finished_and_empty_runs_are_told_apart(tmp_path: Path) -
     assert client.get("/api/runs/crashed").json()["last_error"].endswith("no site folders")
 
 
+def test_a_run_stopped_from_the_console_says_who_stopped_it(tmp_path: Path) -> None:
+    """Not a raw "exit code -6" under a stale "running" line: the stop answers that it is stopping, and the run
+    then reads stopped, by whom, with the signal it ended by in words."""
+    runs = _runs(tmp_path)
+    with open_database(default_database(runs))() as session:
+        add_user(session, "otto", "operator", PASSWORD)
+    app = create_app(runs_dir=runs)
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    app.state.jobs.jobs["halfway"] = Job("halfway", runs / "halfway", process, "otto")
+    client = TestClient(app)
+    csrf = client.post("/api/login", json={"name": "otto", "password": PASSWORD}).json()["csrf"]
+    assert client.get("/api/runs/halfway").json()["state"] == "running"
+    answer = client.post("/api/jobs/halfway/stop", headers={"X-CSRF-Token": csrf}).json()
+    assert answer == {"name": "halfway", "status": "stopping: SIGTERM sent to its processes (SIGKILL after 15 s)"}
+    process.wait(timeout=10)
+    run = client.get("/api/runs/halfway").json()
+    assert (run["state"], run["last_error"]) == ("stopped", "by otto")
+    assert run["job"]["ended"] == "signal SIGTERM" and run["job"]["stopped_by"] == "otto"
+    again = client.post("/api/jobs/halfway/stop", headers={"X-CSRF-Token": csrf}).json()
+    assert again["status"] == "not running: its process ended (signal SIGTERM)"
+
+
 def test_the_runs_page_shows_why_a_run_failed(tmp_path: Path) -> None:
     """As a coordinator sees it: the failed run's row names its state and last error; a screenshot is kept (under
     MEDFUSION_SCREENSHOTS, when set) to look at."""
     app = create_app(runs_dir=_runs(tmp_path))
+    stopped = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    stopped.terminate()
+    stopped.wait()
+    app.state.jobs.jobs["killed"] = Job("killed", tmp_path / "runs" / "killed", stopped, "otto", stopped_by="otto")
     with serve(app) as base, open_page(timezone="Asia/Kolkata") as browser:
         page = browser.page
         page.goto(base + "/login")
@@ -85,6 +111,11 @@ def test_the_runs_page_shows_why_a_run_failed(tmp_path: Path) -> None:
         assert page.inner_text("#job").endswith("failed: 12:00:09 ERROR medfusion_fl.cli: data.sites-root: no site "
                                                 "folders")
         page.screenshot(path=str(shots / "run-failed.png"), full_page=True)
+        page.goto(base + "/")
+        page.click("text=killed")
+        page.wait_for_selector("#job:has-text('stopped')")
+        assert page.inner_text("#job") == "process ended (signal SIGTERM); stopped: by otto"
+        page.screenshot(path=str(shots / "run-stopped.png"), full_page=True)
         page.goto(base + "/")
         page.click("text=done")
         version = page.locator("#version-model_onnx")

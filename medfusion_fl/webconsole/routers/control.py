@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 
 from medfusion_fl.errors import ConfigError
 from medfusion_fl.presets import presets
-from medfusion_fl.webconsole.control import field_errors, schema
+from medfusion_fl.webconsole.control import STOP_GRACE_S, field_errors, schema
 from medfusion_fl.webconsole.db import audit
 from medfusion_fl.webconsole.deps import DB, Operator, Viewer
 
@@ -29,7 +29,9 @@ class JobState(BaseModel):
     pid: int
     running: bool
     returncode: int | None
+    ended: str | None  # how the process ended, in words: "exit code 1", "signal SIGTERM"; None while it runs
     started_by: str
+    stopped_by: str | None  # who pressed stop, when someone did
 
 
 @router.get("/config")
@@ -62,16 +64,21 @@ def start_run(body: StartRequest, request: Request, current: Operator, db: DB) -
 
 
 @router.post("/jobs/{name}/stop")
-def stop_run(name: str, request: Request, current: Operator, db: DB) -> JobState | dict[str, str]:
+def stop_run(name: str, request: Request, current: Operator, db: DB) -> dict[str, str]:
+    jobs = request.app.state.jobs
+    known = jobs.jobs.get(name)
+    was_running = known is not None and known.running  # before the signal: a process may end at once
     try:
-        job = request.app.state.jobs.stop(name)
+        job = jobs.stop(name, current.user.name)
     except ConfigError as exc:
         raise HTTPException(409, str(exc)) from None
     if isinstance(job, str):  # a deployment run, stopped through `flwr stop`
         audit(db, current.user.name, "flwr-stop", f"{name}: {job[:500]}")
         return {"name": name, "status": "stop sent through flwr stop: " + job[-300:]}
     audit(db, current.user.name, "stop", name)
-    return job_state(job)
+    if not was_running:
+        return {"name": name, "status": f"not running: its process ended ({job.ended})"}
+    return {"name": name, "status": f"stopping: SIGTERM sent to its processes (SIGKILL after {STOP_GRACE_S:.0f} s)"}
 
 
 @router.post("/jobs/{name}/pause")
@@ -101,4 +108,4 @@ def list_jobs(request: Request, _: Viewer) -> list[JobState]:
 
 def job_state(job: Any) -> JobState:
     return JobState(name=job.name, pid=job.process.pid, running=job.running, returncode=job.process.returncode,
-                    started_by=job.started_by)
+                    ended=job.ended, started_by=job.started_by, stopped_by=job.stopped_by)

@@ -74,6 +74,8 @@ def _state(row: RunRow, request: Request) -> tuple[str, str]:
         code = job.process.returncode
         if job.running:
             return "running", ""
+        if job.stopped_by:
+            return "stopped", f"by {job.stopped_by}"
         if code in STOPPED_CODES:
             return "stopped", _last_error(runs_dir, row.name)
         if code:

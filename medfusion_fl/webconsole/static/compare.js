@@ -44,10 +44,13 @@ async function comparePage() {
     const values = Object.values(s.epsilon || {}).filter(v => typeof v === "number");
     return [s.round, values.length ? Math.max(...values) : null];
   });
-  box.appendChild(chart("held-out AUROC", {A: series(a, "held_out", "auroc"), B: series(b, "held_out", "auroc")}));
-  box.appendChild(chart("pooled AUROC", {A: series(a, "evaluate", "auroc"), B: series(b, "evaluate", "auroc")}));
-  box.appendChild(chart("held-out loss", {A: series(a, "held_out", "loss"), B: series(b, "held_out", "loss")}));
-  box.appendChild(chart("highest epsilon of a site", {A: highest(a), B: highest(b)}));
+  box.appendChild(chart("held-out AUROC", {A: series(a, "held_out", "auroc"), B: series(b, "held_out", "auroc")},
+                        {y: "AUROC (0 to 1)"}));
+  box.appendChild(chart("pooled AUROC", {A: series(a, "evaluate", "auroc"), B: series(b, "evaluate", "auroc")},
+                        {y: "AUROC (0 to 1)"}));
+  box.appendChild(chart("held-out loss", {A: series(a, "held_out", "loss"), B: series(b, "held_out", "loss")},
+                        {y: "cross-entropy (nats)"}));
+  box.appendChild(chart("highest epsilon of a site", {A: highest(a), B: highest(b)}, {y: "epsilon"}));
   out.appendChild(box);
 }
 

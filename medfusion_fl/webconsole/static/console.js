@@ -126,9 +126,14 @@ async function startedRun(name) {  // the run id of a folder, once its run.json 
   throw new Error("run " + name + " did not appear within 3 minutes; see the runs page");
 }
 
-// One line chart: series = {label: [[x, y], ...]}; a dashed horizontal line per value of `marks`.
-function chart(title, series, marks = []) {
-  const w = 360, h = 210, left = 42, bottom = 24, top = 8, right = 10;
+// One line chart: series = {label: [[x, y], ...]}; axis titles `x` and `y` (with the unit); a grey dashed line
+// per value of `marks`. Series differ in colour, dash and marker, so one drawn on another still shows; a series
+// that coincides with an earlier one says so in the legend; every point names its value when hovered.
+const DASHES = ["", "7 4", "2 3", "9 3 2 3"];
+const MARKERS = ["circle", "square", "triangle", "diamond"];
+
+function chart(title, series, {x = "round", y = "", marks = []} = {}) {
+  const w = 360, h = 226, left = 54, bottom = 38, top = 8, right = 10;
   const points = Object.values(series).flat().filter(p => typeof p[1] === "number");
   const box = document.createElement("div");
   box.className = "chart";
@@ -144,36 +149,63 @@ function chart(title, series, marks = []) {
   const x0 = Math.min(...xs), x1 = Math.max(...xs, x0 + 1);
   let y0 = Math.min(...ys), y1 = Math.max(...ys);
   if (y1 - y0 < 1e-9) { y0 -= 0.5; y1 += 0.5; }
-  const X = x => left + (x - x0) / (x1 - x0) * (w - left - right);
-  const Y = y => top + (1 - (y - y0) / (y1 - y0)) * (h - top - bottom);
-  const add = (name, attrs) => {
-    const el = document.createElementNS(SVG, name);
-    for (const [k, v] of Object.entries(attrs)) el.setAttribute(k, v);
-    svg.appendChild(el);
-    return el;
+  const X = v => left + (v - x0) / (x1 - x0) * (w - left - right);
+  const Y = v => top + (1 - (v - y0) / (y1 - y0)) * (h - top - bottom);
+  const add = (name, attrs, parent = svg) => {
+    const node = document.createElementNS(SVG, name);
+    for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+    parent.appendChild(node);
+    return node;
   };
   add("line", {x1: left, y1: h - bottom, x2: w - right, y2: h - bottom, stroke: "#888"});
   add("line", {x1: left, y1: top, x2: left, y2: h - bottom, stroke: "#888"});
-  for (const v of [y0, (y0 + y1) / 2, y1]) add("text", {x: 2, y: Y(v) + 4, "font-size": 10}).textContent = v.toFixed(2);
-  for (const x of [...new Set(xs)]) add("text", {x: X(x) - 3, y: h - 8, "font-size": 10}).textContent = x;
+  for (const v of [y0, (y0 + y1) / 2, y1]) {
+    add("text", {x: left - 4, y: Y(v) + 4, "font-size": 10, "text-anchor": "end"}).textContent = v.toFixed(2);
+  }
+  for (const v of [...new Set(xs)]) {
+    add("text", {x: X(v), y: h - bottom + 13, "font-size": 10, "text-anchor": "middle"}).textContent = v;
+  }
+  add("text", {x: left + (w - left - right) / 2, y: h - 4, "font-size": 11, "text-anchor": "middle",
+               class: "axis-title x"}).textContent = x;
+  const middle = top + (h - top - bottom) / 2;
+  add("text", {x: 12, y: middle, "font-size": 11, "text-anchor": "middle", class: "axis-title y",
+               transform: "rotate(-90 12 " + middle + ")"}).textContent = y;
   for (const m of marks) add("line", {x1: left, y1: Y(m), x2: w - right, y2: Y(m), stroke: "#999",
                                       "stroke-dasharray": "4 3"});
   const legend = document.createElement("div");
   legend.className = "legend";
+  const drawn = [];
   Object.entries(series).forEach(([label, pts], i) => {
-    const colour = COLOURS[i % COLOURS.length];
+    const colour = COLOURS[i % COLOURS.length], dash = DASHES[i % DASHES.length];
     const shown = pts.filter(p => typeof p[1] === "number");
     if (!shown.length) return;
-    add("polyline", {points: shown.map(p => X(p[0]) + "," + Y(p[1])).join(" "), fill: "none", stroke: colour,
-                     "stroke-width": 2});
-    for (const p of shown) add("circle", {cx: X(p[0]), cy: Y(p[1]), r: 3, fill: colour});
+    const line = add("polyline", {points: shown.map(p => X(p[0]) + "," + Y(p[1])).join(" "), fill: "none",
+                                  stroke: colour, "stroke-width": 2});
+    if (dash) line.setAttribute("stroke-dasharray", dash);
+    const shape = MARKERS[i % MARKERS.length];
+    for (const p of shown) {
+      const mark = marker(add, shape, X(p[0]), Y(p[1]), colour);
+      add("title", {}, mark).textContent = label + ", " + x + " " + p[0] + ": " + fmt(p[1]);
+    }
+    const same = drawn.find(([, other]) => other.length === shown.length &&
+      other.every((p, k) => p[0] === shown[k][0] && Math.abs(p[1] - shown[k][1]) < 1e-9));
     const key = document.createElement("span");
     key.style.color = colour;
-    key.textContent = "\u25cf " + label;
+    key.textContent = {circle: "\u25cf", square: "\u25a0", triangle: "\u25b2", diamond: "\u25c6"}[shape] + " " +
+      label + (same ? " (on " + same[0] + "'s line)" : "");
     legend.appendChild(key);
+    drawn.push([label, shown]);
   });
   box.appendChild(legend);
   return box;
+}
+
+function marker(add, shape, cx, cy, colour) {  // a point of a series, outlined in white to stand out from lines
+  const style = {fill: colour, stroke: "#fff", "stroke-width": 1};
+  if (shape === "circle") return add("circle", {cx, cy, r: 3.5, ...style});
+  if (shape === "square") return add("rect", {x: cx - 3.5, y: cy - 3.5, width: 7, height: 7, ...style});
+  const d = shape === "triangle" ? [[0, -4.5], [4, 3], [-4, 3]] : [[0, -4.5], [4, 0], [0, 4.5], [-4, 0]];
+  return add("polygon", {points: d.map(([dx, dy]) => (cx + dx) + "," + (cy + dy)).join(" "), ...style});
 }
 
 // the page scripts (run.js, start.js, compare.js, users.js) add theirs

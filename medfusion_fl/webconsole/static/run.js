@@ -9,14 +9,16 @@ function runCharts(summaries) {
   for (const site of sites) epsilon[site] = done.map(s => [s.round, (s.epsilon || {})[site]]);
   const budgets = [...new Set(done.flatMap(s => s.budgets || []))];
   return [
-    chart("AUROC", {"held-out": pick("held_out", "auroc"), "sites, pooled": pick("evaluate", "auroc")}),
+    chart("AUROC", {"held-out": pick("held_out", "auroc"), "sites, pooled": pick("evaluate", "auroc")},
+          {y: "AUROC (0 to 1)"}),
     chart("loss", {"held-out": pick("held_out", "loss"), "sites, pooled": pick("evaluate", "loss"),
-                   "training": done.map(s => [s.round, s.train_loss])}),
-    chart("accuracy", {"held-out": pick("held_out", "accuracy"), "sites, pooled": pick("evaluate", "accuracy")}),
+                   "training": done.map(s => [s.round, s.train_loss])}, {y: "cross-entropy (nats)"}),
+    chart("accuracy", {"held-out": pick("held_out", "accuracy"), "sites, pooled": pick("evaluate", "accuracy")},
+          {y: "accuracy (0 to 1)"}),
     chart("sensitivity / specificity", {"held-out sens.": pick("held_out", "sensitivity"),
       "held-out spec.": pick("held_out", "specificity"), "pooled sens.": pick("evaluate", "sensitivity"),
-      "pooled spec.": pick("evaluate", "specificity")}),
-    chart("epsilon per site (dashed: budget)", epsilon, budgets)];
+      "pooled spec.": pick("evaluate", "specificity")}, {y: "rate (0 to 1)"}),
+    chart("epsilon per site (grey dashed: budget)", epsilon, {y: "epsilon (at the run's delta)", marks: budgets})];
 }
 
 // Under DP the sites' pooled curves are read from noisy sums: say so beside them, with where the ranges are.
@@ -150,8 +152,9 @@ function showState(run) {  // the process and pause line, which buttons apply, t
 function jobText(run) {
   const control = run.control || {}, job = run.job;
   const parts = [];
-  if (job) parts.push(job.running ? "running (pid " + job.pid + ", started by " + job.started_by + ")" :
-                      "process ended (exit code " + job.returncode + ")");
+  if (job) parts.push(job.running ? (job.stopped_by ? "stopping (requested by " + job.stopped_by + ")" :
+                                     "running (pid " + job.pid + ", started by " + job.started_by + ")") :
+                      "process ended (" + job.ended + ")");
   if (control.paused_after_round) parts.push("paused after round " + control.paused_after_round);
   else if (control.pause) parts.push("pause requested by " + control.by + ": stops after its current round");
   if (run.has_model) parts.push("finished: model.onnx exported");
