@@ -187,8 +187,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     run, sim = _preset_config(args, {"data.sites-root": str(out / "data")}, {"output.run-dir": str(out)})
     num_sites = args.sites or int(sim.get("num-sites", 3))
+    from medfusion_fl.preflight import check_run
     from medfusion_fl.runfolder import RunFolder
 
+    check_run(run)  # an unknown backbone or a weights file that does not read: refused before any data is made
     RunFolder(run).open()  # a folder of another run or a damaged checkpoint is refused before Ray starts
     if run.data.source == "synthetic":
         from medfusion_fl.data import write_federation

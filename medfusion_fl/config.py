@@ -52,6 +52,9 @@ class OutputConfig(Section):
                             "<run-dir>.replaced-<UTC time> (false: refuse, naming what is there).")
 
 
+VIEW_NAME = re.compile(r"[A-Za-z0-9_-]{1,32}")  # a manifest column and part of each image file name
+
+
 class DataConfig(Section):
     source: Literal["synthetic", "folders"] = Field(
         "synthetic", description="'synthetic': sites generate their folder under sites-root if missing; "
@@ -83,6 +86,15 @@ class DataConfig(Section):
         items = split_list(value)
         if len(set(items)) != len(items):
             raise ValueError(f"names must be unique, got {list(items)}")
+        return value
+
+    @field_validator("view_names")
+    @classmethod
+    def _file_safe_views(cls, value: str) -> str:
+        bad = [name for name in split_list(value) if not VIEW_NAME.fullmatch(name)]
+        if bad:  # a view names a manifest column and a part of every image's file name
+            raise ValueError(f"view names {bad}: use 1-32 letters, digits, '_' or '-' each (no '/', ';' or spaces), "
+                             "e.g. 'frontal,lateral'")
         return value
 
     @field_validator("tabular_columns")

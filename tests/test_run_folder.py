@@ -141,3 +141,17 @@ def test_simulate_refuses_a_damaged_resume_before_starting_anything(tmp_path: Pa
     assert not (out / "data").exists()  # refused before the site folders are written, so before Ray starts
     assert main(["simulate", "--app", str(REPO), "--out", str(out)]) == 1
     assert "already holds a run" in capsys.readouterr().err
+
+
+def test_simulate_refuses_an_unknown_backbone_and_a_weights_file_that_is_none_before_any_data(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Both used to fail after the sites' data was written (a traceback for the file); now at once, by key."""
+    (tmp_path / "notes.pt").write_text("not weights\n")
+    out = tmp_path / "run"
+    code = main(["simulate", "--app", str(REPO), "--out", str(out), "--set", "model.backbone=resnett18",
+                 "--set", "init.source=file", "--set", f"init.path={tmp_path / 'notes.pt'}"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "model.backbone: model.backbone = 'resnett18' is not a timm model. Closest names: resnet18" in err
+    assert f"init.path: init.path = '{tmp_path / 'notes.pt'}' is not a readable weights file" in err
+    assert not out.exists()  # refused before the run folder or the site folders are made

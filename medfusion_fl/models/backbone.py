@@ -12,7 +12,7 @@ from timm.layers.config import set_reentrant_ckpt
 from torch import nn
 
 from medfusion_fl.errors import ConfigError, ModelError
-from medfusion_fl.models.backbone3d import BACKBONES_3D, RESNET3D, create_backbone_3d
+from medfusion_fl.models.backbone3d import BACKBONES_3D, RESNET3D, check_backbone_3d, create_backbone_3d
 from medfusion_fl.models.monai3d import MONAI3D
 from medfusion_fl.models.norms import fold_batchnorm, replace_batchnorm
 from medfusion_fl.models.swin3d import SWIN3D
@@ -64,16 +64,27 @@ def list_backbones() -> dict[str, tuple[str, ...]]:
     return {family: spec.names for family, spec in FAMILIES.items()}
 
 
-def create_timm(name: str, in_chans: int, image_size: int, *, pretrained: bool = False,
-                file: str | None = None) -> nn.Module:
-    """A timm 2D model without its classifier, BatchNorm still in place. `pretrained`: with timm's pretrained
-    weights, from its hub cache or the internet, or from `file` (timm's pretrained_cfg_overlay); only the
-    coordinator asks for them."""
+def check_backbone(name: str, *, depth: int, image_size: int = 0) -> None:
+    """Refuse a backbone name that cannot be built for data.depth (ModelError / ConfigError saying what to pick),
+    without building anything: what `simulate` and the console's start form check before any data is made."""
+    if depth > 0:
+        check_backbone_3d(name, (depth, image_size, image_size) if image_size else None)
+        return
+    if name in BACKBONES_3D:
+        raise ConfigError(f"model.backbone = {name!r} is a 3D backbone; set data.depth > 0 for volumes.")
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, [*timm.list_models(), *BACKBONES_3D], n=5, cutoff=0.6)
         hint = f" Closest names: {', '.join(close)}." if close else ""
         raise ModelError(f"model.backbone = {name!r} is not a timm model.{hint} Tested families: "
                          f"{', '.join(FAMILIES)} (list_backbones()).")
+
+
+def create_timm(name: str, in_chans: int, image_size: int, *, pretrained: bool = False,
+                file: str | None = None) -> nn.Module:
+    """A timm 2D model without its classifier, BatchNorm still in place. `pretrained`: with timm's pretrained
+    weights, from its hub cache or the internet, or from `file` (timm's pretrained_cfg_overlay); only the
+    coordinator asks for them."""
+    check_backbone(name, depth=0)
     kwargs: dict[str, object] = {"pretrained": pretrained, "num_classes": 0, "in_chans": in_chans}
     if file is not None:
         kwargs["pretrained_cfg_overlay"] = {"file": file}

@@ -56,8 +56,8 @@ def _resnet3d(in_chans: int, blocks: tuple[int, ...]) -> Staged3d:
     return Staged3d(stem, stages, nn.Identity(), WIDTHS[-1])
 
 
-def create_backbone_3d(name: str, *, in_chans: int, volume: tuple[int, int, int] | None = None) -> nn.Module:
-    """One of our 3D backbones by name; `volume` (D, H, W), when given, is checked against its least size."""
+def check_backbone_3d(name: str, volume: tuple[int, int, int] | None = None) -> None:
+    """Refuse a name that is not one of our 3D backbones, or a `volume` (D, H, W) below its least size."""
     if name not in BACKBONES_3D:
         close = difflib.get_close_matches(name, list(BACKBONES_3D), n=3, cutoff=0.3)
         raise ModelError(f"model.backbone = {name!r} is not a 3D backbone (data.depth > 0 needs one of "
@@ -67,6 +67,11 @@ def create_backbone_3d(name: str, *, in_chans: int, volume: tuple[int, int, int]
         raise ConfigError(f"model.backbone = {name!r} needs volumes of at least {least} voxels a side, but data.depth "
                           f"x data.image-size is {volume[0]} x {volume[1]} x {volume[2]}: raise them (e.g. --set "
                           f"data.depth={least} --set data.image-size={least}) or pick another 3D backbone.")
+
+
+def create_backbone_3d(name: str, *, in_chans: int, volume: tuple[int, int, int] | None = None) -> nn.Module:
+    """One of our 3D backbones by name; `volume` (D, H, W), when given, is checked against its least size."""
+    check_backbone_3d(name, volume)
     if name in SWIN3D:
         return create_swin3d(name, in_chans)
     if name in MONAI3D:

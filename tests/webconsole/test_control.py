@@ -62,6 +62,36 @@ def test_invalid_settings_come_back_per_key(client: TestClient) -> None:
     assert started == []  # nothing was started
 
 
+def test_view_names_backbones_and_weights_files_are_checked_when_the_form_is_sent(tmp_path: Path) -> None:
+    """Each used to fail minutes later, after the sites' data was written: a view name with '/' or ';', a backbone
+    timm does not know, a weights file that is not one (issue 39, point 20)."""
+    runs, data = tmp_path / "runs", tmp_path / "weights"
+    runs.mkdir()
+    data.mkdir()
+    (data / "notes.pt").write_text("root:x:0:0\n")  # a .pt that holds no tensors
+    (data / "notes.txt").write_text("hello\n")
+    with open_database(default_database(runs))() as session:
+        add_user(session, "otto", "operator", PASSWORD)
+    client = TestClient(create_app(runs_dir=runs, app_dir=REPO, data_roots=(data,)))
+    headers = _login(client, "otto")
+
+    def errors(settings: dict[str, object]) -> dict[str, str]:
+        response = client.post("/api/runs", headers=headers, json={"name": "bad", "settings": settings})
+        assert response.status_code == 422, response.text
+        return dict(response.json()["detail"]["errors"])
+
+    assert "no '/', ';' or spaces" in errors({"data.view-names": "front/al;x,lateral"})["data.view-names"]
+    assert "is not a timm model. Closest names: resnet18" in errors({"model.backbone": "resnett18"})["model.backbone"]
+    assert "is a 3D backbone" in errors({"model.backbone": "resnet3d-10"})["model.backbone"]
+    file = {"init.source": "file", "init.part": "backbone"}
+    assert "not a readable weights file" in errors({**file, "init.path": str(data / "notes.pt")})["init.path"]
+    assert "expected a .pt, .pth, .safetensors file" in errors({**file, "init.path": str(data / "notes.txt")})[
+        "init.path"]
+    assert "file not found" in errors({**file, "init.path": str(data / "missing.pt")})["init.path"]
+    assert "does not exist" in errors({"init.source": "run", "init.path": str(data / "nothing.pt")})["init.path"]
+    assert [p.name for p in runs.iterdir() if not p.name.startswith("console.db")] == []  # nothing was started
+
+
 def test_a_viewer_cannot_start_or_stop_and_a_post_needs_csrf(client: TestClient) -> None:
     headers = _login(client, "vera")
     response = client.post("/api/runs", headers=headers, json={"name": "x"})

@@ -8,7 +8,9 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel, Field
 
+from medfusion_fl.config import RunConfig
 from medfusion_fl.errors import ConfigError
+from medfusion_fl.preflight import preflight
 from medfusion_fl.presets import presets
 from medfusion_fl.webconsole.control import STOP_GRACE_S, field_errors, schema
 from medfusion_fl.webconsole.db import audit
@@ -52,6 +54,8 @@ def start_run(body: StartRequest, request: Request, current: Operator, db: DB) -
     flat = {**known[body.preset], **body.settings, "output.run-dir": str(folder),
             "data.sites-root": str(folder / "data")}
     errors = {**field_errors(flat), **jobs.refused(flat)}
+    if not errors:  # what the config names (backbone, weights file), read only once the paths are allowed
+        errors = preflight(RunConfig.from_flat(flat))
     if errors:
         audit(db, current.user.name, "start-refused", f"{body.name}: {errors}")
         raise HTTPException(422, {"errors": errors})
