@@ -46,7 +46,8 @@ def find_version(db: Session, run_id: str, name: str) -> VersionRow:
     version = db.get(VersionRow, (run_id, name))
     if version is None:
         known = [v.name for v in db.scalars(select(VersionRow).where(VersionRow.run_id == run_id))]
-        raise ConfigError(f"run {run_id!r} has no version {name!r}; its versions are {known}")
+        raise ConfigError(f"run {run_id!r} has no version {name!r}; " +
+                          (f"its versions are {', '.join(known)}" if known else "it has no versions yet"))
     return version
 
 

@@ -90,3 +90,37 @@ def test_log_in_open_a_run_and_see_a_round_arrive_live(console: tuple[str, Path]
     assert not unexpected, browser.errors
     requests = browser.requests
     assert requests and all(url.startswith(base) or url.startswith("ws://127.0.0.1") for url in requests), requests
+
+
+def test_the_compare_page_says_it_is_loading_and_why_it_cannot_compare(console: tuple[str, Path],
+                                                                       tmp_path: Path) -> None:
+    """It stayed blank on an error, which only the browser's console showed (issue 39, point 15)."""
+    from playwright.sync_api import Route, expect
+
+    base, _ = console
+    with open_page() as browser:
+        page = browser.page
+        page.goto(base + "/login")
+        page.fill("#name", "vera")
+        page.fill("#password", PASSWORD)
+        page.click("button[type=submit]")
+        page.wait_for_url(base + "/")
+        held: list[Route] = []
+        page.route("**/api/compare?*", lambda route: held.append(route))  # held until the loading line is seen
+        page.goto(base + "/compare?a=r1&av=round-0009&b=r1&bv=model.onnx")
+        expect(page.locator("#loading")).to_have_text("loading the two versions...")
+        for _ in range(100):  # the page's request reaches the route while the loading line shows
+            if held:
+                break
+            page.wait_for_timeout(50)
+        assert held, "the page did not ask for the comparison"
+        expect(page.locator("#loading")).to_have_text("loading the two versions...")
+        held[0].continue_()
+        expect(page.locator("#compare-error")).to_contain_text(
+            "Cannot compare round-0009 of run r1 with model.onnx of run r1: run 'r1' has no version 'round-0009'")
+        expect(page.locator("#compare-error a")).to_have_attribute("href", "/")
+        page.screenshot(path=str(tmp_path / "compare-error.png"), full_page=True)
+        page.goto(base + "/compare")
+        expect(page.locator("#compare-error")).to_contain_text("This page compares two model versions: tick two")
+    unexpected = [e for e in browser.errors if "status of 404" not in e]  # the refused comparison
+    assert not unexpected, browser.errors

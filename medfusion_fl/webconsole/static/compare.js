@@ -20,10 +20,25 @@ function label(side) { return side.run_name + " / " + side.version + (side.round
 async function comparePage() {
   await showUser();
   const query = new URLSearchParams(location.search);
-  const result = await api("/api/compare?" + query);
+  const out = document.getElementById("comparison");
+  const status = document.getElementById("loading");
+  if (!["a", "av", "b", "bv"].every(k => query.get(k))) {
+    refuse(status, "This page compares two model versions: tick two on a run's page (or one on each of two runs' " +
+           "pages) and press \"Compare ticked versions\".");
+    return;
+  }
+  let result;
+  try {
+    result = await api("/api/compare?" + query);
+  } catch (e) {
+    if (e.message === "not logged in") throw e;
+    refuse(status, "Cannot compare " + query.get("av") + " of run " + query.get("a") + " with " + query.get("bv") +
+           " of run " + query.get("b") + ": " + e.message);
+    return;
+  }
+  status.remove();
   const {a, b} = result;
   document.getElementById("title").textContent = "A: " + label(a) + "  vs  B: " + label(b);
-  const out = document.getElementById("comparison");
   out.appendChild(el("h2", "Config: keys that differ"));
   out.appendChild(result.config_diff.length ?
     table("config-diff", ["key", "A", "B"], result.config_diff.map(d => [d.key, JSON.stringify(d.a), JSON.stringify(d.b)])) :
@@ -52,6 +67,12 @@ async function comparePage() {
                         {y: "cross-entropy (nats)"}));
   box.appendChild(chart("highest epsilon of a site", {A: highest(a), B: highest(b)}, {y: "epsilon"}));
   out.appendChild(box);
+}
+
+function refuse(status, message) {  // the page says what went wrong, with the way back
+  status.className = "refused";
+  status.id = "compare-error";
+  status.replaceChildren(el("span", message + " "), el("a", "Back to the runs", {href: "/"}));
 }
 
 PAGES.compare = comparePage;
