@@ -10,23 +10,17 @@ import pytest
 from fastapi.testclient import TestClient
 
 from medfusion_fl.webconsole.app import create_app, default_database
-from medfusion_fl.webconsole.auth import add_user
 from medfusion_fl.webconsole.db import Audit, open_database
 from tests.browser import open_page
+from tests.webconsole.accounts import PASSWORD, with_users
 from tests.webconsole.serve import serve
 
-PASSWORD = "correct horse battery"
 NEW = "a new horse staple"
 
 
 @pytest.fixture
 def runs(tmp_path: Path) -> Path:
-    root = tmp_path / "runs"
-    root.mkdir()
-    with open_database(default_database(root))() as session:
-        add_user(session, "vera", "viewer", PASSWORD)
-        add_user(session, "ada", "admin", PASSWORD)
-    return root
+    return with_users(tmp_path / "runs", vera="viewer", ada="admin")
 
 
 def _client(app: object, name: str, password: str = PASSWORD) -> tuple[TestClient, str]:

@@ -11,13 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from medfusion_fl.webconsole.app import create_app, default_database
-from medfusion_fl.webconsole.auth import add_user
-from medfusion_fl.webconsole.db import open_database
+from medfusion_fl.webconsole.app import create_app
 from tests.browser import open_page
+from tests.webconsole.accounts import PASSWORD, with_users
 from tests.webconsole.serve import serve
-
-PASSWORD = "correct horse battery"
 
 
 def _line(number: int) -> str:
@@ -40,8 +37,7 @@ def console(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     (runs / "demo").mkdir(parents=True)
     (runs / "demo" / "run.json").write_text(json.dumps({"format": 1, "run_id": "r1"}))
     (runs / "demo" / "metrics.jsonl").write_text(_line(1) + "\n" + _line(2) + "\n")
-    with open_database(default_database(runs))() as session:
-        add_user(session, "vera", "viewer", PASSWORD)
+    with_users(runs, vera="viewer")
     with serve(create_app(runs_dir=runs)) as base:
         yield base, runs
 

@@ -12,22 +12,16 @@ from pathlib import Path
 import onnx
 import pytest
 
-from medfusion_fl.webconsole.app import create_app, default_database
-from medfusion_fl.webconsole.auth import add_user
-from medfusion_fl.webconsole.db import open_database
+from medfusion_fl.webconsole.app import create_app
 from tests.browser import open_page
 from tests.conftest import REPO
+from tests.webconsole.accounts import PASSWORD, with_users
 from tests.webconsole.serve import serve
-
-PASSWORD = "correct horse battery"
 
 
 @pytest.fixture
 def console(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    runs = tmp_path / "runs"
-    runs.mkdir()
-    with open_database(default_database(runs))() as session:
-        add_user(session, "otto", "operator", PASSWORD)
+    runs = with_users(tmp_path / "runs", otto="operator")
     with serve(create_app(runs_dir=runs, app_dir=REPO)) as base:
         yield base, runs
 

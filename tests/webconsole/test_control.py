@@ -11,22 +11,16 @@ import pytest
 from fastapi.testclient import TestClient
 
 from medfusion_fl.config import all_keys
-from medfusion_fl.webconsole.app import create_app, default_database
-from medfusion_fl.webconsole.auth import add_user
+from medfusion_fl.webconsole.app import create_app
 from medfusion_fl.webconsole.control import field_errors
-from medfusion_fl.webconsole.db import Audit, open_database
+from medfusion_fl.webconsole.db import Audit
 from tests.conftest import REPO
-
-PASSWORD = "correct horse battery"
+from tests.webconsole.accounts import PASSWORD, with_users
 
 
 @pytest.fixture
 def client(tmp_path: Path) -> TestClient:
-    runs = tmp_path / "runs"
-    runs.mkdir()
-    with open_database(default_database(runs))() as session:
-        add_user(session, "vera", "viewer", PASSWORD)
-        add_user(session, "otto", "operator", PASSWORD)
+    runs = with_users(tmp_path / "runs", vera="viewer", otto="operator")
     return TestClient(create_app(runs_dir=runs, app_dir=REPO))
 
 
@@ -70,8 +64,7 @@ def test_view_names_backbones_and_weights_files_are_checked_when_the_form_is_sen
     data.mkdir()
     (data / "notes.pt").write_text("root:x:0:0\n")  # a .pt that holds no tensors
     (data / "notes.txt").write_text("hello\n")
-    with open_database(default_database(runs))() as session:
-        add_user(session, "otto", "operator", PASSWORD)
+    with_users(runs, otto="operator")
     client = TestClient(create_app(runs_dir=runs, app_dir=REPO, data_roots=(data,)))
     headers = _login(client, "otto")
 

@@ -12,14 +12,11 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
-from medfusion_fl.webconsole.app import create_app, default_database
-from medfusion_fl.webconsole.auth import add_user
+from medfusion_fl.webconsole.app import create_app
 from medfusion_fl.webconsole.control import Job
-from medfusion_fl.webconsole.db import open_database
 from tests.browser import open_page
+from tests.webconsole.accounts import PASSWORD, with_users
 from tests.webconsole.serve import serve
-
-PASSWORD = "correct horse battery"
 
 
 def _folder(runs: Path, name: str, *, rounds: int = 0, model: bool = False) -> None:
@@ -34,10 +31,7 @@ def _folder(runs: Path, name: str, *, rounds: int = 0, model: bool = False) -> N
 
 
 def _runs(tmp_path: Path) -> Path:
-    runs = tmp_path / "runs"
-    runs.mkdir()
-    with open_database(default_database(runs))() as session:
-        add_user(session, "vera", "viewer", PASSWORD)
+    runs = with_users(tmp_path / "runs", vera="viewer")
     _folder(runs, "crashed")
     (runs / ".crashed.console.log").write_text("12:00:01 INFO medfusion_fl.simulate: starting\n"
                                                "12:00:09 ERROR medfusion_fl.cli: data.sites-root: no site folders\n")
@@ -67,9 +61,7 @@ def test_failed_stopped_finished_and_empty_runs_are_told_apart(tmp_path: Path) -
 def test_a_run_stopped_from_the_console_says_who_stopped_it(tmp_path: Path) -> None:
     """Not a raw "exit code -6" under a stale "running" line: the stop answers that it is stopping, and the run
     then reads stopped, by whom, with the signal it ended by in words."""
-    runs = _runs(tmp_path)
-    with open_database(default_database(runs))() as session:
-        add_user(session, "otto", "operator", PASSWORD)
+    runs = with_users(_runs(tmp_path), otto="operator")
     app = create_app(runs_dir=runs)
     process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
     app.state.jobs.jobs["halfway"] = Job("halfway", runs / "halfway", process, "otto")

@@ -14,11 +14,10 @@ from fastapi.testclient import TestClient
 
 from medfusion_fl.errors import ConfigError
 from medfusion_fl.webconsole import auth
-from medfusion_fl.webconsole.app import create_app, default_database
-from medfusion_fl.webconsole.auth import add_user
-from medfusion_fl.webconsole.db import AUDIT_DETAIL, Audit, open_database
+from medfusion_fl.webconsole.app import create_app
+from medfusion_fl.webconsole.db import AUDIT_DETAIL, Audit
+from tests.webconsole.accounts import PASSWORD, with_users
 
-PASSWORD = "correct horse battery"
 SECRET = "root:x:0:0:the secret line\n"
 
 
@@ -33,13 +32,7 @@ def _run(root: Path, name: str, run_id: str | None = None) -> Path:
 
 @pytest.fixture
 def runs(tmp_path: Path) -> Path:
-    root = tmp_path / "runs"
-    root.mkdir()
-    with open_database(default_database(root))() as session:
-        add_user(session, "vera", "viewer", PASSWORD)
-        add_user(session, "otto", "operator", PASSWORD)
-        add_user(session, "ada", "admin", PASSWORD)
-    return root
+    return with_users(tmp_path / "runs", vera="viewer", otto="operator", ada="admin")
 
 
 def _login(client: TestClient, name: str = "vera") -> str:
