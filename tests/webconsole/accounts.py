@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from medfusion_fl.webconsole import app as app_module
 from medfusion_fl.webconsole.auth import add_user
@@ -19,3 +20,12 @@ def with_users(runs: Path, **roles: str) -> Path:
         for name, role in roles.items():
             add_user(session, name, role, PASSWORD)
     return runs
+
+
+def log_in(page: Any, base: str, name: str, password: str = PASSWORD) -> None:
+    """Log a Playwright page in through the login form, as a person does, and wait for the runs page."""
+    page.goto(base + "/login")
+    page.fill("#name", name)
+    page.fill("#password", password)
+    page.click("button[type=submit]")
+    page.wait_for_url(base + "/")

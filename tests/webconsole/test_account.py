@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from medfusion_fl.webconsole.app import create_app, default_database
 from medfusion_fl.webconsole.db import Audit, open_database
 from tests.browser import open_page
-from tests.webconsole.accounts import PASSWORD, with_users
+from tests.webconsole.accounts import PASSWORD, log_in, with_users
 from tests.webconsole.serve import serve
 
 NEW = "a new horse staple"
@@ -88,15 +88,7 @@ def test_log_out_change_password_reset_and_a_viewers_pages(runs: Path, tmp_path:
     shots = Path(os.environ.get("MEDFUSION_SCREENSHOTS", tmp_path))
     with serve(create_app(runs_dir=runs)) as base, open_page() as browser:
         page = browser.page
-
-        def log_in(name: str, password: str) -> None:
-            page.goto(base + "/login")
-            page.fill("#name", name)
-            page.fill("#password", password)
-            page.click("button[type=submit]")
-            page.wait_for_url(base + "/")
-
-        log_in("vera", PASSWORD)
+        log_in(page, base, "vera")
         expect(page.locator("nav a")).to_have_text(["runs"])  # no links to pages of other roles
         for path, what in (("/users", "Managing users"), ("/start", "Starting a run")):
             page.goto(base + path)
@@ -126,7 +118,7 @@ def test_log_out_change_password_reset_and_a_viewers_pages(runs: Path, tmp_path:
         page.goto(base + "/")  # the session is gone, not just the page
         page.wait_for_url("**/login?next=%2F")
 
-        log_in("ada", PASSWORD)
+        log_in(page, base, "ada")
         page.goto(base + "/users")
         expect(page.locator("#user-vera")).to_be_visible()
         page.fill("#user-vera input.reset", "short")
@@ -139,6 +131,6 @@ def test_log_out_change_password_reset_and_a_viewers_pages(runs: Path, tmp_path:
         page.screenshot(path=str(shots / "admin-reset.png"), full_page=True)
         page.click("#logout")
         page.wait_for_url(base + "/login")
-        log_in("vera", PASSWORD)  # the password the admin set
+        log_in(page, base, "vera")  # the password the admin set
     unexpected = [e for e in browser.errors if "status of 4" not in e]  # the refused tries above answer 4xx
     assert not unexpected, browser.errors

@@ -13,7 +13,7 @@ import pytest
 
 from medfusion_fl.webconsole.app import create_app
 from tests.browser import open_page
-from tests.webconsole.accounts import PASSWORD, with_users
+from tests.webconsole.accounts import PASSWORD, log_in, with_users
 from tests.webconsole.serve import serve
 
 
@@ -96,11 +96,7 @@ def test_the_compare_page_says_it_is_loading_and_why_it_cannot_compare(console: 
     base, _ = console
     with open_page() as browser:
         page = browser.page
-        page.goto(base + "/login")
-        page.fill("#name", "vera")
-        page.fill("#password", PASSWORD)
-        page.click("button[type=submit]")
-        page.wait_for_url(base + "/")
+        log_in(page, base, "vera")
         held: list[Route] = []
         page.route("**/api/compare?*", lambda route: held.append(route))  # held until the loading line is seen
         page.goto(base + "/compare?a=r1&av=round-0009&b=r1&bv=model.onnx")

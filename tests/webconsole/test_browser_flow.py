@@ -15,7 +15,7 @@ import pytest
 from medfusion_fl.webconsole.app import create_app
 from tests.browser import open_page
 from tests.conftest import REPO
-from tests.webconsole.accounts import PASSWORD, with_users
+from tests.webconsole.accounts import log_in, with_users
 from tests.webconsole.serve import serve
 
 
@@ -36,11 +36,7 @@ def test_start_watch_pause_resume_export_compare_download(console: tuple[str, Pa
     shots.mkdir()
     with open_page(height=1000) as browser:
         page = browser.page
-        page.goto(base + "/login")
-        page.fill("#name", "otto")
-        page.fill("#password", PASSWORD)
-        page.click("button[type=submit]")
-        page.wait_for_url(base + "/")
+        log_in(page, base, "otto")
         page.click("nav >> text=start a run")
         page.fill("#name", "demo")
         page.click("#section-rounds summary")

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from medfusion_fl.webconsole.app import create_app
 from medfusion_fl.webconsole.control import Job
 from tests.browser import open_page
-from tests.webconsole.accounts import PASSWORD, with_users
+from tests.webconsole.accounts import PASSWORD, log_in, with_users
 from tests.webconsole.serve import serve
 
 
@@ -88,10 +88,7 @@ def test_the_runs_page_shows_why_a_run_failed(tmp_path: Path) -> None:
     app.state.jobs.jobs["killed"] = Job("killed", tmp_path / "runs" / "killed", stopped, "otto", stopped_by="otto")
     with serve(app) as base, open_page(timezone="Asia/Kolkata") as browser:
         page = browser.page
-        page.goto(base + "/login")
-        page.fill("#name", "vera")
-        page.fill("#password", PASSWORD)
-        page.click("button[type=submit]")
+        log_in(page, base, "vera")
         page.wait_for_selector("#runs tbody tr")
         rows = {r.query_selector("td").inner_text(): r.inner_text() for r in page.query_selector_all("#runs tbody tr")}
         assert "failed: 12:00:09 ERROR medfusion_fl.cli: data.sites-root: no site folders" in rows["crashed"]
