@@ -46,6 +46,10 @@ class ApprovalListDamaged(MedFusionError):
     """A site's app approval list does not parse or fails its hash chain: no app is run until it is restored."""
 
 
+class MissingExtra(MedFusionError):
+    """An optional part of the package is used without its dependencies; the message names the pip extra."""
+
+
 class FeatureNotAvailable(MedFusionError, NotImplementedError):
     """A configured feature is not implemented yet; the message says which setting to change."""
 

@@ -5,14 +5,30 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import importlib
 import logging
 import sys
 from pathlib import Path
 from typing import Any
 
-from medfusion_fl.errors import ConfigError
+from medfusion_fl.errors import ConfigError, MissingExtra
 
 log = logging.getLogger("medfusion_fl.cli")
+CONSOLE_MODULES = ("fastapi", "uvicorn", "sqlalchemy", "argon2", "websockets")  # the `console` extra's packages
+
+
+def require_console() -> None:
+    """The console's own dependencies are an extra (a site does not install them): say which are missing and the
+    command that adds them, before anything imports them."""
+    missing = []
+    for name in CONSOLE_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise MissingExtra(f"the console needs {', '.join(missing)}, which this install lacks (a site's install "
+                           "leaves them out): pip install 'medfusion-fl[console]'")
 
 
 def _database(args: argparse.Namespace) -> str:
@@ -24,6 +40,7 @@ def _database(args: argparse.Namespace) -> str:
 
 
 def cmd_console(args: argparse.Namespace) -> int:
+    require_console()
     if args.console_command == "add-user":
         return cmd_add_user(args)
     if bool(args.tls_cert) != bool(args.tls_key):
