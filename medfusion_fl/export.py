@@ -204,22 +204,20 @@ def export_checkpoint(checkpoint: Path, out_dir: Path) -> ExportCheck:
             "source_checkpoint": str(checkpoint), "privacy_sites": ckpt.privacy,
             "sharing_sites": ckpt.release.get("sharing_sites", []),
             "refused_by_site_policy": ckpt.release.get("refusals", {})}
+    # a folder of other things (a run folder) gets the files written into it; a new folder appears whole:
+    # written beside it under a dot name, then renamed, so that a reader (the console's index) never lists an
+    # export without its card, and an interrupted export leaves no version
     out_dir = Path(out_dir)
-    if out_dir.exists():  # a folder of other things (a run folder): the files are written into it
-        check, _ = export_run(model, run, out_dir, held_out=held_out, final=ckpt.metrics, card=card,
-                              lines=lines, label=f"checkpoint {checkpoint} (round {ckpt.round})")
-        return check
-    # a new folder appears whole: written beside it under a dot name, then renamed, so that a reader (the
-    # console's index) never lists an export without its card, and an interrupted export leaves no version
-    staging = out_dir.parent / f".{out_dir.name}.partial"
-    if staging.exists():
+    staging = None if out_dir.exists() else out_dir.parent / f".{out_dir.name}.partial"
+    if staging is not None and staging.exists():
         shutil.rmtree(staging)  # an earlier export that was interrupted
     try:
-        check, _ = export_run(model, run, staging, held_out=held_out, final=ckpt.metrics, card=card,
+        check, _ = export_run(model, run, staging or out_dir, held_out=held_out, final=ckpt.metrics, card=card,
                               lines=lines, label=f"checkpoint {checkpoint} (round {ckpt.round})")
-        os.replace(staging, out_dir)
+        if staging is not None:
+            os.replace(staging, out_dir)
     finally:
-        if staging.exists():
+        if staging is not None and staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return check
 

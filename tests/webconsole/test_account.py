@@ -121,6 +121,10 @@ def test_log_out_change_password_reset_and_a_viewers_pages(runs: Path, tmp_path:
         log_in(page, base, "ada")
         page.goto(base + "/users")
         expect(page.locator("#user-vera")).to_be_visible()
+        page.fill("#new-name", "nina")
+        page.fill("#new-password", "short")
+        page.click("#add button[type=submit]")
+        expect(page.locator("#error-new-password")).to_contain_text("use at least 10")  # beside its field
         page.fill("#user-vera input.reset", "short")
         page.click("#user-vera button.reset")
         expect(page.locator("#error-")).to_contain_text("use at least 10")

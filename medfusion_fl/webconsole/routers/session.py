@@ -12,6 +12,7 @@ from medfusion_fl.errors import ConfigError
 from medfusion_fl.webconsole.auth import (
     COOKIE,
     SESSION_HOURS,
+    LoginThrottle,
     check_password,
     close_session,
     open_session,
@@ -39,15 +40,21 @@ class Me(BaseModel):
     csrf: str  # echo it in X-CSRF-Token on every POST
 
 
+def _throttled(request: Request, name: str, what: str) -> tuple[LoginThrottle, str]:
+    """The login throttle and the client's address; 429 with Retry-After while `name` waits from this address."""
+    throttle: LoginThrottle = request.app.state.throttle
+    client = request.client.host if request.client else ""
+    wait = throttle.blocked_for(client, name)
+    if wait > 0:
+        raise HTTPException(429, f"too many {what} from this address; try again in {wait:.0f} s",
+                            headers={"Retry-After": str(int(wait) + 1)})
+    return throttle, client
+
+
 @router.post("/login")
 def post_login(body: Credentials, request: Request, response: Response, db: DB) -> Me:
     # a JSON body only (FastAPI refuses form posts here): a cross-site form cannot log a browser in
-    throttle = request.app.state.throttle
-    client = request.client.host if request.client else ""
-    wait = throttle.blocked_for(client, body.name)
-    if wait > 0:
-        raise HTTPException(429, f"too many failed logins from this address; try again in {wait:.0f} s",
-                            headers={"Retry-After": str(int(wait) + 1)})
+    throttle, client = _throttled(request, body.name, "failed logins")
     user = db.scalar(select(User).where(User.name == body.name))
     if not check_password(user, body.password) or user is None:  # a hash is verified for unknown names too
         throttle.failed(client, body.name)
@@ -78,13 +85,8 @@ def get_me(current: LoggedIn) -> Me:
 def change_own_password(body: PasswordChange, request: Request, current: Viewer, db: DB) -> dict[str, str]:
     """A user changes their own password, proving the current one (throttled like a login); their other sessions
     end, this one stays."""
-    throttle = request.app.state.throttle
-    client = request.client.host if request.client else ""
     name = current.user.name
-    wait = throttle.blocked_for(client, name)
-    if wait > 0:
-        raise HTTPException(429, f"too many wrong passwords from this address; try again in {wait:.0f} s",
-                            headers={"Retry-After": str(int(wait) + 1)})
+    throttle, client = _throttled(request, name, "wrong passwords")
     if not check_password(current.user, body.current):
         throttle.failed(client, name)
         audit(db, name, "password-change-refused", "wrong current password")

@@ -19,11 +19,7 @@ async function accountPage() {
       const done = document.getElementById("error-");
       done.className = "done";
       done.textContent = answer.status;
-    } catch (e) {
-      for (const [key, message] of Object.entries((e.detail && e.detail.errors) || {"": e.message})) {
-        (document.getElementById("error-" + key) || document.getElementById("error-")).textContent = message;
-      }
-    }
+    } catch (e) { showErrors(e); }
   });
 }
 

@@ -65,6 +65,14 @@ function onlyFor(me, role, what) {
   return false;
 }
 
+// A refused form's errors ({errors: {key: message}} from the API, else the plain message), each beside its field
+// (the element `prefix` + key) or, for a key without one, in the form's general line #error-.
+function showErrors(e, prefix = "error-") {
+  for (const [key, message] of Object.entries((e.detail && e.detail.errors) || {"": e.message})) {
+    (document.getElementById(prefix + key) || document.getElementById("error-")).textContent = message;
+  }
+}
+
 // A state-changing request: JSON body, the session's CSRF token.
 function post(path, body, method = "POST") {
   return api(path, {method, headers: {"Content-Type": "application/json", "X-CSRF-Token": window.CSRF},

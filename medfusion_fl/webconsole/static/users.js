@@ -70,11 +70,7 @@ async function usersPage() {
         role: document.getElementById("new-role").value, password: document.getElementById("new-password").value});
       document.getElementById("add").reset();
       await drawUsers(me);
-    } catch (e) {
-      for (const [key, message] of Object.entries((e.detail && e.detail.errors) || {"": e.message})) {
-        (document.getElementById("error-new-" + key) || document.getElementById("error-")).textContent = message;
-      }
-    }
+    } catch (e) { showErrors(e, "error-new-"); }
   });
 }
 
